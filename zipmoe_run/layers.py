@@ -1,0 +1,290 @@
+"""Pieces shared by every architecture: norms, rotary embeddings, KV cache, attention, MoE dispatch.
+
+Numerics follow transformers' eager implementations (float32 RMSNorm, float32 softmax, rotary
+tables computed in float32 then cast) so float32 runs match it to rounding.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MissingWeightError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from .source import WeightSource
+
+__all__ = [
+    "RMSNorm",
+    "rope_config",
+    "rope_inv_freq",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "KVCache",
+    "attention",
+    "causal_mask",
+    "ACTIVATIONS",
+    "swiglu_expert",
+    "moe_forward",
+    "bind_weights",
+]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+# -- rotary ---------------------------------------------------------------------------------------
+
+
+def rope_config(cfg: dict, default_theta: float = 10000.0) -> dict:
+    """Normalise the RoPE spellings of config.json into one dict with rope_type and rope_theta.
+
+    Accepts ``rope_parameters`` (transformers 5), ``rope_scaling`` (older), a top-level
+    ``rope_theta``, and the legacy ``type`` key.
+    """
+    rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rp.setdefault("rope_theta", cfg.get("rope_theta", default_theta))
+    rp.setdefault("rope_type", rp.get("type", "default"))
+    if rp["rope_type"] in ("llama3", "yarn") and "original_max_position_embeddings" not in rp:
+        rp["original_max_position_embeddings"] = cfg.get("max_position_embeddings")
+    return rp
+
+
+def rope_inv_freq(rp: dict, dim: int, max_position_embeddings: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] (float32) and the cos/sin scaling factor, as transformers computes them."""
+    base = float(rp["rope_theta"])
+    kind = rp["rope_type"]
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / rp["factor"], 1.0
+    if kind == "llama3":
+        factor, lo, hi = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+        old = rp["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        inv_l = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, inv_l), 1.0
+    if kind == "yarn":
+        return _yarn(rp, base, dim, max_position_embeddings)
+    raise UnsupportedModelError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+
+
+def _yarn(rp: dict, base: float, dim: int, max_pos: int | None) -> tuple[torch.Tensor, float]:
+    factor = rp.get("factor")
+    orig = rp["original_max_position_embeddings"]
+    if factor is None:
+        factor = max_pos / orig
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = rp.get("attention_factor")
+    if attn is None:
+        m, m_all = rp.get("mscale"), rp.get("mscale_all_dim")
+        attn = float(mscale(factor, m) / mscale(factor, m_all)) if (m and m_all) else mscale(factor)
+    beta_fast, beta_slow = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if rp.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos = base ** (torch.arange(0, dim, 2).to(torch.float) / dim)
+    extra = 1 - ramp
+    inv = (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra
+    return inv, attn
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for absolute positions; transformers' half-rotation layout."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scaling = scaling
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D], cos/sin [T, D]."""
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+# -- KV cache and attention ------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers [B, Hkv, max_len, D]."""
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, k_dim: int, v_dim: int | None,
+                 dtype: torch.dtype):
+        v_dim = k_dim if v_dim is None else v_dim
+        self.max_len = max_len
+        self.k = [torch.zeros(batch, n_kv_heads, max_len, k_dim, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(batch, n_kv_heads, max_len, v_dim, dtype=dtype) for _ in range(n_layers)]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, T, D] at start_pos; return all keys/values so far [B, Hkv, start_pos+T, D]."""
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def causal_mask(t: int, start_pos: int, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor | None:
+    """Additive mask [T, start_pos+T] (0 where visible, dtype min where not); None when nothing is masked."""
+    s = start_pos + t
+    q = torch.arange(start_pos, s)[:, None]
+    kv = torch.arange(s)[None, :]
+    visible = kv <= q
+    if sliding_window:
+        visible &= kv > q - sliding_window
+    if bool(visible.all()):
+        return None
+    return torch.zeros(t, s, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """Eager attention with grouped KV heads.
+
+    q [B, H, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], mask [T, S] additive -> [B, T, H, Dv].
+    Query heads sharing a KV head are folded into the time axis so keys are never repeated.
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    rep = h // hkv
+    qg = q.reshape(b, hkv, rep * t, d)  # [B, Hkv, rep*T, D]
+    scores = torch.matmul(qg, k.transpose(2, 3)) * scale  # [B, Hkv, rep*T, S]
+    if mask is not None:
+        scores = (scores.view(b, hkv, rep, t, -1) + mask).view(b, hkv, rep * t, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v)  # [B, Hkv, rep*T, Dv]
+    return out.view(b, h, t, -1).transpose(1, 2)  # [B, T, H, Dv]
+
+
+# -- experts ---------------------------------------------------------------------------------------
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+_GATE_UP_DOWN = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def swiglu_expert(x: torch.Tensor, w: dict[str, torch.Tensor], act: Callable = F.silu) -> torch.Tensor:
+    """act(x Wg^T) * (x Wu^T) Wd^T for any checkpoint spelling of a gated expert. x [N, H] -> [N, H]."""
+    dt = x.dtype
+    if "gate_up_proj" in w:  # fused [2I, H]
+        gate, up = F.linear(x, w["gate_up_proj"].to(dt)).chunk(2, dim=-1)
+        return F.linear(act(gate) * up, w["down_proj"].to(dt))
+    for g, u, d in _GATE_UP_DOWN:
+        if g in w:
+            return F.linear(act(F.linear(x, w[g].to(dt))) * F.linear(x, w[u].to(dt)), w[d].to(dt))
+    raise MissingWeightError(f"expert weights have no gated projections (got {sorted(w)})")
+
+
+def moe_forward(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    source: "WeightSource",
+    layer: int,
+    stack: str | None = None,
+    expert_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] = swiglu_expert,
+) -> torch.Tensor:
+    """Routed-expert output for tokens x [N, H] with top-k choices topk_ids/topk_weights [N, K].
+
+    Experts are fetched through ``source.fetch`` in whatever order it yields them; outputs are
+    summed per token in ascending expert id, so the result never depends on fetch order (and
+    matches transformers' eager loop, which visits experts in that order).
+    """
+    n, _ = x.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # slots grouped by ascending expert id
+    ids_sorted = flat[order]
+    uniq, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
+    wanted: list[int] = uniq.tolist()
+    bounds = [0, *torch.cumsum(counts, 0).tolist()]
+    slot_of = {e: i for i, e in enumerate(wanted)}
+    k = topk_ids.shape[-1]
+    tok_sorted = order // k  # token index per sorted slot
+    w_sorted = topk_weights.reshape(-1)[order]
+    outs: list[torch.Tensor | None] = [None] * len(wanted)
+    for e, weights in source.fetch(layer, wanted, stack):
+        i = slot_of[e]
+        lo, hi = bounds[i], bounds[i + 1]
+        tok = tok_sorted[lo:hi]
+        y = expert_fn(x[tok], weights) * w_sorted[lo:hi, None]
+        outs[i] = y.to(x.dtype)
+    missing = [wanted[i] for i, o in enumerate(outs) if o is None]
+    if missing:
+        raise MissingWeightError(f"layer {layer}: weight source did not yield experts {missing}")
+    out = torch.zeros_like(x)
+    for i in range(len(wanted)):  # fixed order: ascending expert id
+        out.index_add_(0, tok_sorted[bounds[i]:bounds[i + 1]], outs[i])
+    return out
+
+
+# -- binding dense weights -------------------------------------------------------------------------
+
+
+def bind_weights(module: nn.Module, source: "WeightSource", dtype: torch.dtype,
+                 rename: Callable[[str], Sequence[str]] | None = None) -> None:
+    """Replace every parameter of ``module`` by the source tensor of the same (checkpoint) name.
+
+    ``rename(name)`` may offer alternative checkpoint spellings, tried in order. Tensors already in
+    ``dtype`` are bound without a copy; a shape mismatch is an error naming the tensor.
+    """
+    for full, p in list(module.named_parameters()):
+        names = list(rename(full)) if rename else [full]
+        name = next((n for n in names if source.has_dense(n)), None)
+        if name is None:
+            raise MissingWeightError(f"checkpoint has no tensor {names[0]!r}")
+        t = source.dense(name)
+        if tuple(t.shape) != tuple(p.shape):
+            raise MissingWeightError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        owner_path, _, leaf = full.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
