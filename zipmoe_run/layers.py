@@ -6,6 +6,7 @@ tables computed in float32 then cast) so float32 runs match it to rounding.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ __all__ = [
     "swiglu_expert",
     "moe_forward",
     "bind_weights",
+    "args_from_dict",
 ]
 
 
@@ -288,3 +290,11 @@ def bind_weights(module: nn.Module, source: "WeightSource", dtype: torch.dtype,
         owner_path, _, leaf = full.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
         setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
+
+
+def args_from_dict(cls, cfg: dict, **overrides):
+    """Build a config dataclass from config.json: known fields taken, unknown ones ignored."""
+    names = {f.name for f in fields(cls)}
+    kw = {k: v for k, v in cfg.items() if k in names}
+    kw.update(overrides)
+    return cls(**kw)

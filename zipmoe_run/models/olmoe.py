@@ -1,0 +1,167 @@
+"""OLMoE: attention with RMSNorm over the full q and k projections (not per head), optional
+clip_qkv; every layer is a routed-expert layer with no shared expert.
+
+Semantics follow transformers' modeling_olmoe.py (float32 softmax router, optional top-k
+renormalisation, plain causal mask).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..layers import (
+    ACTIVATIONS,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    args_from_dict,
+    attention,
+    bind_weights,
+    causal_mask,
+    moe_forward,
+    rope_config,
+    rope_inv_freq,
+    swiglu_expert,
+)
+from ..source import WeightSource
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 50304
+    hidden_size: int = 2048
+    intermediate_size: int = 2048  # per expert
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    clip_qkv: float | None = None
+    num_experts_per_tok: int = 8
+    num_experts: int = 64
+    norm_topk_prob: bool = False
+    rope: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelArgs":
+        cfg = {**cfg, "num_experts": cfg.get("num_experts", cfg.get("num_local_experts", 64))}
+        a = args_from_dict(cls, cfg, rope=rope_config(cfg))
+        a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
+        a.head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        if a.num_attention_heads * a.head_dim != a.hidden_size:
+            raise UnsupportedModelError("olmoe with num_attention_heads * head_dim != hidden_size is not supported")
+        if a.hidden_act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"hidden_act {a.hidden_act!r} is not supported")
+        return a
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = a.attention_bias
+        self.q_proj = nn.Linear(a.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, a.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.n_heads * self.head_dim, a.rms_norm_eps)  # full width, not per head
+        self.k_norm = RMSNorm(self.n_kv * self.head_dim, a.rms_norm_eps)
+        self.clip = a.clip_qkv
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start_pos: int) -> torch.Tensor:
+        b, t, _ = x.shape  # [B, T, H]
+        q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)  # [B, T, n*D]
+        if self.clip is not None:
+            q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, nH, T, D]
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, nKV, T, D]
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = cache.update(layer, k, v, start_pos)  # [B, nKV, S, D]
+        o = attention(q, k, v, self.scale, mask)  # [B, T, nH, D]
+        return self.o_proj(o.reshape(b, t, -1))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
+        super().__init__()
+        self.layer, self.source, self.top_k, self.norm_topk = layer, source, a.num_experts_per_tok, a.norm_topk_prob
+        self.act = ACTIVATIONS[a.hidden_act]
+        self.gate = nn.Linear(a.hidden_size, a.num_experts, bias=False)
+
+    def _expert(self, x, w):
+        return swiglu_expert(x, w, self.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        flat = x.view(-1, h)  # [N, H]
+        logits = self.gate(flat)  # [N, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
+        if self.norm_topk:
+            top_w /= top_w.sum(dim=-1, keepdim=True)
+        top_w = top_w.to(logits.dtype)
+        return moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert).view(b, t, h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
+        super().__init__()
+        self.layer = layer
+        self.self_attn = Attention(a)
+        self.mlp = SparseMoeBlock(a, layer, source)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, start_pos):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: ModelArgs, source: WeightSource):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(a, i, source) for i in range(a.num_hidden_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs, source: WeightSource, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.args, self.dtype = args, dtype
+        with torch.device("meta"):
+            self.model = Backbone(args, source)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(*rope_inv_freq(args.rope, args.head_dim, args.max_position_embeddings))
+        tied = args.tie_word_embeddings
+        bind_weights(self, source, dtype,
+                     lambda n: ["model.embed_tokens.weight"] if (n == "lm_head.weight" and tied) else [n])
+
+    @property
+    def max_context(self) -> int:
+        return self.args.max_position_embeddings
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        a = self.args
+        return KVCache(a.num_hidden_layers, batch, max_len, a.num_key_value_heads, a.head_dim, None, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.LongTensor, cache: KVCache, start_pos: int, last_only: bool = False):
+        t = input_ids.shape[1]
+        h = self.model.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = self.rope(torch.arange(start_pos, start_pos + t), h.dtype)  # [T, D]
+        mask = causal_mask(t, start_pos, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, mask, cache, start_pos)
+        h = self.model.norm(h[:, -1:] if last_only else h)
+        return self.lm_head(h).float()  # [B, T, V]
