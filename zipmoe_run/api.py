@@ -1,0 +1,130 @@
+"""Library entry point: ``load(path)`` -> model + tokenizer + weight source, ready to generate.
+
+    from zipmoe_run import load
+    lm = load("model.zmoe")            # or a Hugging Face checkpoint directory
+    out = lm.generate("Hello", max_new_tokens=32)
+    print(out.texts[0])
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from formats.errors import InputError
+
+from .errors import GenerationError, TokenizerError
+from .generate import GenerationResult, Sampling, TokenEvent, generate, stream_generate
+from .models import build_model
+from .source import DirectorySource, WeightSource
+from .tokenizer import Tokenizer, _json, eos_ids_from, load_tokenizer
+
+__all__ = ["Loaded", "load", "open_source", "parse_dtype"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise GenerationError(f"unknown dtype {dtype!r} (use bfloat16 or float32)") from None
+
+
+def open_source(path: str | os.PathLike, *, threads: int | None = None, **store_opts) -> WeightSource:
+    """DirectorySource for a checkpoint directory, ArchiveSource for a ``.zmoe`` file."""
+    p = Path(path)
+    if p.is_dir():
+        if store_opts:
+            log.debug("store options %s ignored for a plain checkpoint directory", sorted(store_opts))
+        return DirectorySource(p)
+    if p.suffix == ".zmoe":
+        if not p.is_file():
+            raise InputError(f"{p}: no such archive")
+        try:
+            from .archive_source import ArchiveSource
+        except ImportError as exc:
+            raise InputError(f"{p}: .zmoe archives are not readable in this build ({exc})") from None
+        return ArchiveSource(p, threads=threads, **store_opts)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    raise InputError(f"{p}: not a checkpoint directory or a .zmoe archive")
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: Tokenizer | None
+    source: WeightSource
+    dtype: torch.dtype
+    eos_token_ids: list[int]
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError("this checkpoint has no tokenizer; pass token ids instead")
+        return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
+
+    def _ids(self, prompts, chat: bool) -> list[list[int]]:
+        if isinstance(prompts, str):
+            return [self.encode(prompts, chat)]
+        if prompts and isinstance(prompts[0], int):
+            return [list(prompts)]
+        return [self.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
+
+    def stream(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
+               sampling: Sampling = Sampling(), chat: bool = False, stats: dict | None = None) -> Iterator[TokenEvent]:
+        return stream_generate(self.model, self._ids(prompts, chat), max_new_tokens=max_new_tokens,
+                               sampling=sampling, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
+                               stats=stats)
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
+                 sampling: Sampling = Sampling(), chat: bool = False) -> GenerationResult:
+        res = generate(self.model, self._ids(prompts, chat), max_new_tokens=max_new_tokens, sampling=sampling,
+                       eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
+        res.stats.update(self.source.stats())
+        return res
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> "Loaded":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", threads: int | None = None,
+         **store_opts) -> Loaded:
+    """Open a checkpoint directory or ``.zmoe`` archive and build its model.
+
+    ``threads`` sets torch's intra-op thread count (process-wide) and is passed to the archive
+    reader; ``store_opts`` go to ``ArchiveSource`` (cache budget, prefetch, ...).
+    """
+    dt = parse_dtype(dtype)
+    if threads is not None:
+        if threads < 1:
+            raise GenerationError(f"threads must be >= 1 (got {threads})")
+        torch.set_num_threads(threads)
+    source = open_source(path, threads=threads, **store_opts)
+    try:
+        model = build_model(source, dt)
+        tokenizer = load_tokenizer(source)
+    except BaseException:
+        source.close()
+        raise
+    if tokenizer is not None:
+        eos = tokenizer.eos_token_ids
+    else:
+        eos = eos_ids_from(source.config, _json(source, "generation_config.json"))
+    model.eval()
+    return Loaded(model, tokenizer, source, dt, eos)

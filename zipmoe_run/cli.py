@@ -1,0 +1,130 @@
+"""`zipmoe-run PATH --prompt "..."`: generate text from a checkpoint directory or a .zmoe archive.
+
+Text streams to stdout as it is generated; one stats line goes to stderr. Every expected failure
+is one line on stderr and a non-zero exit (a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from zipmoe.clikit import err, fail, guarded, human
+
+__all__ = ["run_cmd", "run", "app", "main"]
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        fail(f"--prompt-ids: expected comma-separated integers, got {text!r}")
+    if not ids:
+        fail("--prompt-ids: no token ids given")
+    return ids
+
+
+def _stats_line(st: dict) -> str:
+    parts = [
+        f"prompt {st.get('prompt_tokens', 0)} tok @ {st.get('prompt_tok_s', 0):.1f} tok/s",
+        f"gen {st.get('generated_tokens', 0)} tok @ {st.get('gen_tok_s', 0):.2f} tok/s",
+    ]
+    if st.get("ttft_s") is not None:
+        parts.append(f"TTFT {st['ttft_s']:.3f} s")
+    if "experts_fetched" in st:
+        parts.append(f"experts {st['experts_fetched']} fetched, {human(st.get('bytes_read', 0))} read")
+    parts.append(f"peak RSS {human(st.get('peak_rss_bytes', 0))}")
+    return " | ".join(parts)
+
+
+def run_cmd(
+    path: Path = typer.Argument(..., help="Checkpoint directory or .zmoe archive."),
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (repeat for a batch)."),
+    prompt_ids: list[str] = typer.Option(None, "--prompt-ids", help="Prompt as token ids: 9707,1879 (repeatable)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=0, help="Tokens to generate at most."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default unless a sampling option is given)."),
+    temperature: float = typer.Option(None, "--temperature", "-t", help="Sample with this temperature."),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling threshold (0, 1]."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (torch and the archive reader)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, stats) instead."),
+    debug: bool = typer.Option(False, "--debug", help="Debug logging and full tracebacks."),
+) -> None:
+    """Generate from a MoE checkpoint (directory or .zmoe archive)."""
+    if not prompt and not prompt_ids:
+        fail("give --prompt TEXT or --prompt-ids 1,2,3")
+    if prompt and prompt_ids:
+        fail("give either --prompt or --prompt-ids, not both")
+    with guarded(debug):
+        from zipmoe_run.api import load
+        from zipmoe_run.generate import Sampling
+
+        sampling_asked = temperature is not None or top_p is not None or top_k is not None
+        sampling = Sampling(
+            greedy=greedy or not sampling_asked,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=0 if top_k is None else top_k,
+            seed=seed,
+        )
+        lm = load(path, dtype=dtype, threads=threads)
+        try:
+            if prompt:
+                if lm.tokenizer is None:
+                    fail(f"{path}: no tokenizer in this checkpoint; use --prompt-ids")
+                ids = [lm.encode(p, chat=chat) for p in prompt]
+            else:
+                if chat:
+                    fail("--chat needs --prompt text")
+                ids = [_parse_ids(p) for p in prompt_ids]
+            stats: dict = {}
+            outs: list[list[int]] = [[] for _ in ids]
+            stream_text = not as_json and len(ids) == 1 and lm.tokenizer is not None
+            ended_nl = True
+            for ev in lm.stream(ids, max_new_tokens=max_new_tokens, sampling=sampling, stats=stats):
+                outs[ev.seq].append(ev.token_id)
+                if stream_text and ev.text:
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+                    ended_nl = ev.text.endswith("\n")
+            stats.update(lm.source.stats())
+            texts = [lm.tokenizer.decode(o) for o in outs] if lm.tokenizer else None
+            if as_json:
+                one = len(ids) == 1
+                obj = {
+                    "prompt_ids": ids[0] if one else ids,
+                    "token_ids": outs[0] if one else outs,
+                    "text": (texts[0] if one else texts) if texts is not None else None,
+                    "stats": stats,
+                }
+                sys.stdout.write(json.dumps(obj) + "\n")
+            elif stream_text:
+                if not ended_nl:
+                    sys.stdout.write("\n")
+            else:
+                for i, o in enumerate(outs):
+                    line = texts[i] if texts is not None else ",".join(map(str, o))
+                    sys.stdout.write((f"[{i}] " if len(outs) > 1 else "") + line + "\n")
+            sys.stdout.flush()
+            err.print(_stats_line(stats), soft_wrap=True)
+        finally:
+            lm.close()
+
+
+run = run_cmd
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run a MoE checkpoint or .zmoe archive.")
+app.command(context_settings={"allow_interspersed_args": True})(run_cmd)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
