@@ -1,0 +1,3 @@
+from zipmoe.cli import main
+
+main()
