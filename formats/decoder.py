@@ -1,0 +1,327 @@
+"""Decode the chunks of one or more tensors straight into a preallocated byte buffer, in parallel.
+
+A :class:`ChunkRef` describes one independently decodable piece of a tensor: either a
+``bf16-split`` chunk (entropy-coded exponent plane + raw sign+mantissa plane, ``n`` elements,
+``2 * n`` output bytes) or a ``raw`` chunk (``n`` plain bytes: dense, FP8 or stored-raw tensors).
+
+:func:`decode_chunk` verifies the stored xxh3 checksums first, then decodes the exponents into the
+decoder's per-thread scratch buffer and merges them with the sm plane straight into the output
+slice: no full-size intermediate copies.
+
+:class:`ParallelDecoder` fans the chunks out over a thread pool (zstd, xxh3 and the numba merge all
+release the GIL). Each output byte is written by exactly one chunk, so the result does not depend on
+the thread count or on timing.
+
+Thread safety: :func:`decode_chunk` is safe to call from several threads as long as each uses its
+own :class:`~formats.codec.ChunkDecoder` and the output ranges are disjoint. :class:`ParallelDecoder`
+is thread-safe: several threads may call ``decode``/``submit`` on one instance at once (their
+chunks share the pool); ``close`` waits for submitted work.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as _wait_futures
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from formats.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_CODEC, ChunkDecoder, ChunkEncoder, checksum, get_codec
+from formats.errors import CodecError, CorruptDataError, ZmoeError
+from formats.planes import merge_bf16_le_bytes, split_bf16
+
+__all__ = [
+    "KIND_BF16_SPLIT",
+    "KIND_RAW",
+    "ChunkRef",
+    "ParallelDecoder",
+    "check_layout",
+    "decode_chunk",
+    "encode_bf16_refs",
+    "ref_out_size",
+]
+
+log = logging.getLogger(__name__)
+
+KIND_BF16_SPLIT = "bf16-split"
+KIND_RAW = "raw"
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One independently decodable piece of one tensor (see the module docstring)."""
+
+    kind: str
+    codec: str | None
+    data: object
+    sm: object | None
+    n: int
+    data_xxh3: int
+    sm_xxh3: int | None
+    out_offset: int
+    where: str
+
+
+def ref_out_size(ref: ChunkRef) -> int:
+    """Bytes ``ref`` writes into the output: ``2 * n`` for bf16-split, ``n`` for raw."""
+    if ref.kind == KIND_BF16_SPLIT:
+        return 2 * int(ref.n)
+    if ref.kind == KIND_RAW:
+        return int(ref.n)
+    raise CodecError(f"{ref.where}: unknown chunk kind {ref.kind!r}")
+
+
+def _check_ref(ref: ChunkRef) -> None:
+    if not isinstance(ref, ChunkRef):
+        raise CodecError(f"expected a ChunkRef, got {type(ref).__name__}")
+    ref_out_size(ref)
+    if int(ref.n) < 0 or int(ref.out_offset) < 0:
+        raise CodecError(f"{ref.where}: negative size {ref.n} or output offset {ref.out_offset}")
+    if ref.kind == KIND_BF16_SPLIT:
+        get_codec(ref.codec)
+        if ref.sm is None:
+            raise CodecError(f"{ref.where}: bf16-split chunk without an sm plane")
+    elif ref.codec is not None or ref.sm is not None:
+        raise CodecError(f"{ref.where}: raw chunk must have codec=None and sm=None")
+
+
+def _check_out(out: np.ndarray) -> None:
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1 \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise CodecError("output buffer must be a writeable contiguous 1-D uint8 array")
+
+
+def check_layout(refs: Sequence[ChunkRef], out: np.ndarray) -> None:
+    """:class:`CodecError` unless every ref is well-formed, fits in ``out`` and no two overlap."""
+    _check_out(out)
+    size = out.shape[0]
+    spans = []
+    for ref in refs:
+        _check_ref(ref)
+        start = int(ref.out_offset)
+        end = start + ref_out_size(ref)
+        if end > size:
+            raise CodecError(f"{ref.where}: output bytes [{start}, {end}) exceed the {size}-byte buffer")
+        spans.append((start, end, ref.where))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    prev = None
+    for span in spans:
+        if span[1] == span[0]:
+            continue  # an empty chunk writes nothing
+        if prev is not None and span[0] < prev[1]:
+            raise CodecError(f"{span[2]}: output bytes [{span[0]}, {span[1]}) overlap "
+                             f"{prev[2]} [{prev[0]}, {prev[1]})")
+        prev = span
+
+
+def _u8(buf) -> np.ndarray:
+    arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
+    if arr.dtype != np.uint8:
+        arr = arr.view(np.uint8)
+    return arr.reshape(-1)
+
+
+def _verify(ref: ChunkRef, what: str, arr: np.ndarray, stored: int | None) -> None:
+    if stored is None:
+        raise CodecError(f"{ref.where}: no stored checksum for the {what}")
+    got = checksum(arr)
+    if got != int(stored):
+        raise CorruptDataError(
+            f"{ref.where}: {what} checksum mismatch (stored {int(stored):016x}, computed {got:016x})")
+
+
+def decode_chunk(dec: ChunkDecoder, ref: ChunkRef, out: np.ndarray, verify: bool = True) -> None:
+    """Verify (if ``verify``) and decode one chunk into ``out[ref.out_offset : + ref_out_size(ref)]``.
+
+    Raises :class:`CorruptDataError` on a checksum mismatch and :class:`CodecError` on a malformed
+    ref or stream; both name ``ref.where``. ``dec`` must not be used by another thread meanwhile.
+    """
+    _check_ref(ref)
+    _check_out(out)
+    n = int(ref.n)
+    off = int(ref.out_offset)
+    size = ref_out_size(ref)
+    if off + size > out.shape[0]:
+        raise CodecError(f"{ref.where}: output bytes [{off}, {off + size}) exceed the "
+                         f"{out.shape[0]}-byte buffer")
+    data = _u8(ref.data)
+    if verify:
+        _verify(ref, "coded data" if ref.kind == KIND_BF16_SPLIT else "raw data", data, ref.data_xxh3)
+    dst = out[off:off + size]
+    if ref.kind == KIND_RAW:
+        if data.shape[0] != n:
+            raise CodecError(f"{ref.where}: raw chunk holds {data.shape[0]} bytes, expected {n}")
+        np.copyto(dst, data)
+        return
+    sm = _u8(ref.sm)
+    if sm.shape[0] != n:
+        raise CodecError(f"{ref.where}: sm plane holds {sm.shape[0]} bytes, expected {n}")
+    if verify:
+        _verify(ref, "sm plane", sm, ref.sm_xxh3)
+    exp = dec.scratch(n)
+    try:
+        dec.decode_exp(ref.codec, data, n, exp)
+    except CodecError as exc:
+        raise CodecError(f"{ref.where}: {exc}") from exc
+    merge_bf16_le_bytes(exp, sm, dst)
+
+
+def encode_bf16_refs(src: np.ndarray, chunk: int = DEFAULT_CHUNK_ELEMS, codec_id: str = DEFAULT_CODEC,
+                     *, out_offset: int = 0, name: str = "tensor",
+                     encoder: ChunkEncoder | None = None) -> list[ChunkRef]:
+    """Split + encode + checksum a native ``uint16`` BF16 array into ``bf16-split`` refs.
+
+    The reference pack path (used by the tests and the benchmark): chunk ``j`` covers elements
+    ``[j * chunk, (j + 1) * chunk)`` and writes output bytes from ``out_offset + 2 * j * chunk``.
+    Not thread-safe when ``encoder`` is shared.
+    """
+    if not isinstance(src, np.ndarray) or src.dtype != np.uint16:
+        raise TypeError("src must be a uint16 array")
+    src = np.ascontiguousarray(src).reshape(-1)
+    chunk = int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    enc = encoder if encoder is not None else ChunkEncoder(codec_id)
+    if enc.codec_id != codec_id:
+        raise ValueError(f"encoder codes {enc.codec_id!r}, not {codec_id!r}")
+    total = src.shape[0]
+    exp = np.empty(min(chunk, total), dtype=np.uint8)
+    refs = []
+    for j, start in enumerate(range(0, total, chunk)):
+        k = min(chunk, total - start)
+        sm = np.empty(k, dtype=np.uint8)
+        split_bf16(src[start:start + k], exp[:k], sm)
+        coded = enc.encode(exp[:k])
+        off = out_offset + 2 * start
+        refs.append(ChunkRef(KIND_BF16_SPLIT, codec_id, coded, sm, k, checksum(coded), checksum(sm), off,
+                             f"{name} chunk {j} at offset {off}"))
+    return refs
+
+
+class _Batch:
+    """Collects the chunk futures of one ``submit`` into one aggregate future."""
+
+    def __init__(self, count: int, result: Future) -> None:
+        self.futures: list[Future] = []
+        self.result = result
+        self._left = count
+        self._lock = threading.Lock()
+
+    def done_one(self, _fut: Future) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        for fut in self.futures:  # ref order: the first failing chunk wins, whatever the timing
+            exc = fut.exception()
+            if exc is not None:
+                self.result.set_exception(exc)
+                return
+        self.result.set_result(None)
+
+
+class ParallelDecoder:
+    """Decodes lists of :class:`ChunkRef` into preallocated buffers on ``threads`` worker threads.
+
+    Thread-safe. Each worker thread owns one :class:`ChunkDecoder` (and its scratch buffer). With
+    ``threads=1``, :meth:`decode` runs inline on the caller's thread; :meth:`submit` then uses one
+    background thread so decoding can overlap the caller's I/O.
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        threads = int(threads)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        if threads > 1:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="zmoe-decode")
+        log.debug("ParallelDecoder started with %d thread(s)", threads)
+
+    def _decoder(self) -> ChunkDecoder:
+        dec = getattr(self._local, "dec", None)
+        if dec is None:
+            dec = self._local.dec = ChunkDecoder()
+        return dec
+
+    def _run(self, ref: ChunkRef, out: np.ndarray, verify: bool) -> None:
+        decode_chunk(self._decoder(), ref, out, verify)
+
+    def _get_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise CodecError("ParallelDecoder is closed")
+            if self._pool is None:  # threads == 1: background thread for submit() only
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="zmoe-decode")
+            return self._pool
+
+    def decode(self, refs: Sequence[ChunkRef], out: np.ndarray, verify: bool = True) -> None:
+        """Decode all ``refs`` into ``out``; returns when every chunk is written.
+
+        Layout errors (a ref outside ``out`` or overlapping another) raise :class:`CodecError`
+        before anything is decoded. If chunks fail, the first failing one in ``refs`` order is
+        raised once all submitted chunks have finished.
+        """
+        refs = list(refs)
+        check_layout(refs, out)
+        if self.threads == 1 or len(refs) <= 1:
+            if self._closed:
+                raise CodecError("ParallelDecoder is closed")
+            for ref in refs:
+                self._run(ref, out, verify)
+            return
+        self.submit(refs, out, verify, _checked=True).result()
+
+    def submit(self, refs: Sequence[ChunkRef], out: np.ndarray, verify: bool = True,
+               *, _checked: bool = False) -> Future:
+        """Start decoding ``refs`` into ``out`` and return a future that resolves (to ``None``) when
+        all chunks are written, or carries the first failing chunk's error (layout errors included).
+
+        ``out`` must stay alive and untouched until the future is done.
+        """
+        result: Future = Future()
+        result.set_running_or_notify_cancel()
+        refs = list(refs)
+        try:
+            if not _checked:
+                check_layout(refs, out)
+            pool = self._get_pool()
+        except ZmoeError as exc:
+            result.set_exception(exc)
+            return result
+        if not refs:
+            result.set_result(None)
+            return result
+        batch = _Batch(len(refs), result)
+        try:
+            for ref in refs:
+                batch.futures.append(pool.submit(self._run, ref, out, verify))
+        except RuntimeError as exc:  # pool shut down concurrently: wait for what was queued
+            _wait_futures(batch.futures)
+            result.set_exception(CodecError(f"ParallelDecoder is closed: {exc}"))
+            return result
+        for fut in batch.futures:
+            fut.add_done_callback(batch.done_one)
+        return result
+
+    def close(self) -> None:
+        """Wait for submitted work, then stop the worker threads. Idempotent."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> "ParallelDecoder":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

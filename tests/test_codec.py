@@ -1,0 +1,186 @@
+"""Exponent codec: round trips on edge-case chunks, strict length/structure checks, registry errors."""
+import json
+
+import numpy as np
+import pytest
+import zstandard
+
+from formats.codec import (
+    CODECS,
+    DEFAULT_CHUNK_ELEMS,
+    DEFAULT_CODEC,
+    ENCODER_PRESETS,
+    ChunkDecoder,
+    ChunkEncoder,
+    checksum,
+    codec_params,
+)
+from formats.errors import CodecError, ZmoeError
+
+PRESETS = [(c, p) for c in ENCODER_PRESETS for p in ENCODER_PRESETS[c]]
+
+
+def gaussian_exponents(n, std=0.02, seed=0):
+    f = np.random.default_rng(seed).standard_normal(n, dtype=np.float32) * np.float32(std)
+    return ((f.view(np.uint32) >> 23) & 0xFF).astype(np.uint8)
+
+
+def round_trip(codec, preset, exp):
+    coded = ChunkEncoder(codec, preset).encode(exp)
+    out = np.full(exp.size + 16, 0x5A, np.uint8)
+    ChunkDecoder().decode_exp(codec, coded, exp.size, out)
+    assert out[:exp.size].tobytes() == exp.tobytes()
+    assert (out[exp.size:] == 0x5A).all()  # nothing written past n
+    return coded
+
+
+def test_registry_defaults():
+    assert DEFAULT_CODEC in CODECS
+    assert DEFAULT_CHUNK_ELEMS == 1 << 20
+    for codec, preset in PRESETS:
+        json.dumps(codec_params(codec, preset))
+    assert codec_params(DEFAULT_CODEC)["preset"] == CODECS[DEFAULT_CODEC].default_preset
+
+
+@pytest.mark.parametrize("codec,preset", PRESETS)
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 255, 256, 257, 65791, 65792, 131071, 131072, 131073, 300001])
+def test_round_trip_sizes(codec, preset, n):
+    round_trip(codec, preset, gaussian_exponents(n, seed=n))
+
+
+@pytest.mark.parametrize("codec,preset", PRESETS)
+@pytest.mark.parametrize("value", [0, 1, 120, 127, 254, 255])
+def test_single_symbol_chunk(codec, preset, value):
+    coded = round_trip(codec, preset, np.full(200_000, value, np.uint8))
+    assert len(coded) < 1000
+
+
+@pytest.mark.parametrize("codec,preset", PRESETS)
+def test_all_256_values(codec, preset):
+    rng = np.random.default_rng(1)
+    exp = np.concatenate([np.arange(256, dtype=np.uint8), rng.integers(0, 256, 50_000).astype(np.uint8),
+                          np.repeat(np.arange(256, dtype=np.uint8), 3)])
+    round_trip(codec, preset, exp)
+
+
+def test_compresses_gaussian_exponents():
+    exp = gaussian_exponents(1 << 18)
+    coded = ChunkEncoder().encode(exp)
+    assert len(coded) * 8 / exp.size < 2.75
+
+
+def test_deterministic_and_reusable():
+    enc = ChunkEncoder()
+    a = gaussian_exponents(100_000, seed=3)
+    b = gaussian_exponents(70_001, seed=4)
+    ca, cb = enc.encode(a), enc.encode(b)
+    assert enc.encode(a) == ca and ChunkEncoder().encode(b) == cb
+    dec = ChunkDecoder()
+    out = np.empty(100_000, np.uint8)
+    for exp, coded in ((a, ca), (b, cb), (a, ca)):
+        dec.decode_exp(DEFAULT_CODEC, coded, exp.size, out)
+        assert out[:exp.size].tobytes() == exp.tobytes()
+
+
+def test_accepts_buffers_and_memoryviews():
+    exp = gaussian_exponents(10_000)
+    coded = ChunkEncoder().encode(exp.tobytes())
+    out = np.empty(10_000, np.uint8)
+    ChunkDecoder().decode_exp(DEFAULT_CODEC, memoryview(bytearray(b"xx" + coded))[2:], 10_000, out)
+    assert out.tobytes() == exp.tobytes()
+    ChunkDecoder().decode_exp(DEFAULT_CODEC, np.frombuffer(coded, np.uint8), 10_000, out)
+    assert out.tobytes() == exp.tobytes()
+
+
+@pytest.mark.parametrize("n", [0, 1, 5000, 200_000])
+def test_wrong_n_rejected(n):
+    exp = gaussian_exponents(n)
+    coded = ChunkEncoder().encode(exp)
+    dec = ChunkDecoder()
+    out = np.empty(n + 2, np.uint8)
+    for wrong in {max(n - 1, 0), n + 1} - {n}:
+        with pytest.raises(CodecError):
+            dec.decode_exp(DEFAULT_CODEC, coded, wrong, out)
+
+
+def test_frame_without_content_size_decodes_and_checks_length():
+    exp = gaussian_exponents(50_000)
+    cobj = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    coded = cobj.compress(exp.tobytes()) + cobj.flush()
+    dec = ChunkDecoder()
+    out = np.empty(50_001, np.uint8)
+    dec.decode_exp(DEFAULT_CODEC, coded, 50_000, out)
+    assert out[:50_000].tobytes() == exp.tobytes()
+    for wrong in (49_999, 50_001):
+        with pytest.raises(CodecError):
+            dec.decode_exp(DEFAULT_CODEC, coded, wrong, out)
+
+
+def test_truncated_and_extended_streams_rejected():
+    exp = gaussian_exponents(300_000)
+    coded = ChunkEncoder().encode(exp)
+    dec = ChunkDecoder()
+    out = np.empty(300_000, np.uint8)
+    cuts = sorted({0, 1, 4, 5, 8, 12, len(coded) // 3, len(coded) // 2, len(coded) - 2, len(coded) - 1})
+    for cut in cuts:
+        with pytest.raises(CodecError):
+            dec.decode_exp(DEFAULT_CODEC, coded[:cut], 300_000, out)
+    for tail in (b"\x00", b"junk", coded):
+        with pytest.raises(CodecError):
+            dec.decode_exp(DEFAULT_CODEC, coded + tail, 300_000, out)
+    dec.decode_exp(DEFAULT_CODEC, coded, 300_000, out)  # still usable
+    assert out.tobytes() == exp.tobytes()
+
+
+def test_bit_flips_raise_or_stay_in_bounds():
+    """Structure damage raises; payload damage may decode to wrong bytes (the archive's per-chunk
+    xxh3, checked by formats.decoder before decoding, catches it: see test_decoder)."""
+    exp = gaussian_exponents(3000)
+    coded = ChunkEncoder().encode(exp)
+    dec = ChunkDecoder()
+    out = np.full(3100, 0x77, np.uint8)
+    errors = 0
+    for bit in range(0, len(coded) * 8, 3):
+        bad = bytearray(coded)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        try:
+            dec.decode_exp(DEFAULT_CODEC, bytes(bad), 3000, out)
+        except CodecError:
+            errors += 1
+        assert (out[3000:] == 0x77).all()
+    assert errors > 0
+
+
+def test_unknown_codec_and_preset():
+    with pytest.raises(CodecError, match="zstd-nope"):
+        ChunkEncoder("zstd-nope")
+    with pytest.raises(CodecError, match="zstd-nope"):
+        ChunkDecoder().decode_exp("zstd-nope", b"", 0, np.empty(0, np.uint8))
+    with pytest.raises(CodecError, match="zstd-nope"):
+        codec_params("zstd-nope")
+    with pytest.raises(CodecError, match="turbo"):
+        ChunkEncoder(DEFAULT_CODEC, "turbo")
+    assert issubclass(CodecError, ZmoeError)
+
+
+def test_bad_output_buffers():
+    coded = ChunkEncoder().encode(gaussian_exponents(100))
+    dec = ChunkDecoder()
+    with pytest.raises(CodecError):
+        dec.decode_exp(DEFAULT_CODEC, coded, 100, np.empty(99, np.uint8))
+    with pytest.raises(CodecError):
+        dec.decode_exp(DEFAULT_CODEC, coded, 100, np.empty(100, np.uint16))
+    ro = np.empty(100, np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(CodecError):
+        dec.decode_exp(DEFAULT_CODEC, coded, 100, ro)
+    with pytest.raises(CodecError):
+        dec.decode_exp(DEFAULT_CODEC, coded, -1, np.empty(100, np.uint8))
+
+
+def test_checksum_is_xxh3_64():
+    import xxhash
+    data = gaussian_exponents(12345)
+    assert checksum(data) == xxhash.xxh3_64_intdigest(data.tobytes())
+    assert checksum(b"") == 0x2D06800538D394C2
+    assert f"{checksum(b'abc'):016x}" == xxhash.xxh3_64_hexdigest(b"abc")
