@@ -215,8 +215,12 @@ class ChunkDecoder:
     The zstd call releases the GIL, so one decoder per worker thread decodes in parallel.
     """
 
+    #: Largest window accepted for frames that do not record their content size (those decode in
+    #: streaming mode through a window buffer); frames that do decode in one pass without one.
+    MAX_STREAMING_WINDOW = 1 << 23
+
     def __init__(self) -> None:
-        self._dctx = zstandard.ZstdDecompressor()
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=self.MAX_STREAMING_WINDOW)
         self._scratch = np.empty(0, dtype=np.uint8)
 
     def scratch(self, n: int) -> np.ndarray:

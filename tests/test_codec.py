@@ -116,6 +116,16 @@ def test_frame_without_content_size_decodes_and_checks_length():
             dec.decode_exp(DEFAULT_CODEC, coded, wrong, out)
 
 
+def test_unsized_frame_with_huge_window_rejected():
+    params = zstandard.ZstdCompressionParameters(window_log=26, strategy=zstandard.STRATEGY_FAST,
+                                                 write_content_size=0)
+    cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    coded = cobj.compress(b"\x7f" * 1000) + cobj.flush()
+    assert zstandard.get_frame_parameters(coded).window_size == 1 << 26
+    with pytest.raises(CodecError):
+        ChunkDecoder().decode_exp(DEFAULT_CODEC, coded, 1000, np.empty(1000, np.uint8))
+
+
 def test_truncated_and_extended_streams_rejected():
     exp = gaussian_exponents(300_000)
     coded = ChunkEncoder().encode(exp)
