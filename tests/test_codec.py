@@ -194,3 +194,23 @@ def test_checksum_is_xxh3_64():
     assert checksum(data) == xxhash.xxh3_64_intdigest(data.tobytes())
     assert checksum(b"") == 0x2D06800538D394C2
     assert f"{checksum(b'abc'):016x}" == xxhash.xxh3_64_hexdigest(b"abc")
+
+
+def test_bench_smoke(tmp_path):
+    """The codec benchmark runs end to end on a tiny input (checks its own round trips)."""
+    from typer.testing import CliRunner
+
+    from zipmoe.bench.cli import app
+    from zipmoe.bench.codec import render_table, run
+
+    result = run(5000, runs=1, datasets=["student-t"], chunk=2048)
+    json.dumps(result)
+    peers = result["datasets"]["student-t"]["peers"]
+    assert peers["ours fast"]["ratio"] < 0.75
+    assert render_table(result).row_count == len(peers)
+    out = tmp_path / "codec.json"
+    res = CliRunner().invoke(app, ["codec", "--elements", "3000", "--runs", "1", "--datasets", "mixed",
+                                   "--json", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["elements"] == 3000
+    assert CliRunner().invoke(app, ["codec", "--datasets", "nope"]).exit_code == 2
