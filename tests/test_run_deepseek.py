@@ -39,17 +39,11 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def make_ckpt(tmp_path_factory):
-    from zipmoe_pack.synth import make_checkpoint
-
-    made = {}
-
+@pytest.fixture
+def make_ckpt(checkpoint_factory):
     def make(name: str):
-        if name not in made:
-            family, kw, overrides = CASES[name]
-            made[name] = make_checkpoint(tmp_path_factory.mktemp(name), family, config_overrides=overrides, **kw)
-        return made[name]
+        family, kw, overrides = CASES[name]
+        return checkpoint_factory(family, config_overrides=overrides, **kw)
 
     return make
 
@@ -96,13 +90,12 @@ def test_parity_with_transformers(make_ckpt, case):
         assert src.stats()["experts_fetched"] > 0
 
 
-def test_v2_norm_topk_prob_follows_reference(make_ckpt, monkeypatch, tmp_path):
+def test_v2_norm_topk_prob_follows_reference(checkpoint_factory, monkeypatch):
     """transformers' DeepSeek-V2 router ignores norm_topk_prob; DeepSeek's reference code renormalises the
     top-k weights (and then skips routed_scaling_factor). Patch the oracle to the reference and compare."""
-    from zipmoe_pack.synth import make_checkpoint
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
 
-    path = make_checkpoint(tmp_path / "ck", "deepseek_v2", config_overrides={"norm_topk_prob": True})
+    path = checkpoint_factory("deepseek_v2", config_overrides={"norm_topk_prob": True})
     orig = hf.DeepseekV2TopkRouter.forward
 
     def reference_forward(self, hidden_states):
