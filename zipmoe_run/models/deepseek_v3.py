@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from . import deepseek_v2
-from .deepseek_v2 import LATENT_NORM_EPS, rope_pairs  # noqa: F401  (re-exported for callers)
 
 
 @dataclass
