@@ -391,10 +391,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def kv(s):
-        try:
-            return {k.strip(): _parse_value(v.strip()) for k, v in (x.split("=", 1) for x in s.split(",") if x)}
-        except ValueError:
-            p.error(f"expected k=v,... not {s!r}")
+        items = [x.split("=", 1) for x in s.split(",") if x.strip()]
+        if any(len(i) != 2 for i in items):
+            raise ValueError(f"expected k=v,... not {s!r}")
+        return {k.strip(): _parse_value(v.strip()) for k, v in items}
 
     from formats.errors import ZmoeError
 
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
             demo_checkpoint(a.out_dir, a.size)
         elif a.what == "from-index":
             if a.src is None:
-                p.error("from-index needs --src DIR")
+                raise ValueError("from-index needs --src DIR")
             make_from_index(a.src, a.out_dir, scale=a.scale, seed=a.seed, max_layers=a.max_layers)
         else:
             make_checkpoint(a.out_dir, a.what, layout=a.layout, shards=a.shards, seed=a.seed, dims=kv(a.dims),
@@ -411,6 +411,9 @@ def main(argv=None) -> int:
                             straddle=not a.no_straddle, dtype=a.dtype, config_overrides=kv(a.set))
     except (ValueError, OSError, ZmoeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TypeError, KeyError) as e:  # a --set value of the wrong type, or a config key removed
+        print(f"error: invalid config: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -68,15 +68,19 @@ _PLAIN = ("{{ bos_token or '' }}{% for message in messages %}{% if message['role
 T5_EXTRA_IDS = 8
 
 
-def _bpe(vocab_size: int, specials: list[str]) -> Tokenizer:
+def _bpe(vocab_size: int, specials: list[str], bos: str | None) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
                                   special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    post = [processors.ByteLevel(trim_offsets=False)]
+    if bos is not None:  # Mixtral and DeepSeek tokenizers prepend BOS when encoding
+        post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                  special_tokens=[(bos, tok.token_to_id(bos))]))
+    tok.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
     return tok
 
 
@@ -119,7 +123,7 @@ def write_tokenizer(out_dir: pathlib.Path, family: str, vocab_size: int) -> None
         if vocab_size < 256 + len(specials) + 1:
             raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE (need > "
                              f"{256 + len(specials)}); pass tokenizer=False")
-        tok = _bpe(vocab_size, specials)
+        tok = _bpe(vocab_size, specials, roles["bos"] if style in ("llama", "deepseek") else None)
     tok.save(str(out_dir / "tokenizer.json"), pretty=False)
 
     added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
