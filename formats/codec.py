@@ -174,7 +174,10 @@ def zstd_frame_check(coded, n: int) -> bool:
     Cheap (a few block headers per 128 KiB). With the size recorded, zstd decodes in one pass
     straight into the ``n``-byte output and allocates nothing else of note.
     """
-    mv = memoryview(coded).cast("B")
+    try:
+        mv = memoryview(coded).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"coded chunk is not a contiguous buffer: {exc}") from None
     size = len(mv)
     if size < 6 or int.from_bytes(mv[0:4], "little") != _ZSTD_MAGIC:
         raise CodecError("coded chunk is not a zstd frame (bad magic or too short)")
@@ -247,7 +250,12 @@ class ChunkDecoder:
         sized = zstd_frame_check(coded, n)
         try:
             reader = self._dctx.stream_reader(coded, read_across_frames=False)
-            got = reader.readinto(out[:n]) if n else 0
+            got = 0
+            while got < n:  # one pass when the size is recorded; streaming may take several
+                k = reader.readinto(out[got:n])
+                if k == 0:
+                    break
+                got += k
             extra = b"" if sized else reader.read(1)
         except (zstandard.ZstdError, ValueError) as exc:
             raise CodecError(f"{codec_id}: corrupt coded exponent stream: {exc}") from exc

@@ -103,15 +103,16 @@ def test_wrong_n_rejected(n):
             dec.decode_exp(DEFAULT_CODEC, coded, wrong, out)
 
 
-def test_frame_without_content_size_decodes_and_checks_length():
-    exp = gaussian_exponents(50_000)
+@pytest.mark.parametrize("n", [0, 50_000, 1_500_000])
+def test_frame_without_content_size_decodes_and_checks_length(n):
+    exp = gaussian_exponents(n)
     cobj = zstandard.ZstdCompressor(write_content_size=False).compressobj()
     coded = cobj.compress(exp.tobytes()) + cobj.flush()
     dec = ChunkDecoder()
-    out = np.empty(50_001, np.uint8)
-    dec.decode_exp(DEFAULT_CODEC, coded, 50_000, out)
-    assert out[:50_000].tobytes() == exp.tobytes()
-    for wrong in (49_999, 50_001):
+    out = np.empty(n + 1, np.uint8)
+    dec.decode_exp(DEFAULT_CODEC, coded, n, out)
+    assert out[:n].tobytes() == exp.tobytes()
+    for wrong in {max(n - 1, 0), n + 1} - {n}:
         with pytest.raises(CodecError):
             dec.decode_exp(DEFAULT_CODEC, coded, wrong, out)
 
@@ -186,6 +187,8 @@ def test_bad_output_buffers():
         dec.decode_exp(DEFAULT_CODEC, coded, 100, ro)
     with pytest.raises(CodecError):
         dec.decode_exp(DEFAULT_CODEC, coded, -1, np.empty(100, np.uint8))
+    with pytest.raises(CodecError):
+        dec.decode_exp(DEFAULT_CODEC, None, 100, np.empty(100, np.uint8))
 
 
 def test_checksum_is_xxh3_64():
