@@ -18,6 +18,7 @@ order (not sorted), and with ``straddle`` shard boundaries fall between two expe
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import hashlib
 import json
@@ -32,9 +33,10 @@ import time
 
 import numpy as np
 
-from zipmoe_pack.synth_families import FAMILIES, TOKEN_STYLE, TOKENS, TensorSpec, dim_keys, template, tensor_specs
+from zipmoe_pack.synth_families import (FAMILIES, TensorSpec, check_config, dim_keys, template, tensor_specs,
+                                        token_ids)
 
-__all__ = ["FAMILIES", "make_checkpoint", "make_from_index", "demo_checkpoint", "DEMO_SIZES"]
+__all__ = ["FAMILIES", "make_checkpoint", "make_from_index", "demo_checkpoint", "build_config", "DEMO_SIZES"]
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +128,8 @@ def _plan_cuts(specs: list[TensorSpec], shards: int, straddle: bool) -> list[int
     for k in range(1, shards):
         left = shards - 1 - k  # cuts still needed after this one
 
-        def ok(c):
-            return c > (cuts[-1] if cuts else 0) and sum(1 for x in allowed if x > c) >= left
+        def ok(c):  # after the previous cut, with enough allowed places left for the cuts after it
+            return c > (cuts[-1] if cuts else 0) and len(allowed) - bisect.bisect_right(allowed, c) >= left
 
         pool = [c for c in preferred if ok(c)] or [c for c in allowed if ok(c)]
         if not pool:
@@ -204,33 +206,12 @@ def build_config(family: str, *, dims: dict | None = None, dtype: str = "bfloat1
         cfg["num_sparse_encoder_layers"] = cfg["num_sparse_decoder_layers"] = cfg["num_layers"] // 2
     cfg.update(config_overrides or {})
     cfg["dtype" if "dtype" in cfg else "torch_dtype"] = dtype
-    _check_config(family, cfg)
+    check_config(family, cfg)
     return cfg
 
 
-def _check_config(family: str, cfg: dict) -> None:
-    keys = dim_keys(family)
-    experts = cfg[keys["experts"][0]]
-    top_k = cfg.get("num_experts_per_tok", 1)
-    if not 1 <= top_k <= experts:
-        raise ValueError(f"top_k {top_k} must be between 1 and the number of experts ({experts})")
-    if family == "switch_transformers":
-        return
-    if "head_dim" not in cfg and cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise ValueError(f"hidden {cfg['hidden_size']} is not a multiple of heads {cfg['num_attention_heads']}")
-    if cfg["num_attention_heads"] % (cfg.get("num_key_value_heads") or cfg["num_attention_heads"]):
-        raise ValueError("heads must be a multiple of kv_heads")
-    if family.startswith("deepseek") and cfg.get("n_group"):
-        if experts % cfg["n_group"] or cfg["topk_group"] > cfg["n_group"]:
-            raise ValueError(f"{experts} experts do not split into n_group={cfg['n_group']} groups "
-                             f"with topk_group={cfg['topk_group']}")
-        if family == "deepseek_v3" and experts // cfg["n_group"] < 2:
-            raise ValueError("deepseek_v3 group scores need >= 2 experts per group")
-
-
 def _generation_config(family: str, cfg: dict) -> dict:
-    specials, roles = TOKENS[TOKEN_STYLE[family]]
-    ids = {r: (None if t is None else specials.index(t)) for r, t in roles.items()}
+    ids = token_ids(family)
     if family == "switch_transformers":
         return {"_from_model_config": True, "decoder_start_token_id": ids["pad"], "eos_token_id": ids["eos"],
                 "pad_token_id": ids["pad"], "transformers_version": "4.27.0.dev0"}

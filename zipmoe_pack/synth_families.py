@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["FAMILIES", "FUSED_FAMILIES", "TensorSpec", "template", "dim_keys", "tensor_specs", "TOKENS"]
+__all__ = ["FAMILIES", "FUSED_FAMILIES", "TensorSpec", "template", "dim_keys", "check_config", "tensor_specs",
+           "TOKENS", "TOKEN_STYLE", "token_ids"]
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3", "switch_transformers",
             "phimoe")
@@ -67,7 +68,8 @@ TOKEN_STYLE = {"qwen2_moe": "qwen", "qwen3_moe": "qwen", "olmoe": "olmoe", "mixt
                "switch_transformers": "t5"}
 
 
-def _ids(family: str) -> dict:
+def token_ids(family: str) -> dict:
+    """Role (bos/eos/pad/unk) -> token id (None where the family has no such token)."""
     specials, roles = TOKENS[TOKEN_STYLE[family]]
     return {r: (None if t is None else specials.index(t)) for r, t in roles.items()}
 
@@ -79,7 +81,7 @@ _COMMON = {"hidden_act": "silu", "initializer_range": 0.02, "attention_dropout":
 
 def template(family: str) -> dict:
     """A tiny config.json dict for ``family``, spelled as that family's hub checkpoints spell it."""
-    ids = _ids(family)
+    ids = token_ids(family)
     if family == "qwen2_moe":  # Qwen1.5-MoE-A2.7B, reduced
         return {"architectures": ["Qwen2MoeForCausalLM"], **_COMMON, "bos_token_id": ids["pad"],
                 "eos_token_id": ids["eos"], "intermediate_size": 128, "max_position_embeddings": 4096,
@@ -186,6 +188,27 @@ def dim_keys(family: str) -> dict[str, tuple[str, ...]]:
     return keys
 
 
+def check_config(family: str, cfg: dict) -> None:
+    """ValueError for sizes the modeling code cannot build (heads, kv heads, expert groups, top-k)."""
+    keys = dim_keys(family)
+    experts = cfg[keys["experts"][0]]
+    top_k = cfg.get("num_experts_per_tok", 1)
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k {top_k} must be between 1 and the number of experts ({experts})")
+    if family == "switch_transformers":
+        return
+    if "head_dim" not in cfg and cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise ValueError(f"hidden {cfg['hidden_size']} is not a multiple of heads {cfg['num_attention_heads']}")
+    if cfg["num_attention_heads"] % (cfg.get("num_key_value_heads") or cfg["num_attention_heads"]):
+        raise ValueError("heads must be a multiple of kv_heads")
+    if family.startswith("deepseek") and cfg.get("n_group"):
+        if experts % cfg["n_group"] or cfg["topk_group"] > cfg["n_group"]:
+            raise ValueError(f"{experts} experts do not split into n_group={cfg['n_group']} groups "
+                             f"with topk_group={cfg['topk_group']}")
+        if family == "deepseek_v3" and experts // cfg["n_group"] < 2:
+            raise ValueError("deepseek_v3 group scores need >= 2 experts per group")
+
+
 def _router_std(family: str, hidden: int, peaky: bool) -> float:
     if not peaky:
         return WEIGHT_STD
@@ -251,7 +274,8 @@ def _decoder_specs(family, cfg, layout, dt, peaky):
         else:
             qkv_bias = cfg.get("qkv_bias", True) if family == "qwen2_moe" else cfg.get("attention_bias", False)
             lin(a + "q_proj", nh * hd, H, qkv_bias), lin(a + "k_proj", nkv * hd, H, qkv_bias)
-            lin(a + "v_proj", nkv * hd, H, qkv_bias), lin(a + "o_proj", H, nh * hd, family == "phimoe" and qkv_bias)
+            o_bias = qkv_bias and family in ("qwen3_moe", "olmoe", "phimoe")  # qwen2: q/k/v only; mixtral: none
+            lin(a + "v_proj", nkv * hd, H, qkv_bias), lin(a + "o_proj", H, nh * hd, o_bias)
             if family == "qwen3_moe":
                 norm(a + "q_norm", hd), norm(a + "k_norm", hd)
             elif family == "olmoe":
@@ -276,10 +300,11 @@ def _decoder_specs(family, cfg, layout, dt, peaky):
                 out.append(TensorSpec(f + "experts.down_proj", (E, H, I_moe), dt, group=grp,
                                       parts=tuple((d.format(e=e), (H, I_moe)) for e in range(E))))
             else:
-                order = (g, d, u) if family in ("mixtral", "phimoe") else (g, u, d)  # w1, w2, w3 module order
+                gs, ds = (g, (I_moe, H)), (d, (H, I_moe))
+                us = (u, (I_moe, H))
+                order = (gs, ds, us) if family in ("mixtral", "phimoe") else (gs, us, ds)  # module order: w1 w2 w3
                 for e in range(E):
-                    for n in order:
-                        shape = (H, I_moe) if n is d else (I_moe, H)
+                    for n, shape in order:
                         out.append(TensorSpec(n.format(e=e), shape, dt, group=(None, L), expert=e))
             if family == "qwen2_moe":
                 mlp(m + "shared_expert.", cfg["shared_expert_intermediate_size"])
