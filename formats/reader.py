@@ -8,14 +8,15 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from formats.decoder import ChunkRef, ParallelDecoder
-from formats.errors import FormatError, ZmoeError
-from formats.index import Extent, Index, Part, Region, parse_index
+from formats.errors import FormatError
+from formats.index import Extent, Index, Part, Region
+from formats.index_parse import parse_index
 from formats.preamble import PREAMBLE_SIZE, Preamble, read_preamble, xxh3
 
 log = logging.getLogger(__name__)
@@ -154,4 +155,4 @@ def open_archive(path: str | os.PathLike) -> Archive:
     return Archive(path)
 
 
-__all__ = ["Archive", "open_archive", "part_refs", "ZmoeError", "Sequence"]
+__all__ = ["Archive", "open_archive", "part_refs"]

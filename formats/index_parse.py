@@ -1,0 +1,323 @@
+"""Parse the index JSON into `formats.index` entries, checking specs/zmoe.md section 3.
+
+Nothing is trusted: every field is type-checked, every size is recomputed from dtype and shape,
+every region is bounds-checked and no two regions may overlap. Errors are FormatError with a
+message naming the entry (tensor name, file path, expert key) and the offending offset or value.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from formats.codec import CODECS
+from formats.dtypes import DTYPE_BITS, tensor_nbytes
+from formats.errors import FormatError
+from formats.index import (ALIGNMENT_V1, OUT_ALIGN, STACKS, ExpChunk, Extent, FileEntry, Index, Part, Region,
+                           TensorEntry)
+
+
+class _Ctx:
+    """Field access with type checks; every failure names the entry being parsed."""
+
+    def __init__(self, where: str, data_offset: int, file_length: int):
+        self.where, self.data_offset, self.file_length = where, data_offset, file_length
+
+    def fail(self, what: str, msg: str):
+        raise FormatError(f"{self.where}: index {what}: {msg}")
+
+    def get(self, obj, key, typ, what):
+        if not isinstance(obj, dict) or key not in obj:
+            self.fail(what, f"missing field {key!r}")
+        v = obj[key]
+        ok = (isinstance(v, int) and not isinstance(v, bool)) if typ is int else isinstance(v, typ)
+        if not ok:
+            self.fail(what, f"field {key!r} has type {type(v).__name__}, expected {getattr(typ, '__name__', typ)}")
+        if typ is int and v < 0:
+            self.fail(what, f"field {key!r} is negative ({v})")
+        return v
+
+    def hexval(self, v, width, what) -> str:
+        if not isinstance(v, str) or len(v) != width or any(c not in "0123456789abcdef" for c in v):
+            self.fail(what, f"bad hash {v!r} (expected {width} lowercase hex digits)")
+        return v
+
+    def xxh(self, v, what) -> int:
+        return int(self.hexval(v, 16, what), 16)
+
+    def region(self, obj, what) -> Region:
+        off = self.get(obj, "offset", int, what)
+        n = self.get(obj, "length", int, what)
+        if off < self.data_offset or off + n > self.file_length:
+            self.fail(what, f"region [{off}, {off + n}) lies outside the data section "
+                            f"[{self.data_offset}, {self.file_length})")
+        return Region(off, n)
+
+    def xxh_list(self, obj, key, count, what) -> tuple[int, ...]:
+        lst = self.get(obj, key, list, what)
+        if len(lst) != count:
+            self.fail(what, f"{key} has {len(lst)} checksums, expected {count}")
+        return tuple(self.xxh(v, what) for v in lst)
+
+    def shape(self, obj, what) -> tuple[int, ...]:
+        shape = self.get(obj, "shape", list, what)
+        if len(shape) > 8 or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+            self.fail(what, f"bad shape {shape!r}")
+        return tuple(shape)
+
+
+def _nbytes(ctx: _Ctx, obj, shape, what) -> tuple[str, int]:
+    dtype = ctx.get(obj, "dtype", str, what)
+    if dtype not in DTYPE_BITS:
+        ctx.fail(what, f"unknown dtype {dtype!r}")
+    nbytes = ctx.get(obj, "nbytes", int, what)
+    try:
+        want = tensor_nbytes(dtype, shape)
+    except ValueError as e:
+        ctx.fail(what, str(e))
+    if nbytes != want:
+        ctx.fail(what, f"nbytes {nbytes} disagrees with dtype {dtype} and shape {list(shape)} ({want})")
+    return dtype, nbytes
+
+
+def _parse_file(ctx: _Ctx, f) -> FileEntry:
+    path = ctx.get(f, "path", str, "files[]")
+    what = f"file {path!r}"
+    parts = path.split("/")
+    if not path or path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
+        ctx.fail(what, "path must be relative, without '..' or empty components")
+    kind = ctx.get(f, "kind", str, what)
+    size = ctx.get(f, "size", int, what)
+    sha = ctx.hexval(ctx.get(f, "sha256", str, what), 64, what)
+    if kind == "blob":
+        data = ctx.region(ctx.get(f, "data", dict, what), what)
+        if data.length != size:
+            ctx.fail(what, f"blob region holds {data.length} bytes but the file has {size}")
+        return FileEntry(path, kind, size, sha, data=data, xxh3=ctx.xxh(ctx.get(f, "xxh3", str, what), what))
+    if kind == "safetensors":
+        hdr = ctx.get(f, "header", dict, what)
+        header = ctx.region(hdr, what + " header")
+        names = ctx.get(f, "tensors", list, what)
+        if any(not isinstance(n, str) for n in names):
+            ctx.fail(what, "tensor names must be strings")
+        return FileEntry(path, kind, size, sha, header=header,
+                         header_xxh3=ctx.xxh(ctx.get(hdr, "xxh3", str, what), what), tensors=tuple(names))
+    ctx.fail(what, f"unknown file kind {kind!r}")
+
+
+def _parse_tensor(ctx: _Ctx, t, R: int) -> TensorEntry:
+    name = ctx.get(t, "name", str, "tensors[]")
+    what = f"tensor {name}"
+    shape = ctx.shape(t, what)
+    dtype, nbytes = _nbytes(ctx, t, shape, what)
+    common = dict(name=name, file=ctx.get(t, "file", str, what), dtype=dtype, shape=shape, nbytes=nbytes,
+                  sha256=ctx.hexval(ctx.get(t, "sha256", str, what), 64, what))
+    role = ctx.get(t, "role", str, what)
+    if role == "dense":
+        data = ctx.region(ctx.get(t, "data", dict, what), what)
+        if data.length != nbytes:
+            ctx.fail(what, f"data region at offset {data.offset} holds {data.length} bytes, expected {nbytes}")
+        if data.offset % ALIGNMENT_V1:
+            ctx.fail(what, f"dense data offset {data.offset} is not a multiple of {ALIGNMENT_V1}")
+        xs = ctx.xxh_list(t["data"], "xxh3", math.ceil(nbytes / R), what)
+        return TensorEntry(role=role, data=data, xxh3=xs, **common)
+    if role == "expert":
+        e = ctx.get(t, "expert", dict, what)
+        stack = e.get("stack")
+        if stack not in STACKS:
+            ctx.fail(what, f"unknown stack {stack!r}")
+        fused = ctx.get(e, "fused", bool, what)
+        if fused and not shape:
+            ctx.fail(what, "a fused expert tensor needs an expert dimension")
+        return TensorEntry(role=role, stack=stack, layer=ctx.get(e, "layer", int, what),
+                           proj=ctx.get(e, "proj", str, what), fused=fused, **common)
+    ctx.fail(what, f"unknown role {role!r}")
+
+
+def _parse_part(ctx: _Ctx, p, ext: str, C: int, R: int, out_offset: int) -> Part:
+    tname = ctx.get(p, "tensor", str, ext)
+    sl = p.get("slice") if isinstance(p, dict) else None
+    if sl is not None and (not isinstance(sl, int) or isinstance(sl, bool) or sl < 0):
+        ctx.fail(ext, f"bad slice {sl!r}")
+    what = f"tensor {tname}" + (f" slice {sl}" if sl is not None else "") + f" ({ext})"
+    shape = ctx.shape(p, what)
+    dtype, nbytes = _nbytes(ctx, p, shape, what)
+    if ctx.get(p, "out_offset", int, what) != out_offset:
+        ctx.fail(what, f"out_offset {p['out_offset']} should be {out_offset}")
+    enc = ctx.get(p, "encoding", str, what)
+    base = dict(tensor=tname, slice=sl, proj=ctx.get(p, "proj", str, what), dtype=dtype, shape=shape,
+                nbytes=nbytes, out_offset=out_offset, encoding=enc)
+    if enc == "raw":
+        data = ctx.region(ctx.get(p, "data", dict, what), what)
+        if data.length != nbytes:
+            ctx.fail(what, f"raw region at offset {data.offset} holds {data.length} bytes, expected {nbytes}")
+        xs = ctx.xxh_list(p["data"], "xxh3", math.ceil(nbytes / R), what)
+        return Part(codec=None, data=data, data_xxh3=xs, **base)
+    if enc != "bf16-split":
+        ctx.fail(what, f"unknown encoding {enc!r}")
+    if dtype != "BF16":
+        ctx.fail(what, f"bf16-split encoding on a {dtype} tensor")
+    codec = ctx.get(p, "codec", str, what)
+    if codec not in CODECS:
+        ctx.fail(what, f"unknown codec id {codec!r} (known: {', '.join(sorted(CODECS))})")
+    n = nbytes // 2
+    nchunks = math.ceil(n / C)
+    raw = ctx.get(p, "exp_chunks", list, what)
+    if len(raw) != nchunks:
+        ctx.fail(what, f"{len(raw)} exponent chunks for {n} elements, expected {nchunks}")
+    chunks = []
+    for i, c in enumerate(raw):
+        if not (isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in c[:2])):
+            ctx.fail(what, f"exponent chunk {i} is not [offset, length, xxh3]")
+        r = ctx.region({"offset": c[0], "length": c[1]}, f"{what} chunk {i}")
+        if r.length == 0:
+            ctx.fail(what, f"exponent chunk {i} at offset {r.offset} is empty")
+        chunks.append(ExpChunk(r.offset, r.length, ctx.xxh(c[2], what)))
+    sm = ctx.region(ctx.get(p, "sm", dict, what), what + " sm")
+    if sm.length != n:
+        ctx.fail(what, f"sign+mantissa region at offset {sm.offset} holds {sm.length} bytes, expected {n}")
+    return Part(codec=codec, exp_chunks=tuple(chunks), sm=sm,
+                sm_xxh3=ctx.xxh_list(p["sm"], "xxh3", nchunks, what), **base)
+
+
+def _parse_extent(ctx: _Ctx, e, C: int, R: int) -> Extent:
+    stack = e.get("stack") if isinstance(e, dict) else None
+    if stack not in STACKS:
+        ctx.fail("experts[]", f"unknown stack {stack!r}")
+    layer = ctx.get(e, "layer", int, "experts[]")
+    expert = ctx.get(e, "expert", int, "experts[]")
+    label = f"expert {stack + '.' if stack else ''}layer {layer} expert {expert}"
+    region = ctx.region(e, label)
+    if region.offset % ALIGNMENT_V1:
+        ctx.fail(label, f"extent offset {region.offset} is not a multiple of {ALIGNMENT_V1}")
+    exp_length = ctx.get(e, "exp_length", int, label)
+    if exp_length > region.length:
+        ctx.fail(label, f"exp_length {exp_length} exceeds the extent length {region.length}")
+    parts, out = [], 0
+    for p in ctx.get(e, "parts", list, label):
+        part = _parse_part(ctx, p, label, C, R, out)
+        parts.append(part)
+        out = (part.out_offset + part.nbytes + OUT_ALIGN - 1) // OUT_ALIGN * OUT_ALIGN
+    exp_lo, exp_hi, body_hi = region.offset, region.offset + exp_length, region.end
+    for part in parts:
+        for c in part.exp_chunks:
+            if not (exp_lo <= c.offset and c.offset + c.length <= exp_hi):
+                ctx.fail(label, f"tensor {part.tensor}: exponent chunk at offset {c.offset} lies outside "
+                                f"the extent's exponent area [{exp_lo}, {exp_hi})")
+        for r in (part.sm, part.data):
+            if r is not None and not (exp_hi <= r.offset and r.end <= body_hi):
+                ctx.fail(label, f"tensor {part.tensor}: region at offset {r.offset} lies outside "
+                                f"the extent's body [{exp_hi}, {body_hi})")
+    return Extent(stack, layer, expert, region.offset, exp_length, region.length, tuple(parts))
+
+
+
+def check_overlaps(ctx: _Ctx, files, tensors, experts) -> None:
+    """No two top-level regions overlap, nor two regions inside one extent (their containment in the
+    extent is checked by _parse_extent)."""
+    top = [(r, f"file {f.path}") for f in files for r in (f.data, f.header) if r is not None]
+    top += [(t.data, f"tensor {t.name}") for t in tensors.values() if t.data is not None]
+    top += [(Region(e.offset, e.length), e.label) for e in experts]
+    groups = [top]
+    for e in experts:
+        inner = [(Region(c.offset, c.length), f"tensor {p.tensor} exponent chunk")
+                 for p in e.parts for c in p.exp_chunks]
+        inner += [(r, f"tensor {p.tensor}") for p in e.parts for r in (p.sm, p.data) if r is not None]
+        groups.append(inner)
+    for group in groups:
+        group = sorted((x for x in group if x[0].length), key=lambda x: x[0].offset)
+        for (a, la), (b, lb) in zip(group, group[1:]):
+            if b.offset < a.end:
+                ctx.fail(lb, f"region at offset {b.offset} overlaps {la} ending at {a.end}")
+
+
+def parse_index(raw: bytes, *, version: int, data_offset: int, file_length: int, where: str) -> Index:
+    """Parse and validate the index bytes of an archive whose preamble was already checked."""
+    ctx = _Ctx(where, data_offset, file_length)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{where}: index at offset 64 is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(doc, dict):
+        ctx.fail("root", "not a JSON object")
+    if doc.get("format") != "zmoe":
+        ctx.fail("format", f"expected 'zmoe', got {doc.get('format')!r}")
+    if ctx.get(doc, "version", int, "version") != version:
+        ctx.fail("version", f"{doc['version']} disagrees with the preamble's {version}")
+    if ctx.get(doc, "alignment", int, "alignment") != ALIGNMENT_V1:
+        ctx.fail("alignment", f"must be {ALIGNMENT_V1}")
+    C = ctx.get(doc, "chunk_elements", int, "chunk_elements")
+    R = ctx.get(doc, "raw_chunk_bytes", int, "raw_chunk_bytes")
+    if C & (C - 1) or not 1 << 12 <= C <= 1 << 26:
+        ctx.fail("chunk_elements", f"{C} is not a power of two in [2^12, 2^26]")
+    if R & (R - 1) or not 1 << 12 <= R <= 1 << 28:
+        ctx.fail("raw_chunk_bytes", f"{R} is not a power of two in [2^12, 2^28]")
+
+    files = tuple(_parse_file(ctx, f) for f in ctx.get(doc, "files", list, "files"))
+    if len({f.path for f in files}) != len(files):
+        ctx.fail("files", "duplicate file paths")
+    tensors: dict[str, TensorEntry] = {}
+    for t in ctx.get(doc, "tensors", list, "tensors"):
+        te = _parse_tensor(ctx, t, R)
+        if te.name in tensors:
+            ctx.fail(f"tensor {te.name}", "duplicate tensor name")
+        tensors[te.name] = te
+    experts = tuple(_parse_extent(ctx, e, C, R) for e in ctx.get(doc, "experts", list, "experts"))
+    by_key = {}
+    for e in experts:
+        if e.key in by_key:
+            ctx.fail(e.label, "duplicate expert extent")
+        by_key[e.key] = e
+    _check_files(ctx, files, tensors)
+    _check_parts(ctx, tensors, experts)
+    check_overlaps(ctx, files, tensors, experts)
+    model = ctx.get(doc, "model", dict, "model")
+    return Index(version=version, alignment=ALIGNMENT_V1, chunk_elements=C, raw_chunk_bytes=R,
+                 codecs=doc.get("codecs", {}), model=model, created_by=str(doc.get("created_by", "")),
+                 files=files, tensors=tensors, experts=experts, stats=doc.get("stats", {}), by_key=by_key)
+
+
+def _check_files(ctx: _Ctx, files, tensors) -> None:
+    owner: dict[str, str] = {}
+    for f in files:
+        if f.kind != "safetensors":
+            continue
+        total = f.header.length
+        for name in f.tensors:
+            t = tensors.get(name)
+            if t is None or t.file != f.path:
+                ctx.fail(f"file {f.path!r}", f"lists tensor {name} which the index does not place in this file")
+            if name in owner:
+                ctx.fail(f"tensor {name}", f"listed by both {owner[name]!r} and {f.path!r}")
+            owner[name] = f.path
+            total += t.nbytes
+        if total != f.size:
+            ctx.fail(f"file {f.path!r}", f"header + tensors make {total} bytes, but size is {f.size}")
+    for name in tensors:
+        if name not in owner:
+            ctx.fail(f"tensor {name}", "is not listed by any safetensors file")
+
+
+def _check_parts(ctx: _Ctx, tensors, experts) -> None:
+    seen: dict[str, list[int | None]] = {}
+    for e in experts:
+        for p in e.parts:
+            t = tensors.get(p.tensor)
+            what = f"tensor {p.tensor} ({e.label})"
+            if t is None or t.role != "expert":
+                ctx.fail(what, "part names no expert tensor of the index")
+            if (t.stack, t.layer) != (e.stack, e.layer):
+                ctx.fail(what, f"tensor belongs to layer {t.layer}, not to this extent")
+            want_shape = t.shape[1:] if t.fused else t.shape
+            if p.dtype != t.dtype or p.shape != want_shape or (p.slice is None) == t.fused:
+                ctx.fail(what, "part dtype, shape or slice disagrees with the tensor")
+            if t.fused and p.slice != e.expert:
+                ctx.fail(what, f"slice {p.slice} sits in the extent of expert {e.expert}")
+            seen.setdefault(p.tensor, []).append(p.slice)
+    for name, t in tensors.items():
+        if t.role != "expert":
+            continue
+        got = seen.get(name, [])
+        want = list(range(t.shape[0])) if t.fused else [None]
+        if sorted(got, key=lambda s: -1 if s is None else s) != want:
+            ctx.fail(f"tensor {name}", f"expert parts {got} do not cover it exactly once")
