@@ -145,7 +145,7 @@ def template(family: str) -> dict:
                 "num_key_value_heads": 2, "num_local_experts": 8, "output_router_logits": False,
                 "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "router_aux_loss_coef": 0.0,
                 "router_jitter_noise": 0.01, "sliding_window": 131072, "dtype": "bfloat16",
-                "transformers_version": "4.43.3"}
+                "transformers_version": "5.0.0"}
     if family == "switch_transformers":  # switch-large-128's own field names, reduced
         return {"add_router_probs": False, "architectures": ["SwitchTransformersForConditionalGeneration"],
                 "d_ff": 128, "d_kv": 16, "d_model": 64, "decoder_sparse_step": 2, "dense_act_fn": "relu",
