@@ -1,7 +1,9 @@
 """Architecture registry: config.json ``model_type`` -> module ``zipmoe_run.models.<model_type>``.
 
 Each module exposes ``ModelArgs`` (a dataclass with ``from_dict(cfg)``) and ``Model(args, source,
-dtype)`` with ``new_cache(batch, max_len)`` and ``forward(input_ids, cache, start_pos)``.
+dtype)`` with ``new_cache(batch, max_len)`` and ``forward(input_ids, cache, start_pos)``. Encoder-decoder
+models set ``is_encoder_decoder = True`` and expose ``encode`` / ``new_cache(encoder_out, max_len)`` /
+``decode`` instead (see ``zipmoe_run.seq2seq``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SUPPORTED", "get_model_module", "build_model"]
 
-SUPPORTED: tuple[str, ...] = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3")
+SUPPORTED: tuple[str, ...] = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3",
+                               "switch_transformers")
 
 
 def get_model_module(model_type: str | None) -> ModuleType:
