@@ -114,7 +114,14 @@ def stream_generate(
 
     ``prompts`` is one list of ids or a list of them. If ``stats`` is given it is filled with
     prompt/generation token counts, tokens/s, time to first token and peak RSS when the stream ends.
+    Encoder-decoder models (``model.is_encoder_decoder``) are served by ``zipmoe_run.seq2seq``.
     """
+    if getattr(model, "is_encoder_decoder", False):
+        from .seq2seq import stream_generate_seq2seq
+
+        yield from stream_generate_seq2seq(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                           eos_token_ids=eos_token_ids, tokenizer=tokenizer, stats=stats)
+        return
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]  # type: ignore[list-item]
     plist = _check_prompts(model, prompts, max_new_tokens)
