@@ -282,3 +282,19 @@ def test_relative_position_buckets(bidirectional):
     rel = torch.arange(-300, 300)[None, :]
     want = SwitchTransformersAttention._relative_position_bucket(rel, bidirectional, 32, 128)
     assert torch.equal(relative_position_bucket(rel, bidirectional, 32, 128), want)
+
+
+def test_gated_ffn_matches_t5():
+    """is_gated_act / "gated-*" (T5 v1.1 style, wi_0/wi_1/wo): transformers' Switch has no gated FFN, so
+    T5's T5DenseGatedActDense is the oracle for the formula."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
+
+    from zipmoe_run.models.switch_transformers import DenseFF
+
+    ref = T5DenseGatedActDense(T5Config(d_model=16, d_ff=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+    ours = DenseFF(ModelArgs.from_dict({"d_model": 16, "d_ff": 32, "dense_act_fn": "gated-gelu"}))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))  # [B, T, D]
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-6
