@@ -94,7 +94,8 @@ class ModelArgs:
         return (i % step == 1 or step == 1) if step > 0 else False
 
 
-def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
     """T5's bucket of ``rel = key_pos - query_pos``: exact for small distances, log-spaced up to max_distance."""
     buckets = torch.zeros_like(rel)
     if bidirectional:
