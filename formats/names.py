@@ -51,10 +51,11 @@ TEMPLATES: tuple[Template, ...] = (
         r"(?P<proj>w1|w2|w3)\.(?:weight|weight_scale_inv)",
     ),
     # switch_transformers: {encoder,decoder}.block.{L}.layer.{i}.mlp.experts.expert_{E}.{wi,wo}.weight
+    # (gated variants: wi_0, wi_1)
     _t(
         "switch_transformers",
         r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.mlp\.experts\."
-        r"expert_(?P<expert>\d+)\.(?P<proj>wi|wo)\.weight",
+        r"expert_(?P<expert>\d+)\.(?P<proj>wi_0|wi_1|wi|wo)\.weight",
     ),
     # transformers 5 fused layouts (any decoder-only family above, mixtral included):
     # model.layers.{L}.{mlp,block_sparse_moe}.experts.gate_up_proj [E, 2I, H], .down_proj [E, H, I];
