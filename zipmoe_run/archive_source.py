@@ -1,21 +1,24 @@
 """`ArchiveSource`: the `WeightSource` of a `.zmoe` archive.
 
-Dense tensors are zero-copy views of the mapped archive (their checksums are checked on first use).
-Experts are decoded through `formats.decoder.ParallelDecoder` into per-expert buffers, and kept in a
-least-recently-used cache bounded by `cache_bytes` (None: keep every decoded expert; 0: keep none).
-The memory-budgeted tiered store replaces this cache behind the same interface.
+Dense tensors are zero-copy views of the mapped archive (their checksums are checked on first use);
+the mapping of the dense part is the only file-backed memory the runtime keeps. Routed experts come
+from `zipmoe_run.store.ExpertStore`: a memory-budgeted store with four tiers (decoded, compressed,
+sign/mantissa only, cold), honest I/O (O_DIRECT or read + DONTNEED) and cache-affinity scheduling
+(resident experts first, the missing ones read and decoded as a two-stage flow shop). See
+specs/runtime.md.
+
+``memory_budget``: None (unlimited: every expert stays decoded once fetched), bytes (int or
+``"3GiB"``), a percentage of the routed-expert bytes (``"30%"``) or ``"auto"``. With a budget, a
+yielded weights dict is valid until the caller asks for the next expert; the store then empties it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from formats.decoder import ParallelDecoder
@@ -43,20 +46,34 @@ def _as_tensor(buf, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int
 
 
 class ArchiveSource:
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, cache_bytes: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, memory_budget=None, *,
+                 policy=None, io_mode: str = "auto", cost=None):
+        from .store.store import ExpertStore
+
         self.archive = Archive(path)
-        cfg = self.archive.file_bytes(self.archive.index.model.get("config_file", "config.json"))
-        if cfg is None:
-            raise FormatError(f"{path}: archive carries no config.json")
-        self.config: dict = json.loads(cfg)
-        self.decoder = ParallelDecoder(threads or os.cpu_count() or 1)
-        self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[tuple, tuple[np.ndarray, dict[str, torch.Tensor]]] = OrderedDict()
-        self._cached = 0
+        try:
+            cfg = self.archive.file_bytes(self.archive.index.model.get("config_file", "config.json"))
+            if cfg is None:
+                raise FormatError(f"{path}: archive carries no config.json")
+            self.config: dict = json.loads(cfg)
+            self.dense_bytes = sum(t.nbytes for t in self.archive.index.tensors.values() if t.role == "dense")
+            self.decoder = ParallelDecoder(threads or os.cpu_count() or 1)
+            try:
+                self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,
+                                         io_mode=io_mode, wrap=self._weights, dense_bytes=self.dense_bytes,
+                                         cost=cost)
+            except BaseException:
+                self.decoder.close()
+                raise
+        except BaseException:
+            self.archive.close()
+            raise
         self._checked: set[str] = set()
-        self._lock = threading.Lock()
-        self._stats = {"experts_fetched": 0, "experts_decoded": 0, "cache_hits": 0, "bytes_read": 0,
-                       "bytes_decoded": 0}
+        self._stats = {"experts_fetched": 0}
+
+    @property
+    def budget(self):
+        return self.store.budget
 
     # -- dense ----------------------------------------------------------------------------------
     def file_bytes(self, name: str) -> bytes | None:
@@ -81,61 +98,21 @@ class ArchiveSource:
         return _as_tensor(self.archive._map, t.dtype, t.shape, t.data.offset, t.nbytes)
 
     # -- experts --------------------------------------------------------------------------------
-    def _weights(self, extent, buf: np.ndarray) -> dict[str, torch.Tensor]:
+    def _weights(self, extent, buf) -> dict[str, torch.Tensor]:
         return {p.proj: _as_tensor(buf, p.dtype, p.shape, p.out_offset, p.nbytes) for p in extent.parts}
-
-    def _remember(self, key, buf, weights) -> None:
-        if self.cache_bytes == 0:
-            return
-        with self._lock:
-            self._cache[key] = (buf, weights)
-            self._cached += buf.nbytes
-            while self.cache_bytes is not None and self._cached > self.cache_bytes and len(self._cache) > 1:
-                _, (old, _) = self._cache.popitem(last=False)
-                self._cached -= old.nbytes
 
     def fetch(self, layer: int, experts: Sequence[int], stack: str | None = None
               ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """Resident experts first; the missing ones are decoded in parallel and yielded in request order."""
-        missing = []
-        for e in experts:
-            key = (stack, layer, e)
-            with self._lock:
-                hit = self._cache.get(key)
-                if hit is not None:
-                    self._cache.move_to_end(key)
+        """Resident experts first, then the missing ones as they are read and decoded (see the store)."""
+        for e, w in self.store.fetch(layer, experts, stack):
             self._stats["experts_fetched"] += 1
-            if hit is not None:
-                self._stats["cache_hits"] += 1
-                yield e, hit[1]
-            else:
-                missing.append(e)
-        jobs = []
-        for e in missing:
-            ext = self.archive.extent(layer, e, stack)
-            buf = np.empty(ext.decoded_nbytes, dtype=np.uint8)
-            jobs.append((e, ext, buf, self.decoder.submit(self.archive.extent_refs(ext), buf)))
-        try:
-            for e, ext, buf, fut in jobs:
-                fut.result()  # raises CorruptDataError naming the tensor: never compute from bad bytes
-                self._stats["experts_decoded"] += 1
-                self._stats["bytes_read"] += ext.length
-                self._stats["bytes_decoded"] += buf.nbytes
-                weights = self._weights(ext, buf)
-                self._remember((stack, layer, e), buf, weights)
-                yield e, weights
-        finally:
-            for *_, fut in jobs:
-                fut.cancel()
-                if not fut.cancelled():
-                    try:
-                        fut.result()
-                    except Exception:  # already reported by the loop above, or abandoned
-                        pass
+            yield e, w
 
     def stats(self) -> dict:
-        return dict(self._stats, cached_bytes=self._cached)
+        st = self.store.stats()
+        st.update(self._stats, cache_hits=st.get("hits_full", 0), dense_bytes=self.dense_bytes)
+        return st
 
     def close(self) -> None:
+        self.store.close()
         self.decoder.close()
-        self._cache.clear()

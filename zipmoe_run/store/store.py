@@ -1,0 +1,670 @@
+"""``ExpertStore``: routed experts under a memory budget, in four tiers, fetched with cache affinity.
+
+One ``fetch(layer, experts)`` call (one MoE layer):
+
+1. every requested expert is looked up; FULL ones are pinned and yielded first, at once;
+2. the others become tasks ordered by Johnson's rule (``scheduler``) on their estimated read and
+   decode times; the I/O thread admits each task (reserving its staging bytes, evicting through the
+   policy when needed, waiting when everything left is pinned), reads what its tier lacks with
+   honest I/O, and submits its chunks to the ``ParallelDecoder`` pool;
+3. decoded experts are yielded in completion order; when the model asks for the next one, the
+   policy places the previous one (FULL / COMP / SM / dropped).
+
+The model sums expert outputs in a fixed order, so results never depend on this timing.
+
+Memory: every buffer is charged to the ``Ledger`` before it is allocated; ``used <= budget`` at all
+times. Buffers the model may still reference are never reused (``Buffer.busy``) and stay charged
+(``draining``) until released. Errors (a failing read, a corrupt chunk, a truncated file) surface
+in the consumer as the original one-line exception; the job is then cancelled, in-flight work is
+awaited, every reservation is returned and resident data is restored, so the store stays usable and
+can never deadlock on its own reservations.
+
+Not re-entrant: a second ``fetch`` while one is open raises ``StoreError``. Torch-free: the caller
+turns decoded buffers into tensors through ``wrap(extent, uint8 array)``.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import numpy as np
+
+from formats.decoder import ParallelDecoder
+from formats.errors import FormatError, ZmoeError
+from formats.planes import split_bf16
+
+from .budget import Budget, BudgetError, Ledger, fmt_bytes, parse_budget
+from .io import ALIGN, Buffer, BufferPool, ExpertReader, ceil_page, floor_page
+from .policy import Policy, make_policy
+from .scheduler import FlowTask, johnson_order
+from .tiers import DEMOTIONS, CostModel, ExpertInfo, Tier, info_from_extent
+
+__all__ = ["ExpertStore", "StoreError"]
+
+log = logging.getLogger(__name__)
+
+_CAT = {Tier.FULL: "full", Tier.COMP: "comp", Tier.SM: "sm"}
+_EWMA = 0.25
+_UNLIMITED_POOL = 8  # free buffers kept for reuse when there is no budget
+
+
+class StoreError(ZmoeError):
+    """The store was used in a way it does not support (re-entered fetch, closed store)."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Entry:
+    __slots__ = ("tier", "dbuf", "rbuf", "weights", "pins", "busy")
+
+    def __init__(self) -> None:
+        self.tier = Tier.COLD
+        self.dbuf: Buffer | None = None
+        self.rbuf: Buffer | None = None
+        self.weights = None
+        self.pins = 0
+        self.busy = False  # a task of the open fetch owns its buffers
+
+
+class _Task:
+    __slots__ = ("key", "ext", "info", "start", "rbuf", "dbuf", "grown", "read_done", "error", "t_submit",
+                 "state", "weights", "est")
+
+    def __init__(self, key, ext, info: ExpertInfo, start: Tier):
+        self.key, self.ext, self.info, self.start = key, ext, info, start
+        self.rbuf: Buffer | None = None
+        self.dbuf: Buffer | None = None
+        self.grown = 0  # SM refill bytes charged
+        self.read_done = False
+        self.error: BaseException | None = None
+        self.t_submit = 0.0
+        self.state = "queued"  # queued -> submitted -> ready -> lent -> placed
+        self.weights = None
+        self.est = (0.0, 0.0)
+
+    def view(self, offset: int, length: int):
+        lo = offset - self.ext.offset
+        if lo < 0 or lo + length > self.rbuf.nbytes:
+            raise FormatError(f"{self.ext.label}: region [{offset}, {offset + length}) outside its extent")
+        return self.rbuf.arr[lo:lo + length]
+
+    @property
+    def what(self) -> str:
+        first = self.ext.parts[0].tensor if self.ext.parts else "?"
+        return f"tensor {first} ({self.ext.label})"
+
+
+class _Job:
+    def __init__(self, tasks: list[_Task]):
+        self.tasks = tasks
+        self.cond = threading.Condition()
+        self.ready: collections.deque[_Task] = collections.deque()
+        self.cancelled = False
+        self.reader_done = not tasks
+        self.inflight = 0
+        self.pinned: list[tuple[tuple, _Entry]] = []  # FULL hits, yielded first
+        self.lent: dict | None = None
+        self.waiting = False  # the consumer is blocked in _next_ready
+
+
+class ExpertStore:
+    """The tiered, budgeted expert store of one open ``formats.reader.Archive``."""
+
+    def __init__(self, archive, decoder: ParallelDecoder, *, budget: Budget | str | int | None = None,
+                 policy: str | Policy | None = None, io_mode: str = "auto",
+                 wrap: Callable[[object, np.ndarray], object] | None = None, dense_bytes: int = 0,
+                 cost: CostModel | None = None):
+        self.archive = archive
+        self.decoder = decoder
+        self.wrap = wrap if wrap is not None else (lambda ext, arr: arr)
+        idx = archive.index
+        self.extents = {e.key: e for e in idx.experts}
+        self.infos = {k: info_from_extent(e) for k, e in self.extents.items()}
+        self.expert_bytes = sum(e.decoded_nbytes for e in idx.experts)
+        self.extent_bytes = sum(e.length for e in idx.experts)
+        C = idx.chunk_elements
+        self.fixed_bytes = ceil_page(decoder.threads * C) + ceil_page(C)  # decoder scratch + split scratch
+        big = max(self.infos.values(), key=lambda i: i.min_working_set, default=None)
+        self.min_budget = (big.min_working_set if big else 0) + self.fixed_bytes
+        need_all = sum(i.full_bytes for i in self.infos.values()) + self.min_budget
+        if not isinstance(budget, Budget):
+            budget = parse_budget(budget, expert_bytes=self.expert_bytes, need_all=need_all, dense_bytes=dense_bytes)
+        self.budget = budget
+        if budget.nbytes is not None and budget.nbytes < self.min_budget:
+            ext = self.extents[big.key]
+            raise BudgetError(
+                f"memory budget {fmt_bytes(budget.nbytes)} is below the minimum {fmt_bytes(self.min_budget)} "
+                f"({self.min_budget} bytes): one expert's read buffer {fmt_bytes(big.comp_bytes)} + decode buffer "
+                f"{fmt_bytes(big.full_bytes)} + decoder scratch {fmt_bytes(self.fixed_bytes)} ({ext.label})")
+        self.capacity = budget.nbytes
+        self.ledger = Ledger(budget.nbytes)
+        self.ledger.charge("fixed", self.fixed_bytes)
+        self._reserve = big.staging(Tier.COLD) if (big and budget.nbytes is not None) else 0
+        self.reader = ExpertReader(archive.path, io_mode)
+        self.cost = cost if cost is not None else CostModel()
+        self.policy = make_policy(policy, self.cost)
+        self.pool = BufferPool()
+        self.draining: list[Buffer] = []
+        self._entries: dict[tuple, _Entry] = {}
+        self._lock = threading.Lock()
+        self._mem = threading.Condition(self._lock)
+        self._stat_lock = threading.Lock()
+        self._split_scratch = np.empty(C, dtype=np.uint8)
+        self.persistent = budget.nbytes is None  # no budget: yielded dicts are the resident ones
+        self.now = 0
+        self._active: _Job | None = None
+        self._closed = False
+        self._stats = collections.Counter()
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._reader_loop, name="zmoe-io", daemon=True)
+        self._thread.start()
+        log.info("expert store: budget %s; io %s; policy %s", budget.how, self.reader.mode, self.policy.name)
+
+    # -- ResidencyView (for the policy) ------------------------------------------------------------
+    def info(self, key) -> ExpertInfo:
+        return self.infos[key]
+
+    def tier_of(self, key) -> Tier:
+        e = self._entries.get(key)
+        return e.tier if e is not None else Tier.COLD
+
+    def resident(self):
+        for k, e in self._entries.items():
+            if e.tier != Tier.COLD and not e.pins and not e.busy:
+                yield k, e.tier
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.ledger.resident
+
+    @property
+    def reserve(self) -> int:
+        return self._reserve
+
+    # -- fetch ------------------------------------------------------------------------------------
+    def fetch(self, layer: int, experts: Sequence[int], stack: str | None = None
+              ) -> Iterator[tuple[int, object]]:
+        """Yield (expert id, wrap(extent, decoded bytes)) for each requested expert as it is ready.
+
+        Resident (FULL) experts come first; the rest in decode-completion order. A yielded value stays
+        valid while the caller references it (the store never reuses a referenced buffer).
+        """
+        keys: list[tuple] = []
+        for e in experts:
+            k = (stack, int(layer), int(e))
+            if k not in self.extents:
+                self.archive.index.extent(int(layer), int(e), stack)  # raises a FormatError naming it
+            if k not in keys:
+                keys.append(k)
+        job = self._open(keys)
+        try:
+            while job.pinned:
+                key, ent = job.pinned[0]
+                lent = self._lend(job, ent.weights)
+                yield key[2], lent
+                self._unlend(job)
+                with self._lock:
+                    ent.pins -= 1
+                    job.pinned.pop(0)
+                    self._mem.notify_all()
+            for _ in range(len(job.tasks)):
+                task = self._next_ready(job)
+                if task.error is not None:
+                    raise task.error
+                task.weights = self.wrap(task.ext, task.dbuf.arr[:task.ext.decoded_nbytes])
+                task.state = "lent"
+                lent = self._lend(job, task.weights)
+                yield task.key[2], lent
+                self._unlend(job)
+                with self._lock:
+                    self._place(task)
+        finally:
+            self._unlend(job)
+            self._finish(job)
+
+    def _lend(self, job: "_Job", weights):
+        """What the caller gets: the resident dict itself without a budget, else a copy emptied on resume."""
+        if self.persistent or not isinstance(weights, dict):
+            return weights
+        job.lent = dict(weights)
+        return job.lent
+
+    def _unlend(self, job: "_Job") -> None:
+        if job.lent is not None:
+            job.lent.clear()  # the caller's references to this expert's tensors go with it
+            job.lent = None
+
+    def _open(self, keys: list[tuple]) -> _Job:
+        tasks: list[_Task] = []
+        pinned: list[tuple[tuple, _Entry]] = []
+        with self._lock:
+            if self._closed:
+                raise StoreError("expert store is closed")
+            if self._active is not None:
+                raise StoreError("ExpertStore.fetch() called while another fetch is still open "
+                                 "(consume or close the previous generator first)")
+            self.now += 1
+            st = self._stats
+            st["fetch_calls"] += 1
+            for k in keys:
+                ent = self._entries.get(k)
+                t = ent.tier if ent is not None else Tier.COLD
+                self.policy.on_access(k, t, self.now)
+                st["requests"] += 1
+                st[f"hits_{t.label}"] += 1
+                if t == Tier.FULL:
+                    ent.pins += 1
+                    pinned.append((k, ent))
+                    continue
+                task = _Task(k, self.extents[k], self.infos[k], t)
+                if t in (Tier.COMP, Tier.SM):  # its resident extent bytes become the task's read buffer
+                    task.rbuf, ent.rbuf = ent.rbuf, None
+                    self.ledger.move(_CAT[t], "staging", task.rbuf.charged)
+                    ent.tier = Tier.COLD
+                    ent.busy = True
+                elif ent is not None:
+                    ent.busy = True
+                else:
+                    self._entries[k] = e2 = _Entry()
+                    e2.busy = True
+                tasks.append(task)
+            flow = []
+            for task in tasks:
+                a = self.cost.read_s(task.info.read_bytes(task.start))
+                d = self.cost.decode_s(task.info.decoded)
+                task.est = (a, d)
+                flow.append(FlowTask(task, a, d))
+            if flow:
+                sa, sd = sum(f.read_s for f in flow), sum(f.decode_s for f in flow)
+                if sa + sd > 0 and not self.cost.frozen:
+                    self.cost.read_share += _EWMA * (sa / (sa + sd) - self.cost.read_share)
+            job = _Job([f.key for f in johnson_order(flow)])
+            job.pinned = pinned
+            self._active = job
+        if job.tasks:
+            self._jobs.put(job)
+        return job
+
+    def _next_ready(self, job: _Job) -> _Task:
+        t0 = time.perf_counter()
+        with job.cond:
+            job.waiting = True
+            try:
+                while not job.ready:
+                    if job.reader_done and job.inflight == 0:
+                        raise StoreError("internal error: the fetch ended before every expert was decoded")
+                    job.cond.wait()
+                task = job.ready.popleft()
+            finally:
+                job.waiting = False
+        with self._stat_lock:
+            self._stats["stall_s"] += time.perf_counter() - t0
+        return task
+
+    # -- the I/O thread ---------------------------------------------------------------------------
+    def _reader_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                for task in job.tasks:
+                    if job.cancelled:
+                        break
+                    try:
+                        self._run_task(job, task)
+                    except _Cancelled:
+                        break
+                    except BaseException as exc:  # surfaces in the consumer, which cancels the job
+                        task.error = exc
+                        with job.cond:
+                            job.ready.append(task)
+                            job.cond.notify_all()
+                        break
+            finally:
+                with job.cond:
+                    job.reader_done = True
+                    job.cond.notify_all()
+
+    def _run_task(self, job: _Job, task: _Task) -> None:
+        with self._lock:
+            self._admit(job, task)
+        ext = task.ext
+        if task.start == Tier.COLD:
+            self._timed_read(task, ext.length)
+        elif task.start == Tier.SM:
+            self._timed_read(task, ext.exp_length)
+        task.read_done = True
+        refs = self.archive.extent_refs(ext, view=task.view)
+        out = task.dbuf.arr[:ext.decoded_nbytes]
+        with job.cond:
+            clean = job.inflight == 0
+            job.inflight += 1
+        task.t_submit = time.perf_counter()
+        task.state = "submitted"
+        fut = self.decoder.submit(refs, out)
+        del refs, out
+        fut.add_done_callback(partial(self._on_decoded, job, task, clean))
+
+    def _timed_read(self, task: _Task, length: int) -> None:
+        t0 = time.perf_counter()
+        n = self.reader.read(task.rbuf, task.ext.offset, length, task.what)
+        dt = time.perf_counter() - t0
+        with self._stat_lock:
+            self._stats["bytes_read"] += n
+            self._stats["reads"] += 1
+            self._stats["read_s"] += dt
+            if n >= 1 << 20 and dt > 0 and not self.cost.frozen:
+                self.cost.read_bps += _EWMA * (n / dt - self.cost.read_bps)
+
+    def _on_decoded(self, job: _Job, task: _Task, clean: bool, fut) -> None:
+        dt = time.perf_counter() - task.t_submit
+        exc = fut.exception()
+        with self._stat_lock:
+            if exc is None:
+                self._stats["experts_decoded"] += 1
+                self._stats["bytes_decoded"] += task.ext.decoded_nbytes
+                self._stats["decode_s"] += dt
+                if clean and dt > 0 and task.ext.decoded_nbytes >= 1 << 20 and not self.cost.frozen:
+                    self.cost.decode_bps += _EWMA * (task.ext.decoded_nbytes / dt - self.cost.decode_bps)
+        with job.cond:
+            task.error = exc
+            task.state = "ready"
+            job.inflight -= 1
+            job.ready.append(task)
+            job.cond.notify_all()
+
+    # -- memory (all under self._lock) --------------------------------------------------------------
+    def _admit(self, job: _Job, task: _Task) -> None:
+        """Reserve and attach the buffers ``task`` needs, evicting or waiting as required."""
+        info = task.info
+        need_r = info.comp_bytes if task.start == Tier.COLD else 0
+        need_d = info.full_bytes
+        t0 = time.perf_counter()
+        waited = stuck = 0
+        while True:
+            if job.cancelled or self._closed:
+                raise _Cancelled
+            self._reap()
+            if need_r and task.rbuf is None:
+                task.rbuf = self._take(need_r)
+            if task.dbuf is None:
+                task.dbuf = self._take(need_d)
+            grow = 0
+            if task.start == Tier.SM and not task.grown:
+                grow = task.rbuf.head  # the dropped exponent pages come back with the read
+            missing = (need_r if need_r and task.rbuf is None else 0) + (need_d if task.dbuf is None else 0)
+            if missing == 0 and grow == 0:
+                break
+            if self.ledger.fits(missing + grow):
+                if need_r and task.rbuf is None:
+                    task.rbuf = self._new(need_r)
+                if task.dbuf is None:
+                    task.dbuf = self._new(need_d)
+                if grow:
+                    self.ledger.charge("staging", task.rbuf.set_bounds(0, task.rbuf.tail))
+                    task.grown = grow
+                continue
+            b = self.pool.pop_any()
+            if b is not None:
+                self.ledger.charge("pool", -b.charged)
+                b.close()
+                continue
+            v = self.policy.victim(self, ())
+            if v is not None:
+                self._demote(*v)
+                continue
+            # nothing to evict: wait for the consumer to hand buffers back
+            waited += 1
+            with job.cond:
+                blocked = job.waiting and not job.ready and job.inflight == 0
+            stuck = stuck + 1 if blocked else 0
+            if stuck >= 50:  # ~1 s with the consumer waiting on us and nothing else in flight
+                raise StoreError(
+                    f"memory budget {fmt_bytes(self.capacity)} exhausted while fetching {task.ext.label}: "
+                    f"{fmt_bytes(self.ledger.bytes['draining'])} of expert buffers are still referenced "
+                    f"by the caller (keep no expert tensors past the next fetch step)")
+            self._mem.wait(timeout=0.02)  # wake on release; the timeout re-checks draining buffers
+        if waited:
+            with self._stat_lock:
+                self._stats["admit_wait_s"] += time.perf_counter() - t0
+
+    def _new(self, n: int) -> Buffer:
+        b = Buffer(n)
+        self.ledger.charge("staging", b.charged)
+        return b
+
+    def _take(self, n: int) -> Buffer | None:
+        """A pooled buffer for ``n`` bytes, whole again, charged to staging (None if none fits)."""
+        b = self.pool.take(n)
+        if b is None:
+            return None
+        extra = b.nbytes - b.charged
+        if extra and not self.ledger.fits(extra):
+            self.pool.put(b)
+            return None
+        self.ledger.move("pool", "staging", b.charged)
+        self.ledger.charge("staging", b.set_bounds(0, b.nbytes))
+        return b
+
+    def _release(self, buf: Buffer | None, cat: str) -> None:
+        if buf is None:
+            return
+        if buf.busy():
+            self.ledger.move(cat, "draining", buf.charged)
+            self.draining.append(buf)
+        elif self.capacity is None and len(self.pool) >= _UNLIMITED_POOL:
+            self.ledger.charge(cat, -buf.charged)
+            buf.close()
+        else:
+            self.ledger.move(cat, "pool", buf.charged)
+            self.pool.put(buf)
+        self._mem.notify_all()
+
+    def _reap(self) -> None:
+        if not self.draining:
+            return
+        keep = []
+        for b in self.draining:
+            if b.busy():
+                keep.append(b)
+            else:
+                self.ledger.move("draining", "pool", b.charged)
+                self.pool.put(b)
+        self.draining = keep
+
+    def _shape_extent(self, buf: Buffer, ext, tier: Tier, cat: str) -> None:
+        """Trim an extent-shaped buffer to ``tier``: COMP keeps [0, length), SM drops the exponent pages."""
+        head = floor_page(ext.exp_length) if tier == Tier.SM else 0
+        delta = buf.set_bounds(head, ceil_page(ext.length))
+        if delta > 0:
+            raise AssertionError("trimming an extent buffer cannot grow it")
+        self.ledger.charge(cat, delta)
+
+    def _place(self, task: _Task) -> None:
+        """The model is done with ``task``'s expert: keep it in the tier the policy picks."""
+        key, info = task.key, task.info
+        ent = self._entries.setdefault(key, _Entry())
+        ent.busy = False
+        tier = self.policy.placement(key, self)
+        if tier not in info.tiers:
+            tier = max(t for t in info.tiers if t <= tier)
+        if tier == Tier.FULL:
+            ent.dbuf, ent.weights = task.dbuf, task.weights
+            self.ledger.move("staging", "full", task.dbuf.charged)
+            self._release(task.rbuf, "staging")
+        elif tier in (Tier.COMP, Tier.SM):
+            self._shape_extent(task.rbuf, task.ext, tier, "staging")
+            ent.rbuf = task.rbuf
+            self.ledger.move("staging", _CAT[tier], task.rbuf.charged)
+            task.weights = None
+            self._release(task.dbuf, "staging")
+        else:
+            task.weights = None
+            self._release(task.rbuf, "staging")
+            self._release(task.dbuf, "staging")
+        ent.tier = tier
+        task.rbuf = task.dbuf = task.weights = None
+        task.state = "placed"
+        self._stats[f"placed_{tier.label}"] += 1
+
+    def _revert(self, task: _Task) -> None:
+        """Undo an unfinished task: give staging back, restore what was resident before the fetch."""
+        ent = self._entries.get(task.key)
+        task.weights = None
+        self._release(task.dbuf, "staging")
+        task.dbuf = None
+        restored = Tier.COLD
+        if task.rbuf is not None and task.start in (Tier.COMP, Tier.SM):
+            restored = task.start
+            self._shape_extent(task.rbuf, task.ext, restored, "staging")
+            self.ledger.move("staging", _CAT[restored], task.rbuf.charged)
+            ent.rbuf = task.rbuf
+        else:
+            self._release(task.rbuf, "staging")
+        task.rbuf = None
+        if ent is not None:
+            ent.tier = restored
+            ent.busy = False
+        task.state = "placed"
+
+    def _demote(self, key, to: Tier) -> None:
+        ent = self._entries[key]
+        frm = ent.tier
+        if to not in DEMOTIONS[frm]:
+            raise StoreError(f"policy {self.policy.name} asked for an impossible move {frm.name} -> {to.name}")
+        info = self.infos[key]
+        if to not in info.tiers:
+            to = Tier.COLD
+        ext = self.extents[key]
+        if frm == Tier.FULL:
+            if to == Tier.SM:
+                sbuf = self._sm_from_decoded(ext, info, ent.dbuf)
+                if sbuf is None:
+                    to = Tier.COLD
+                else:
+                    ent.rbuf = sbuf
+            ent.weights = None
+            self._release(ent.dbuf, "full")
+            ent.dbuf = None
+        elif to == Tier.SM:  # COMP -> SM
+            self._shape_extent(ent.rbuf, ext, Tier.SM, "comp")
+            self.ledger.move("comp", "sm", ent.rbuf.charged)
+        else:
+            self._release(ent.rbuf, _CAT[frm])
+            ent.rbuf = None
+        ent.tier = to
+        self._stats[f"demote_{frm.label}_{to.label}"] += 1
+        self._mem.notify_all()
+
+    def _sm_from_decoded(self, ext, info: ExpertInfo, dbuf: Buffer) -> Buffer | None:
+        """Build the SM-tier buffer (the extent less its exponent pages) from a decoded expert, no I/O."""
+        head, tail = floor_page(ext.exp_length), ceil_page(ext.length)
+        b = self.pool.take(info.comp_bytes)
+        if b is not None:
+            grow = (tail - head) - b.charged
+            if grow > 0 and not self.ledger.fits(grow):
+                self.pool.put(b)
+                b = None
+            else:
+                self.ledger.move("pool", "sm", b.charged)
+                self.ledger.charge("sm", b.set_bounds(head, tail))
+        if b is None:
+            if not self.ledger.fits(info.sm_bytes):
+                return None
+            b = Buffer(info.comp_bytes)
+            self.ledger.charge("sm", b.set_bounds(head, tail, drop=False) + b.nbytes)
+        src = dbuf.arr
+        scratch = self._split_scratch
+        C = scratch.shape[0]
+        for p in ext.parts:
+            if p.encoding == "raw":
+                lo = p.data.offset - ext.offset
+                b.arr[lo:lo + p.nbytes] = src[p.out_offset:p.out_offset + p.nbytes]
+                continue
+            n = p.nbytes // 2
+            words = src[p.out_offset:p.out_offset + p.nbytes].view(np.uint16)
+            sm0 = p.sm.offset - ext.offset
+            for lo in range(0, n, C):
+                hi = min(n, lo + C)
+                split_bf16(words[lo:hi], scratch[:hi - lo], b.arr[sm0 + lo:sm0 + hi])
+        return b
+
+    def _finish(self, job: _Job) -> None:
+        job.cancelled = True
+        with self._lock:
+            self._mem.notify_all()
+        with job.cond:
+            while not (job.reader_done and job.inflight == 0):
+                job.cond.wait(timeout=0.1)
+        with self._lock:
+            for _, ent in job.pinned:
+                ent.pins -= 1
+            job.pinned = []
+            for task in job.tasks:
+                if task.state == "placed":
+                    continue
+                if task.state == "lent":
+                    self._place(task)
+                else:
+                    self._revert(task)
+            self._active = None
+            self._mem.notify_all()
+
+    # -- reporting and shutdown ---------------------------------------------------------------------
+    @property
+    def io_mode(self) -> str:
+        return self.reader.mode
+
+    def stats(self) -> dict:
+        with self._lock:
+            led = self.ledger.snapshot()
+            tiers = collections.Counter(e.tier.label for e in self._entries.values() if e.tier != Tier.COLD)
+        with self._stat_lock:
+            st = dict(self._stats)
+        for t in ("full", "comp", "sm", "cold"):
+            st.setdefault(f"hits_{t}", 0)
+        for k in ("bytes_read", "reads", "read_s", "experts_decoded", "bytes_decoded", "decode_s", "stall_s",
+                  "fetch_calls", "requests"):
+            st.setdefault(k, 0)
+        st.update(
+            budget_bytes=self.budget.nbytes, budget=self.budget.how, min_budget_bytes=self.min_budget,
+            io_mode=self.reader.mode, policy=self.policy.name,
+            store_bytes=led["used"], store_peak_bytes=led["peak"],
+            resident_full_bytes=led["full"], resident_comp_bytes=led["comp"], resident_sm_bytes=led["sm"],
+            staging_bytes=led["staging"], pool_bytes=led["pool"], draining_bytes=led["draining"],
+            fixed_bytes=led["fixed"], resident_experts=dict(tiers),
+            read_bps_est=self.cost.read_bps, decode_bps_est=self.cost.decode_bps, read_share=self.cost.read_share,
+            expert_bytes=self.expert_bytes, extent_bytes=self.extent_bytes,
+        )
+        return st
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._active is not None:
+                self._active.cancelled = True
+            self._mem.notify_all()
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+        with self._lock:
+            for ent in self._entries.values():
+                ent.weights = None
+                for b in (ent.dbuf, ent.rbuf):
+                    if b is not None:
+                        b.close()
+                ent.dbuf = ent.rbuf = None
+                ent.tier = Tier.COLD
+            for b in self.pool.clear() + self.draining:
+                b.close()
+            self.draining = []
+        self.reader.close()
