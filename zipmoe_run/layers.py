@@ -15,11 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MissingWeightError, UnsupportedModelError
+from .kernels import linear
 
 if TYPE_CHECKING:
     from .source import WeightSource
 
 __all__ = [
+    "Linear",
+    "linear",
     "RMSNorm",
     "rope_config",
     "rope_inv_freq",
@@ -34,6 +37,13 @@ __all__ = [
     "bind_weights",
     "args_from_dict",
 ]
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-row bf16 products (decode steps) use the fast kernel of ``kernels``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -217,11 +227,11 @@ def swiglu_expert(x: torch.Tensor, w: dict[str, torch.Tensor], act: Callable = F
     """act(x Wg^T) * (x Wu^T) Wd^T for any checkpoint spelling of a gated expert. x [N, H] -> [N, H]."""
     dt = x.dtype
     if "gate_up_proj" in w:  # fused [2I, H]
-        gate, up = F.linear(x, w["gate_up_proj"].to(dt)).chunk(2, dim=-1)
-        return F.linear(act(gate) * up, w["down_proj"].to(dt))
+        gate, up = linear(x, w["gate_up_proj"].to(dt)).chunk(2, dim=-1)
+        return linear(act(gate) * up, w["down_proj"].to(dt))
     for g, u, d in _GATE_UP_DOWN:
         if g in w:
-            return F.linear(act(F.linear(x, w[g].to(dt))) * F.linear(x, w[u].to(dt)), w[d].to(dt))
+            return linear(act(linear(x, w[g].to(dt))) * linear(x, w[u].to(dt)), w[d].to(dt))
     raise MissingWeightError(f"expert weights have no gated projections (got {sorted(w)})")
 
 

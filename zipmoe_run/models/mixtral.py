@@ -15,6 +15,7 @@ from ..errors import UnsupportedModelError
 from ..layers import (
     ACTIVATIONS,
     KVCache,
+    Linear,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
@@ -27,6 +28,7 @@ from ..layers import (
     rope_inv_freq,
     swiglu_expert,
 )
+from ..kernels import single_row_scope
 from ..source import WeightSource
 
 
@@ -65,10 +67,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         self.scale = self.head_dim**-0.5
         bias = False
-        self.q_proj = nn.Linear(a.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, a.hidden_size, bias=bias)
+        self.q_proj = Linear(a.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, a.hidden_size, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start_pos: int) -> torch.Tensor:
         b, t, _ = x.shape  # [B, T, H]
@@ -86,7 +88,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.layer, self.source, self.top_k = layer, source, a.num_experts_per_tok
         self.act = ACTIVATIONS[a.hidden_act]
-        self.gate = nn.Linear(a.hidden_size, a.num_local_experts, bias=False)
+        self.gate = Linear(a.hidden_size, a.num_local_experts, bias=False)
 
     def _expert(self, x, w):
         return swiglu_expert(x, w, self.act)
@@ -129,7 +131,7 @@ class Model(nn.Module):
         self.args, self.dtype = args, dtype
         with torch.device("meta"):
             self.model = Backbone(args, source)
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(*rope_inv_freq(args.rope, args.head_dim, args.max_position_embeddings))
         tied = args.tie_word_embeddings
 
@@ -150,6 +152,10 @@ class Model(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.LongTensor, cache: KVCache, start_pos: int, last_only: bool = False):
+        with single_row_scope(input_ids.numel() == 1 and self.dtype is torch.bfloat16):
+            return self._forward(input_ids, cache, start_pos, last_only)
+
+    def _forward(self, input_ids, cache, start_pos, last_only):
         t = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)  # [B, T, H]
         cos, sin = self.rope(torch.arange(start_pos, start_pos + t), h.dtype)  # [T, D]
