@@ -61,6 +61,19 @@ class _Cancelled(Exception):
     pass
 
 
+def _detach(exc: BaseException | None) -> BaseException | None:
+    """Drop the tracebacks of an expected (one-line) error: their frames reference the buffers of
+    the failed task, which could otherwise not be reused while the caller holds the exception."""
+    if isinstance(exc, ZmoeError):
+        seen = set()
+        e = exc
+        while e is not None and id(e) not in seen:
+            seen.add(id(e))
+            e.__traceback__ = None
+            e = e.__cause__ or e.__context__
+    return exc
+
+
 class _Entry:
     __slots__ = ("tier", "dbuf", "rbuf", "weights", "pins", "busy")
 
@@ -323,7 +336,7 @@ class ExpertStore:
                     except _Cancelled:
                         break
                     except BaseException as exc:  # surfaces in the consumer, which cancels the job
-                        task.error = exc
+                        task.error = _detach(exc)
                         with job.cond:
                             job.ready.append(task)
                             job.cond.notify_all()
@@ -366,7 +379,7 @@ class ExpertStore:
 
     def _on_decoded(self, job: _Job, task: _Task, clean: bool, fut) -> None:
         dt = time.perf_counter() - task.t_submit
-        exc = fut.exception()
+        exc = _detach(fut.exception())
         with self._stat_lock:
             if exc is None:
                 self._stats["experts_decoded"] += 1
@@ -625,6 +638,7 @@ class ExpertStore:
 
     def stats(self) -> dict:
         with self._lock:
+            self._reap()
             led = self.ledger.snapshot()
             tiers = collections.Counter(e.tier.label for e in self._entries.values() if e.tier != Tier.COLD)
         with self._stat_lock:

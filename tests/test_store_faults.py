@@ -1,0 +1,169 @@
+"""Bad input and faults: too-small budgets, failing reads and decodes, truncation mid-run, abandoned
+fetches. The store must raise one clear error, never deadlock, and give every reserved byte back."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+from formats.errors import CorruptDataError, FormatError
+from tests.stfile import read_index
+from zipmoe_pack.pack import PackOptions, pack
+from zipmoe_run.api import load
+from zipmoe_run.store.budget import BudgetError
+from zipmoe_run.store.io import StoreIOError
+from zipmoe_run.store.store import StoreError
+
+DIMS = {"experts": 8, "top_k": 2, "hidden": 128, "moe_intermediate": 256, "layers": 2}
+PROMPT = [5, 17, 42, 7, 99, 3]
+
+
+@pytest.fixture(scope="module")
+def arc(checkpoint_factory, tmp_path_factory):
+    src = checkpoint_factory("qwen2_moe", seed=3, dims=DIMS, peaky_router=False)
+    out = tmp_path_factory.mktemp("faults") / "m.zmoe"
+    pack(src, out, PackOptions(threads=2, chunk_elements=4096))
+    return out
+
+
+def _in_thread(fn, timeout=60):
+    """Run fn in a thread; fail (instead of hanging the suite) if it does not finish."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "store deadlocked"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _all_experts(lm, layer=0):
+    return [e.expert for e in lm.source.archive.index.experts if e.layer == layer]
+
+
+def _settled(st):
+    assert st["staging_bytes"] == 0 and st["draining_bytes"] == 0, st
+    assert st["store_bytes"] <= (st["budget_bytes"] or float("inf"))
+
+
+def test_budget_below_minimum_names_it(arc):
+    with load(arc) as lm:
+        minimum = lm.source.store.min_budget
+    with pytest.raises(BudgetError) as ei:
+        load(arc, memory_budget=minimum - 1)
+    msg = str(ei.value)
+    assert "\n" not in msg and f"({minimum} bytes)" in msg and "minimum" in msg
+    with pytest.raises(BudgetError, match="cannot parse"):
+        load(arc, memory_budget="lots")
+    with pytest.raises(BudgetError, match="above 0%"):
+        load(arc, memory_budget="0%")
+    load(arc, memory_budget=minimum).close()
+
+
+@pytest.mark.parametrize("fail_on", [1, 3])
+def test_failing_read_raises_and_store_recovers(arc, fail_on):
+    with load(arc, memory_budget="40%", threads=2) as lm:
+        store = lm.source.store
+        real = store.reader.read
+        calls = {"n": 0}
+
+        def flaky(buf, offset, length, what, at=0):
+            calls["n"] += 1
+            if calls["n"] == fail_on:
+                raise StoreIOError(f"{store.reader.path}: cannot read {what} at offset {offset}: Input/output error")
+            return real(buf, offset, length, what, at)
+
+        store.reader.read = flaky
+        experts = _all_experts(lm)
+        with pytest.raises(StoreIOError, match="tensor model.layers.0.mlp.experts"):
+            _in_thread(lambda: [e for e, _ in lm.source.fetch(0, experts)])
+        _settled(lm.source.stats())
+        store.reader.read = real
+        got = _in_thread(lambda: sorted(e for e, _ in lm.source.fetch(0, experts)))
+        assert got == sorted(experts)
+        _settled(lm.source.stats())
+
+
+def test_failing_decode_raises_names_tensor_and_recovers(arc, tmp_path):
+    doc, buf = read_index(arc)
+    ext = next(e for e in doc["experts"] if e["layer"] == 1)
+    part = ext["parts"][1]
+    buf[part["exp_chunks"][0][0]] ^= 0x55
+    bad = tmp_path / "bad.zmoe"
+    bad.write_bytes(bytes(buf))
+    with load(bad, memory_budget="30%", threads=2) as lm:
+        experts = _all_experts(lm, 1)
+        with pytest.raises(CorruptDataError, match=part["tensor"].replace(".", r"\.")):
+            _in_thread(lambda: [e for e, _ in lm.source.fetch(1, experts)])
+        _settled(lm.source.stats())
+        ok = [e for e in experts if e != ext["expert"]]
+        assert _in_thread(lambda: sorted(e for e, _ in lm.source.fetch(1, ok))) == sorted(ok)
+
+
+def test_truncated_archive_mid_run_stops_generation(arc, tmp_path):
+    cut = tmp_path / "cut.zmoe"
+    shutil.copy(arc, cut)
+    lm = load(cut, memory_budget="20%", threads=2)
+    try:
+        last = max(lm.source.archive.index.experts, key=lambda e: e.offset)
+        os.truncate(cut, last.offset + 100)  # the archive loses its last extent while running
+        with pytest.raises(FormatError, match=r"archive truncated: tensor \S+ \(expert layer") as ei:
+            _in_thread(lambda: list(lm.source.fetch(last.layer, [last.expert])))
+        assert "\n" not in str(ei.value)
+        _settled(lm.source.stats())
+    finally:
+        lm.close()
+
+
+def test_abandoned_and_reentrant_fetch(arc):
+    with load(arc, memory_budget="25%", threads=2) as lm:
+        experts = _all_experts(lm)
+        g = lm.source.fetch(0, experts)
+        next(g)
+        with pytest.raises(StoreError, match="another fetch is still open"):
+            next(lm.source.fetch(1, [0]))
+        g.close()  # abandoned half-way: everything comes back
+        _settled(lm.source.stats())
+
+        def consumer_raises():
+            for _e, _w in lm.source.fetch(0, experts):
+                raise ValueError("model failed")
+
+        with pytest.raises(ValueError):
+            _in_thread(consumer_raises)
+        _settled(lm.source.stats())
+        assert sorted(e for e, _ in lm.source.fetch(0, experts)) == sorted(experts)
+
+
+def test_caller_hoarding_tensors_gets_an_error_not_a_hang(arc):
+    with load(arc, threads=1) as lm:
+        minimum = lm.source.store.min_budget
+    with load(arc, memory_budget=minimum, threads=1) as lm:
+        experts = _all_experts(lm)
+
+        def hoard():
+            return [w["down_proj"] for _e, w in lm.source.fetch(0, experts)]  # keeps tensors past the step
+
+        with pytest.raises(StoreError, match="still referenced by the caller"):
+            _in_thread(hoard, timeout=120)
+
+
+def test_yielded_dicts_are_emptied_on_resume_with_a_budget(arc):
+    with load(arc, memory_budget="30%", threads=2) as lm:
+        got = list(lm.source.fetch(0, _all_experts(lm)))
+        assert all(w == {} for _, w in got)  # documented: valid until the next expert is asked for
+    with load(arc, threads=2) as lm:  # no budget: resident dicts, kept
+        got = list(lm.source.fetch(0, _all_experts(lm)))
+        assert all(set(w) == {"gate_proj", "up_proj", "down_proj"} for _, w in got)
+        assert all(isinstance(t, torch.Tensor) for _, w in got for t in w.values())
