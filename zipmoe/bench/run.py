@@ -212,7 +212,8 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
             raise ValueError(f"unknown system {s!r} (known: {', '.join(_MAKERS)})")
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be bfloat16 or float32, not {dtype!r}")
-    threads = threads or torch.get_num_threads()
+    threads_before = torch.get_num_threads()
+    threads = threads or threads_before
     torch.set_num_threads(threads)
     tmp = None
     if checkpoint is None:
@@ -285,6 +286,7 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
             b.close()
         return result
     finally:
+        torch.set_num_threads(threads_before)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
