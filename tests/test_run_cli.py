@@ -11,8 +11,8 @@ from zipmoe_run.cli import app
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("cli") / "m", "qwen3_moe", seed=4)
+def ckpt(checkpoint_factory):
+    return checkpoint_factory("qwen3_moe", seed=4)
 
 
 def _invoke(*args):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zipmoe_pack.synth import make_checkpoint
 from zipmoe_run.generate import Sampling, generate
 from zipmoe_run.models import build_model
 from zipmoe_run.source import DirectorySource
@@ -39,10 +38,9 @@ class ReversedSource:
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def ckpt(request, tmp_path_factory):
+def ckpt(request, checkpoint_factory):
     # top-4: with three or more addends per token a fetch-order-dependent sum would change the bits
-    return make_checkpoint(tmp_path_factory.mktemp(request.param) / "m", request.param, seed=5,
-                           dims={"experts": 8, "top_k": 4})
+    return checkpoint_factory(request.param, seed=5, dims={"experts": 8, "top_k": 4})
 
 
 def _run(source, dtype):

@@ -20,8 +20,8 @@ SHARED_QWEN = Path(__file__).resolve().parents[1].parent / "shared" / "models" /
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("qwen") / "m", "qwen2_moe", seed=2)
+def qwen(checkpoint_factory):
+    return checkpoint_factory("qwen2_moe", seed=2)
 
 
 @pytest.fixture(scope="module")

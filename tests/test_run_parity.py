@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zipmoe_pack.synth import make_checkpoint
 from zipmoe_run.api import load
 
 transformers = pytest.importorskip("transformers")
@@ -39,10 +38,9 @@ def _id(case) -> str:
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[_id(c) for c in CASES])
-def ckpt(request, tmp_path_factory):
+def ckpt(request, checkpoint_factory):
     fam, layout, over = request.param
-    return make_checkpoint(tmp_path_factory.mktemp(_id(request.param)) / "m", fam, layout=layout, shards=3, seed=3,
-                           config_overrides=over)
+    return checkpoint_factory(fam, layout=layout, shards=3, seed=3, config_overrides=over)
 
 
 def _reference(path):

@@ -14,11 +14,10 @@ from zipmoe_run.source import DirectorySource, WeightSource, first_present
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(checkpoint_factory):
     """Same seed in both layouts: identical numbers, different tensor names."""
-    root = tmp_path_factory.mktemp("layouts")
-    per = make_checkpoint(root / "per", "qwen2_moe", layout="per-expert", shards=3, seed=9)
-    fused = make_checkpoint(root / "fused", "qwen2_moe", layout="fused", shards=1, seed=9)
+    per = checkpoint_factory("qwen2_moe", layout="per-expert", shards=3, seed=9)
+    fused = checkpoint_factory("qwen2_moe", layout="fused", shards=1, seed=9)
     return per, fused
 
 
