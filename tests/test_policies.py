@@ -1,0 +1,382 @@
+"""Policies, trace derivation, Belady, planner and replay (zipmoe_run.policies): exactness and invariants.
+
+No timing thresholds: everything here is about counts, bytes and determinism.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from zipmoe_run.policies import Calibration, Split, Tier, TierSizes, johnson_makespan, layer_time, make_policy
+from zipmoe_run.policies.planner import ActivationStats, expected_time, plan, splits, stats_from_sequence
+from zipmoe_run.policies.simulate import PrefetchConfig, next_uses, replay
+from zipmoe_run.policies.tiers import load_calibration, save_calibration
+from zipmoe_run.policies.trace import ReplaySequence, Trace, build_sequence, derive_tokens, infer_top_k, load_trace
+
+N = 1 << 20
+SIZES = TierSizes(N)
+CAL = Calibration()
+
+
+def seq_from_steps(steps, layers, experts, prompt_lengths=None) -> ReplaySequence:
+    steps = np.asarray(steps, dtype=np.int16)
+    if steps.ndim == 1:
+        steps = steps[:, None]
+    tokens = steps.shape[0] // layers
+    if prompt_lengths is None:
+        prompt_lengths = [tokens]
+    starts = np.concatenate([[0], np.cumsum(prompt_lengths) * layers]).astype(np.int64)
+    assert starts[-1] == steps.shape[0]
+    return ReplaySequence(steps, layers, experts, steps.shape[1], starts, "test")
+
+
+def random_counts(rng, prompts, layers, experts, k, max_tokens=12) -> np.ndarray:
+    """Feasible per-prompt counts: built from random tokens."""
+    out = np.zeros((prompts, layers, experts), np.int16)
+    for p in range(prompts):
+        T = int(rng.integers(1, max_tokens + 1))
+        for _ in range(T):
+            for l in range(layers):
+                out[p, l, rng.choice(experts, k, replace=False)] += 1
+    return out
+
+
+# -- trace derivation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_derivation_reproduces_counts_exactly(k):
+    rng = np.random.default_rng(k)
+    counts = random_counts(rng, 30, 3, 9, k)
+    seq = build_sequence(Trace(counts, k, "synthetic"), seed=5)
+    assert np.array_equal(seq.counts(), counts)
+    # every token gets k distinct experts per layer
+    assert all(len(set(row.tolist())) == k for row in seq.steps)
+    assert seq.tokens == int(counts[:, 0].sum()) // k
+
+
+def test_derivation_is_deterministic_and_seeded():
+    rng = np.random.default_rng(0)
+    counts = random_counts(rng, 5, 4, 16, 2, max_tokens=20)
+    a = derive_tokens(counts[2], 2, seed=3, prompt=2)
+    b = derive_tokens(counts[2], 2, seed=3, prompt=2)
+    c = derive_tokens(counts[2], 2, seed=4, prompt=2)
+    assert np.array_equal(a, b)
+    assert a.shape == c.shape and not np.array_equal(a, c)
+
+
+def test_derivation_extreme_rows():
+    # an expert used by every token, and a prompt of one token
+    row = np.array([[3, 3, 2, 1, 1, 2]])  # T = 12 / 4 = 3, k = 4
+    tok = derive_tokens(row, 4)
+    assert tok.shape == (3, 1, 4)
+    assert all(len(set(t[0].tolist())) == 4 for t in tok)
+    assert np.array_equal(np.bincount(tok.reshape(-1), minlength=6), row[0])
+    assert derive_tokens(np.array([[0, 1, 0]]), 1).tolist() == [[[1]]]
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (np.array([[[1, 1, 1]]]), "not a multiple"),
+    (np.array([[[2, 2, 0], [4, 0, 0]]]), "more than"),
+    (np.array([[[2, 2, 0], [1, 1, 0]]]), "tokens"),
+])
+def test_trace_validation(tmp_path, bad, msg):
+    p = tmp_path / "bad.npy"
+    np.save(p, bad.astype(np.int16))
+    with pytest.raises(ValueError, match=msg):
+        load_trace(p, k=2)
+
+
+def test_infer_top_k():
+    rng = np.random.default_rng(1)
+    counts = random_counts(rng, 40, 2, 10, 3, max_tokens=6)
+    assert infer_top_k(counts, "x.npy") == 3
+    assert infer_top_k(counts, "qwen1.5-moe-a2.7b.npy") == 4
+
+
+def test_real_traces_derivation(shared_dir):
+    for name, k in (("qwen1.5-moe-a2.7b.npy", 4), ("switch-large-128.npy", 1)):
+        tr = load_trace(shared_dir / "traces" / name)
+        assert tr.k == k
+        part = tr.head(40)
+        seq = build_sequence(part)
+        assert np.array_equal(seq.counts(), np.asarray(part.counts))
+
+
+# -- Belady ----------------------------------------------------------------------------------------
+
+
+def brute_force_misses(accesses: list[int], slots: int) -> int:
+    """Fewest misses of any offline policy with ``slots`` slots (bypass allowed), by search."""
+
+    @functools.lru_cache(maxsize=None)
+    def best(i: int, cache: frozenset) -> int:
+        if i == len(accesses):
+            return 0
+        x = accesses[i]
+        if x in cache:
+            return best(i + 1, cache)
+        options = [best(i + 1, cache)]  # bypass
+        if len(cache) < slots:
+            options.append(best(i + 1, cache | {x}))
+        else:
+            options += [best(i + 1, (cache - {y}) | {x}) for y in cache]
+        return 1 + min(options)
+
+    return best(0, frozenset())
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_belady_single_tier_is_optimal(case):
+    rng = np.random.default_rng(100 + case)
+    layers, experts, k = int(rng.integers(1, 3)), int(rng.integers(2, 6)), int(rng.integers(1, 3))
+    k = min(k, experts)
+    tokens = int(rng.integers(3, 8))
+    steps = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens * layers)])
+    seq = seq_from_steps(steps, layers, experts)
+    slots = int(rng.integers(1, 4))
+    pol = make_policy("belady", layers, experts, slots * N, SIZES)
+    res = replay(seq, pol, SIZES, CAL)
+    flat = [(s % layers) * experts + int(e) for s in range(steps.shape[0]) for e in steps[s]]
+    assert res.found["cold"] == brute_force_misses(flat, slots)
+    assert res.exact
+
+
+def test_belady_bounds_online_single_tier():
+    rng = np.random.default_rng(7)
+    seq = build_sequence(Trace(random_counts(rng, 20, 2, 12, 2), 2, "t"))
+    misses = {}
+    for name in ("lru", "lfu", "belady"):
+        misses[name] = replay(seq, make_policy(name, 2, 12, 5 * N, SIZES), SIZES, CAL).found["cold"]
+    assert misses["belady"] <= min(misses["lru"], misses["lfu"])
+
+
+def test_belady_needs_next_uses():
+    pol = make_policy("belady", 1, 4, 2 * N, SIZES)
+    with pytest.raises(ValueError, match="next use"):
+        pol.access(0, [1])
+
+
+# -- policy invariants -----------------------------------------------------------------------------
+
+POLICY_SPLITS = [
+    ("lru", None), ("lfu", None), ("paper", Split(0.5, 0.0, 0.5)), ("zipmoe", Split(0.2, 0.5, 0.3)),
+    ("zipmoe", Split(0.0, 1.0, 0.0)), ("belady-tiered", Split(0.4, 0.3, 0.3)),
+]
+
+
+@pytest.mark.parametrize("name, split", POLICY_SPLITS)
+@pytest.mark.parametrize("budget_slots", [0, 1, 3, 7])
+def test_policy_invariants_step_by_step(name, split, budget_slots):
+    rng = np.random.default_rng(budget_slots)
+    layers, experts, k = 3, 8, 2
+    budget = int(budget_slots * N * 0.9)  # not a multiple of any tier size
+    pol = make_policy(name, layers, experts, budget, SIZES, split)
+    assert pol.capacity_bytes() <= budget
+    mirror: dict = {}
+    seq = build_sequence(Trace(random_counts(rng, 6, layers, experts, k), k, "t"))
+    nexts = next_uses(seq)
+    for s, row in enumerate(seq.steps):
+        if s in seq.prompt_start:
+            pol.begin_request()
+        layer = s % layers
+        before = {e: mirror.get((layer, int(e)), Tier.COLD) for e in row}
+        d = pol.access(layer, row.tolist(), nexts[s] if pol.kind == "belady" else None)
+        assert [before[e] for e in row] == d.found
+        downs = [m for m in d.moves if m.new < m.old]
+        ups = [m for m in d.moves if m.new > m.old]
+        assert d.moves == downs + ups  # demotions and evictions first
+        for m in d.moves:
+            assert mirror.get((m.layer, m.expert), Tier.COLD) == m.old
+            if m.new > m.old:  # promotions only for this step's experts
+                assert m.layer == layer and m.expert in row.tolist()
+            if Tier.COLD < m.new < m.old:  # the store can only demote to SM
+                assert m.new == Tier.SM
+            if m.new == Tier.COLD:
+                mirror.pop((m.layer, m.expert), None)
+            else:
+                mirror[(m.layer, m.expert)] = m.new
+        assert mirror == pol.resident()
+        assert pol.resident_bytes() <= budget
+        assert sum(SIZES.resident(t) for t in mirror.values()) == pol.resident_bytes()
+        if pol.kind != "belady":  # the current step's experts are never evicted by it
+            assert all(m.new != Tier.COLD or (m.layer, m.expert) not in {(layer, int(e)) for e in row}
+                       for m in d.moves)
+
+
+@pytest.mark.parametrize("name, split", POLICY_SPLITS)
+def test_replay_accounting(name, split):
+    rng = np.random.default_rng(3)
+    seq = build_sequence(Trace(random_counts(rng, 25, 4, 10, 2), 2, "t"))
+    budget = 9 * N
+    res = replay(seq, make_policy(name, 4, 10, budget, SIZES, split), SIZES, CAL)
+    assert sum(res.found.values()) == res.accesses == seq.steps.size
+    assert res.tokens == seq.tokens
+    expect_read = res.found["cold"] * SIZES.read(Tier.COLD) + res.found["sm"] * SIZES.read(Tier.SM)
+    assert res.bytes_read == expect_read
+    assert res.seconds > 0
+    assert res.as_dict()["hit_rate_total"] == pytest.approx(1 - res.found["cold"] / res.accesses, abs=1e-6)
+
+
+def test_replay_is_deterministic():
+    rng = np.random.default_rng(11)
+    counts = random_counts(rng, 30, 3, 12, 2)
+    runs = []
+    for _ in range(2):
+        seq = build_sequence(Trace(counts, 2, "t"), seed=2)
+        pol = make_policy("zipmoe", 3, 12, 10 * N, SIZES, Split(0.3, 0.4, 0.3))
+        runs.append(replay(seq, pol, SIZES, CAL, PrefetchConfig(True)).as_dict())
+    assert runs[0] == runs[1]
+
+
+def test_policy_object_and_replay_agree():
+    """The store's per-layer entry point and the replay kernel make the same decisions."""
+    rng = np.random.default_rng(5)
+    seq = build_sequence(Trace(random_counts(rng, 12, 3, 10, 2), 2, "t"))
+    for name, split in POLICY_SPLITS[:4]:
+        pol = make_policy(name, 3, 10, 8 * N, SIZES, split)
+        found = {"cold": 0, "sm": 0, "compressed": 0, "full": 0}
+        names = {Tier.COLD: "cold", Tier.SM: "sm", Tier.COMPRESSED: "compressed", Tier.FULL: "full"}
+        for s, row in enumerate(seq.steps):
+            if s in seq.prompt_start:
+                pol.begin_request()
+            for t in pol.access(s % 3, row.tolist()).found:
+                found[names[t]] += 1
+        res = replay(seq, make_policy(name, 3, 10, 8 * N, SIZES, split), SIZES, CAL)
+        assert res.found == found, name
+
+
+def test_lru_matches_reference():
+    """Single-tier LRU against a textbook implementation."""
+    from collections import OrderedDict
+
+    rng = np.random.default_rng(9)
+    seq = build_sequence(Trace(random_counts(rng, 15, 2, 9, 2), 2, "t"))
+    slots = 4
+    cache: OrderedDict = OrderedDict()
+    misses = 0
+    for s, row in enumerate(seq.steps):
+        keys = [(s % 2, int(e)) for e in row]
+        for key in keys:
+            if key in cache:
+                cache.move_to_end(key)
+            else:
+                misses += 1
+        for key in keys:
+            if key not in cache:
+                if len(cache) >= slots:
+                    victim = next(v for v in cache if v not in keys)
+                    del cache[victim]
+                cache[key] = True
+    res = replay(seq, make_policy("lru", 2, 9, slots * N, SIZES), SIZES, CAL)
+    assert res.found["cold"] == misses
+
+
+def test_policy_rejects_bad_input():
+    pol = make_policy("zipmoe", 2, 4, 3 * N, SIZES)
+    with pytest.raises(ValueError):
+        pol.access(2, [0])
+    with pytest.raises(ValueError):
+        pol.access(0, [4])
+    with pytest.raises(ValueError):
+        pol.access(0, [1, 1])
+    with pytest.raises(ValueError):
+        make_policy("nope", 2, 4, N, SIZES)
+    with pytest.raises(ValueError):
+        Split(0.5, 0.6, 0.0)
+
+
+def test_rebalance_keeps_budget():
+    rng = np.random.default_rng(2)
+    seq = build_sequence(Trace(random_counts(rng, 10, 2, 10, 2), 2, "t"))
+    pol = make_policy("zipmoe", 2, 10, 8 * N, SIZES, Split(0.0, 1.0, 0.0))
+    for s, row in enumerate(seq.steps):
+        pol.access(s % 2, row.tolist())
+    before = pol.resident()
+    moves = pol.rebalance(Split(1.0, 0.0, 0.0))
+    assert all(m.new < m.old for m in moves)
+    assert pol.used[:, Tier.COMPRESSED].sum() == 0
+    assert pol.resident_bytes() <= 8 * N
+    assert len(pol.resident()) == len(before) - sum(m.new == Tier.COLD for m in moves)
+
+
+# -- costs, planner --------------------------------------------------------------------------------
+
+
+def test_johnson_makespan_is_optimal():
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        jobs = [(float(a), float(b)) for a, b in rng.uniform(0, 1, (int(rng.integers(1, 6)), 2))]
+
+        def span(order):
+            t1 = t2 = 0.0
+            for a, b in order:
+                t1 += a
+                t2 = max(t2, t1) + b
+            return t2
+
+        assert johnson_makespan(jobs) == pytest.approx(min(span(p) for p in itertools.permutations(jobs)))
+
+
+def test_layer_time_tiers():
+    t = CAL.times(SIZES)
+    assert layer_time([Tier.FULL] * 4, SIZES, CAL) == 0.0
+    assert layer_time([Tier.COMPRESSED], SIZES, CAL) == pytest.approx(t["decode"])
+    assert layer_time([Tier.COLD], SIZES, CAL) == pytest.approx(t["read_cold"] + t["decode"])
+    assert layer_time([Tier.COLD], SIZES, CAL, prefetched=[True]) == pytest.approx(t["decode"])
+    assert layer_time([Tier.SM, Tier.COLD], SIZES, CAL) < layer_time([Tier.COLD, Tier.COLD], SIZES, CAL)
+
+
+def test_tier_sizes():
+    s = TierSizes(1000)
+    assert (s.resident(Tier.FULL), s.resident(Tier.COMPRESSED), s.resident(Tier.SM)) == (1000, 665, 500)
+    assert (s.read(Tier.COLD), s.read(Tier.SM), s.read(Tier.COMPRESSED)) == (665, 165, 0)
+    with pytest.raises(ValueError):
+        TierSizes(0)
+
+
+def test_planner_picks_the_modelled_minimum():
+    stats = ActivationStats.uniform(4, 16, 2)
+    budget = 20 * N
+    res = plan(stats, budget, SIZES, CAL, step=0.1)
+    every = [expected_time(stats, s, budget, SIZES, CAL) for s in splits(step=0.1)]
+    assert res.seconds_per_token == pytest.approx(min(every))
+    # budget for everything decoded: all FULL costs nothing
+    full = plan(stats, 64 * N, SIZES, CAL, step=0.25)
+    assert full.seconds_per_token == 0.0 and full.split.full == 1.0
+    paper = plan(stats, budget, SIZES, CAL, tiers=(Tier.FULL, Tier.SM), min_full=0.3, per_layer=True, step=0.1)
+    assert paper.split.compressed == 0.0 and paper.split.full >= 0.3
+
+
+def test_planner_statistics_from_trace_and_policy():
+    rng = np.random.default_rng(6)
+    seq = build_sequence(Trace(random_counts(rng, 20, 2, 8, 2), 2, "t"))
+    st = stats_from_sequence(seq)
+    assert st.rank_probs.shape == (2, 8)
+    assert np.allclose(st.rank_probs.sum(axis=1), 2.0)
+    pol = make_policy("zipmoe", 2, 8, 4 * N, SIZES)
+    for s, row in enumerate(seq.steps):
+        if s in seq.prompt_start:
+            pol.begin_request()
+        pol.access(s % 2, row.tolist())
+    learned = ActivationStats.from_policy(pol, 2)
+    assert np.allclose(learned.rank_probs.sum(axis=1), 2.0)
+    assert plan(learned, 4 * N, SIZES, CAL, step=0.25).split is not None
+    assert plan(None, 4 * N, SIZES, CAL, layers=2, experts=8, k=2, step=0.25).stats_source.startswith("uniform")
+
+
+def test_calibration_roundtrip(tmp_path):
+    cal = Calibration(disk_bps=2e9, decode_bps_per_core=1e9, cores=4, decode_bps=3.5e9, compute_bps=5e9,
+                      read_method="o_direct", extra={"x": 1})
+    p = save_calibration(cal, tmp_path / "c" / "cal.json")
+    back = load_calibration(p)
+    assert back.disk_bps == 2e9 and back.cores == 4 and back.read_method == "o_direct" and back.extra == {"x": 1}
+    with pytest.raises(ValueError):
+        load_calibration(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"version": 1, "disk_bps": -1}))
+    with pytest.raises(ValueError):
+        load_calibration(tmp_path / "bad.json")

@@ -1,0 +1,186 @@
+"""Tier planner: how to split a memory budget across FULL / COMPRESSED / SM slots.
+
+Model (the ZipMoE paper's delay model, generalised to three tiers; assumptions in
+specs/runtime.md):
+
+* Activation statistics are ``rank_probs[l, r]``: the probability that a token uses, in layer
+  ``l``, the expert that was ``r``-th (0 = first) by the policy's online score just before the
+  access (``sum_r rank_probs[l, r] = k``). They come from a trace (:func:`stats_from_sequence`,
+  which runs the score over the replay) or from a running policy (:meth:`ActivationStats.from_policy`);
+  without any, routing is taken as uniform.
+* The cache is assumed to hold the best-ranked experts: with one pool for all layers, the
+  (layer, rank) pairs in decreasing probability go to FULL slots first, then COMPRESSED, then SM;
+  with per-layer pools (the paper's layout) each layer's best ranks do.
+* The k accesses of a layer are independent draws over the tiers with the probabilities of their
+  ranks (a multinomial), and the layer waits for the Johnson makespan of its non-FULL experts
+  (:mod:`.tiers`). The modelled time per token is the sum over layers; the planner returns the
+  split (on a grid of ``step``) with the smallest one.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _kernels as K
+from .policy import DEFAULT_ALPHA, Policy, Split
+from .tiers import Calibration, Tier, TierSizes
+from .trace import ReplaySequence
+
+__all__ = ["ActivationStats", "PlanResult", "stats_from_sequence", "expected_time", "plan", "splits"]
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    rank_probs: np.ndarray  # [layers, experts], rows sum to k
+    k: int
+    tokens: float
+    source: str = ""
+
+    @property
+    def layers(self) -> int:
+        return int(self.rank_probs.shape[0])
+
+    @property
+    def experts(self) -> int:
+        return int(self.rank_probs.shape[1])
+
+    @classmethod
+    def uniform(cls, layers: int, experts: int, k: int) -> "ActivationStats":
+        return cls(np.full((layers, experts), k / experts), k, 0.0, "uniform (no statistics yet)")
+
+    @classmethod
+    def from_histogram(cls, hist: np.ndarray, k: int, tokens: float, source: str) -> "ActivationStats":
+        hist = np.asarray(hist, dtype=np.float64)
+        if tokens <= 0:
+            return cls.uniform(hist.shape[0], hist.shape[1], k)
+        return cls(hist / tokens, k, float(tokens), source)
+
+    @classmethod
+    def from_policy(cls, policy: Policy, k: int) -> "ActivationStats":
+        """What a running policy learned (its rank histogram, see ``Policy.learn``)."""
+        tokens = policy.scal[K.S_CLOCK] / policy.layers
+        return cls.from_histogram(policy.rank_hist, k, tokens, "learned online")
+
+
+def stats_from_sequence(seq: ReplaySequence, alpha: float = DEFAULT_ALPHA) -> ActivationStats:
+    hist = np.zeros((seq.layers, seq.experts))
+    K.rank_histogram(seq.steps, seq.prompt_start, seq.layers, seq.experts, float(alpha), hist)
+    return ActivationStats.from_histogram(hist, seq.k, seq.tokens, f"trace {seq.name}")
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    split: Split
+    seconds_per_token: float
+    candidates: list  # (Split, seconds per token), best first
+    stats_source: str
+    assumptions: str = ("cache holds the best-ranked experts; accesses independent across a layer's "
+                        "k draws; Johnson flow shop read->decode; compute, latency and contention "
+                        "not modelled")
+
+    def as_dict(self) -> dict:
+        return {"split": self.split.as_dict(), "ms_per_token": round(1e3 * self.seconds_per_token, 4),
+                "stats": self.stats_source, "assumptions": self.assumptions,
+                "top": [{"split": s.as_dict(), "ms_per_token": round(1e3 * t, 4)} for s, t in self.candidates[:5]]}
+
+
+def splits(tiers: tuple[int, ...] = (Tier.FULL, Tier.COMPRESSED, Tier.SM), step: float = 0.05,
+           min_full: float = 0.0) -> list[Split]:
+    """All shares on a grid of ``step`` over ``tiers`` (the others get 0)."""
+    n = int(round(1 / step))
+    out = []
+    for combo in itertools.product(range(n + 1), repeat=len(tiers)):
+        if sum(combo) != n:
+            continue
+        share = {Tier(t): c / n for t, c in zip(tiers, combo)}
+        s = Split(share.get(Tier.FULL, 0.0), share.get(Tier.COMPRESSED, 0.0), share.get(Tier.SM, 0.0))
+        if s.full + 1e-9 >= min_full:
+            out.append(s)
+    return out
+
+
+def _makespan_table(k: int, a_sm: float, a_cold: float, b: float) -> np.ndarray:
+    M = np.zeros((k + 1, k + 1, k + 1))
+    for c in range(k + 1):
+        for s in range(k + 1 - c):
+            for z in range(k + 1 - c - s):
+                M[c, s, z] = K.makespan(c, s, z, a_sm, a_cold, b)
+    return M
+
+
+def _outcomes(k: int):
+    """(hF, hC, hS, h0, multinomial coefficient) for k draws."""
+    out = []
+    for f in range(k + 1):
+        for c in range(k + 1 - f):
+            for s in range(k + 1 - f - c):
+                z = k - f - c - s
+                coef = math.factorial(k) // (math.factorial(f) * math.factorial(c) * math.factorial(s)
+                                             * math.factorial(z))
+                out.append((f, c, s, z, coef))
+    return out
+
+
+def _tier_probs(stats: ActivationStats, slots: dict, per_layer: bool) -> np.ndarray:
+    """q[l, tier]: probability that one access of layer l is served from each tier (0 = COLD)."""
+    pr = np.minimum(stats.rank_probs / stats.k, 1.0)
+    L, E = pr.shape
+    q = np.zeros((L, 4))
+    order_tiers = (Tier.FULL, Tier.COMPRESSED, Tier.SM)
+    if per_layer:
+        for l in range(L):
+            srt = np.sort(pr[l])[::-1]
+            lo = 0
+            for t in order_tiers:
+                n = min(slots[t] // L, E - lo)
+                q[l, t] = srt[lo:lo + n].sum()
+                lo += n
+    else:
+        flat = pr.reshape(-1)
+        idx = np.argsort(-flat, kind="stable")
+        lo = 0
+        for t in order_tiers:
+            n = min(slots[t], flat.size - lo)
+            sel = idx[lo:lo + n]
+            np.add.at(q[:, t], sel // E, flat[sel])
+            lo += n
+    q[:, 0] = np.clip(1.0 - q[:, 1:].sum(axis=1), 0.0, 1.0)
+    return q
+
+
+def expected_time(stats: ActivationStats, split: Split, budget: int, sizes: TierSizes, cal: Calibration,
+                  per_layer: bool = False) -> float:
+    """Modelled seconds per token of the cache layout ``split`` (see the module docstring)."""
+    k = stats.k
+    t = cal.times(sizes)
+    M = _makespan_table(k, t["read_sm"], t["read_cold"], t["decode"])
+    slots = {tt: int(split.share(tt) * budget // sizes.resident(tt)) for tt in (Tier.FULL, Tier.COMPRESSED, Tier.SM)}
+    if per_layer:
+        L = stats.layers
+        slots = {tt: L * int(split.share(tt) * (budget // L) // sizes.resident(tt)) for tt in slots}
+    q = _tier_probs(stats, slots, per_layer)
+    total = 0.0
+    for f, c, s, z, coef in _outcomes(k):
+        p = coef * q[:, Tier.FULL] ** f * q[:, Tier.COMPRESSED] ** c * q[:, Tier.SM] ** s * q[:, 0] ** z
+        total += float(p.sum()) * M[c, s, z]
+    return total
+
+
+def plan(stats: ActivationStats | None, budget: int, sizes: TierSizes, cal: Calibration, *,
+         layers: int | None = None, experts: int | None = None, k: int | None = None,
+         tiers: tuple[int, ...] = (Tier.FULL, Tier.COMPRESSED, Tier.SM), step: float = 0.05,
+         min_full: float = 0.0, per_layer: bool = False) -> PlanResult:
+    """The split of ``budget`` minimising :func:`expected_time` on a grid. Without ``stats``,
+    ``layers``, ``experts`` and ``k`` give uniform routing."""
+    if stats is None:
+        if layers is None or experts is None or k is None:
+            raise ValueError("plan() needs statistics or layers, experts and k")
+        stats = ActivationStats.uniform(layers, experts, k)
+    cands = [(s, expected_time(stats, s, budget, sizes, cal, per_layer)) for s in splits(tiers, step, min_full)]
+    if not cands:
+        raise ValueError(f"no split on a {step} grid satisfies min_full={min_full}")
+    cands.sort(key=lambda st: (round(st[1], 12), -st[0].full))
+    return PlanResult(cands[0][0], cands[0][1], cands, stats.source)

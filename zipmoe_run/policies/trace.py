@@ -1,0 +1,182 @@
+"""Routing traces: per-prompt expert counts -> a token-level access sequence.
+
+A trace (``/work/shared/traces/*.npy``) is an integer array ``[prompts, layers, experts]``: how many
+tokens of a prompt each layer routed to each expert. Every token goes to ``k`` distinct experts per
+layer, so each (prompt, layer) row sums to ``tokens * k``. The order of tokens inside a prompt and
+which experts one token combined were not recorded; :func:`derive_tokens` makes them up, exactly
+consistently with the counts, by a deterministic seeded procedure (specs/runtime.md, "Policies,
+planner and trace replay"):
+
+1. ``T = row.sum() // k`` tokens (the same for every layer of the prompt; checked).
+2. For each layer: the experts in a seeded random order, each repeated ``count`` times, give a list
+   of ``T * k`` slots; token ``t`` takes slots ``t, t + T, ..., t + (k-1) T``. A block of one expert
+   is at most ``T`` long (checked: ``count <= T``), so a token never gets an expert twice.
+3. The tokens of each layer are then put in a seeded random order (per prompt and layer; no
+   correlation between layers is invented), and each token's experts sorted ascending.
+
+The replay visits prompts in order, tokens in order, layers in order: one *step* is one layer of
+one token and needs that token's ``k`` experts (every token is treated as a decode step).
+
+Torch-free. The trace file is read in place (``numpy.load(mmap_mode="r")``); nothing is copied.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Trace", "load_trace", "derive_tokens", "ReplaySequence", "build_sequence", "infer_top_k"]
+
+KNOWN_TOP_K = {"qwen1.5-moe": 4, "qwen2-moe": 4, "qwen3": 8, "switch": 1, "mixtral": 2, "olmoe": 8,
+               "deepseek-v2": 6, "deepseek-v3": 8, "phimoe": 2}
+
+
+@dataclass(frozen=True)
+class Trace:
+    counts: np.ndarray  # [prompts, layers, experts], integers >= 0
+    k: int
+    name: str
+
+    @property
+    def prompts(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def layers(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def experts(self) -> int:
+        return int(self.counts.shape[2])
+
+    def tokens_per_prompt(self) -> np.ndarray:
+        return (self.counts[:, 0, :].sum(axis=1, dtype=np.int64) // self.k).astype(np.int64)
+
+    def head(self, prompts: int) -> "Trace":
+        """The first ``prompts`` prompts (a view)."""
+        return Trace(self.counts[:max(0, int(prompts))], self.k, self.name)
+
+
+def infer_top_k(counts: np.ndarray, name: str = "") -> int:
+    """k from a known model name in ``name``, else the largest k every row is consistent with."""
+    low = name.lower()
+    for key, k in KNOWN_TOP_K.items():
+        if key in low:
+            return k
+    c = np.asarray(counts, dtype=np.int64)
+    sums = c.sum(axis=2)
+    mx = np.maximum(c.max(axis=2), 1)
+    nz = (c > 0).sum(axis=2)
+    live = sums > 0
+    if not live.any():
+        raise ValueError("trace has no activations; give --top-k")
+    bound = int(min((sums[live] // mx[live]).min(), nz[live].min()))
+    for k in range(bound, 0, -1):
+        if not (sums % k).any():
+            return k
+    return 1
+
+
+def _check(counts: np.ndarray, k: int, where: str) -> None:
+    if counts.ndim != 3:
+        raise ValueError(f"{where}: expected [prompts, layers, experts], got shape {counts.shape}")
+    if not np.issubdtype(counts.dtype, np.integer):
+        raise ValueError(f"{where}: expected integer counts, got {counts.dtype}")
+    if k < 1:
+        raise ValueError(f"{where}: top-k must be >= 1, got {k}")
+    if counts.shape[2] < k:
+        raise ValueError(f"{where}: {counts.shape[2]} experts cannot serve top-{k}")
+    c = np.asarray(counts, dtype=np.int64)
+    if (c < 0).any():
+        raise ValueError(f"{where}: negative counts")
+    sums = c.sum(axis=2)
+    bad = np.argwhere(sums % k)
+    if bad.size:
+        p, l = bad[0]
+        raise ValueError(f"{where}: prompt {p} layer {l} sums to {sums[p, l]}, not a multiple of k={k}")
+    bad = np.argwhere(sums != sums[:, :1])
+    if bad.size:
+        p, l = bad[0]
+        raise ValueError(f"{where}: prompt {p} layer {l} has {sums[p, l] // k} tokens, layer 0 has "
+                         f"{sums[p, 0] // k}")
+    over = np.argwhere(c > (sums // k)[:, :, None])
+    if over.size:
+        p, l, e = over[0]
+        raise ValueError(f"{where}: prompt {p} layer {l} expert {e} has {c[p, l, e]} tokens, more than "
+                         f"the prompt's {sums[p, l] // k}")
+
+
+def load_trace(path: str | os.PathLike, k: int | None = None) -> Trace:
+    """Open a trace ``.npy`` in place and check it (``ValueError`` naming the file otherwise)."""
+    p = Path(path)
+    try:
+        counts = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{p}: cannot read a trace ({exc})") from None
+    if k is None:
+        k = infer_top_k(counts, p.name)
+    _check(counts, int(k), str(p))
+    return Trace(counts, int(k), p.stem)
+
+
+def derive_tokens(row: np.ndarray, k: int, seed: int = 0, prompt: int = 0) -> np.ndarray:
+    """Experts of each token of one prompt: ``[T, layers, k]`` int16 (see the module docstring).
+
+    ``row`` is the prompt's ``[layers, experts]`` counts. Deterministic in (row, k, seed, prompt).
+    """
+    row = np.asarray(row, dtype=np.int64)
+    L, E = row.shape
+    T = int(row[0].sum()) // k
+    out = np.empty((T, L, k), dtype=np.int16)
+    if T == 0:
+        return out
+    rng = np.random.default_rng([int(seed), int(prompt)])
+    for layer in range(L):
+        c = row[layer]
+        order = rng.permutation(E)
+        slots = np.repeat(order, c[order])  # T * k slots
+        tok = slots.reshape(k, T).T  # token t: slots t, t + T, ...
+        tok = tok[rng.permutation(T)]
+        out[:, layer, :] = np.sort(tok, axis=1)
+    return out
+
+
+@dataclass(frozen=True)
+class ReplaySequence:
+    """The whole replay: ``steps[s]`` are the experts step ``s`` needs (layer ``s % layers``);
+    prompt ``p`` covers steps ``prompt_start[p] : prompt_start[p + 1]``."""
+
+    steps: np.ndarray  # [S, k] int16
+    layers: int
+    experts: int
+    k: int
+    prompt_start: np.ndarray  # [prompts + 1] int64, in steps
+    name: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return int(self.steps.shape[0] // self.layers)
+
+    def counts(self) -> np.ndarray:
+        """Per-prompt counts ``[prompts, layers, experts]`` recomputed from the steps."""
+        P = len(self.prompt_start) - 1
+        out = np.zeros((P, self.layers, self.experts), dtype=np.int64)
+        for p in range(P):
+            s = self.steps[self.prompt_start[p]:self.prompt_start[p + 1]]
+            lay = np.repeat(np.arange(s.shape[0]) % self.layers, self.k)
+            np.add.at(out[p], (lay, s.reshape(-1).astype(np.int64)), 1)
+        return out
+
+
+def build_sequence(trace: Trace, seed: int = 0) -> ReplaySequence:
+    parts = []
+    starts = [0]
+    for p in range(trace.prompts):
+        tok = derive_tokens(trace.counts[p], trace.k, seed, p)
+        parts.append(tok.reshape(-1, trace.k))
+        starts.append(starts[-1] + parts[-1].shape[0])
+    steps = np.concatenate(parts) if parts else np.zeros((0, trace.k), np.int16)
+    return ReplaySequence(np.ascontiguousarray(steps), trace.layers, trace.experts, trace.k,
+                          np.asarray(starts, dtype=np.int64), trace.name)
