@@ -144,26 +144,32 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences.
+
+    Each step decodes only a short window (the tokens since the last emitted piece, plus the ones
+    before it as context, so word-joining rules such as leading spaces resolve the same way).
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # window start (context tokens)
+        self.read = 0  # tokens before this are emitted
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) > len(before) and not text.endswith("\ufffd") and text.startswith(before):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before):]
+        return ""
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return piece
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):] if text.startswith(before) else ""
 
 
 def load_tokenizer(source: "WeightSource") -> Tokenizer | None:
