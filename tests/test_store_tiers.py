@@ -123,3 +123,14 @@ def test_ledger_never_negative_or_over():
         led.charge("pool", 41)
     with pytest.raises(AssertionError):
         led.move("sm", "full", 1)
+
+
+def test_piecewise_reads_decode_early_and_exactly(arc, reference, monkeypatch):
+    """Reads in 12 KiB pieces: chunks are submitted as soon as their bytes are in; same bytes out."""
+    import zipmoe_run.store.store as store_mod
+
+    monkeypatch.setattr(store_mod, "READ_PIECE", 3 * 4096)
+    cost = CostModel(read_bps=3e8, decode_bps=2e9, read_share=0.7, frozen=True)
+    st = _drive(arc, reference, 0.55, cost, DensityPolicy(cost, half_life=8, tie=0.1), seed=1, threads=3, steps=40)
+    assert st["reads"] > 10 * (st["hits_cold"] + st["hits_sm"]) // 2
+    assert st["hits_sm"] + st["hits_cold"] > 0

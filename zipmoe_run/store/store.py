@@ -51,6 +51,30 @@ log = logging.getLogger(__name__)
 _CAT = {Tier.FULL: "full", Tier.COMP: "comp", Tier.SM: "sm"}
 _EWMA = 0.25
 _UNLIMITED_POOL = 8  # free buffers kept for reuse when there is no budget
+READ_PIECE = 2 << 20  # reads are issued in aligned pieces of this size; chunks are decoded as they complete
+
+
+def _ref_ends(ext, C: int, R: int, start: Tier) -> list[int]:
+    """For each chunk of ``Archive.extent_refs(ext)`` (same order): how many bytes of the extent must be
+    read before it can be decoded. Regions already resident (the SM planes of an SM-tier expert, all
+    of a COMP-tier one) need nothing."""
+    if start in (Tier.COMP, Tier.FULL):
+        return [0] * sum(len(p.exp_chunks) if p.encoding != "raw" else len(p.data_xxh3) for p in ext.parts)
+    o = ext.offset
+    ends = []
+    for p in ext.parts:
+        if p.encoding == "raw":
+            for i in range(len(p.data_xxh3)):
+                end = min(p.data.length, (i + 1) * R) + p.data.offset - o
+                ends.append(0 if start == Tier.SM else end)
+            continue
+        n = p.nbytes // 2
+        for i, c in enumerate(p.exp_chunks):
+            e = c.offset + c.length - o
+            if start == Tier.COLD:
+                e = max(e, p.sm.offset + min(n, (i + 1) * C) - o)
+            ends.append(e)
+    return ends
 
 
 class StoreError(ZmoeError):
@@ -88,7 +112,7 @@ class _Entry:
 
 class _Task:
     __slots__ = ("key", "ext", "info", "start", "rbuf", "dbuf", "grown", "read_done", "error", "t_submit",
-                 "state", "weights", "est")
+                 "state", "weights", "est", "pending", "batch_errors", "read_error")
 
     def __init__(self, key, ext, info: ExpertInfo, start: Tier):
         self.key, self.ext, self.info, self.start = key, ext, info, start
@@ -101,6 +125,9 @@ class _Task:
         self.state = "queued"  # queued -> submitted -> ready -> lent -> placed
         self.weights = None
         self.est = (0.0, 0.0)
+        self.pending = 0  # decode batches in flight + the reader's hold
+        self.batch_errors: dict[int, BaseException] = {}
+        self.read_error: BaseException | None = None
 
     def view(self, offset: int, length: int):
         lo = offset - self.ext.offset
@@ -142,8 +169,9 @@ class ExpertStore:
         self.infos = {k: info_from_extent(e) for k, e in self.extents.items()}
         self.expert_bytes = sum(e.decoded_nbytes for e in idx.experts)
         self.extent_bytes = sum(e.length for e in idx.experts)
-        C = idx.chunk_elements
-        self.fixed_bytes = ceil_page(decoder.threads * C) + ceil_page(C)  # decoder scratch + split scratch
+        # decoder scratch (one exponent chunk per worker) + split scratch: chunks never exceed a part
+        C = min(idx.chunk_elements, max((p.nbytes // 2 for e in idx.experts for p in e.parts), default=1))
+        self.fixed_bytes = ceil_page(decoder.threads * C) + ceil_page(C)
         big = max(self.infos.values(), key=lambda i: i.min_working_set, default=None)
         self.min_budget = (big.min_working_set if big else 0) + self.fixed_bytes
         need_all = sum(i.full_bytes for i in self.infos.values()) + self.min_budget
@@ -332,7 +360,8 @@ class ExpertStore:
                     if job.cancelled:
                         break
                     try:
-                        self._run_task(job, task)
+                        if not self._run_task(job, task):
+                            break
                     except _Cancelled:
                         break
                     except BaseException as exc:  # surfaces in the consumer, which cancels the job
@@ -346,29 +375,69 @@ class ExpertStore:
                     job.reader_done = True
                     job.cond.notify_all()
 
-    def _run_task(self, job: _Job, task: _Task) -> None:
+    def _run_task(self, job: _Job, task: _Task) -> bool:
+        """Admit, read (in pieces) and decode one task; False when the job must stop (an error).
+
+        Chunks are submitted to the decoder as soon as the bytes they need are in memory, so the
+        decoding of an expert overlaps the rest of its own read (specs/runtime.md section 5.3).
+        """
         with self._lock:
             self._admit(job, task)
         ext = task.ext
-        if task.start == Tier.COLD:
-            self._timed_read(task, ext.length)
-        elif task.start == Tier.SM:
-            self._timed_read(task, ext.exp_length)
-        task.read_done = True
         refs = self.archive.extent_refs(ext, view=task.view)
+        ends = _ref_ends(ext, self.archive.index.chunk_elements, self.archive.index.raw_chunk_bytes, task.start)
         out = task.dbuf.arr[:ext.decoded_nbytes]
+        length = {Tier.COLD: ext.length, Tier.SM: ext.exp_length}.get(task.start, 0)
+        order = sorted(range(len(refs)), key=ends.__getitem__)
         with job.cond:
-            clean = job.inflight == 0
             job.inflight += 1
+        task.pending, task.batch_errors = 1, {}
         task.t_submit = time.perf_counter()
         task.state = "submitted"
-        fut = self.decoder.submit(refs, out)
-        del refs, out
-        fut.add_done_callback(partial(self._on_decoded, job, task, clean))
+        ok = True
+        try:
+            done = k = batch = 0
+            while True:
+                j = k
+                while j < len(order) and ends[order[j]] <= done:
+                    j += 1
+                if j > k or (done >= length and k < len(order)):
+                    j = len(order) if done >= length else j
+                    with job.cond:
+                        clean = job.inflight == 1
+                    self._submit(job, task, [refs[i] for i in order[k:j]], out, batch, clean and j == len(order))
+                    batch += 1
+                    k = j
+                if done >= length:
+                    break
+                if job.cancelled or self._closed:
+                    raise _Cancelled
+                n = min(READ_PIECE, length - done)
+                self._timed_read(task, ext.offset + done, n, at=done)
+                done += n
+            task.read_done = True
+        except _Cancelled:
+            task.read_error = StoreError("fetch cancelled")
+            ok = False
+        except BaseException as exc:  # noqa: BLE001 - surfaces in the consumer, which cancels the job
+            task.read_error = _detach(exc)
+            ok = False
+        finally:
+            del refs, out
+            self._release_hold(job, task)
+        return ok
 
-    def _timed_read(self, task: _Task, length: int) -> None:
+    def _submit(self, job: _Job, task: _Task, refs, out, batch: int, last: bool) -> None:
+        with self._stat_lock:
+            task.pending += 1
+        nbytes = sum(2 * r.n if r.kind == "bf16-split" else r.n for r in refs)
         t0 = time.perf_counter()
-        n = self.reader.read(task.rbuf, task.ext.offset, length, task.what)
+        fut = self.decoder.submit(refs, out)
+        fut.add_done_callback(partial(self._batch_done, job, task, batch, nbytes if last else 0, t0))
+
+    def _timed_read(self, task: _Task, offset: int, length: int, at: int) -> None:
+        t0 = time.perf_counter()
+        n = self.reader.read(task.rbuf, offset, length, task.what, at=at)
         dt = time.perf_counter() - t0
         with self._stat_lock:
             self._stats["bytes_read"] += n
@@ -377,16 +446,28 @@ class ExpertStore:
             if n >= 1 << 20 and dt > 0 and not self.cost.frozen:
                 self.cost.read_bps += _EWMA * (n / dt - self.cost.read_bps)
 
-    def _on_decoded(self, job: _Job, task: _Task, clean: bool, fut) -> None:
-        dt = time.perf_counter() - task.t_submit
-        exc = _detach(fut.exception())
+    def _batch_done(self, job: _Job, task: _Task, batch: int, clean_bytes: int, t0: float, fut) -> None:
+        exc = fut.exception()
+        dt = time.perf_counter() - t0
         with self._stat_lock:
+            if exc is not None:
+                task.batch_errors[batch] = exc
+            elif clean_bytes >= 1 << 20 and dt > 0 and not self.cost.frozen:  # the pool had only this work
+                self.cost.decode_bps += _EWMA * (clean_bytes / dt - self.cost.decode_bps)
+        self._release_hold(job, task)
+
+    def _release_hold(self, job: _Job, task: _Task) -> None:
+        with self._stat_lock:
+            task.pending -= 1
+            if task.pending:
+                return
+            errs = task.batch_errors
+            exc = errs[min(errs)] if errs else task.read_error
+            exc = _detach(exc)
             if exc is None:
                 self._stats["experts_decoded"] += 1
                 self._stats["bytes_decoded"] += task.ext.decoded_nbytes
-                self._stats["decode_s"] += dt
-                if clean and dt > 0 and task.ext.decoded_nbytes >= 1 << 20 and not self.cost.frozen:
-                    self.cost.decode_bps += _EWMA * (task.ext.decoded_nbytes / dt - self.cost.decode_bps)
+                self._stats["decode_s"] += time.perf_counter() - task.t_submit
         with job.cond:
             task.error = exc
             task.state = "ready"
