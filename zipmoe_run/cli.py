@@ -35,6 +35,9 @@ def _stats_line(st: dict) -> str:
         parts.append(f"TTFT {st['ttft_s']:.3f} s")
     if "experts_fetched" in st:
         parts.append(f"experts {st['experts_fetched']} fetched, {human(st.get('bytes_read', 0))} read")
+    if st.get("budget_bytes"):
+        parts.append(f"store {human(st.get('store_peak_bytes', 0))} of {human(st['budget_bytes'])} budget "
+                     f"({st.get('io_mode')}), dense {human(st.get('dense_bytes', 0))}")
     parts.append(f"peak RSS {human(st.get('peak_rss_bytes', 0))}")
     return " | ".join(parts)
 
@@ -51,6 +54,9 @@ def run_cmd(
     seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (torch and the archive reader)."),
+    memory_budget: str = typer.Option(None, "--memory-budget", "-m",
+                                      help="Memory for routed experts (.zmoe): bytes (3GiB, 500MB), a percentage of "
+                                           "the expert bytes (30%) or auto. Default: no limit."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, stats) instead."),
     debug: bool = typer.Option(False, "--debug", help="Debug logging and full tracebacks."),
@@ -72,7 +78,11 @@ def run_cmd(
             top_k=0 if top_k is None else top_k,
             seed=seed,
         )
-        lm = load(path, dtype=dtype, threads=threads)
+        store_opts = {"memory_budget": memory_budget} if memory_budget is not None else {}
+        lm = load(path, dtype=dtype, threads=threads, **store_opts)
+        budget = getattr(lm.source, "budget", None)
+        if memory_budget is not None and budget is not None and not as_json:
+            err.print(f"memory budget: {budget.how}", soft_wrap=True)
         try:
             if prompt:
                 if lm.tokenizer is None:
