@@ -104,12 +104,16 @@ class Loaded:
 
 
 def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", threads: int | None = None,
-         **store_opts) -> Loaded:
+         memory_budget: str | int | None = None, **store_opts) -> Loaded:
     """Open a checkpoint directory or ``.zmoe`` archive and build its model.
 
     ``threads`` sets torch's intra-op thread count (process-wide) and is passed to the archive
-    reader; ``store_opts`` go to ``ArchiveSource`` (cache budget, prefetch, ...).
+    reader; ``memory_budget`` bounds the memory of the routed experts of a ``.zmoe`` archive (bytes,
+    ``"3GiB"``, ``"30%"`` of the expert bytes or ``"auto"``; None: no limit; see specs/runtime.md);
+    other ``store_opts`` go to ``ArchiveSource`` (policy, io_mode, ...).
     """
+    if memory_budget is not None:
+        store_opts["memory_budget"] = memory_budget
     dt = parse_dtype(dtype)
     if threads is not None:
         if threads < 1:
