@@ -380,3 +380,85 @@ def test_calibration_roundtrip(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"version": 1, "disk_bps": -1}))
     with pytest.raises(ValueError):
         load_calibration(tmp_path / "bad.json")
+
+
+# -- prefetch and the benchmark CLI ----------------------------------------------------------------
+
+
+def test_prefetch_accounting():
+    rng = np.random.default_rng(8)
+    seq = build_sequence(Trace(random_counts(rng, 20, 4, 10, 2), 2, "t"))
+    base = replay(seq, make_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL)
+    hist = replay(seq, make_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL, PrefetchConfig(True))
+    perfect = replay(seq, make_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL,
+                     PrefetchConfig(True, oracle_accuracy=1.0))
+    assert base.found == hist.found == perfect.found  # prefetch never changes what is resident
+    pf = perfect.prefetch
+    assert pf["used"] == pf["issued"] > 0 and pf["precision"] == 1.0
+    assert perfect.seconds < base.seconds
+    assert 0.0 <= hist.prefetch["precision"] <= 1.0
+    assert hist.bytes_read >= base.bytes_read - hist.prefetch["used"] * SIZES.read(Tier.COLD)
+
+
+def _run_cli(args):
+    from typer.testing import CliRunner
+
+    from zipmoe.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def test_bench_cache_synthetic(tmp_path):
+    rng = np.random.default_rng(12)
+    p = tmp_path / "trace.npy"
+    np.save(p, random_counts(rng, 15, 3, 12, 2))
+    out = tmp_path / "r.json"
+    r = _run_cli(["bench", "cache", "--trace", str(p), "--expert-bytes", str(N), "--budget", "20%",
+                  "--budget", str(5 * N), "--top-k", "2", "--json", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res == json.loads(out.read_text())
+    assert [b["bytes"] for b in res["budgets"]] == [int(0.2 * 36 * N), 5 * N]
+    for b in res["budgets"]:
+        names = [x["policy"] for x in b["results"]]
+        assert names == ["lru", "lfu", "paper", "zipmoe", "zipmoe+prefetch", "belady", "belady-tiered"]
+        for x in b["results"]:
+            assert sum(x["found"].values()) == x["accesses"] == res["trace"]["tokens"] * 3 * 2
+        by = {x["policy"]: x for x in b["results"]}
+        assert by["belady"]["found"]["cold"] <= min(by["lru"]["found"]["cold"], by["lfu"]["found"]["cold"])
+        assert by["belady"]["exact"] and "gap_to_belady" in by["zipmoe"]
+    table = _run_cli(["bench", "cache", "--trace", str(p), "--expert-bytes", str(N), "--budget", "30%",
+                      "--policies", "lru,zipmoe"])
+    assert table.exit_code == 0 and "zipmoe" in table.output and "planner picks" in table.output
+
+
+def test_bench_cache_errors(tmp_path):
+    p = tmp_path / "t.npy"
+    np.save(p, np.ones((2, 2, 4), np.int16))
+    r = _run_cli(["bench", "cache", "--trace", str(p), "--budget", "10%"])
+    assert r.exit_code == 2 and "expert-bytes" in r.output
+    r = _run_cli(["bench", "cache", "--trace", str(tmp_path / "none.npy"), "--expert-bytes", "10", "--budget", "1%"])
+    assert r.exit_code == 2 and "none.npy" in r.output
+    r = _run_cli(["bench", "cache", "--trace", str(p), "--expert-bytes", "10", "--budget", "lots"])
+    assert r.exit_code == 2
+
+
+def test_bench_cache_real_traces(shared_dir, tmp_path):
+    for name, nbytes in (("qwen1.5-moe-a2.7b.npy", 17301504), ("switch-large-128.npy", 25165824)):
+        r = _run_cli(["bench", "cache", "--trace", str(shared_dir / "traces" / name), "--expert-bytes", str(nbytes),
+                      "--budget", "15%", "--prompts", "8", "--json", "--calibration",
+                      str(save_calibration(Calibration(), tmp_path / "cal.json"))])
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.output)
+        assert res["trace"]["prompts"] == 8 and res["calibration"]["disk_bps"] == 1.4e9
+        assert len(res["budgets"][0]["results"]) == 7
+
+
+def test_bench_io_smoke(tmp_path):
+    out = tmp_path / "cal.json"
+    r = _run_cli(["bench", "io", "--dir", str(tmp_path), "--size-mib", "8", "--read-mib", "1", "--runs", "1",
+                  "--cores", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    cal = load_calibration(out)
+    assert cal.read_method in ("o_direct", "fadvise_dontneed") and cal.disk_bps > 0 and cal.decode_bps > 0
+    assert not list(tmp_path.glob("zipmoe-io-*"))  # the scratch file is gone

@@ -50,6 +50,109 @@ def codec_cmd(
         console.print(render_table(result))
 
 
+@app.command("io")
+def io_cmd(
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Where to write the scratch file that is read back "
+                                             "(default ~/.cache/zipmoe; use the disk the archives live on)."),
+    archive: Optional[Path] = typer.Option(None, "--archive", help="Read and decode this archive's experts instead."),
+    size_mib: int = typer.Option(256, "--size-mib", min=8, help="Scratch file size."),
+    read_mib: int = typer.Option(8, "--read-mib", min=1, help="Bytes per read (about one expert)."),
+    cores: Optional[int] = typer.Option(None, "--cores", min=1, help="Decoder threads (default: all CPUs)."),
+    runs: int = typer.Option(3, "--runs", "-r", min=1, help="Timed decode runs (median; after a warm-up)."),
+    io_mode: str = typer.Option("auto", "--io", help="auto (O_DIRECT when possible), direct, buffered."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Calibration file (default ~/.cache/zipmoe/calibration.json)."),
+    no_write: bool = typer.Option(False, "--no-write", help="Measure and print only."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the summary."),
+    debug: bool = typer.Option(False, "--debug", help="Log progress."),
+) -> None:
+    """Measure read bandwidth (O_DIRECT), decode throughput and expert compute; write the calibration JSON."""
+    from rich.console import Console
+
+    from zipmoe.bench.io import run
+    from zipmoe_run.policies.tiers import Calibration, save_calibration
+
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run(directory=directory, archive_path=archive, size=size_mib << 20, read_size=read_mib << 20,
+                     cores=cores, runs=runs, io_mode=io_mode)
+        if not no_write:
+            result["written_to"] = str(save_calibration(Calibration.from_json(result["calibration"]), out))
+    except (OSError, ValueError) as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except Exception as exc:  # ZmoeError and friends: one line, no traceback
+        if debug:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    c = result["calibration"]
+    lines = [f"read    {c['disk_bps'] / 1e9:.2f} GB/s ({c['read_method']}, {result['read']['reads']} reads of "
+             f"{result['read']['bytes'] / max(1, result['read']['reads']) / 2**20:.1f} MiB)",
+             f"decode  {c['decode_bps_per_core'] / 1e9:.2f} GB/s on 1 thread, {c['decode_bps'] / 1e9:.2f} GB/s on "
+             f"{c['cores']} (BF16 output; {result['decode']['source']})",
+             f"compute {c['compute_bps'] / 1e9:.2f} GB/s of expert weights, one token"]
+    if "written_to" in result:
+        lines.append(f"written to {result['written_to']}")
+    typer.echo("\n".join(lines))
+
+
+@app.command("cache")
+def cache_cmd(
+    trace: Path = typer.Option(..., "--trace", help="Routing trace .npy [prompts, layers, experts] of token counts."),
+    budget: list[str] = typer.Option(..., "--budget", help="Bytes (3GiB, 500MB) or a percentage of all the "
+                                     "trace's experts' bytes (15%); repeat for several."),
+    expert_bytes: Optional[int] = typer.Option(None, "--expert-bytes", min=1, help="BF16 bytes of one expert."),
+    archive: Optional[Path] = typer.Option(None, "--archive", help="Take tier ratios (and, without --expert-bytes, "
+                                           "the expert size) from this archive."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration JSON (default "
+                                               "~/.cache/zipmoe/calibration.json if present, else documented defaults)."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", min=1, help="Replay only the first N prompts."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Experts per token (default: inferred)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the token-sequence derivation."),
+    policies: str = typer.Option(",".join(("lru", "lfu", "paper", "zipmoe", "zipmoe+prefetch", "belady",
+                                           "belady-tiered")), "--policies", help="Comma-separated."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
+    debug: bool = typer.Option(False, "--debug", help="Log progress."),
+) -> None:
+    """Replay a routing trace through the cache policies: hit rate per tier, bytes read, modelled time per token."""
+    from rich.console import Console
+
+    from zipmoe.bench.cache import render_notes, render_table, run
+
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run(trace, budgets=budget, expert_bytes=expert_bytes, archive=archive, calibration=calibration,
+                     prompts=prompts, seed=seed, top_k=top_k,
+                     policies=tuple(p.strip() for p in policies.split(",") if p.strip()))
+    except (OSError, ValueError) as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except Exception as exc:  # a broken archive (ZmoeError): one line, no traceback
+        if debug:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if as_json:
+        typer.echo(text)
+    else:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=170)
+        console.print(render_table(result))
+        for line in render_notes(result):
+            console.print(line, highlight=False)
+
+
 @app.callback()
 def _bench() -> None:
     """Benchmarks."""

@@ -469,12 +469,17 @@ def begin_request(kind, st):
 
 
 @njit(cache=True)
-def makespan(n_comp, n_sm, n_cold, a_sm, a_cold, b):
-    """Johnson's order for identical decode times: reads ascending (0, a_sm, a_cold)."""
-    t1 = 0.0
+def makespan(n_comp, n_sm, n_cold, a_sm, a_cold, b, n_pf=0, r0=0.0):
+    """Johnson's order for identical decode times: reads ascending (0, a_sm, a_cold).
+
+    ``n_pf`` experts were prefetched: their bytes are in by ``r0``, when the disk becomes free for
+    this layer's own reads (a prefetch that overran the previous layer's compute)."""
+    t1 = r0
     t2 = 0.0
     for _ in range(n_comp):
-        t2 = max(t2, t1) + b
+        t2 = t2 + b
+    for _ in range(n_pf):
+        t2 = max(t2, r0) + b
     for _ in range(n_sm):
         t1 += a_sm
         t2 = max(t2, t1) + b
@@ -505,8 +510,38 @@ def _predict(layer, E, m, pf_req, pf_glob, tokens, alpha, outk):
 
 
 @njit(cache=True)
+def _oracle(truth, E, m, q, outk):
+    """``m`` guesses: each true expert with probability q, otherwise a wrong one, no repeats."""
+    k = truth.shape[0]
+    used = np.zeros(E, np.bool_)
+    for i in range(k):
+        used[int(truth[i])] = True
+    taken = np.zeros(E, np.bool_)
+    j = 0
+    for i in range(min(k, m)):
+        if np.random.random() < q:
+            e = int(truth[i])
+        else:
+            e = np.random.randint(E)
+            tries = 0
+            while (used[e] or taken[e]) and tries < 4 * E:
+                e = np.random.randint(E)
+                tries += 1
+        if not taken[e]:
+            taken[e] = True
+            outk[j] = e
+            j += 1
+    while j < m:  # fill with wrong guesses
+        e = np.random.randint(E)
+        if not taken[e]:
+            taken[e] = True
+            outk[j] = e
+            j += 1
+
+
+@njit(cache=True)
 def replay(kind, st, steps, nexts, prompt_start, L, a_sm, a_cold, b, pf_on, pf_m, pf_window, pf_alpha,
-           stats):
+           stats, pf_oracle=-1.0, seed=0):
     """Replay every step; ``stats`` (float64[16]) accumulates:
 
     0 accesses, 1..4 found COLD/SM/COMP/FULL, 5 modelled seconds, 6 prefetch reads issued,
@@ -517,6 +552,7 @@ def replay(kind, st, steps, nexts, prompt_start, L, a_sm, a_cold, b, pf_on, pf_m
     S, k = steps.shape
     tier = st[TIER]
     E = int(st[SCAL][S_E])
+    np.random.seed(seed)
     K = tier.shape[0]
     found = np.empty(k, np.int8)
     chg = np.empty((8 * k + 8, 3), np.int64)
@@ -526,6 +562,7 @@ def replay(kind, st, steps, nexts, prompt_start, L, a_sm, a_cold, b, pf_on, pf_m
     pred = np.empty(max(pf_m, k), np.int64)
     P = prompt_start.shape[0] - 1
     tokens = 0.0
+    overrun = 0.0
     for p in range(P):
         begin_request(kind, st)
         pf_req[:] = 0.0
@@ -537,6 +574,7 @@ def replay(kind, st, steps, nexts, prompt_start, L, a_sm, a_cold, b, pf_on, pf_m
             n = step(kind, st, layer, steps[s], nx, found, chg)
             stats[13] += n
             n_comp = 0
+            n_pf = 0
             n_sm = 0
             n_cold = 0
             for i in range(k):
@@ -547,8 +585,10 @@ def replay(kind, st, steps, nexts, prompt_start, L, a_sm, a_cold, b, pf_on, pf_m
                 if pre:
                     stats[7] += 1.0
                     stats[14 + t] += 1.0
-                if t == COMP or pre:
+                if t == COMP:
                     n_comp += 1
+                elif pre:
+                    n_pf += 1
                 elif t == SM:
                     n_sm += 1
                 elif t == COLD:
@@ -557,7 +597,8 @@ def replay(kind, st, steps, nexts, prompt_start, L, a_sm, a_cold, b, pf_on, pf_m
                 pf_glob[x] += 1.0
             stats[0] += k
             stats[12] += 1.0
-            stats[5] += makespan(n_comp, n_sm, n_cold, a_sm, a_cold, b)
+            stats[5] += makespan(n_comp, n_sm, n_cold, a_sm, a_cold, b, n_pf, overrun)
+            overrun = 0.0
             if layer + 1 < L:
                 # predictor accuracy (top-k of the next layer), whatever is resident
                 _predict(layer + 1, E, k, pf_req, pf_glob, tokens, pf_alpha, pred)
@@ -567,22 +608,26 @@ def replay(kind, st, steps, nexts, prompt_start, L, a_sm, a_cold, b, pf_on, pf_m
                             stats[9] += 1.0
                 stats[10] += k
                 if pf_on:
-                    _predict(layer + 1, E, pf_m, pf_req, pf_glob, tokens, pf_alpha, pred)
-                    budget = pf_window
+                    if pf_oracle >= 0.0:  # what-if: each true expert predicted with probability pf_oracle
+                        _oracle(steps[s + 1], E, pf_m, pf_oracle, pred)
+                    else:
+                        _predict(layer + 1, E, pf_m, pf_req, pf_glob, tokens, pf_alpha, pred)
+                    busy = 0.0  # reads start while the disk is free within the window
                     for j in range(pf_m):
                         y = (layer + 1) * E + pred[j]
                         t = tier[y]
                         if t >= COMP:
                             continue
+                        if busy >= pf_window:
+                            break
                         a = a_sm if t == SM else a_cold
-                        if a > budget:
-                            continue
-                        budget -= a
+                        busy += a
                         staged[y] = s + 1
                         stats[6] += 1.0
                         if t == COLD:
                             stats[11] += 1.0
                         stats[8] += a
+                    overrun = max(0.0, busy - pf_window)
     return stats
 
 

@@ -24,14 +24,20 @@ class PrefetchConfig:
 
     The predictor ranks the next layer's experts by current-request count + ``alpha`` x all-time
     rate; the ``width`` best that are neither FULL nor COMPRESSED are read (coded exponents for SM,
-    the extent for COLD) into a staging buffer outside the budget (it evicts nothing), as long as
-    the reads fit in the window: the compute time of one layer, ``k * N / compute_bps``. A staged
-    expert the next layer uses costs its decode only.
+    the extent for COLD), in that order, into a staging buffer outside the budget (it evicts
+    nothing), each read starting only while the disk is still within the window: the compute time
+    of one layer, ``k * N / compute_bps`` (decoding is not speculated: on a CPU the cores compute).
+    A staged expert the next layer uses costs its decode only, once its read is done; a read that
+    overruns the window delays the next layer's own reads by the overrun, used or not.
     """
 
     enabled: bool = False
     width: int = 0  # 0: k
     alpha: float = 4.0
+    #: what-if instead of the history predictor: each true next-layer expert is guessed with this
+    #: probability (the rest are wrong guesses); a stand-in for a router-on-hidden-state predictor
+    oracle_accuracy: float | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -89,7 +95,8 @@ def replay(seq: ReplaySequence, policy: Policy, sizes: TierSizes, cal: Calibrati
     window = seq.k * sizes.full / cal.compute_bps
     stats = np.zeros(16)
     K.replay(policy._kid, policy.st, seq.steps, nexts, seq.prompt_start, seq.layers, t["read_sm"],
-             t["read_cold"], t["decode"], bool(pf.enabled), int(width), float(window), float(pf.alpha), stats)
+             t["read_cold"], t["decode"], bool(pf.enabled), int(width), float(window), float(pf.alpha), stats,
+             -1.0 if pf.oracle_accuracy is None else float(pf.oracle_accuracy), int(pf.seed))
     found = {"cold": int(stats[1]), "sm": int(stats[2]), "compressed": int(stats[3]), "full": int(stats[4])}
     pf_cold, pf_sm = int(stats[14]), int(stats[15])
     demand = (found["cold"] - pf_cold) * sizes.read(Tier.COLD) + (found["sm"] - pf_sm) * sizes.read(Tier.SM)
@@ -100,7 +107,8 @@ def replay(seq: ReplaySequence, policy: Policy, sizes: TierSizes, cal: Calibrati
         "enabled": bool(pf.enabled),
     }
     if pf.enabled:
-        pf_info.update({"width": width, "window_ms": round(1e3 * window, 4), "issued": issued,
+        pf_info.update({"predictor": "history" if pf.oracle_accuracy is None else f"oracle {pf.oracle_accuracy:g}",
+                        "width": width, "window_ms": round(1e3 * window, 4), "issued": issued,
                         "used": int(stats[7]), "precision": round(stats[7] / issued, 6) if issued else 0.0,
                         "bytes_read": pf_bytes})
     exact = True
