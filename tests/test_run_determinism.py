@@ -12,7 +12,7 @@ FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"]
 
 
 class ReversedSource:
-    """Delegates to a source but yields each fetch's experts in reverse (as a cache serving resident ones first might)."""
+    """Delegates to a source but yields each fetch's experts in reverse (like a cache serving resident ones first)."""
 
     def __init__(self, inner):
         self.inner = inner

@@ -47,7 +47,7 @@ def run_cmd(
     prompt: list[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (repeat for a batch)."),
     prompt_ids: list[str] = typer.Option(None, "--prompt-ids", help="Prompt as token ids: 9707,1879 (repeatable)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=0, help="Tokens to generate at most."),
-    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default unless a sampling option is given)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (default unless a sampling option is given)."),
     temperature: float = typer.Option(None, "--temperature", "-t", help="Sample with this temperature."),
     top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling threshold (0, 1]."),
     top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),

@@ -309,7 +309,8 @@ def render_table(result: dict):
         if ref.get("decode_tok_s") and name != "transformers":
             ratio = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x"
         table.add_row(name, f"{row['load_s']:.2f}", f"{row['ttft_s']:.3f} [{row['ttft_best_s']:.3f}]",
-                      f"{row['prompt_tok_s']:.1f}", f"{row['decode_tok_s']:.2f} [{row['decode_best_tok_s']:.2f}]", ratio)
+                      f"{row['prompt_tok_s']:.1f}", f"{row['decode_tok_s']:.2f} [{row['decode_best_tok_s']:.2f}]",
+                      ratio)
     step = result.get("decode_step")
     if step:
         ms = {k[:-2]: v * 1e3 for k, v in step.items() if k.endswith("_s") and k != "effective_gb_s"}
