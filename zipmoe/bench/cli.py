@@ -153,6 +153,44 @@ def cache_cmd(
             console.print(line, highlight=False)
 
 
+@app.command("run")
+def run_cmd(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: a synthetic "
+                                              "one with real Qwen1.5-MoE expert sizes)."),
+    size: str = typer.Option("qwen1.5", "--size", help="Synthetic checkpoint size (zipmoe_pack.synth.DEMO_SIZES)."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=1),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=2),
+    runs: int = typer.Option(5, "--runs", "-r", min=1, help="Timed runs per system (median)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 or float32."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep the synthetic checkpoint here."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
+    debug: bool = typer.Option(False, "--debug", help="Log progress."),
+) -> None:
+    """All experts resident: this runtime vs transformers, same threads and dtype, side by side."""
+    from rich.console import Console
+
+    from zipmoe.bench.run import render_table, run
+
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run(checkpoint, size=size, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
+                     threads=threads, dtype=dtype, workdir=workdir)
+    except ValueError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if as_json:
+        typer.echo(text)
+    else:
+        Console(width=170).print(render_table(result))
+
+
 @app.callback()
 def _bench() -> None:
     """Benchmarks."""
