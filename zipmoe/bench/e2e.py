@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 __all__ = ["E2EConfig", "run", "render_table", "plot", "MemCap", "DIMS", "QUICK_DIMS", "kv_cache_bytes",
-           "SYSTEMS"]
+           "SYSTEMS", "warm_up_runtime"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,28 @@ def _io_read_bytes() -> int | None:
     return None
 
 
+def warm_up_runtime(threads: int) -> None:
+    """Everything the runtime loads lazily on first use, so ``base`` RSS includes it: the numba
+    kernels, torch's bf16 linear and the first meta-device module (which imports ~800 modules,
+    ~70 MiB)."""
+    import torch
+
+    from formats.planes import warm_up
+
+    torch.set_num_threads(threads)
+    warm_up()
+    one = torch.ones(1, 64, dtype=torch.bfloat16)
+    torch.nn.functional.linear(one, torch.ones(64, 64, dtype=torch.bfloat16))
+    try:
+        from zipmoe_run.layers import linear  # the one-row decode kernel, where this build has it
+
+        linear(one, torch.ones(64, 64, dtype=torch.bfloat16))
+    except ImportError:
+        pass
+    with torch.device("meta"):
+        torch.nn.Embedding(4, 4)
+
+
 def kv_cache_bytes(cfg: dict, batch: int, max_len: int, itemsize: int = 2) -> int:
     """Bytes of a standard attention KV cache (keys and values, every layer) for ``cfg``."""
     layers = cfg.get("num_hidden_layers") or cfg.get("num_layers") or 0
@@ -258,21 +280,10 @@ def prepare(cfg: E2EConfig) -> dict:
 
 
 def _child_runtime(a: dict) -> dict:
-    import torch
-
-    from formats.planes import warm_up
     from zipmoe_run.api import load
     from zipmoe_run.generate import Sampling
 
-    torch.set_num_threads(a["threads"])
-    warm_up()
-    torch.nn.functional.linear(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(64, 64, dtype=torch.bfloat16))
-    try:
-        from zipmoe_run.layers import linear as _lin  # the decode kernel, if this build has it
-
-        _lin(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(64, 64, dtype=torch.bfloat16))
-    except Exception:  # noqa: BLE001 - optional
-        pass
+    warm_up_runtime(a["threads"])
     out: dict = {"base_rss_bytes": _rss()}
     budget = a["budget_bytes"]
     kv = kv_cache_bytes(a["config"], 1, a["prompt_tokens"] + a["new_tokens"])
@@ -348,6 +359,8 @@ def _child_hf(a: dict) -> dict:
 
     torch.set_num_threads(a["threads"])
     torch.nn.functional.linear(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(64, 64, dtype=torch.bfloat16))
+    with torch.device("meta"):
+        torch.nn.Embedding(4, 4)
     out: dict = {"base_rss_bytes": _rss()}
     budget = a["budget_bytes"]
     kv = kv_cache_bytes(a["config"], 1, a["prompt_tokens"] + a["new_tokens"])
