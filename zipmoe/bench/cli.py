@@ -191,6 +191,74 @@ def run_cmd(
         Console(width=170).print(render_table(result))
 
 
+@app.command("e2e")
+def e2e_cmd(
+    budgets: str = typer.Option("15,30,60,100", "--budgets", help="Memory budgets, % of the routed-expert bytes."),
+    systems: str = typer.Option("zipmoe,raw,hf-offload,resident", "--systems",
+                                help="Comma-separated: zipmoe, raw, hf-offload, resident."),
+    prompt_tokens: int = typer.Option(16, "--prompt-tokens", min=1, help="Fixed prompt length (token ids)."),
+    new_tokens: int = typer.Option(24, "--new-tokens", min=2, help="Greedy tokens to generate per pass."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Compute threads (torch) of every system; the "
+                                "decoder pool uses all cores. On a shared 2-core machine 1 is much faster."),
+    workdir: Path = typer.Option(Path("/tmp/zipmoe-bench-e2e"), "--workdir",
+                                 help="Where the generated checkpoint and archives are kept (reused)."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny model, two budgets, few tokens: a smoke run."),
+    no_cap: bool = typer.Option(False, "--no-cap", help="Do not create memory cgroups (figures uncapped)."),
+    no_warm: bool = typer.Option(False, "--no-warm-pass", help="Only the cold pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of tokens/s vs budget (matplotlib)."),
+    debug: bool = typer.Option(False, "--debug", help="Log progress."),
+) -> None:
+    """End to end under a memory budget: this runtime vs its --raw archive, transformers disk offload and
+    everything resident; capped by memory cgroups, experts cold at the start of every run."""
+    from rich.console import Console
+
+    from zipmoe.bench.e2e import SYSTEMS, E2EConfig, plot, render_table, render_targets, run
+
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    err = Console(stderr=True)
+    try:
+        pcts = tuple(float(b.strip().rstrip("%")) for b in budgets.split(",") if b.strip())
+        names = tuple(x.strip() for x in systems.split(",") if x.strip())
+    except ValueError:
+        err.print(f"[bold red]error:[/] --budgets: expected comma-separated percentages, got {budgets!r}")
+        raise typer.Exit(2) from None
+    bad = [n for n in names if n not in SYSTEMS]
+    if bad or not pcts or any(p <= 0 for p in pcts):
+        err.print(f"[bold red]error:[/] unknown systems {bad} (known: {', '.join(SYSTEMS)}) or bad budgets {budgets!r}")
+        raise typer.Exit(2)
+    cfg = E2EConfig(workdir=workdir, budgets=pcts, systems=names, prompt_tokens=prompt_tokens,
+                    new_tokens=new_tokens, threads=threads, cap=not no_cap,
+                    warm_pass=not no_warm)
+    if quick:
+        cfg.quick, cfg.prompt_tokens, cfg.new_tokens = True, min(prompt_tokens, 6), min(new_tokens, 4)
+        cfg.budgets = pcts if budgets != "15,30,60,100" else (30.0, 100.0)
+    try:
+        result = run(cfg)
+    except Exception as exc:  # noqa: BLE001 - one line unless --debug
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if plot_path is not None and not plot(result, plot_path):
+        err.print("matplotlib is not installed: no plot written (pip install 'zipmoe[bench]')", markup=False)
+    if as_json:
+        typer.echo(text)
+        return
+    console = Console(width=240)
+    console.print(render_table(result))
+    for line in render_targets(result):
+        console.print(line, highlight=False, markup=False)
+    if result["cgroup"] != "capped runs join a child memory cgroup":
+        console.print(f"no memory cap: {result['cgroup']} (figures are uncapped)", highlight=False, markup=False)
+
+
 @app.callback()
 def _bench() -> None:
     """Benchmarks."""

@@ -1,0 +1,56 @@
+"""`zipmoe bench e2e --quick`: runs end to end, writes the table, JSON and plot. No timing is asserted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from zipmoe.bench.cli import app
+from zipmoe.bench.e2e import MemCap, kv_cache_bytes, prompt_ids
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("e2e")
+    out = wd / "r.json"
+    res = CliRunner().invoke(app, ["e2e", "--quick", "--budgets", "30", "--workdir", str(wd), "--out", str(out),
+                                   "--systems", "zipmoe,raw,hf-offload,resident"])
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text()), res.output
+
+
+def test_rows_and_exactness(quick):
+    result, text = quick
+    rows = result["rows"]
+    by = {(r["system"], r["budget_pct"]) for r in rows}
+    assert {("zipmoe", 30.0), ("raw", 30.0), ("hf-offload", 30.0), ("resident", None)} <= by
+    ours = [r for r in rows if r["system"] in ("zipmoe", "raw", "resident")]
+    assert all(r["ok"] for r in ours), [r.get("error") for r in ours]
+    for r in ours:
+        assert r["tok_s"] > 0 and r["ttft_s"] > 0 and r["io_mode"] in ("O_DIRECT", "buffered+DONTNEED")
+        assert set(r["hits"]) == {"full", "comp", "sm", "cold"} and r["peak_rss_bytes"] > 0
+        assert len(r["tokens"]) == result["config"]["new_tokens"] and r["tokens_warm"] == r["tokens"]
+    capped = [r for r in ours if r["system"] != "resident"]
+    assert all(r["store_peak_bytes"] <= r["budget_bytes"] for r in capped)
+    assert all(r["capped"] or r["cap_note"] for r in rows)  # every uncapped figure says why
+    exact = next(t for t in result["targets"] if t["target"].startswith("identical tokens"))
+    assert exact["met"]
+    assert "tok/s" in text and "30% budget" in text
+    assert result["model"]["expert_bytes"] > 0 and result["machine"]["note"]
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    r = CliRunner().invoke(app, ["e2e", "--quick", "--systems", "nope", "--workdir", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown systems" in r.output
+    r = CliRunner().invoke(app, ["e2e", "--quick", "--budgets", "x", "--workdir", str(tmp_path)])
+    assert r.exit_code == 2
+
+
+def test_helpers():
+    cfg = {"num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4, "hidden_size": 2048}
+    assert kv_cache_bytes(cfg, 1, 10) == 2 * 2 * 4 * 128 * 10 * 2
+    ids = prompt_ids(16, 4096)
+    assert len(ids) == 16 and all(3 <= i < 4096 for i in ids)
+    parent, version, why = MemCap.parent()
+    assert (parent is not None and version in (1, 2)) or why
