@@ -206,9 +206,13 @@ POLICIES = {"density": DensityPolicy, "lru": LRUPolicy}
 def make_policy(policy: str | Policy | None, cost: CostModel) -> Policy:
     if policy is None or policy == "density":
         return DensityPolicy(cost)
+    if policy == "zipmoe":  # score + tier shares from the planner (zipmoe_run.policies, issue 6)
+        from zipmoe_run.policies.store_policy import ZipMoEStorePolicy
+
+        return ZipMoEStorePolicy(cost)
     if isinstance(policy, str):
         if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+            raise ValueError(f"unknown policy {policy!r} (known: {', '.join([*POLICIES, 'zipmoe'])})")
         return POLICIES[policy]()
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a name or implement the Policy protocol, not {type(policy).__name__}")

@@ -1,0 +1,341 @@
+"""The ``zipmoe`` policy behind the expert store's policy protocol (``zipmoe_run.store.policy``).
+
+Same decisions as the replay's ``zipmoe`` kernel (:mod:`.policy`), on the store's live state:
+
+* score ``p`` of an expert = its accesses in the current request + ``alpha`` x its all-time access
+  rate (as of the request's start); a request begins at :meth:`ZipMoEStorePolicy.begin_request` or,
+  without that call, at a prefill: a fetch of the first MoE layer asking for more experts than the
+  smallest fetch seen so far (a one-token decode step asks for k);
+* tier shares: the tier planner (:func:`.planner.plan`) on the statistics learned so far (the rank
+  histogram of accessed experts), the store's measured read and decode speeds, and the budget less
+  the store's staging reserve; re-planned at each new request (uniform routing before the first);
+* ``placement``: the tier with the largest positive saving ``p (c[COLD] - c[t])`` less what the
+  weakest expert of that tier would lose when it has to make room (``t`` over its share);
+* ``victim``: first the weakest expert of a tier over its share; else the expert whose demotion
+  loses the least per byte freed (``p (c[lower] - c[t]) / bytes freed``); FULL and COMPRESSED drop
+  to SM when that tier is offered and the demotion allows it, else to COLD.
+
+Costs per access ``c[t]`` (read + decode, seconds) use the store's current ``CostModel``.
+Plain Python, no torch, no I/O. Not thread-safe (the store calls it under its lock).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+import numpy as np
+
+from .planner import ActivationStats, plan
+from .policy import DEFAULT_ALPHA, Split
+from .tiers import Calibration, Tier, TierSizes
+
+__all__ = ["ZipMoEStorePolicy"]
+
+log = logging.getLogger(__name__)
+
+# the store's tiers have the same values (COLD 0, SM 1, COMP 2, FULL 3)
+_DOWN = {3: (1, 0), 2: (1, 0), 1: (0,), 0: ()}
+
+
+class ZipMoEStorePolicy:
+    name = "zipmoe"
+
+    def __init__(self, cost=None, *, alpha: float = DEFAULT_ALPHA, split: Split | None = None,
+                 demote: bool = True, replan: bool = True, plan_step: float = 0.1):
+        self.cost = cost
+        self.alpha = float(alpha)
+        self.fixed_split = split
+        self.split = split or Split(0.0, 1.0, 0.0)
+        self.demote = bool(demote)
+        self.replan = bool(replan) and split is None
+        self.plan_step = float(plan_step)
+        self._R = np.zeros((0, 0))  # accesses in the current request, [layer index, expert]
+        self._G = np.zeros((0, 0))  # all-time accesses
+        self._hist = np.zeros((0, 0))  # rank histogram (ActivationStats)
+        # mirror of the store's tiers and of each expert's bytes / costs per tier (filled on first
+        # sight); resynchronised from res.resident() at every new request
+        self._T = np.zeros((0, 0), np.int8)
+        self._fetching = np.zeros((0, 0), bool)  # experts of the open fetch: not evictable
+        self._nbytes = np.zeros((4, 0, 0))
+        self._cost = np.zeros((4, 0, 0))
+        self._sm_ok = np.zeros((0, 0), bool)
+        self._known = np.zeros((0, 0), bool)
+        self._used = np.zeros(4)
+        self._rowkey: list = []
+        self._need_sync = False
+        self._layers: dict = {}  # (stack, layer) -> row
+        self._experts = 0
+        self._fetches = 0
+        self._tokens_at_req = 0.0
+        self._now = -1
+        self._fetch_keys: list = []
+        self._fetch_first = False
+        self._begun = False
+        self._min_fetch: int | None = None
+        self._need_plan = True
+        self.requests = 0
+        self.plans: list = []
+
+    # -- learning ---------------------------------------------------------------------------------
+    def _tokens(self) -> float:
+        return self._fetches / max(1, len(self._layers))
+
+    def _row(self, key) -> int:
+        lk = (key[0], key[1])
+        row = self._layers.get(lk)
+        if row is None:
+            row = self._layers[lk] = len(self._layers)
+            self._rowkey.append(lk)
+        e = int(key[2])
+        if row >= self._R.shape[0] or e >= self._R.shape[1]:
+            shape = (max(row + 1, 2 * self._R.shape[0]), max(e + 1, self._R.shape[1]))
+            for name in ("_R", "_G", "_hist", "_T", "_fetching", "_sm_ok", "_known"):
+                old = getattr(self, name)
+                new = np.zeros(shape, old.dtype)
+                new[:old.shape[0], :old.shape[1]] = old
+                setattr(self, name, new)
+            for name in ("_nbytes", "_cost"):
+                old = getattr(self, name)
+                new = np.zeros((4,) + shape)
+                new[:, :old.shape[1], :old.shape[2]] = old
+                setattr(self, name, new)
+        self._experts = max(self._experts, e + 1)
+        return row
+
+    def _learn_info(self, res, key, row: int, e: int) -> None:
+        if self._known[row, e]:
+            return
+        info = res.info(key)
+        self._known[row, e] = True
+        for t in range(4):
+            self._nbytes[t, row, e] = info.bytes(t) if t in info.tiers or t == 0 else np.inf
+        self._cost[:, row, e] = self._costs(info)
+        self._sm_ok[row, e] = 1 in info.tiers
+
+    def _set(self, row: int, e: int, t: int) -> None:
+        old = int(self._T[row, e])
+        if old:
+            self._used[old] -= self._nbytes[old, row, e]
+        if t:
+            self._used[t] += self._nbytes[t, row, e]
+        self._T[row, e] = t
+
+    def _sync(self, res) -> None:
+        """Rebuild the mirror from the store (its demotions may differ from what was asked)."""
+        self._need_sync = False
+        self._T[:] = 0
+        self._used[:] = 0.0
+        for key, t in res.resident():
+            row = self._row(key)
+            e = int(key[2])
+            self._learn_info(res, key, row, e)
+            self._set(row, e, int(t))
+
+    def _scores(self, row: int) -> np.ndarray:
+        s = self._R[row].copy()
+        if self._tokens_at_req > 0:
+            s += self.alpha * self._G[row] / self._tokens_at_req
+        return s
+
+    def score(self, key) -> float:
+        row = self._layers.get((key[0], key[1]))
+        if row is None:
+            return 0.0
+        e = int(key[2])
+        g = self._G[row, e] / self._tokens_at_req if self._tokens_at_req > 0 else 0.0
+        return float(self._R[row, e] + self.alpha * g)
+
+    def begin_request(self) -> None:
+        """A new prompt: within-request counts start again (the store forwards this when told)."""
+        self._R[:] = 0.0
+        self._tokens_at_req = self._tokens()
+        self.requests += 1
+        self._need_plan = True
+        self._need_sync = True
+
+    def on_access(self, key, tier, now: int) -> None:
+        if now != self._now:  # a new fetch call
+            self._end_fetch()
+            self._now = now
+            self._fetches += 1
+            self._fetch_keys = []
+            self._fetch_first = self._is_first_layer(key)
+            self._fetching[:] = False
+        row = self._row(key)
+        e = int(key[2])
+        self._fetch_keys.append((row, e))
+        self._fetching[row, e] = True
+        if int(tier) != 3 and self._T[row, e]:  # the store takes it out while it is fetched
+            self._set(row, e, 0)
+        if self._fetch_first and self._min_fetch is not None and len(self._fetch_keys) > self._min_fetch \
+                and not self._begun:
+            # a prefill: start a request and count this fetch's earlier keys into it
+            self._begun = True
+            self.begin_request()
+            for r, x in self._fetch_keys[:-1]:
+                self._R[r, x] += 1.0
+        sc = self._scores(row)
+        self._hist[row, int((sc > sc[e]).sum())] += 1.0
+        self._R[row, e] += 1.0
+        self._G[row, e] += 1.0
+
+    def _is_first_layer(self, key) -> bool:
+        lays = [lay for (st, lay) in self._layers if st == key[0]]
+        return not lays or key[1] <= min(lays)
+
+    def _end_fetch(self) -> None:
+        n = len(self._fetch_keys)
+        if n:
+            self._min_fetch = n if self._min_fetch is None else min(self._min_fetch, n)
+        self._begun = False
+
+    # -- planning ---------------------------------------------------------------------------------
+    def _costs(self, info) -> tuple[float, float, float, float]:
+        rb = getattr(self.cost, "read_bps", 1.4e9) or 1.4e9
+        db = getattr(self.cost, "decode_bps", 3.4e9) or 3.4e9
+        d = info.decoded / db
+        return (info.read_cold / rb + d, info.read_sm / rb + d, d, 0.0)
+
+    def _plan(self, res, info) -> None:
+        self._need_plan = False
+        if not self.replan:
+            return
+        cap = res.capacity
+        if cap is None:
+            self.split = Split(1.0, 0.0, 0.0)
+            return
+        room = max(0, int(cap) - int(res.reserve))
+        try:
+            sizes = TierSizes(int(info.full_bytes), info.comp_bytes / info.full_bytes,
+                              max(1e-6, (info.comp_bytes - info.sm_bytes) / info.full_bytes), "store")
+        except ValueError:
+            return
+        cal = Calibration(disk_bps=float(getattr(self.cost, "read_bps", 1.4e9)),
+                          decode_bps=float(getattr(self.cost, "decode_bps", 3.4e9)), source="store cost model")
+        k = max(1, self._min_fetch or 1)
+        L, E = len(self._layers), self._experts
+        hist = self._hist[:L, :E]
+        if L and E and hist.sum() > 0:
+            rows = hist.sum(axis=1, keepdims=True)
+            probs = np.where(rows > 0, hist / np.maximum(rows, 1e-12) * k, k / E)
+            stats = ActivationStats(probs, k, self._tokens(), "learned online")
+        else:
+            stats = ActivationStats.uniform(max(1, len(self._layers)), max(1, self._experts), k)
+        tiers = tuple(t for t in (Tier.FULL, Tier.COMPRESSED, Tier.SM) if int(t) in info.tiers)
+        got = plan(stats, room, sizes, cal, tiers=tiers or (Tier.FULL,), step=self.plan_step)
+        self.split = got.split
+        self.plans.append((self.requests, got.split, got.seconds_per_token))
+        log.info("zipmoe policy: tier split %s (modelled %.1f ms/token, %s)", got.split,
+                 1e3 * got.seconds_per_token, stats.source)
+
+    # -- the store's questions --------------------------------------------------------------------
+    def _scores_all(self) -> np.ndarray:
+        s = self._R.copy()
+        if self._tokens_at_req > 0:
+            s += self.alpha * self._G / self._tokens_at_req
+        return s
+
+    def _share(self, res, t: int) -> float:
+        if res.capacity is None:
+            return float("inf")
+        return self.split.share(t) * max(0, int(res.capacity) - int(res.reserve))
+
+    def _weakest(self, S: np.ndarray, t: int, pinned_mask=None):
+        m = (self._T == t) & ~self._fetching
+        if pinned_mask is not None:
+            m &= ~pinned_mask
+        if not m.any():
+            return None
+        idx = np.where(m, S, np.inf).argmin()
+        row, e = np.unravel_index(idx, S.shape)
+        return int(row), int(e), float(S[row, e])
+
+    def _down(self, row: int, e: int, t: int, extra_sm: float, res) -> int:
+        if self.demote and t > 1 and self._sm_ok[row, e] and self.split.share(1) > 0 \
+                and self._used[1] + extra_sm + self._nbytes[1, row, e] <= self._share(res, 1):
+            return 1
+        return 0
+
+    def placement(self, key, res):
+        info = res.info(key)
+        if self._need_sync:
+            self._sync(res)
+        if self._need_plan:
+            self._plan(res, info)
+        row = self._row(key)
+        e = int(key[2])
+        self._learn_info(res, key, row, e)
+        Tcls = type(next(iter(info.tiers)))
+        if res.capacity is None:
+            best = int(max(info.tiers))
+        else:
+            c = self._cost[:, row, e]
+            S = self._scores_all()
+            px = S[row, e]
+            best, best_g = 0, 0.0
+            for t in (3, 2, 1):
+                if t not in info.tiers or self.split.share(t) <= 0:
+                    continue
+                g = px * (c[0] - c[t])
+                if self._used[t] + self._nbytes[t, row, e] > self._share(res, t):
+                    w = self._weakest(S, t)
+                    if w is None:
+                        continue
+                    vr, ve, pv = w
+                    down = self._down(vr, ve, t, 0.0, res)
+                    g -= pv * (self._cost[down, vr, ve] - self._cost[t, vr, ve])
+                if g > best_g:
+                    best, best_g = t, g
+        self._fetching[row, e] = False
+        self._set(row, e, best)
+        return Tcls(best)
+
+    def victim(self, res, pinned: Collection):
+        if self._need_sync:
+            self._sync(res)
+        S = self._scores_all()
+        pm = None
+        if pinned:
+            pm = np.zeros(S.shape, bool)
+            for key in pinned:
+                lk = self._layers.get((key[0], key[1]))
+                if lk is not None:
+                    pm[lk, int(key[2])] = True
+        pick = None
+        for t in (3, 2, 1):  # a tier over its share gives up its weakest first
+            if self._used[t] > self._share(res, t):
+                w = self._weakest(S, t, pm)
+                if w is not None:
+                    pick = (w[0], w[1], t, self._down(w[0], w[1], t, 0.0, res))
+                    break
+        if pick is None:  # the demotion that loses the least per byte freed
+            best = None
+            for t in (3, 2, 1):
+                m = (self._T == t) & ~self._fetching
+                if pm is not None:
+                    m &= ~pm
+                if not m.any():
+                    continue
+                sm_fits = (self.demote and t > 1 and self.split.share(1) > 0
+                           and self._used[1] + self._nbytes[1] <= self._share(res, 1)) & self._sm_ok
+                down = np.where(sm_fits, 1, 0) if t > 1 else np.zeros(S.shape, int)
+                nb_down = np.where(down == 1, self._nbytes[1], 0.0)
+                c_down = np.where(down == 1, self._cost[1], self._cost[0])
+                freed = np.maximum(self._nbytes[t] - nb_down, 1.0)
+                loss = np.where(m, S * (c_down - self._cost[t]) / freed, np.inf)
+                idx = int(loss.argmin())
+                if np.isfinite(loss.flat[idx]) and (best is None or loss.flat[idx] < best[0]):
+                    row, e = np.unravel_index(idx, S.shape)
+                    best = (float(loss.flat[idx]), int(row), int(e), t, int(down[row, e]))
+            if best is not None:
+                pick = best[1:]
+        if pick is None:
+            return None
+        row, e, t, down = pick
+        stack, layer = self._rowkey[row]
+        key = (stack, layer, e)
+        if int(res.tier_of(key)) != t:  # the mirror drifted: resynchronise and ask again
+            self._sync(res)
+            return self.victim(res, pinned) if self._T[row, e] != t else None
+        self._set(row, e, down)
+        return key, type(res.tier_of(key))(down)
