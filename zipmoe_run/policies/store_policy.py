@@ -290,7 +290,7 @@ class ZipMoEStorePolicy:
         self._set(row, e, best)
         return Tcls(best)
 
-    def victim(self, res, pinned: Collection):
+    def victim(self, res, pinned: Collection, _retry: bool = False):
         if self._need_sync:
             self._sync(res)
         S = self._scores_all()
@@ -330,6 +330,9 @@ class ZipMoEStorePolicy:
             if best is not None:
                 pick = best[1:]
         if pick is None:
+            if not _retry and any(True for _ in res.resident()):  # the mirror lost track: resync once
+                self._sync(res)
+                return self.victim(res, pinned, _retry=True)
             return None
         row, e, t, down = pick
         stack, layer = self._rowkey[row]
