@@ -9,8 +9,9 @@ written as the calibration JSON the cache policies, the tier planner and ``bench
 * Decode: BF16 output bytes per second of ``formats.decoder.ParallelDecoder`` on 1 thread and on
   ``cores`` threads, over an archive's experts or generated N(0, 0.02) BF16 chunks encoded exactly
   as the packer does (default codec and chunk size); median of ``runs`` after a warm-up.
-* Compute: BF16 weight bytes per second of a one-token expert forward (three [1408, 2048]
-  matrix-vector products through the runtime's ``linear``), which sets the prefetch window.
+* Compute: BF16 weight bytes per second of one-token expert forwards (three [1408, 2048]
+  matrix-vector products each, through the runtime's ``linear``, over 8 different experts so the
+  weights stream from memory), which sets the prefetch window.
 
 Library code: logs, never prints. Timings are medians; the machine's load moves them.
 """
@@ -120,8 +121,9 @@ def measure_decode(threads: list[int], runs: int = 3, elements: int = 1 << 24, s
     return res
 
 
-def measure_compute(runs: int = 5, hidden: int = 2048, inter: int = 1408) -> dict:
-    """Weight bytes/s of one token through a SwiGLU expert in bf16 (the runtime's ``linear``)."""
+def measure_compute(runs: int = 5, hidden: int = 2048, inter: int = 1408, sets: int = 8) -> dict:
+    """Weight bytes/s of one token through SwiGLU experts in bf16 (the runtime's ``linear``); ``sets``
+    different experts per pass so the weights come from memory, not from the last-level cache."""
     import torch
     import torch.nn.functional as F
 
@@ -131,21 +133,22 @@ def measure_compute(runs: int = 5, hidden: int = 2048, inter: int = 1408) -> dic
         linear = F.linear
         single_row_scope = None
     g = torch.Generator().manual_seed(0)
-    w = [torch.randn(inter, hidden, generator=g).to(torch.bfloat16) * 0.02 for _ in range(2)]
-    wd = torch.randn(hidden, inter, generator=g).to(torch.bfloat16) * 0.02
+    experts = [(torch.randn(inter, hidden, generator=g).to(torch.bfloat16),
+                torch.randn(inter, hidden, generator=g).to(torch.bfloat16),
+                torch.randn(hidden, inter, generator=g).to(torch.bfloat16)) for _ in range(sets)]
     x = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
 
     def one():
-        h = F.silu(linear(x, w[0])) * linear(x, w[1])
-        return linear(h, wd)
+        for wg, wu, wd in experts:
+            linear(F.silu(linear(x, wg)) * linear(x, wu), wd)
 
     if single_row_scope is not None:
         with single_row_scope(True):
             s = _median_s(one, runs)
     else:
         s = _median_s(one, runs)
-    nbytes = 3 * hidden * inter * 2
-    return {"bps": nbytes / s, "bytes": nbytes, "seconds": s}
+    nbytes = sets * 3 * hidden * inter * 2
+    return {"bps": nbytes / s, "bytes": nbytes, "seconds": s, "experts": sets}
 
 
 def run(*, directory: Path | None = None, archive_path: Path | None = None, size: int = 256 << 20,
