@@ -167,3 +167,31 @@ def test_yielded_dicts_are_emptied_on_resume_with_a_budget(arc):
         got = list(lm.source.fetch(0, _all_experts(lm)))
         assert all(set(w) == {"gate_proj", "up_proj", "down_proj"} for _, w in got)
         assert all(isinstance(t, torch.Tensor) for _, w in got for t in w.values())
+
+
+def test_cli_one_line_errors(arc, monkeypatch):
+    """zipmoe-run: a too-small budget and a read failing mid-run are one stderr line, exit 1."""
+    from typer.testing import CliRunner
+
+    from zipmoe_run.cli import app
+    from zipmoe_run.store.io import ExpertReader
+
+    with load(arc) as lm:
+        minimum = lm.source.store.min_budget
+    r = CliRunner().invoke(app, [str(arc), "--prompt-ids", "5,6,7", "-n", "3", "--memory-budget", "10KB"])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "minimum" in lines[0] and str(minimum) in lines[0]
+
+    real = ExpertReader.read
+    calls = {"n": 0}
+
+    def failing(self, buf, offset, length, what, at=0):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise StoreIOError(f"{self.path}: cannot read {what} at offset {offset}: Input/output error")
+        return real(self, buf, offset, length, what, at)
+
+    monkeypatch.setattr(ExpertReader, "read", failing)
+    r = CliRunner().invoke(app, [str(arc), "--prompt-ids", "5,6,7,8", "-n", "4", "--memory-budget", "20%"])
+    err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 1 and len(err) == 1 and "tensor model.layers." in err[0] and "Traceback" not in r.output

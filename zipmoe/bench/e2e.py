@@ -17,11 +17,14 @@ first):
 
 Memory caps: each capped run joins a child memory cgroup the benchmark creates (v1
 ``memory.limit_in_bytes`` under the process's own memory cgroup, or v2 ``memory.max``) and removes.
-Charges made before joining stay outside, so a run joins right before it allocates what the budget
-covers, with the limit ``base + dense + KV + budget + CAP_SLACK - RSS at joining`` (``base``: RSS
-after imports). The runtime joins before opening the archive; transformers cannot load inside such a
-cap, so it loads first, drops the offload files' pages, then joins with what is left. Where no
-cgroup can be made, runs are uncapped and labelled so.
+Charges made before joining stay outside (v1 cannot move them), so a run trims its heap
+(``malloc_trim``) and joins right before it allocates what the budget covers, with the limit
+``dense + KV + budget + CAP_SLACK - (anonymous RSS gained since the post-import baseline)``. The
+runtime joins before opening the archive; transformers cannot load inside such a cap, so it loads
+first, drops the offload files' pages, then joins with what is left (the weights it keeps in memory
+count against the same total). Where no cgroup can be made, runs are uncapped and labelled so.
+Compute threads default to 1 for every system (on the shared 2-core machine two OpenMP threads were
+up to 15x slower); the runtime's decoder pool uses all cores.
 
 Library code: logs, never prints (``zipmoe bench e2e`` prints). Timings on a shared machine are
 noisy; the table says so.
@@ -169,6 +172,22 @@ def _status(field: str) -> int | None:
     return None
 
 
+def _rss_anon() -> int:
+    """Anonymous resident bytes (heap, tensors, buffers): what a process brings into a cap it joins
+    late. File-backed pages (libraries, mapped weights) are left out."""
+    return _status("RssAnon") or _rss()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the kernel, so memory reused after joining a cap is charged to it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -208,6 +227,17 @@ def warm_up_runtime(threads: int) -> None:
     with torch.device("meta"):
         torch.nn.Embedding(4, 4)
     torch.set_num_threads(threads)  # numba's OpenMP layer, started by the first kernel call, resets it
+
+
+def _cap_stat(a: dict) -> dict | None:
+    """rss / cache / mapped_file of the cap at the end of the run (cgroup v1 memory.stat)."""
+    if not a.get("cap_path") or a.get("cap_version") != 1:
+        return None
+    try:
+        kv = dict(line.split() for line in (Path(a["cap_path"]) / "memory.stat").read_text().splitlines())
+    except (OSError, ValueError):
+        return None
+    return {k: int(kv[k]) for k in ("rss", "cache", "mapped_file", "max_usage_in_bytes") if k in kv} or None
 
 
 def kv_cache_bytes(cfg: dict, batch: int, max_len: int, itemsize: int = 2) -> int:
@@ -285,12 +315,14 @@ def _child_runtime(a: dict) -> dict:
     from zipmoe_run.generate import Sampling
 
     warm_up_runtime(a["threads"])
+    _trim_heap()
     out: dict = {"base_rss_bytes": _rss()}
+    anon0 = _rss_anon()
     budget = a["budget_bytes"]
     kv = kv_cache_bytes(a["config"], 1, a["prompt_tokens"] + a["new_tokens"])
     out["kv_bytes"] = kv
     if a.get("cap_path"):
-        limit = out["base_rss_bytes"] + a["dense_bytes"] + kv + (budget or a["expert_bytes"]) + CAP_SLACK - _rss()
+        limit = a["dense_bytes"] + kv + (budget or a["expert_bytes"]) + CAP_SLACK - (_rss_anon() - anon0)
         join_cap(a["cap_path"], a["cap_version"], limit)
         out["cap_limit_bytes"] = limit
     _reset_peak()
@@ -323,7 +355,8 @@ def _child_runtime(a: dict) -> dict:
         })
     out.update(store_peak_bytes=st["store_peak_bytes"], io_mode=st["io_mode"], budget=st["budget"],
                dense_bytes=st["dense_bytes"], peak_rss_bytes=_status("VmHWM"),
-               resident_experts=st.get("resident_experts"))
+               resident_experts=st.get("resident_experts"), cap_stat=_cap_stat(a))
+    out["store_stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lm.close()
     return out
 
@@ -363,7 +396,9 @@ def _child_hf(a: dict) -> dict:
     torch.nn.functional.linear(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(64, 64, dtype=torch.bfloat16))
     with torch.device("meta"):
         torch.nn.Embedding(4, 4)
+    _trim_heap()
     out: dict = {"base_rss_bytes": _rss()}
+    anon0 = _rss_anon()
     budget = a["budget_bytes"]
     kv = kv_cache_bytes(a["config"], 1, a["prompt_tokens"] + a["new_tokens"])
     out["kv_bytes"] = kv
@@ -379,8 +414,11 @@ def _child_hf(a: dict) -> dict:
     out["offloaded_modules"] = on_disk
     out["load_peak_rss_bytes"] = _status("VmHWM")
     _drop([off, a["path"]])  # the offload files were just written: make them cold too
+    _trim_heap()
+    out["anon_after_load_bytes"] = _rss_anon() - anon0
     if a.get("cap_path"):
-        limit = out["base_rss_bytes"] + a["dense_bytes"] + kv + (budget or a["expert_bytes"]) + CAP_SLACK - _rss()
+        # what the weights it keeps in memory already use counts against the same total
+        limit = a["dense_bytes"] + kv + (budget or a["expert_bytes"]) + CAP_SLACK - (_rss_anon() - anon0)
         limit = max(limit, 64 * MIB)
         join_cap(a["cap_path"], a["cap_version"], limit)
         out["cap_limit_bytes"] = limit
@@ -419,7 +457,7 @@ def _child_hf(a: dict) -> dict:
             "hits" + tag: None,
         })
     out.update(store_peak_bytes=None, io_mode="page cache (safetensors offload)", budget=None,
-               dense_bytes=a["dense_bytes"], peak_rss_bytes=_status("VmHWM"))
+               dense_bytes=a["dense_bytes"], peak_rss_bytes=_status("VmHWM"), cap_stat=_cap_stat(a))
     return out
 
 
