@@ -342,9 +342,12 @@ def test_tier_sizes():
 def test_planner_picks_the_modelled_minimum():
     stats = ActivationStats.uniform(4, 16, 2)
     budget = 20 * N
-    res = plan(stats, budget, SIZES, CAL, step=0.1)
+    res = plan(stats, budget, SIZES, CAL, step=0.1, prefer_simple=0.0)
     every = [expected_time(stats, s, budget, SIZES, CAL) for s in splits(step=0.1)]
     assert res.seconds_per_token == pytest.approx(min(every))
+    simple = plan(stats, budget, SIZES, CAL, step=0.1)  # fewer tiers within 2 % of the minimum
+    assert simple.seconds_per_token <= 1.02 * min(every) + 1e-12
+    assert sum(v > 0 for v in simple.split.as_dict().values()) <= sum(v > 0 for v in res.split.as_dict().values())
     # budget for everything decoded: all FULL costs nothing
     full = plan(stats, 64 * N, SIZES, CAL, step=0.25)
     assert full.seconds_per_token == 0.0 and full.split.full == 1.0

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from zipmoe_run.policies import Calibration, Split, Tier, TierSizes, load_calibration, make_policy
+from zipmoe_run.policies.policy import tier_costs
 from zipmoe_run.policies.planner import plan, stats_from_sequence
 from zipmoe_run.policies.simulate import PrefetchConfig, next_uses, replay
 from zipmoe_run.policies.trace import build_sequence, load_trace
@@ -83,6 +84,7 @@ def run(trace_path: Path, *, budgets: list[str], expert_bytes: int | None = None
     nexts = next_uses(seq) if any(p.startswith("belady") for p in policies) else None
     L, E = seq.layers, seq.experts
     total = L * E * sizes.full
+    costs = tier_costs(sizes, cal)  # what the zipmoe placement weighs, from the same calibration
     out = {
         "trace": {"path": str(trace_path), "name": tr.name, "prompts": tr.prompts, "layers": L, "experts": E,
                   "k": seq.k, "tokens": seq.tokens, "seed": seed},
@@ -102,18 +104,19 @@ def run(trace_path: Path, *, budgets: list[str], expert_bytes: int | None = None
             if name == "belady-tiered":
                 best = None
                 for sp in dict.fromkeys(BELADY_TIERED_SPLITS + (zp.split,)):
-                    r = replay(seq, make_policy("belady-tiered", L, E, B, sizes, sp), sizes, cal, nexts=nexts)
+                    r = replay(seq, make_policy("belady-tiered", L, E, B, sizes, sp, costs=costs), sizes, cal,
+                               nexts=nexts)
                     if best is None or r.seconds < best.seconds:
                         best = r
                 best.note += f"; best of {len(BELADY_TIERED_SPLITS) + 1} splits"
                 res = best
             elif name == "zipmoe+prefetch":
-                res = replay(seq, make_policy("zipmoe", L, E, B, sizes, zp.split), sizes, cal,
+                res = replay(seq, make_policy("zipmoe", L, E, B, sizes, zp.split, costs=costs), sizes, cal,
                              PrefetchConfig(True))
                 res.policy = name
             else:
                 split = {"zipmoe": zp.split, "paper": pp.split}.get(name)
-                res = replay(seq, make_policy(name, L, E, B, sizes, split), sizes, cal,
+                res = replay(seq, make_policy(name, L, E, B, sizes, split, costs=costs), sizes, cal,
                              nexts=nexts if name == "belady" else None)
             entry["results"].append(res.as_dict())
             log.info("%s %s: %.1f ms/token", spec, name, 1e3 * res.seconds_per_token)

@@ -14,7 +14,8 @@ specs/runtime.md):
 * The k accesses of a layer are independent draws over the tiers with the probabilities of their
   ranks (a multinomial), and the layer waits for the Johnson makespan of its non-FULL experts
   (:mod:`.tiers`). The modelled time per token is the sum over layers; the planner returns the
-  split (on a grid of ``step``) with the smallest one.
+  split (on a grid of ``step``) with the smallest one, except that a split with fewer tiers
+  within :data:`PREFER_SIMPLE` of it wins.
 """
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ from .policy import DEFAULT_ALPHA, Policy, Split
 from .tiers import Calibration, Tier, TierSizes
 from .trace import ReplaySequence
 
-__all__ = ["ActivationStats", "PlanResult", "stats_from_sequence", "expected_time", "plan", "splits"]
+__all__ = ["ActivationStats", "PlanResult", "stats_from_sequence", "expected_time", "plan", "splits", "PREFER_SIMPLE"]
+
+#: a split with fewer tiers is preferred unless a richer one is modelled this much faster: the
+#: model is optimistic for mixed layouts (it lets FULL victims fall to COMPRESSED, which the store
+#: cannot do without re-encoding; measured about 3 % on the shipped traces)
+PREFER_SIMPLE = 0.02
 
 
 @dataclass(frozen=True)
@@ -172,9 +178,10 @@ def expected_time(stats: ActivationStats, split: Split, budget: int, sizes: Tier
 def plan(stats: ActivationStats | None, budget: int, sizes: TierSizes, cal: Calibration, *,
          layers: int | None = None, experts: int | None = None, k: int | None = None,
          tiers: tuple[int, ...] = (Tier.FULL, Tier.COMPRESSED, Tier.SM), step: float = 0.05,
-         min_full: float = 0.0, per_layer: bool = False) -> PlanResult:
-    """The split of ``budget`` minimising :func:`expected_time` on a grid. Without ``stats``,
-    ``layers``, ``experts`` and ``k`` give uniform routing."""
+         min_full: float = 0.0, per_layer: bool = False, prefer_simple: float = PREFER_SIMPLE) -> PlanResult:
+    """The split of ``budget`` minimising :func:`expected_time` on a grid; among the splits within
+    ``prefer_simple`` (relative) of that minimum, the one with the fewest tiers (then the fastest).
+    Without ``stats``, ``layers``, ``experts`` and ``k`` give uniform routing."""
     if stats is None:
         if layers is None or experts is None or k is None:
             raise ValueError("plan() needs statistics or layers, experts and k")
@@ -183,4 +190,7 @@ def plan(stats: ActivationStats | None, budget: int, sizes: TierSizes, cal: Cali
     if not cands:
         raise ValueError(f"no split on a {step} grid satisfies min_full={min_full}")
     cands.sort(key=lambda st: (round(st[1], 12), -st[0].full))
-    return PlanResult(cands[0][0], cands[0][1], cands, stats.source)
+    best = cands[0][1]
+    ok = [c for c in cands if c[1] <= best * (1.0 + prefer_simple) + 1e-15]
+    pick = min(ok, key=lambda c: (sum(v > 0 for v in (c[0].full, c[0].compressed, c[0].sm)), round(c[1], 12)))
+    return PlanResult(pick[0], pick[1], cands, stats.source)
