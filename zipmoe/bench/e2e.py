@@ -605,13 +605,18 @@ def _gb(n):
     return f"{n / 1e9:.2f}" if n >= 1e7 or n == 0 else f"{n / 1e9:.4f}"
 
 
+def _kv_mb(result: dict) -> str:
+    kv = next((r.get("kv_bytes") for r in result["rows"] if r.get("kv_bytes")), None)
+    return "-" if kv is None else f"{kv / 1e6:.1f}"
+
+
 def render_table(result: dict):
     from rich.table import Table
 
     m = result["model"]
     title = (f"end to end: qwen2_moe {m['dims']['experts']} experts x {m['dims']['layers']} layers, "
              f"{m['expert_bytes'] / 1e9:.2f} GB routed experts ({m['extent_bytes'] / 1e9:.2f} GB compressed), "
-             f"dense {m['dense_bytes'] / 1e9:.2f} GB; greedy, {result['config']['prompt_tokens']} prompt + "
+             f"dense {m['dense_bytes'] / 1e9:.2f} GB, KV {_kv_mb(result)} MB; greedy, {result['config']['prompt_tokens']} prompt + "
              f"{result['config']['new_tokens']} new tokens; cold start. {result['machine']['note']}")
     t = Table(title=title)
     cols = ["budget", "system", "cap", "tok/s", "TTFT s", "TPOT ms", "GB read", "hits full/comp/sm/cold",
