@@ -65,11 +65,17 @@ def _build():
 def enabled() -> bool:
     global _ENABLED, _gemv
     if _ENABLED and _gemv is None:
+        n = torch.get_num_threads()
         try:
             _gemv = _build()
+            # Start numba's OpenMP pool here, on a tiny input: its launch resets the process-wide
+            # OpenMP thread count, which torch shares, so put torch's back right after.
+            _gemv(np.zeros((1, 1), np.uint32), np.zeros(2, np.float32), np.empty(1, np.float32))
         except Exception as exc:  # numba missing or broken: torch only
             log.warning("bf16 decode kernel unavailable (%s); using torch", exc)
             _ENABLED = False
+        finally:
+            torch.set_num_threads(n)
     return _ENABLED
 
 
