@@ -69,7 +69,9 @@ def _trace(n_experts, steps, seed, hot=5):
 def test_protocol_and_factory():
     cost = CostModel()
     assert isinstance(DensityPolicy(cost), Policy) and isinstance(LRUPolicy(), Policy)
-    assert isinstance(make_policy(None, cost), DensityPolicy) and isinstance(make_policy("lru", cost), LRUPolicy)
+    from zipmoe_run.policies.store_policy import ZipMoEStorePolicy
+    assert isinstance(make_policy(None, cost), ZipMoEStorePolicy)
+    assert isinstance(make_policy("density", cost), DensityPolicy) and isinstance(make_policy("lru", cost), LRUPolicy)
     with pytest.raises(ValueError):
         make_policy("belady", cost)
     with pytest.raises(TypeError):

@@ -204,12 +204,12 @@ POLICIES = {"density": DensityPolicy, "lru": LRUPolicy}
 
 
 def make_policy(policy: str | Policy | None, cost: CostModel) -> Policy:
-    if policy is None or policy == "density":
-        return DensityPolicy(cost)
-    if policy == "zipmoe":  # score + tier shares from the planner (zipmoe_run.policies, issue 6)
+    if policy is None or policy == "zipmoe":  # default: score + tier shares from the planner (section 10)
         from zipmoe_run.policies.store_policy import ZipMoEStorePolicy
 
         return ZipMoEStorePolicy(cost)
+    if policy == "density":
+        return DensityPolicy(cost)
     if isinstance(policy, str):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} (known: {', '.join([*POLICIES, 'zipmoe'])})")
