@@ -131,3 +131,14 @@ def test_protocol_replay_matches_the_kernel_roughly():
     # the store's LRUPolicy and the kernel's LRU differ only in tie order within a layer
     lru_k = replay(seq, make_policy("lru", 3, 16, budget, sizes), sizes, cal)
     assert abs(lru.found["cold"] - lru_k.found["cold"]) <= 0.01 * lru.accesses
+
+
+def test_zipmoe_policy_tables_grow_with_the_model_not_geometrically():
+    """Regression: a new expert column used to double the layer rows too (2 layers x 60 experts
+    asked for a [4, 2**21, 64] table and exhausted memory)."""
+    pol = ZipMoEStorePolicy(CostModel())
+    for layer in range(2):
+        for e in range(60):
+            pol._row((None, layer, e))
+    assert pol._R.shape[0] <= 4 and 60 <= pol._R.shape[1] <= 128
+    assert pol._nbytes.shape[1:] == pol._R.shape

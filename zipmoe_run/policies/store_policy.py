@@ -88,7 +88,8 @@ class ZipMoEStorePolicy:
             self._rowkey.append(lk)
         e = int(key[2])
         if row >= self._R.shape[0] or e >= self._R.shape[1]:
-            shape = (max(row + 1, 2 * self._R.shape[0]), max(e + 1, self._R.shape[1]))
+            r0, c0 = self._R.shape  # grow each axis geometrically, and only the axis that overflowed
+            shape = (r0 if row < r0 else max(row + 1, 2 * r0), c0 if e < c0 else max(e + 1, 2 * c0))
             for name in ("_R", "_G", "_hist", "_T", "_fetching", "_sm_ok", "_known"):
                 old = getattr(self, name)
                 new = np.zeros(shape, old.dtype)
