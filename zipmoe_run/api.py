@@ -110,7 +110,8 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
     ``threads`` sets torch's intra-op thread count (process-wide) and is passed to the archive
     reader; ``memory_budget`` bounds the memory of the routed experts of a ``.zmoe`` archive (bytes,
     ``"3GiB"``, ``"30%"`` of the expert bytes or ``"auto"``; None: no limit; see specs/runtime.md);
-    other ``store_opts`` go to ``ArchiveSource`` (policy, io_mode, ...).
+    other ``store_opts`` go to ``ArchiveSource`` (policy, io_mode, io_throttle_bps: a read-rate cap in
+    bytes/s emulating slower storage, ...).
     """
     if memory_budget is not None:
         store_opts["memory_budget"] = memory_budget

@@ -47,7 +47,7 @@ def _as_tensor(buf, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int
 
 class ArchiveSource:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, memory_budget=None, *,
-                 policy=None, io_mode: str = "auto", cost=None):
+                 policy=None, io_mode: str = "auto", io_throttle_bps: float | None = None, cost=None):
         from .store.store import ExpertStore
 
         self.archive = Archive(path)
@@ -60,7 +60,7 @@ class ArchiveSource:
             self.decoder = ParallelDecoder(threads or os.cpu_count() or 1)
             try:
                 self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,
-                                         io_mode=io_mode, wrap=self._weights, dense_bytes=self.dense_bytes,
+                                         io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=self._weights, dense_bytes=self.dense_bytes,
                                          cost=cost)
             except BaseException:
                 self.decoder.close()

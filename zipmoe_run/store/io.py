@@ -10,6 +10,11 @@ Otherwise the reader uses plain ``pread`` and drops the pages it read with
 Buffers are anonymous private mappings (``Buffer``): page-aligned (as ``O_DIRECT`` wants), freed to
 the kernel on close, and their pages can be dropped one by one (``punch``: ``MADV_DONTNEED``), which
 is how an expert goes from compressed-resident to sign/mantissa-resident without a copy.
+
+An optional bandwidth cap (``ExpertReader(throttle_bps=...)``) emulates slower storage (eMMC, UFS)
+for benchmarks: the reader behaves like a device that serves bytes one after another at
+``throttle_bps``, sleeping after a read until the bytes it has delivered fit that rate. The sleep
+holds no lock, so decoding of earlier pieces goes on meanwhile.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import logging
 import mmap
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +32,7 @@ import numpy as np
 from formats.errors import FormatError, ZmoeError
 
 __all__ = ["ALIGN", "PAGE", "ceil_page", "floor_page", "Buffer", "BufferPool", "ExpertReader", "StoreIOError",
-           "probe_direct", "drop_page_cache"]
+           "probe_direct", "drop_page_cache", "STORAGE_PRESETS", "parse_storage"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,34 @@ def ceil_page(n: int) -> int:
 
 def floor_page(n: int) -> int:
     return int(n) // ALIGN * ALIGN
+
+
+# emulated storage for benchmarks: sustained sequential read rates, bytes/s
+STORAGE_PRESETS = {"emmc": 300_000_000, "ufs": 2_000_000_000}
+
+
+def parse_storage(spec: str | int | float | None) -> int | None:
+    """``None``/``"none"``/``"disk"``: no cap; ``"emmc"`` (300 MB/s), ``"ufs"`` (2 GB/s); or bytes/s
+    as a number, optionally with a decimal suffix (``"500M"``, ``"1.5G"``, ``"800MB"``)."""
+    if spec is None:
+        return None
+    if isinstance(spec, (int, float)):
+        v = float(spec)
+    else:
+        t = str(spec).strip().lower()
+        if t in ("", "none", "disk", "real"):
+            return None
+        if t in STORAGE_PRESETS:
+            return STORAGE_PRESETS[t]
+        t = t.removesuffix("/s").removesuffix("b")
+        mult = {"k": 1e3, "m": 1e6, "g": 1e9}.get(t[-1:], 1.0)
+        try:
+            v = float(t[:-1] if mult != 1.0 else t) * mult
+        except ValueError:
+            raise ValueError(f"storage must be emmc, ufs or bytes per second, not {spec!r}") from None
+    if not v > 0:
+        raise ValueError(f"storage rate must be > 0 bytes/s, not {spec!r}")
+    return int(v)
 
 
 class StoreIOError(ZmoeError):
@@ -189,11 +223,26 @@ class ExpertReader:
 
     ``mode``: ``"auto"`` (O_DIRECT when the probe succeeds), ``"direct"`` (O_DIRECT or an error) or
     ``"buffered"`` (pread + POSIX_FADV_DONTNEED). Thread-safe (pread has no shared file position).
+
+    ``throttle_bps``: emulate storage of that sustained rate (bytes/s). The reader keeps the time at
+    which a device of that rate, serving reads back to back, would have finished the bytes read so
+    far (``_free_at``); a read starting when that device is idle restarts it from the read's start.
+    After each read it sleeps (no lock held) until that time, so the bytes it has returned by any
+    moment never exceed ``throttle_bps`` times the time since the device was last idle. ``clock``
+    and ``sleep`` are injectable for tests.
     """
 
-    def __init__(self, path: str | os.PathLike, mode: str = "auto"):
+    def __init__(self, path: str | os.PathLike, mode: str = "auto", *, throttle_bps: float | None = None,
+                 clock=time.monotonic, sleep=time.sleep):
         if mode not in ("auto", "direct", "buffered"):
             raise ValueError(f"io mode must be auto, direct or buffered, not {mode!r}")
+        if throttle_bps is not None and not throttle_bps > 0:
+            raise ValueError(f"io throttle must be > 0 bytes/s, not {throttle_bps!r}")
+        self.throttle_bps = float(throttle_bps) if throttle_bps is not None else None
+        self._clock, self._sleep = clock, sleep
+        self._tlock = threading.Lock()
+        self._free_at = 0.0
+        self.throttle_s = 0.0  # total time slept by the throttle
         self.path = Path(path)
         self.why_not_direct: str | None = None
         self._fd_direct: int | None = None
@@ -232,6 +281,7 @@ class ExpertReader:
         view = memoryview(buf.mm)[at:at + n]
         got = 0
         t0 = time.perf_counter()
+        c0 = self._clock() if self.throttle_bps is not None else 0.0
         try:
             while got < n:
                 r = os.preadv(fd, [view[got:]], offset + got)
@@ -250,6 +300,8 @@ class ExpertReader:
                 os.posix_fadvise(self._fd, offset, n, os.POSIX_FADV_DONTNEED)
             except OSError:  # advisory only
                 pass
+        if self.throttle_bps is not None and got > 0:
+            self._throttle(c0, got)
         self.read_s += time.perf_counter() - t0
         if got < length:
             raise FormatError(f"{self.path}: archive truncated: {what} needs bytes [{offset}, {offset + length}) "
@@ -257,6 +309,16 @@ class ExpertReader:
         self.bytes_read += got
         self.reads += 1
         return got
+
+    def _throttle(self, started: float, nbytes: int) -> None:
+        with self._tlock:
+            self._free_at = max(self._free_at, started) + nbytes / self.throttle_bps
+            until = self._free_at
+        wait = until - self._clock()
+        if wait > 0:  # outside the lock: other readers book their bytes, decoders keep going
+            self._sleep(wait)
+            with self._tlock:
+                self.throttle_s += wait
 
     def close(self) -> None:
         for fd in (self._fd_direct, self._fd):

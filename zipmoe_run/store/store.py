@@ -158,7 +158,7 @@ class ExpertStore:
     """The tiered, budgeted expert store of one open ``formats.reader.Archive``."""
 
     def __init__(self, archive, decoder: ParallelDecoder, *, budget: Budget | str | int | None = None,
-                 policy: str | Policy | None = None, io_mode: str = "auto",
+                 policy: str | Policy | None = None, io_mode: str = "auto", io_throttle_bps: float | None = None,
                  wrap: Callable[[object, np.ndarray], object] | None = None, dense_bytes: int = 0,
                  cost: CostModel | None = None):
         self.archive = archive
@@ -188,7 +188,7 @@ class ExpertStore:
         self.ledger = Ledger(budget.nbytes)
         self.ledger.charge("fixed", self.fixed_bytes)
         self._reserve = big.staging(Tier.COLD) if (big and budget.nbytes is not None) else 0
-        self.reader = ExpertReader(archive.path, io_mode)
+        self.reader = ExpertReader(archive.path, io_mode, throttle_bps=io_throttle_bps)
         self.cost = cost if cost is not None else CostModel()
         self.policy = make_policy(policy, self.cost)
         self.pool = BufferPool()
@@ -731,7 +731,8 @@ class ExpertStore:
             st.setdefault(k, 0)
         st.update(
             budget_bytes=self.budget.nbytes, budget=self.budget.how, min_budget_bytes=self.min_budget,
-            io_mode=self.reader.mode, policy=self.policy.name,
+            io_mode=self.reader.mode, io_throttle_bps=self.reader.throttle_bps, throttle_s=self.reader.throttle_s,
+            policy=self.policy.name,
             store_bytes=led["used"], store_peak_bytes=led["peak"],
             resident_full_bytes=led["full"], resident_comp_bytes=led["comp"], resident_sm_bytes=led["sm"],
             staging_bytes=led["staging"], pool_bytes=led["pool"], draining_bytes=led["draining"],
