@@ -40,6 +40,34 @@ def test_rows_and_exactness(quick):
     assert result["model"]["expert_bytes"] > 0 and result["machine"]["note"]
 
 
+def test_emulated_storage_is_labelled(quick, tmp_path_factory):
+    """--storage: zipmoe and raw read through the capped reader, resident does not, hf-offload is
+    skipped; the JSON and the table say the storage is emulated. Tokens are unchanged."""
+    result0, _ = quick
+    assert result0["storage"]["emulated"] is False
+    wd = tmp_path_factory.mktemp("e2e-emu")
+    out = wd / "r.json"
+    res = CliRunner().invoke(app, ["e2e", "--quick", "--budgets", "30", "--workdir", str(wd), "--out", str(out),
+                                   "--systems", "zipmoe,raw,hf-offload,resident", "--storage", "200M",
+                                   "--no-warm-pass"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    sto = result["storage"]
+    assert sto["emulated"] and sto["bps"] == 200_000_000 and sto["skipped"] == ["hf-offload"]
+    assert "EMULATED" in res.output and "hf-offload skipped" in " ".join(res.output.split())
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"zipmoe", "raw", "resident"}
+    assert all(r["ok"] for r in rows.values()), [r.get("error") for r in rows.values()]
+    for s in ("zipmoe", "raw"):
+        assert rows[s]["io_throttle_bps"] == 200_000_000 and "(emulated)" in rows[s]["io_mode"]
+    assert rows["resident"]["io_throttle_bps"] is None
+    ref = {r["system"]: r["tokens"] for r in result0["rows"] if r["budget_pct"] in (30.0, None)}
+    for s in ("zipmoe", "raw", "resident"):
+        assert rows[s]["tokens"] == ref[s]
+    r = CliRunner().invoke(app, ["e2e", "--quick", "--storage", "fast", "--workdir", str(wd)])
+    assert r.exit_code == 2
+
+
 def test_cli_rejects_bad_arguments(tmp_path):
     r = CliRunner().invoke(app, ["e2e", "--quick", "--systems", "nope", "--workdir", str(tmp_path)])
     assert r.exit_code == 2 and "unknown systems" in r.output

@@ -205,6 +205,9 @@ def e2e_cmd(
     quick: bool = typer.Option(False, "--quick", help="Tiny model, two budgets, few tokens: a smoke run."),
     no_cap: bool = typer.Option(False, "--no-cap", help="Do not create memory cgroups (figures uncapped)."),
     no_warm: bool = typer.Option(False, "--no-warm-pass", help="Only the cold pass."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Emulate slower storage: emmc (300 MB/s), ufs "
+                                          "(2 GB/s) or bytes/s (500M, 1.5G); caps zipmoe's and raw's reads, "
+                                          "skips hf-offload (page cache, cannot be throttled). Default: the real disk."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of tokens/s vs budget (matplotlib)."),
@@ -225,13 +228,20 @@ def e2e_cmd(
     except ValueError:
         err.print(f"[bold red]error:[/] --budgets: expected comma-separated percentages, got {budgets!r}")
         raise typer.Exit(2) from None
+    from zipmoe_run.store.io import parse_storage
+
+    try:
+        parse_storage(storage)
+    except ValueError as exc:
+        err.print(f"[bold red]error:[/] --storage: {exc}", markup=True)
+        raise typer.Exit(2) from None
     bad = [n for n in names if n not in SYSTEMS]
     if bad or not pcts or any(p <= 0 for p in pcts):
         err.print(f"[bold red]error:[/] unknown systems {bad} (known: {', '.join(SYSTEMS)}) or bad budgets {budgets!r}")
         raise typer.Exit(2)
     cfg = E2EConfig(workdir=workdir, budgets=pcts, systems=names, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, threads=threads, cap=not no_cap,
-                    warm_pass=not no_warm)
+                    warm_pass=not no_warm, storage=storage)
     if quick:
         cfg.quick, cfg.prompt_tokens, cfg.new_tokens = True, min(prompt_tokens, 6), min(new_tokens, 4)
         cfg.budgets = pcts if budgets != "15,30,60,100" else (30.0, 100.0)
@@ -255,6 +265,8 @@ def e2e_cmd(
     console.print(render_table(result))
     for line in render_targets(result):
         console.print(line, highlight=False, markup=False)
+    if result["storage"]["emulated"]:
+        console.print(result["storage"]["note"], highlight=False, markup=False)
     if result["cgroup"] != "capped runs join a child memory cgroup":
         console.print(f"no memory cap: {result['cgroup']} (figures are uncapped)", highlight=False, markup=False)
 

@@ -15,6 +15,12 @@ first):
   fused expert tensors);
 * ``resident``: this runtime with every expert decoded in memory before timing (the ceiling).
 
+Emulated storage (``storage``: ``"emmc"`` 300 MB/s, ``"ufs"`` 2 GB/s or bytes/s): the runtime's
+expert reader caps its sustained read rate (``io_throttle_bps``, specs/runtime.md section 3), so
+``zipmoe`` and ``raw`` read as if from that device; ``resident`` is not throttled (it reads every
+expert before timing) and ``hf-offload`` is skipped (it reads through the page cache, which this
+throttle cannot slow). The result says so (``storage``) and the table's title labels it emulated.
+
 Memory caps: each capped run joins a child memory cgroup the benchmark creates (v1
 ``memory.limit_in_bytes`` under the process's own memory cgroup, or v2 ``memory.max``) and removes.
 Charges made before joining stay outside (v1 cannot move them), so a run trims its heap
@@ -70,10 +76,33 @@ class E2EConfig:
     warm_pass: bool = True  # generate the prompt a second time in the same process (steady state)
     timeout_s: float = 900.0
     seed: int = 0
+    storage: str | None = None  # emulated storage: "emmc", "ufs" or bytes/s; None: the real disk
 
     @property
     def dims(self) -> dict:
         return QUICK_DIMS if self.quick else DIMS
+
+    @property
+    def io_throttle_bps(self) -> int | None:
+        from zipmoe_run.store.io import parse_storage
+
+        return parse_storage(self.storage)
+
+
+THROTTLED = ("zipmoe", "raw")  # the systems that read experts through the runtime's store
+
+
+def storage_info(cfg: E2EConfig) -> dict:
+    """What the result says about the storage: the real disk, or the emulated device and its reach."""
+    bps = cfg.io_throttle_bps
+    if bps is None:
+        return {"emulated": False, "name": "disk", "bps": None, "note": "the real disk"}
+    name = {"emmc": "eMMC", "ufs": "UFS"}.get(str(cfg.storage).strip().lower(), "custom")
+    return {"emulated": True, "name": name, "bps": bps, "throttled": list(THROTTLED),
+            "not_throttled": ["resident"], "skipped": ["hf-offload"],
+            "note": (f"emulated {name} storage: the store's reader caps reads at {bps / 1e6:g} MB/s for "
+                     "zipmoe and raw; resident is not throttled (experts read before timing); hf-offload "
+                     "skipped (it reads through the page cache, which this throttle cannot slow)")}
 
 
 # -- memory cgroups ------------------------------------------------------------------------------
@@ -328,7 +357,8 @@ def _child_runtime(a: dict) -> dict:
     _reset_peak()
     t0 = time.perf_counter()
     # threads=None: torch keeps the compute threads set above; the decoder pool gets every core
-    lm = load(a["path"], dtype="bfloat16", threads=None, memory_budget=budget)
+    opts = {"io_throttle_bps": a["io_throttle_bps"]} if a.get("io_throttle_bps") else {}
+    lm = load(a["path"], dtype="bfloat16", threads=None, memory_budget=budget, **opts)
     src = lm.source
     if a["system"] == "resident":  # every expert decoded before timing
         layers = sorted({(e.stack, e.layer) for e in src.archive.index.experts})
@@ -353,7 +383,11 @@ def _child_runtime(a: dict) -> dict:
             "proc_read_bytes" + tag: (io1 - io0) if io0 is not None and io1 is not None else None,
             "hits" + tag: {t: st[f"hits_{t}"] - before.get(f"hits_{t}", 0) for t in ("full", "comp", "sm", "cold")},
         })
-    out.update(store_peak_bytes=st["store_peak_bytes"], io_mode=st["io_mode"], budget=st["budget"],
+    io_mode = st["io_mode"]
+    if st.get("io_throttle_bps"):
+        io_mode += f", {st['io_throttle_bps'] / 1e6:g} MB/s cap (emulated)"
+    out.update(store_peak_bytes=st["store_peak_bytes"], io_mode=io_mode, budget=st["budget"],
+               io_throttle_bps=st.get("io_throttle_bps"), throttle_s=st.get("throttle_s"),
                dense_bytes=st["dense_bytes"], peak_rss_bytes=_status("VmHWM"),
                resident_experts=st.get("resident_experts"), cap_stat=_cap_stat(a))
     out["store_stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -505,7 +539,8 @@ def run_one(system: str, pct: float | None, prep: dict, cfg: E2EConfig, capped: 
     args = {"system": system, "path": path, "budget_bytes": budget, "threads": cfg.threads,
             "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens, "config": prep["config"],
             "dense_bytes": prep["dense_bytes"], "expert_bytes": prep["expert_bytes"],
-            "offload_dir": str(Path(cfg.workdir) / "hf-offload"), "warm_pass": cfg.warm_pass}
+            "offload_dir": str(Path(cfg.workdir) / "hf-offload"), "warm_pass": cfg.warm_pass,
+            "io_throttle_bps": cfg.io_throttle_bps if system in THROTTLED else None}
     cap, why = (None, "uncapped by request") if not capped else MemCap.create(f"zipmoe-bench-{os.getpid()}-{idx}")
     if cap is not None:
         args.update(cap_path=str(cap.path), cap_version=cap.version)
@@ -529,11 +564,14 @@ def run(cfg: E2EConfig) -> dict:
     t0 = time.perf_counter()
     prep = prepare(cfg)
     _, _, why_nocap = MemCap.parent()
+    storage = storage_info(cfg)
+    if storage["emulated"] and "hf-offload" in cfg.systems:
+        log.warning("emulated storage: hf-offload skipped (it reads through the page cache, not throttled)")
     rows: list[dict] = []
     i = 0
     for pct in cfg.budgets:
         for system in ("zipmoe", "raw", "hf-offload"):
-            if system not in cfg.systems:
+            if system not in cfg.systems or (system == "hf-offload" and storage["emulated"]):
                 continue
             r = run_one(system, pct, prep, cfg, cfg.cap, i)
             i += 1
@@ -553,6 +591,7 @@ def run(cfg: E2EConfig) -> dict:
         "model": {"family": "qwen2_moe", "dims": cfg.dims, "expert_bytes": prep["expert_bytes"],
                   "extent_bytes": prep["extent_bytes"], "dense_bytes": prep["dense_bytes"]},
         "cgroup": why_nocap or "capped runs join a child memory cgroup",
+        "storage": storage,
         "rows": rows,
     }
     result["targets"] = _targets(rows, cfg)
@@ -577,6 +616,8 @@ def _targets(rows: list[dict], cfg: E2EConfig) -> list[dict]:
                     "value": None, "note": ""})
     z30 = _row(rows, "zipmoe", 30.0)
     for peer, need in (("raw", 1.5), ("hf-offload", 5.0)):
+        if peer not in cfg.systems or (peer == "hf-offload" and cfg.io_throttle_bps):
+            continue
         p = _row(rows, peer, 30.0, capped=True) if cfg.cap else _row(rows, peer, 30.0)
         note = "cold pass, both capped" if cfg.cap and p is not None else "cold pass"
         if p is None:
@@ -592,7 +633,8 @@ def _targets(rows: list[dict], cfg: E2EConfig) -> list[dict]:
         ratio = z100["tok_s" + tag] / res["tok_s"] if res["tok_s"] else None
         out.append({"target": f"100% budget: zipmoe tokens/s within 10% of resident ({label})", "value": ratio,
                     "met": ratio is not None and ratio >= 0.9,
-                    "note": "resident decoded every expert before timing" if not tag else ""})
+                    "note": ("resident decoded every expert before timing" if not tag else "")
+                    + ("; resident not throttled (emulated storage)" if cfg.io_throttle_bps else "")})
     return out
 
 
@@ -618,6 +660,9 @@ def render_table(result: dict):
              f"{m['expert_bytes'] / 1e9:.2f} GB routed experts ({m['extent_bytes'] / 1e9:.2f} GB compressed), "
              f"dense {m['dense_bytes'] / 1e9:.2f} GB, KV {_kv_mb(result)} MB; greedy, {result['config']['prompt_tokens']} prompt + "
              f"{result['config']['new_tokens']} new tokens; cold start. {result['machine']['note']}")
+    sto = result.get("storage") or {}
+    if sto.get("emulated"):
+        title += f". STORAGE EMULATED: {sto['note']}"
     t = Table(title=title)
     cols = ["budget", "system", "cap", "tok/s", "TTFT s", "TPOT ms", "GB read", "hits full/comp/sm/cold",
             "tok/s warm", "GB read warm", "peak RSS GB", "cap peak GB", "io", "note"]
@@ -670,7 +715,9 @@ def plot(result: dict, path: Path) -> bool:
         ax.axhline(res["tok_s"], linestyle="--", color="gray", label="resident (ceiling)")
     ax.set_xlabel("memory budget (% of routed-expert bytes)")
     ax.set_ylabel("tokens/s (decode)")
-    ax.set_title("zipmoe bench e2e (capped, cold start)")
+    sto = result.get("storage") or {}
+    emu = f", emulated {sto['name']} {sto['bps'] / 1e6:g} MB/s" if sto.get("emulated") else ""
+    ax.set_title(f"zipmoe bench e2e (capped, cold start{emu})")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
