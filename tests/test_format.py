@@ -144,7 +144,6 @@ def test_truncated_and_extended(tiny, tmp_path):
 
 
 def test_oversized_index_length(tiny, tmp_path):
-    import struct
     from formats.preamble import Preamble
     _, arc = tiny
     buf = bytearray(arc.read_bytes())

@@ -17,7 +17,7 @@ import re
 import time
 from pathlib import Path
 
-from zipmoe_run.policies import Calibration, Split, Tier, TierSizes, load_calibration, make_policy
+from zipmoe_run.policies import Split, Tier, TierSizes, load_calibration, make_policy
 from zipmoe_run.policies.policy import tier_costs
 from zipmoe_run.policies.planner import plan, stats_from_sequence
 from zipmoe_run.policies.simulate import PrefetchConfig, next_uses, replay

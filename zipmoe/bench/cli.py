@@ -12,6 +12,29 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Benchmarks: peers side by side, medians, table and JSON.")
 
 
+def _logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(exc: object) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _emit(result: dict, as_json: bool, out: Optional[Path]) -> bool:
+    """Write the JSON to `out` if given, print it if `as_json`; True when the caller is done."""
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if as_json:
+        typer.echo(text)
+    return as_json
+
+
 @app.command("codec")
 def codec_cmd(
     elements: int = typer.Option(1 << 24, "--elements", "-n", min=1,
@@ -29,21 +52,13 @@ def codec_cmd(
 
     from zipmoe.bench.codec import render_table, run
 
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _logging(debug)
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     try:
         result = run(elements, runs=runs, datasets=names, chunk=chunk)
     except ValueError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-    text = json.dumps(result, indent=2)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    if as_json:
-        typer.echo(text)
-    else:
+        _fail(exc)
+    if not _emit(result, as_json, out):
         console = Console()
         if not console.is_terminal:
             console = Console(width=160)
@@ -66,26 +81,22 @@ def io_cmd(
     debug: bool = typer.Option(False, "--debug", help="Log progress."),
 ) -> None:
     """Measure read bandwidth (O_DIRECT), decode throughput and expert compute; write the calibration JSON."""
-    from rich.console import Console
 
     from zipmoe.bench.io import run
     from zipmoe_run.policies.tiers import Calibration, save_calibration
 
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _logging(debug)
     try:
         result = run(directory=directory, archive_path=archive, size=size_mib << 20, read_size=read_mib << 20,
                      cores=cores, runs=runs, io_mode=io_mode)
         if not no_write:
             result["written_to"] = str(save_calibration(Calibration.from_json(result["calibration"]), out))
     except (OSError, ValueError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+        _fail(exc)
     except Exception as exc:  # ZmoeError and friends: one line, no traceback
         if debug:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+        _fail(exc)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -124,27 +135,18 @@ def cache_cmd(
 
     from zipmoe.bench.cache import render_notes, render_table, run
 
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _logging(debug)
     try:
         result = run(trace, budgets=budget, expert_bytes=expert_bytes, archive=archive, calibration=calibration,
                      prompts=prompts, seed=seed, top_k=top_k,
                      policies=tuple(p.strip() for p in policies.split(",") if p.strip()))
     except (OSError, ValueError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+        _fail(exc)
     except Exception as exc:  # a broken archive (ZmoeError): one line, no traceback
         if debug:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-    text = json.dumps(result, indent=2)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    if as_json:
-        typer.echo(text)
-    else:
+        _fail(exc)
+    if not _emit(result, as_json, out):
         console = Console()
         if not console.is_terminal:
             console = Console(width=170)
@@ -173,21 +175,13 @@ def run_cmd(
 
     from zipmoe.bench.run import render_table, run
 
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _logging(debug)
     try:
         result = run(checkpoint, size=size, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                      threads=threads, dtype=dtype, workdir=workdir)
     except ValueError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-    text = json.dumps(result, indent=2)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    if as_json:
-        typer.echo(text)
-    else:
+        _fail(exc)
+    if not _emit(result, as_json, out):
         Console(width=170).print(render_table(result))
 
 
@@ -219,8 +213,7 @@ def e2e_cmd(
 
     from zipmoe.bench.e2e import SYSTEMS, E2EConfig, plot, render_table, render_targets, run
 
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _logging(debug)
     err = Console(stderr=True)
     try:
         pcts = tuple(float(b.strip().rstrip("%")) for b in budgets.split(",") if b.strip())
@@ -252,14 +245,9 @@ def e2e_cmd(
             raise
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    text = json.dumps(result, indent=2)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
     if plot_path is not None and not plot(result, plot_path):
         err.print("matplotlib is not installed: no plot written (pip install 'zipmoe[bench]')", markup=False)
-    if as_json:
-        typer.echo(text)
+    if _emit(result, as_json, out):
         return
     console = Console(width=240)
     console.print(render_table(result))

@@ -39,7 +39,7 @@ from formats.errors import FormatError, ZmoeError
 from formats.planes import split_bf16
 
 from .budget import Budget, BudgetError, Ledger, fmt_bytes, parse_budget
-from .io import ALIGN, Buffer, BufferPool, ExpertReader, ceil_page, floor_page
+from .io import Buffer, BufferPool, ExpertReader, ceil_page, floor_page
 from .policy import Policy, make_policy
 from .scheduler import FlowTask, johnson_order
 from .tiers import DEMOTIONS, CostModel, ExpertInfo, Tier, info_from_extent
