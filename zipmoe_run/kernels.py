@@ -31,13 +31,16 @@ _ENABLED = os.environ.get("ZIPMOE_RUN_KERNELS", "1") not in ("0", "false", "no")
 _gemv = None
 
 
-def _build():
+try:  # module level, so numba's on-disk cache can find the kernel again (closures recompile every run)
     from llvmlite import ir
     from numba import njit, prange, types
     from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - numba is a dependency; torch only without it
+    njit = None
 
+if njit is not None:
     @intrinsic
-    def u32_as_f32(typingctx, v):
+    def _u32_as_f32(typingctx, v):
         sig = types.float32(types.uint32)
 
         def codegen(context, builder, signature, args):
@@ -46,7 +49,7 @@ def _build():
         return sig, codegen
 
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-    def gemv(w, x, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); x f32 [K]; out f32 [N]
+    def _gemv_kernel(w, x, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); x f32 [K]; out f32 [N]
         n, kh = w.shape
         hi = np.uint32(0xFFFF0000)
         sh = np.uint32(16)
@@ -55,11 +58,15 @@ def _build():
             acc1 = np.float32(0.0)
             for j in range(kh):
                 u = w[i, j]
-                acc0 += u32_as_f32(np.uint32(u << sh)) * x[2 * j]
-                acc1 += u32_as_f32(np.uint32(u & hi)) * x[2 * j + 1]
+                acc0 += _u32_as_f32(np.uint32(u << sh)) * x[2 * j]
+                acc1 += _u32_as_f32(np.uint32(u & hi)) * x[2 * j + 1]
             out[i] = acc0 + acc1
 
-    return gemv
+
+def _build():
+    if njit is None:
+        raise ImportError("numba is not installed")
+    return _gemv_kernel
 
 
 def enabled() -> bool:
