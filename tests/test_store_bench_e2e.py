@@ -68,16 +68,46 @@ def test_emulated_storage_is_labelled(quick, tmp_path_factory):
     assert r.exit_code == 2
 
 
+def test_switch_family_quick(tmp_path):
+    """--family switch_transformers: the encoder-decoder runs through the same budgets; zipmoe and raw
+    give resident's tokens; hf-offload is skipped and the JSON and table say so. No timing is asserted."""
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["e2e", "--quick", "--family", "switch_transformers", "--budgets", "30",
+                                   "--workdir", str(tmp_path), "--out", str(out),
+                                   "--systems", "zipmoe,raw,hf-offload,resident"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert result["model"]["family"] == "switch_transformers" and result["model"]["dims"]["top_k"] == 1
+    assert result["model"]["expert_bytes"] > 0
+    assert result["hf_offload"]["skipped"] and "hf-offload skipped" in " ".join(res.output.split())
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"zipmoe", "raw", "resident"}
+    assert all(r["ok"] for r in rows.values()), [r.get("error") for r in rows.values()]
+    ref = rows["resident"]["tokens"]
+    assert len(ref) == result["config"]["new_tokens"]
+    for s in ("zipmoe", "raw"):
+        r = rows[s]
+        assert r["budget_pct"] == 30.0 and r["tokens"] == ref and r["tokens_warm"] == ref
+        assert r["store_peak_bytes"] <= r["budget_bytes"] and r["tok_s"] > 0
+    exact = next(t for t in result["targets"] if t["target"].startswith("identical tokens"))
+    assert exact["met"] and not any("hf-offload" in t["target"] for t in result["targets"])
+    assert "switch_transformers" in res.output
+
+
 def test_cli_rejects_bad_arguments(tmp_path):
     r = CliRunner().invoke(app, ["e2e", "--quick", "--systems", "nope", "--workdir", str(tmp_path)])
     assert r.exit_code == 2 and "unknown systems" in r.output
     r = CliRunner().invoke(app, ["e2e", "--quick", "--budgets", "x", "--workdir", str(tmp_path)])
     assert r.exit_code == 2
+    r = CliRunner().invoke(app, ["e2e", "--quick", "--family", "mixtral", "--workdir", str(tmp_path)])
+    assert r.exit_code == 2 and "--family" in r.output
 
 
 def test_helpers():
     cfg = {"num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4, "hidden_size": 2048}
     assert kv_cache_bytes(cfg, 1, 10) == 2 * 2 * 4 * 128 * 10 * 2
+    sw = {"is_encoder_decoder": True, "num_layers": 4, "num_decoder_layers": 4, "num_heads": 16, "d_kv": 64}
+    assert kv_cache_bytes(sw, 1, 10) == 2 * 2 * 4 * 16 * 64 * 10 * 2  # self + cross K/V of the decoder
     ids = prompt_ids(16, 4096)
     assert len(ids) == 16 and all(3 <= i < 4096 for i in ids)
     parent, version, why = MemCap.parent()

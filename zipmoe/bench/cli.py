@@ -202,6 +202,9 @@ def e2e_cmd(
     storage: Optional[str] = typer.Option(None, "--storage", help="Emulate slower storage: emmc (300 MB/s), ufs "
                                           "(2 GB/s) or bytes/s (500M, 1.5G); caps zipmoe's and raw's reads, "
                                           "skips hf-offload (page cache, cannot be throttled). Default: the real disk."),
+    family: str = typer.Option("qwen2_moe", "--family", help="qwen2_moe (Qwen1.5-MoE-A2.7B's dims) or "
+                               "switch_transformers (switch-large-128's expert dims, 2+2 sparse blocks; "
+                               "hf-offload skipped)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of tokens/s vs budget (matplotlib)."),
@@ -211,7 +214,7 @@ def e2e_cmd(
     everything resident; capped by memory cgroups, experts cold at the start of every run."""
     from rich.console import Console
 
-    from zipmoe.bench.e2e import SYSTEMS, E2EConfig, plot, render_table, render_targets, run
+    from zipmoe.bench.e2e import FAMILIES, SYSTEMS, E2EConfig, plot, render_table, render_targets, run
 
     _logging(debug)
     err = Console(stderr=True)
@@ -228,13 +231,16 @@ def e2e_cmd(
     except ValueError as exc:
         err.print(f"[bold red]error:[/] --storage: {exc}", markup=True)
         raise typer.Exit(2) from None
+    if family not in FAMILIES:
+        err.print(f"[bold red]error:[/] --family: expected one of {', '.join(FAMILIES)}, got {family!r}")
+        raise typer.Exit(2)
     bad = [n for n in names if n not in SYSTEMS]
     if bad or not pcts or any(p <= 0 for p in pcts):
         err.print(f"[bold red]error:[/] unknown systems {bad} (known: {', '.join(SYSTEMS)}) or bad budgets {budgets!r}")
         raise typer.Exit(2)
     cfg = E2EConfig(workdir=workdir, budgets=pcts, systems=names, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, threads=threads, cap=not no_cap,
-                    warm_pass=not no_warm, storage=storage)
+                    warm_pass=not no_warm, storage=storage, family=family)
     if quick:
         cfg.quick, cfg.prompt_tokens, cfg.new_tokens = True, min(prompt_tokens, 6), min(new_tokens, 4)
         cfg.budgets = pcts if budgets != "15,30,60,100" else (30.0, 100.0)
@@ -255,6 +261,8 @@ def e2e_cmd(
         console.print(line, highlight=False, markup=False)
     if result["storage"]["emulated"]:
         console.print(result["storage"]["note"], highlight=False, markup=False)
+    if result["hf_offload"]["skipped"]:
+        console.print(result["hf_offload"]["note"], highlight=False, markup=False)
     if result["cgroup"] != "capped runs join a child memory cgroup":
         console.print(f"no memory cap: {result['cgroup']} (figures are uncapped)", highlight=False, markup=False)
 

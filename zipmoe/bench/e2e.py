@@ -5,6 +5,18 @@ Checkpoint: a generated ``qwen2_moe`` with Qwen1.5-MoE-A2.7B's layer dimensions 
 16 heads, expert width 1408, 60 routed experts, top-4, shared expert 5632) but 2 layers and a
 4096-token vocabulary: ~2.1 GB of routed experts. Workload: greedy decoding of a fixed prompt.
 
+Switch row (``family="switch_transformers"``, ``zipmoe bench e2e --family switch_transformers``): a
+generated ``switch_transformers`` encoder-decoder with switch-large-128's expert dimensions (d_model
+1024, d_ff 4096, 128 experts, top-1, 16 heads x 64) but 4 blocks per stack, 2 of them sparse (blocks 1
+and 3 of the encoder and of the decoder) and a 4096-token vocabulary: ~8.6 GB of routed experts. The
+prompt is the encoder input; the decoder generates from ``decoder_start_token_id``. Expert capacity
+stays the real 64, which the 16-token prompt cannot overflow with 128 experts. ``hf-offload`` is
+skipped for this family (the result says so, ``hf_offload``): its device map and streamer are written
+for decoder-only ``AutoModelForCausalLM`` checkpoints, and accelerate's disk offload of the
+seq2seq model's per-expert ModuleDicts was not set up. With the generator's peaky routers the fixed
+prompt touches ~30 of the 512 routed experts (~0.5 GB BF16), so even a 3 % budget barely binds for
+this workload (measured: 29-31 cold misses at 3, 5, 30 and 100 %).
+
 Systems (each run in its own subprocess, experts cold: ``posix_fadvise(DONTNEED)`` on every file
 first):
 
@@ -48,8 +60,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["E2EConfig", "run", "render_table", "plot", "MemCap", "DIMS", "QUICK_DIMS", "kv_cache_bytes",
-           "SYSTEMS", "warm_up_runtime"]
+__all__ = ["E2EConfig", "run", "render_table", "plot", "MemCap", "DIMS", "QUICK_DIMS", "SWITCH_DIMS",
+           "SWITCH_QUICK_DIMS", "FAMILIES", "kv_cache_bytes", "SYSTEMS", "warm_up_runtime"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +69,15 @@ DIMS = {"hidden": 2048, "moe_intermediate": 1408, "experts": 60, "top_k": 4, "la
         "heads": 16, "kv_heads": 16, "shared_intermediate": 5632, "intermediate": 5632}
 QUICK_DIMS = {"hidden": 128, "moe_intermediate": 256, "experts": 8, "top_k": 2, "layers": 2, "vocab": 512,
               "heads": 4, "kv_heads": 4, "shared_intermediate": 128, "intermediate": 128}
+# switch-large-128's expert dimensions; 4 blocks per stack, blocks 1 and 3 sparse (encoder and decoder)
+SWITCH_DIMS = {"hidden": 1024, "intermediate": 4096, "experts": 128, "top_k": 1, "layers": 4, "sparse_layers": 2,
+               "vocab": 4096, "heads": 16, "head_dim": 64, "expert_capacity": 64}
+SWITCH_QUICK_DIMS = {"hidden": 64, "intermediate": 128, "experts": 8, "top_k": 1, "layers": 4, "sparse_layers": 2,
+                     "vocab": 512, "heads": 4, "head_dim": 16, "expert_capacity": 64}
+FAMILIES = ("qwen2_moe", "switch_transformers")
 SYSTEMS = ("zipmoe", "raw", "hf-offload", "resident")
+HF_SKIP_SWITCH = ("hf-offload skipped for switch_transformers: the benchmark's accelerate device map and streamer "
+                  "are written for decoder-only AutoModelForCausalLM; disk offload of the seq2seq model was not set up")
 CAP_SLACK = 128 << 20  # activations, allocator and library working memory allowed above the budget
 MIB = 1 << 20
 
@@ -77,10 +97,19 @@ class E2EConfig:
     timeout_s: float = 900.0
     seed: int = 0
     storage: str | None = None  # emulated storage: "emmc", "ufs" or bytes/s; None: the real disk
+    family: str = "qwen2_moe"  # or "switch_transformers" (the Switch row)
 
     @property
     def dims(self) -> dict:
+        if self.family == "switch_transformers":
+            return SWITCH_QUICK_DIMS if self.quick else SWITCH_DIMS
         return QUICK_DIMS if self.quick else DIMS
+
+    @property
+    def tag(self) -> str:
+        if self.family == "switch_transformers":
+            return "switch-quick" if self.quick else "switch-large"
+        return "quick" if self.quick else "qwen15moe"
 
     @property
     def io_throttle_bps(self) -> int | None:
@@ -275,7 +304,12 @@ def _cap_stat(a: dict) -> dict | None:
 
 
 def kv_cache_bytes(cfg: dict, batch: int, max_len: int, itemsize: int = 2) -> int:
-    """Bytes of a standard attention KV cache (keys and values, every layer) for ``cfg``."""
+    """Bytes of a standard attention KV cache (keys and values, every layer) for ``cfg``. Encoder-decoders
+    (``d_kv``): the decoder's self-attention and cross-attention caches, both counted at ``max_len``
+    (an upper bound: the cross cache holds the prompt only)."""
+    if cfg.get("is_encoder_decoder") or "d_kv" in cfg:
+        layers = cfg.get("num_decoder_layers") or cfg.get("num_layers") or 0
+        return 2 * 2 * layers * batch * cfg.get("num_heads", 1) * cfg.get("d_kv", 64) * max_len * itemsize
     layers = cfg.get("num_hidden_layers") or cfg.get("num_layers") or 0
     heads = cfg.get("num_attention_heads") or 1
     kv = cfg.get("num_key_value_heads") or heads
@@ -310,9 +344,9 @@ def prepare(cfg: E2EConfig) -> dict:
 
     wd = Path(cfg.workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    tag = "quick" if cfg.quick else "qwen15moe"
+    tag = cfg.tag
     marker = wd / f"{tag}.json"
-    want = {"dims": cfg.dims, "seed": cfg.seed, "family": "qwen2_moe", "version": 1}
+    want = {"dims": cfg.dims, "seed": cfg.seed, "family": cfg.family, "version": 1}
     ckpt, arc, raw = wd / f"{tag}-ckpt", wd / f"{tag}.zmoe", wd / f"{tag}-raw.zmoe"
     timings = {}
     if not (marker.is_file() and json.loads(marker.read_text()) == want and ckpt.is_dir() and arc.is_file()
@@ -323,7 +357,7 @@ def prepare(cfg: E2EConfig) -> dict:
             elif p.exists():
                 p.unlink()
         t0 = time.perf_counter()
-        make_checkpoint(ckpt, "qwen2_moe", seed=cfg.seed, shards=2, dims=cfg.dims)
+        make_checkpoint(ckpt, cfg.family, seed=cfg.seed, shards=2, dims=cfg.dims)
         timings["make_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         pack(ckpt, arc, PackOptions(threads=os.cpu_count() or 1))
@@ -572,11 +606,15 @@ def run(cfg: E2EConfig) -> dict:
     storage = storage_info(cfg)
     if storage["emulated"] and "hf-offload" in cfg.systems:
         log.warning("emulated storage: hf-offload skipped (it reads through the page cache, not throttled)")
+    switch = cfg.family == "switch_transformers"
+    hf_note = HF_SKIP_SWITCH if switch else None
+    if switch and "hf-offload" in cfg.systems:
+        log.warning(HF_SKIP_SWITCH)
     rows: list[dict] = []
     i = 0
     for pct in cfg.budgets:
         for system in ("zipmoe", "raw", "hf-offload"):
-            if system not in cfg.systems or (system == "hf-offload" and storage["emulated"]):
+            if system not in cfg.systems or (system == "hf-offload" and (storage["emulated"] or switch)):
                 continue
             r = run_one(system, pct, prep, cfg, cfg.cap, i)
             i += 1
@@ -593,8 +631,9 @@ def run(cfg: E2EConfig) -> dict:
         "machine": {"cpus": os.cpu_count(), "compute_threads": cfg.threads, "decode_threads": os.cpu_count(),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "note": "shared machine: timings are noisy (several agents share the cores)"},
-        "model": {"family": "qwen2_moe", "dims": cfg.dims, "expert_bytes": prep["expert_bytes"],
+        "model": {"family": cfg.family, "dims": cfg.dims, "expert_bytes": prep["expert_bytes"],
                   "extent_bytes": prep["extent_bytes"], "dense_bytes": prep["dense_bytes"]},
+        "hf_offload": {"skipped": switch, "note": hf_note or ""},
         "cgroup": why_nocap or "capped runs join a child memory cgroup",
         "storage": storage,
         "rows": rows,
@@ -621,7 +660,8 @@ def _targets(rows: list[dict], cfg: E2EConfig) -> list[dict]:
                     "value": None, "note": ""})
     z30 = _row(rows, "zipmoe", 30.0)
     for peer, need in (("raw", 1.5), ("hf-offload", 5.0)):
-        if peer not in cfg.systems or (peer == "hf-offload" and cfg.io_throttle_bps):
+        if peer not in cfg.systems or (peer == "hf-offload" and (cfg.io_throttle_bps
+                                                                 or cfg.family == "switch_transformers")):
             continue
         p = _row(rows, peer, 30.0, capped=True) if cfg.cap else _row(rows, peer, 30.0)
         note = "cold pass, both capped" if cfg.cap and p is not None else "cold pass"
@@ -661,13 +701,21 @@ def render_table(result: dict):
     from rich.table import Table
 
     m = result["model"]
-    title = (f"end to end: qwen2_moe {m['dims']['experts']} experts x {m['dims']['layers']} layers, "
+    d = m["dims"]
+    if m.get("family") == "switch_transformers":
+        shape = (f"switch_transformers {d['experts']} experts top-1, d_model {d['hidden']}, d_ff {d['intermediate']}, "
+                 f"{d['layers']}+{d['layers']} blocks ({d['sparse_layers']}+{d['sparse_layers']} sparse)")
+    else:
+        shape = f"qwen2_moe {d['experts']} experts x {d['layers']} layers"
+    title = (f"end to end: {shape}, "
              f"{m['expert_bytes'] / 1e9:.2f} GB routed experts ({m['extent_bytes'] / 1e9:.2f} GB compressed), "
              f"dense {m['dense_bytes'] / 1e9:.2f} GB, KV {_kv_mb(result)} MB; greedy, {result['config']['prompt_tokens']} prompt + "
              f"{result['config']['new_tokens']} new tokens; cold start. {result['machine']['note']}")
     sto = result.get("storage") or {}
     if sto.get("emulated"):
         title += f". STORAGE EMULATED: {sto['note']}"
+    if (result.get("hf_offload") or {}).get("skipped"):
+        title += f". {result['hf_offload']['note']}"
     t = Table(title=title)
     cols = ["budget", "system", "cap", "tok/s", "TTFT s", "TPOT ms", "GB read", "hits full/comp/sm/cold",
             "tok/s warm", "GB read warm", "peak RSS GB", "cap peak GB", "io", "note"]
