@@ -13,9 +13,9 @@ prompt is the encoder input; the decoder generates from ``decoder_start_token_id
 stays the real 64, which the 16-token prompt cannot overflow with 128 experts. ``hf-offload`` is
 skipped for this family (the result says so, ``hf_offload``): its device map and streamer are written
 for decoder-only ``AutoModelForCausalLM`` checkpoints, and accelerate's disk offload of the
-seq2seq model's per-expert ModuleDicts was not set up. With the generator's peaky routers the fixed
-prompt touches ~30 of the 512 routed experts (~0.5 GB BF16), so even a 3 % budget barely binds for
-this workload (measured: 29-31 cold misses at 3, 5, 30 and 100 %).
+seq2seq model's per-expert ModuleDicts was not set up. The LM head is untied and given its own
+random values (``_untie_lm_head``): with the generator's tied head the decoder echoed its start
+token at every step, so decoding revisited the same few experts and no budget mattered.
 
 Systems (each run in its own subprocess, experts cold: ``posix_fadvise(DONTNEED)`` on every file
 first):
@@ -337,6 +337,31 @@ def _drop(paths) -> None:
 # -- preparing the checkpoint and archives ----------------------------------------------------------
 
 
+def _untie_lm_head(ckpt: Path, seed: int) -> None:
+    """Overwrite ``lm_head.weight`` in place with its own random values (the generator writes the
+    shared embedding there). With a tied head the synthetic decoder echoes its input token (its
+    residual stream is dominated by the input embedding), so greedy decoding repeats the start token
+    and every step routes to the same experts; an independent head gives a varied token stream."""
+    import numpy as np
+
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        with open(f, "r+b") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            meta = header.get("lm_head.weight")
+            if meta is None:
+                continue
+            assert meta["dtype"] == "BF16", meta["dtype"]
+            begin, end = meta["data_offsets"]
+            rng = np.random.default_rng(seed + 7919)
+            vals = rng.standard_normal((end - begin) // 2, dtype=np.float32)
+            bf16 = (vals.view(np.uint32) >> 16).astype("<u2")  # truncate to bfloat16
+            fh.seek(8 + n + begin)
+            fh.write(bf16.tobytes())
+            return
+    raise ValueError(f"no lm_head.weight in {ckpt}")
+
+
 def prepare(cfg: E2EConfig) -> dict:
     """Generate (once) the checkpoint, the archive and the --raw archive under ``cfg.workdir``."""
     from zipmoe_pack.pack import PackOptions, pack
@@ -346,7 +371,8 @@ def prepare(cfg: E2EConfig) -> dict:
     wd.mkdir(parents=True, exist_ok=True)
     tag = cfg.tag
     marker = wd / f"{tag}.json"
-    want = {"dims": cfg.dims, "seed": cfg.seed, "family": cfg.family, "version": 1}
+    want = {"dims": cfg.dims, "seed": cfg.seed, "family": cfg.family,
+            "version": 2 if cfg.family == "switch_transformers" else 1}
     ckpt, arc, raw = wd / f"{tag}-ckpt", wd / f"{tag}.zmoe", wd / f"{tag}-raw.zmoe"
     timings = {}
     if not (marker.is_file() and json.loads(marker.read_text()) == want and ckpt.is_dir() and arc.is_file()
@@ -357,7 +383,12 @@ def prepare(cfg: E2EConfig) -> dict:
             elif p.exists():
                 p.unlink()
         t0 = time.perf_counter()
-        make_checkpoint(ckpt, cfg.family, seed=cfg.seed, shards=2, dims=cfg.dims)
+        if cfg.family == "switch_transformers":
+            make_checkpoint(ckpt, cfg.family, seed=cfg.seed, shards=2, dims=cfg.dims,
+                            config_overrides={"tie_word_embeddings": False})
+            _untie_lm_head(ckpt, cfg.seed)
+        else:
+            make_checkpoint(ckpt, cfg.family, seed=cfg.seed, shards=2, dims=cfg.dims)
         timings["make_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         pack(ckpt, arc, PackOptions(threads=os.cpu_count() or 1))
