@@ -19,5 +19,5 @@ echo "== zipmoe unpack, then sha256sum of every file against the original"
 zipmoe unpack "$d/model.zmoe" "$d/restored"
 (cd "$d/model" && find . -type f | sort | xargs sha256sum) > "$d/original.sha256"
 (cd "$d/restored" && sha256sum -c --quiet ../original.sha256) && echo "all $(wc -l < "$d/original.sha256") files byte-identical"
-echo "== zipmoe-run (weights are random: the text is gibberish, but every bit is the checkpoint's)"
-zipmoe-run "$d/model.zmoe" --prompt "Mixture of experts models" --max-new-tokens 24 --greedy
+echo "== zipmoe-run with a memory budget of 30 % of the experts (weights are random: the text is gibberish)"
+zipmoe-run "$d/model.zmoe" --prompt "Mixture of experts models" --max-new-tokens 24 --greedy --memory-budget 30%
