@@ -467,7 +467,7 @@ class ExpertStore:
             if exc is None:
                 self._stats["experts_decoded"] += 1
                 self._stats["bytes_decoded"] += task.ext.decoded_nbytes
-                self._stats["decode_s"] += time.perf_counter() - task.t_submit
+                self._stats["expert_decode_s"] += time.perf_counter() - task.t_submit
         with job.cond:
             task.error = exc
             task.state = "ready"
@@ -726,7 +726,7 @@ class ExpertStore:
             st = dict(self._stats)
         for t in ("full", "comp", "sm", "cold"):
             st.setdefault(f"hits_{t}", 0)
-        for k in ("bytes_read", "reads", "read_s", "experts_decoded", "bytes_decoded", "decode_s", "stall_s",
+        for k in ("bytes_read", "reads", "read_s", "experts_decoded", "bytes_decoded", "expert_decode_s", "stall_s",
                   "fetch_calls", "requests"):
             st.setdefault(k, 0)
         st.update(
