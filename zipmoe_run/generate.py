@@ -100,6 +100,47 @@ def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int)
     return out
 
 
+def new_stats() -> dict:
+    return {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "ttft_s": None,
+            "decode_steps": 0, "decode_tokens": 0}
+
+
+def count_step(st: dict, step: int, dt: float, t0: float) -> None:
+    """Book one forward step: the first of a group is prefill (it fixes the TTFT), the rest decode."""
+    if step == 0:
+        st["prefill_s"] += dt
+        if st["ttft_s"] is None:
+            st["ttft_s"] = time.perf_counter() - t0
+    else:
+        st["decode_s"] += dt
+        st["decode_steps"] += 1
+
+
+def emit_tokens(st: dict, nxt: torch.Tensor, rows: list[int], done: list[bool], decoders: list, eos: set,
+                step: int, budget: int, t0: float, dt: float) -> Iterator[TokenEvent]:
+    """One TokenEvent per still-running row of a step's sampled tokens ``nxt`` [B]."""
+    for r, tok in enumerate(nxt.tolist()):
+        if done[r]:
+            continue
+        finish = "eos" if tok in eos else ("length" if step == budget - 1 else None)
+        done[r] = finish is not None
+        piece = decoders[r].add(tok) if decoders[r] else ""
+        if finish and decoders[r]:
+            piece += decoders[r].flush()
+        st["generated_tokens"] += 1
+        st["decode_tokens"] += step > 0
+        yield TokenEvent(rows[r], step, tok, piece, time.perf_counter() - t0, dt, finish)
+
+
+def finish_stats(st: dict, t0: float, stats: dict | None) -> None:
+    st["total_s"] = time.perf_counter() - t0
+    st["prompt_tok_s"] = st["prompt_tokens"] / st["prefill_s"] if st["prefill_s"] else 0.0
+    st["gen_tok_s"] = st["decode_tokens"] / st["decode_s"] if st["decode_s"] else 0.0
+    st["peak_rss_bytes"] = peak_rss_bytes()
+    if stats is not None:
+        stats.update(st)
+
+
 def stream_generate(
     model,
     prompts: Sequence[int] | Sequence[Sequence[int]],
@@ -130,8 +171,7 @@ def stream_generate(
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(plist):
         groups.setdefault(len(p), []).append(i)
-    st = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "ttft_s": None,
-          "decode_steps": 0, "decode_tokens": 0}
+    st = new_stats()
     t0 = time.perf_counter()
     for plen, rows in groups.items():
         budget = min(max_new_tokens, model.max_context - plen)
@@ -143,43 +183,20 @@ def stream_generate(
         decoders = [IncrementalDecoder(tokenizer) if tokenizer else None for _ in rows]
         done = [False] * len(rows)
         x = torch.tensor([plist[i] for i in rows], dtype=torch.long)  # [B, T]
+        st["prompt_tokens"] += x.numel()
         pos = 0
         for step in range(budget):
             ts = time.perf_counter()
             logits = model(x, cache, pos, last_only=True)[:, -1]  # [B, V]
             nxt = sample_next(logits, sampling, gen)  # [B]
             dt = time.perf_counter() - ts
-            if step == 0:
-                st["prefill_s"] += dt
-                st["prompt_tokens"] += x.numel()
-                if st["ttft_s"] is None:
-                    st["ttft_s"] = time.perf_counter() - t0
-            else:
-                st["decode_s"] += dt
-                st["decode_steps"] += 1
+            count_step(st, step, dt, t0)
             pos += x.shape[1]
-            for r, tok in enumerate(nxt.tolist()):
-                if done[r]:
-                    continue
-                finish = "eos" if tok in eos else ("length" if step == budget - 1 else None)
-                done[r] = finish is not None
-                piece = decoders[r].add(tok) if decoders[r] else ""
-                if finish and decoders[r]:
-                    piece += decoders[r].flush()
-                st["generated_tokens"] += 1
-                st["decode_tokens"] += step > 0
-                yield TokenEvent(rows[r], step, tok, piece, time.perf_counter() - t0, dt, finish)
+            yield from emit_tokens(st, nxt, rows, done, decoders, eos, step, budget, t0, dt)
             if all(done):
                 break
             x = nxt[:, None]  # [B, 1]
-    total = time.perf_counter() - t0
-    st["total_s"] = total
-    st["prompt_tok_s"] = st["prompt_tokens"] / st["prefill_s"] if st["prefill_s"] else 0.0
-    st["gen_tok_s"] = st["decode_tokens"] / st["decode_s"] if st["decode_s"] else 0.0
-    st["peak_rss_bytes"] = peak_rss_bytes()
-    if stats is not None:
-        stats.update(st)
-
+    finish_stats(st, t0, stats)
 
 def generate(
     model,

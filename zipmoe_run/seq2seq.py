@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .generate import Sampling, TokenEvent, _check_prompts, peak_rss_bytes, sample_next
+from .generate import (Sampling, TokenEvent, _check_prompts, count_step, emit_tokens, finish_stats, new_stats,
+                       sample_next)
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = ["stream_generate_seq2seq"]
@@ -41,8 +42,7 @@ def stream_generate_seq2seq(
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(plist):
         groups.setdefault(len(p), []).append(i)
-    st = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "ttft_s": None,
-          "decode_steps": 0, "decode_tokens": 0}
+    st = new_stats()
     budget = min(max_new_tokens, model.max_context)
     if budget < max_new_tokens:
         log.info("max_new_tokens cut to %d by the model's context (%d)", budget, model.max_context)
@@ -63,30 +63,9 @@ def stream_generate_seq2seq(
             logits = model.decode(y, cache, step, last_only=True)[:, -1]  # [B, V]
             nxt = sample_next(logits, sampling, gen)  # [B]
             dt = time.perf_counter() - ts  # the first step includes the encoder and the cross K/V
-            if step == 0:
-                st["prefill_s"] += dt
-                if st["ttft_s"] is None:
-                    st["ttft_s"] = time.perf_counter() - t0
-            else:
-                st["decode_s"] += dt
-                st["decode_steps"] += 1
-            for r, tok in enumerate(nxt.tolist()):
-                if done[r]:
-                    continue
-                finish = "eos" if tok in eos else ("length" if step == budget - 1 else None)
-                done[r] = finish is not None
-                piece = decoders[r].add(tok) if decoders[r] else ""
-                if finish and decoders[r]:
-                    piece += decoders[r].flush()
-                st["generated_tokens"] += 1
-                st["decode_tokens"] += step > 0
-                yield TokenEvent(rows[r], step, tok, piece, time.perf_counter() - t0, dt, finish)
+            count_step(st, step, dt, t0)
+            yield from emit_tokens(st, nxt, rows, done, decoders, eos, step, budget, t0, dt)
             if all(done):
                 break
             y = nxt[:, None]  # [B, 1]
-    st["total_s"] = time.perf_counter() - t0
-    st["prompt_tok_s"] = st["prompt_tokens"] / st["prefill_s"] if st["prefill_s"] else 0.0
-    st["gen_tok_s"] = st["decode_tokens"] / st["decode_s"] if st["decode_s"] else 0.0
-    st["peak_rss_bytes"] = peak_rss_bytes()
-    if stats is not None:
-        stats.update(st)
+    finish_stats(st, t0, stats)
