@@ -17,19 +17,15 @@ from ..layers import (
     KVCache,
     Linear,
     RMSNorm,
-    RotaryEmbedding,
     apply_rotary,
     args_from_dict,
     attention,
-    bind_weights,
-    causal_mask,
     moe_forward,
     rope_config,
-    rope_inv_freq,
     swiglu_expert,
 )
-from ..kernels import single_row_scope
 from ..source import WeightSource
+from ._decoder import DecoderLM
 
 
 @dataclass
@@ -148,45 +144,5 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Backbone(nn.Module):
-    def __init__(self, a: ModelArgs, source: WeightSource):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(a, i, source) for i in range(a.num_hidden_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs, source: WeightSource, dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.args, self.dtype = args, dtype
-        with torch.device("meta"):
-            self.model = Backbone(args, source)
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(*rope_inv_freq(args.rope, args.head_dim, args.max_position_embeddings))
-        tied = args.tie_word_embeddings
-        bind_weights(self, source, dtype,
-                     lambda n: ["model.embed_tokens.weight"] if (n == "lm_head.weight" and tied) else [n])
-
-    @property
-    def max_context(self) -> int:
-        return self.args.max_position_embeddings
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        a = self.args
-        return KVCache(a.num_hidden_layers, batch, max_len, a.num_key_value_heads, a.head_dim, None, self.dtype)
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.LongTensor, cache: KVCache, start_pos: int, last_only: bool = False):
-        with single_row_scope(input_ids.numel() == 1 and self.dtype is torch.bfloat16):
-            return self._forward(input_ids, cache, start_pos, last_only)
-
-    def _forward(self, input_ids, cache, start_pos, last_only):
-        t = input_ids.shape[1]
-        h = self.model.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = self.rope(torch.arange(start_pos, start_pos + t), h.dtype)  # [T, D]
-        mask = causal_mask(t, start_pos, h.dtype, self.args.sliding_window)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, cache, start_pos)
-        h = self.model.norm(h[:, -1:] if last_only else h)
-        return self.lm_head(h).float()  # [B, T, V]
+class Model(DecoderLM):
+    layer_cls = DecoderLayer
