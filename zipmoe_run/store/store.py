@@ -41,6 +41,7 @@ from formats.planes import split_bf16
 from .budget import Budget, BudgetError, Ledger, fmt_bytes, parse_budget
 from .io import Buffer, BufferPool, ExpertReader, ceil_page, floor_page
 from .policy import Policy, make_policy
+from .prefetch import PrefetchMixin
 from .scheduler import FlowTask, johnson_order
 from .tiers import DEMOTIONS, CostModel, ExpertInfo, Tier, info_from_extent
 
@@ -112,7 +113,7 @@ class _Entry:
 
 class _Task:
     __slots__ = ("key", "ext", "info", "start", "rbuf", "dbuf", "grown", "read_done", "error", "t_submit",
-                 "state", "weights", "est", "pending", "batch_errors", "read_error")
+                 "state", "weights", "est", "pending", "batch_errors", "read_error", "cancel", "adopted")
 
     def __init__(self, key, ext, info: ExpertInfo, start: Tier):
         self.key, self.ext, self.info, self.start = key, ext, info, start
@@ -128,6 +129,8 @@ class _Task:
         self.pending = 0  # decode batches in flight + the reader's hold
         self.batch_errors: dict[int, BaseException] = {}
         self.read_error: BaseException | None = None
+        self.cancel = False  # a prefetch nobody asks for any more: stop reading it
+        self.adopted = False  # a prefetched task a fetch took over
 
     def view(self, offset: int, length: int):
         lo = offset - self.ext.offset
@@ -142,8 +145,12 @@ class _Task:
 
 
 class _Job:
-    def __init__(self, tasks: list[_Task]):
+    def __init__(self, tasks: list[_Task], speculative: bool = False):
         self.tasks = tasks
+        self.speculative = speculative  # a prefetch: admitted without waiting, finished by the reaper
+        self.certain = False  # a prefetch of what the next fetch will ask for: never superseded
+        self.preload = False  # load-time warm-up: admitted without evicting, kept decoded (FULL)
+        self.adopted: list[tuple["_Job", _Task]] = []  # prefetched tasks this fetch took over
         self.cond = threading.Condition()
         self.ready: collections.deque[_Task] = collections.deque()
         self.cancelled = False
@@ -154,7 +161,7 @@ class _Job:
         self.waiting = False  # the consumer is blocked in _next_ready
 
 
-class ExpertStore:
+class ExpertStore(PrefetchMixin):
     """The tiered, budgeted expert store of one open ``formats.reader.Archive``."""
 
     def __init__(self, archive, decoder: ParallelDecoder, *, budget: Budget | str | int | None = None,
@@ -174,7 +181,7 @@ class ExpertStore:
         self.fixed_bytes = ceil_page(decoder.threads * C) + ceil_page(C)
         big = max(self.infos.values(), key=lambda i: i.min_working_set, default=None)
         self.min_budget = (big.min_working_set if big else 0) + self.fixed_bytes
-        need_all = sum(i.full_bytes for i in self.infos.values()) + self.min_budget
+        self.need_all = need_all = sum(i.full_bytes for i in self.infos.values()) + self.min_budget
         if not isinstance(budget, Budget):
             budget = parse_budget(budget, expert_bytes=self.expert_bytes, need_all=need_all, dense_bytes=dense_bytes)
         self.budget = budget
@@ -204,6 +211,7 @@ class ExpertStore:
         self._closed = False
         self._stats = collections.Counter()
         self._jobs: queue.Queue = queue.Queue()
+        self._init_prefetch()
         self._thread = threading.Thread(target=self._reader_loop, name="zmoe-io", daemon=True)
         self._thread.start()
         log.info("expert store: budget %s; io %s; policy %s", budget.how, self.reader.mode, self.policy.name)
@@ -255,20 +263,32 @@ class ExpertStore:
                     ent.pins -= 1
                     job.pinned.pop(0)
                     self._mem.notify_all()
+            for sj, task in job.adopted:
+                self._await(sj, task)
+                if task.state != "ready":
+                    raise StoreError(f"internal error: prefetched {task.ext.label} was never decoded")
+                if task.error is not None:
+                    raise task.error
+                yield self._hand_out(job, task)
+                self._unlend(job)
+                with self._lock:
+                    self._place(task)
             for _ in range(len(job.tasks)):
                 task = self._next_ready(job)
                 if task.error is not None:
                     raise task.error
-                task.weights = self.wrap(task.ext, task.dbuf.arr[:task.ext.decoded_nbytes])
-                task.state = "lent"
-                lent = self._lend(job, task.weights)
-                yield task.key[2], lent
+                yield self._hand_out(job, task)
                 self._unlend(job)
                 with self._lock:
                     self._place(task)
         finally:
             self._unlend(job)
             self._finish(job)
+
+    def _hand_out(self, job: "_Job", task: _Task) -> tuple[int, object]:
+        task.weights = self.wrap(task.ext, task.dbuf.arr[:task.ext.decoded_nbytes])
+        task.state = "lent"
+        return task.key[2], self._lend(job, task.weights)
 
     def _lend(self, job: "_Job", weights):
         """What the caller gets: the resident dict itself without a budget, else a copy emptied on resume."""
@@ -285,12 +305,17 @@ class ExpertStore:
     def _open(self, keys: list[tuple]) -> _Job:
         tasks: list[_Task] = []
         pinned: list[tuple[tuple, _Entry]] = []
+        if self._spec and self._active is None:
+            self._settle(keys)
         with self._lock:
             if self._closed:
                 raise StoreError("expert store is closed")
             if self._active is not None:
                 raise StoreError("ExpertStore.fetch() called while another fetch is still open "
                                  "(consume or close the previous generator first)")
+            self._reap_spec()
+            adopted = self._adopt(keys) if self._spec else []
+            taken = {t.key for _, t in adopted}
             self.now += 1
             st = self._stats
             st["fetch_calls"] += 1
@@ -299,6 +324,9 @@ class ExpertStore:
                 t = ent.tier if ent is not None else Tier.COLD
                 self.policy.on_access(k, t, self.now)
                 st["requests"] += 1
+                if k in taken:
+                    st["hits_prefetch"] += 1
+                    continue
                 st[f"hits_{t.label}"] += 1
                 if t == Tier.FULL:
                     ent.pins += 1
@@ -328,6 +356,7 @@ class ExpertStore:
                     self.cost.read_share += _EWMA * (sa / (sa + sd) - self.cost.read_share)
             job = _Job([f.key for f in johnson_order(flow)])
             job.pinned = pinned
+            job.adopted = adopted
             self._active = job
         if job.tasks:
             self._jobs.put(job)
@@ -382,7 +411,17 @@ class ExpertStore:
         decoding of an expert overlaps the rest of its own read (specs/runtime.md section 5.3).
         """
         with self._lock:
-            self._admit(job, task)
+            if job.speculative:
+                if task.state != "queued" or task.cancel:
+                    return True  # dropped or superseded before the I/O thread got to it
+                if not self._admit(job, task, wait=False, evict=not job.preload):
+                    for t in job.tasks:
+                        if t.state == "queued":
+                            self._drop_queued(t)
+                    return False
+            else:
+                self._admit(job, task)
+            task.state = "admitted"
         ext = task.ext
         refs = self.archive.extent_refs(ext, view=task.view)
         ends = _ref_ends(ext, self.archive.index.chunk_elements, self.archive.index.raw_chunk_bytes, task.start)
@@ -410,7 +449,7 @@ class ExpertStore:
                     k = j
                 if done >= length:
                     break
-                if job.cancelled or self._closed:
+                if job.cancelled or self._closed or task.cancel:
                     raise _Cancelled
                 n = min(READ_PIECE, length - done)
                 self._timed_read(task, ext.offset + done, n, at=done)
@@ -468,16 +507,25 @@ class ExpertStore:
                 self._stats["experts_decoded"] += 1
                 self._stats["bytes_decoded"] += task.ext.decoded_nbytes
                 self._stats["expert_decode_s"] += time.perf_counter() - task.t_submit
+        if job.preload and exc is None:  # kept decoded at once: its read buffer is free for the next one
+            with self._lock:
+                task.weights = self.wrap(task.ext, task.dbuf.arr[:task.ext.decoded_nbytes])
+                self._place(task, Tier.FULL)
+                self._stats["preloaded"] += 1
         with job.cond:
             task.error = exc
-            task.state = "ready"
+            if task.state != "placed":
+                task.state = "ready"
             job.inflight -= 1
             job.ready.append(task)
             job.cond.notify_all()
 
     # -- memory (all under self._lock) --------------------------------------------------------------
-    def _admit(self, job: _Job, task: _Task) -> None:
-        """Reserve and attach the buffers ``task`` needs, evicting or waiting as required."""
+    def _admit(self, job: _Job, task: _Task, wait: bool = True, evict: bool = True) -> bool:
+        """Reserve and attach the buffers ``task`` needs, evicting or waiting as required.
+
+        ``wait=False`` (a prefetch): where a fetch would wait, give the buffers back and return False.
+        """
         info = task.info
         need_r = info.comp_bytes if task.start == Tier.COLD else 0
         need_d = info.full_bytes
@@ -487,6 +535,8 @@ class ExpertStore:
             if job.cancelled or self._closed:
                 raise _Cancelled
             self._reap()
+            if wait:
+                self._reap_spec()
             if need_r and task.rbuf is None:
                 task.rbuf = self._take(need_r)
             if task.dbuf is None:
@@ -511,10 +561,21 @@ class ExpertStore:
                 self.ledger.charge("pool", -b.charged)
                 b.close()
                 continue
-            v = self.policy.victim(self, ())
+            v = self.policy.victim(self, ()) if evict else None
             if v is not None:
                 self._demote(*v)
                 continue
+            if not wait:
+                if job.preload:
+                    with job.cond:
+                        busy = job.inflight > 0
+                    if busy:  # what is in flight frees its read buffer when placed
+                        self._mem.wait(timeout=0.02)
+                        continue
+                self._release(task.rbuf, "staging")
+                self._release(task.dbuf, "staging")
+                task.rbuf = task.dbuf = None
+                return False
             # nothing to evict: wait for the consumer to hand buffers back
             waited += 1
             with job.cond:
@@ -529,6 +590,7 @@ class ExpertStore:
         if waited:
             with self._stat_lock:
                 self._stats["admit_wait_s"] += time.perf_counter() - t0
+        return True
 
     def _new(self, n: int) -> Buffer:
         b = Buffer(n)
@@ -582,12 +644,13 @@ class ExpertStore:
             raise AssertionError("trimming an extent buffer cannot grow it")
         self.ledger.charge(cat, delta)
 
-    def _place(self, task: _Task) -> None:
-        """The model is done with ``task``'s expert: keep it in the tier the policy picks."""
+    def _place(self, task: _Task, tier: Tier | None = None) -> None:
+        """The model is done with ``task``'s expert: keep it in the tier the policy picks (or ``tier``)."""
         key, info = task.key, task.info
         ent = self._entries.setdefault(key, _Entry())
         ent.busy = False
-        tier = self.policy.placement(key, self)
+        if tier is None:
+            tier = self.policy.placement(key, self)
         if tier not in info.tiers:
             tier = max(t for t in info.tiers if t <= tier)
         if tier == Tier.FULL:
@@ -698,10 +761,19 @@ class ExpertStore:
         with job.cond:
             while not (job.reader_done and job.inflight == 0):
                 job.cond.wait(timeout=0.1)
+        for sj, task in job.adopted:
+            if task.state not in ("lent", "placed"):
+                self._await(sj, task)
         with self._lock:
             for _, ent in job.pinned:
                 ent.pins -= 1
             job.pinned = []
+            for _, task in job.adopted:
+                if task.state == "lent":
+                    self._place(task)
+                elif task.state != "placed":
+                    self._revert(task)
+            job.adopted = []
             for task in job.tasks:
                 if task.state == "placed":
                     continue
@@ -719,6 +791,7 @@ class ExpertStore:
 
     def stats(self) -> dict:
         with self._lock:
+            self._reap_spec()
             self._reap()
             led = self.ledger.snapshot()
             tiers = collections.Counter(e.tier.label for e in self._entries.values() if e.tier != Tier.COLD)
@@ -727,7 +800,7 @@ class ExpertStore:
         for t in ("full", "comp", "sm", "cold"):
             st.setdefault(f"hits_{t}", 0)
         for k in ("bytes_read", "reads", "read_s", "experts_decoded", "bytes_decoded", "expert_decode_s", "stall_s",
-                  "fetch_calls", "requests"):
+                  "fetch_calls", "requests", "hits_prefetch", "prefetch_predicted", "prefetch_correct"):
             st.setdefault(k, 0)
         st.update(
             budget_bytes=self.budget.nbytes, budget=self.budget.how, min_budget_bytes=self.min_budget,
@@ -749,6 +822,8 @@ class ExpertStore:
             self._closed = True
             if self._active is not None:
                 self._active.cancelled = True
+            for sj in self._spec:
+                sj.cancelled = True
             self._mem.notify_all()
         self._jobs.put(None)
         self._thread.join(timeout=30)
