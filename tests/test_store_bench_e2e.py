@@ -15,7 +15,7 @@ def quick(tmp_path_factory):
     wd = tmp_path_factory.mktemp("e2e")
     out = wd / "r.json"
     res = CliRunner().invoke(app, ["e2e", "--quick", "--budgets", "30", "--workdir", str(wd), "--out", str(out),
-                                   "--systems", "zipmoe,raw,hf-offload,resident"])
+                                   "--systems", "zipmoe,zipmoe-lookahead,raw,hf-offload,resident"])
     assert res.exit_code == 0, res.output
     return json.loads(out.read_text()), res.output
 
@@ -24,18 +24,21 @@ def test_rows_and_exactness(quick):
     result, text = quick
     rows = result["rows"]
     by = {(r["system"], r["budget_pct"]) for r in rows}
-    assert {("zipmoe", 30.0), ("raw", 30.0), ("hf-offload", 30.0), ("resident", None)} <= by
-    ours = [r for r in rows if r["system"] in ("zipmoe", "raw", "resident")]
+    assert {("zipmoe", 30.0), ("zipmoe-lookahead", 30.0), ("raw", 30.0), ("hf-offload", 30.0), ("resident", None)} <= by
+    ours = [r for r in rows if r["system"] in ("zipmoe", "zipmoe-lookahead", "raw", "resident")]
     assert all(r["ok"] for r in ours), [r.get("error") for r in ours]
     for r in ours:
         assert r["tok_s"] > 0 and r["ttft_s"] > 0 and r["io_mode"] in ("O_DIRECT", "buffered+DONTNEED")
-        assert set(r["hits"]) == {"full", "comp", "sm", "cold"} and r["peak_rss_bytes"] > 0
+        assert set(r["hits"]) == {"full", "comp", "sm", "cold", "prefetch"} and r["peak_rss_bytes"] > 0
+        assert (r["prefetch_predicted"] > 0) == (r["system"] == "zipmoe-lookahead")
         assert len(r["tokens"]) == result["config"]["new_tokens"] and r["tokens_warm"] == r["tokens"]
     capped = [r for r in ours if r["system"] != "resident"]
     assert all(r["store_peak_bytes"] <= r["budget_bytes"] for r in capped)
     assert all(r["capped"] or r["cap_note"] for r in rows)  # every uncapped figure says why
     exact = next(t for t in result["targets"] if t["target"].startswith("identical tokens"))
     assert exact["met"]
+    la = next(t for t in result["targets"] if "lookahead" in t["target"])
+    assert la["value"] > 0 and "accuracy" in la["note"]
     assert "tok/s" in text and "30% budget" in text
     assert result["model"]["expert_bytes"] > 0 and result["machine"]["note"]
 

@@ -46,6 +46,7 @@ def _logits(arc, **opts):
                 y = m(tok, cache, len(PROMPT[0]) + i)
                 out.append(y.clone())
                 tok = y[:, -1:].argmax(-1)
+        lm.source.store.drain_prefetch()  # a cancelled guess may still be in flight
         st = lm.source.stats()
         return out, st
     finally:
@@ -110,3 +111,19 @@ def test_slow_disk_uses_lower_tiers_exactly(archive, reference):
 def test_unlimited_and_percent_budgets(archive, reference):
     for b in (None, "100%", "auto", "35%"):
         _check(archive, reference, memory_budget=b)
+
+
+def test_lookahead_prefetch_and_preload_are_exact(archive, reference):
+    """Router lookahead (qwen2_moe) and load-time preload change timing only, never a bit."""
+    rng = random.Random(99)
+    with load(archive, threads=2) as lm:
+        minimum, need = lm.source.store.min_budget, lm.source.store.expert_bytes
+        lookahead = lm.model.set_lookahead(True) if hasattr(lm.model, "set_lookahead") else 0
+    for _ in range(3):
+        budget = rng.randint(minimum, int(need * 0.8))
+        st = _check(archive, reference, memory_budget=budget, prefetch="lookahead", threads=rng.randint(1, 2))
+        assert (st["prefetch_predicted"] > 0) == (lookahead > 0)
+    st = _check(archive, reference, memory_budget=int(need * 1.1), prefetch="lookahead")
+    assert st["preloaded"] == st["experts_decoded"] > 0 and st["hits_cold"] == 0
+    st = _check(archive, reference, memory_budget="50%", preload=True)
+    assert st["preloaded"] > 0

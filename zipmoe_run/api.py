@@ -23,7 +23,9 @@ from .models import build_model
 from .source import DirectorySource, WeightSource
 from .tokenizer import Tokenizer, _json, eos_ids_from, load_tokenizer
 
-__all__ = ["Loaded", "load", "open_source", "parse_dtype"]
+__all__ = ["Loaded", "load", "open_source", "parse_dtype", "PREFETCH_MODES"]
+
+PREFETCH_MODES = ("off", "lookahead")
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +106,20 @@ class Loaded:
 
 
 def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", threads: int | None = None,
-         memory_budget: str | int | None = None, **store_opts) -> Loaded:
+         memory_budget: str | int | None = None, prefetch: str = "off", **store_opts) -> Loaded:
     """Open a checkpoint directory or ``.zmoe`` archive and build its model.
 
     ``threads`` sets torch's intra-op thread count (process-wide) and is passed to the archive
     reader; ``memory_budget`` bounds the memory of the routed experts of a ``.zmoe`` archive (bytes,
     ``"3GiB"``, ``"30%"`` of the expert bytes or ``"auto"``; None: no limit; see specs/runtime.md);
     other ``store_opts`` go to ``ArchiveSource`` (policy, io_mode, io_throttle_bps: a read-rate cap in
-    bytes/s emulating slower storage, ...).
+    bytes/s emulating slower storage, ...). ``prefetch="lookahead"`` turns on router lookahead (the
+    next layer's experts guessed from the current hidden state and prefetched; zipmoe_run.lookahead)
+    for families that support it; ``"off"`` (the default) prefetches only what the model is certain
+    to ask for next.
     """
+    if prefetch not in PREFETCH_MODES:
+        raise GenerationError(f"unknown prefetch mode {prefetch!r} (use {' or '.join(PREFETCH_MODES)})")
     if memory_budget is not None:
         store_opts["memory_budget"] = memory_budget
     dt = parse_dtype(dtype)
@@ -132,4 +139,9 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
     else:
         eos = eos_ids_from(source.config, _json(source, "generation_config.json"))
     model.eval()
+    if hasattr(model, "set_lookahead"):
+        n = model.set_lookahead(prefetch == "lookahead")
+        log.info("router lookahead prefetch: %s", f"{n} layers" if n else "off")
+    elif prefetch == "lookahead":
+        log.info("router lookahead prefetch: not available for this family")
     return Loaded(model, tokenizer, source, dt, eos)

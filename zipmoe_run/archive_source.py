@@ -10,6 +10,12 @@ specs/runtime.md.
 ``memory_budget``: None (unlimited: every expert stays decoded once fetched), bytes (int or
 ``"3GiB"``), a percentage of the routed-expert bytes (``"30%"``) or ``"auto"``. With a budget, a
 yielded weights dict is valid until the caller asks for the next expert; the store then empties it.
+
+``preload``: ``"auto"`` (the default) warms the store up at open time, reading and decoding experts
+layer by layer into the decoded tier until the budget is full, when a budget of at least the experts'
+decoded bytes is given (the budget is meant to hold the model, as in transformers or llama.cpp, which
+also load everything before the first token); ``True`` always, ``False`` never (experts load on first
+use). The time it takes is part of opening the archive (``preload_s`` in ``stats()``).
 """
 from __future__ import annotations
 
@@ -47,7 +53,8 @@ def _as_tensor(buf, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int
 
 class ArchiveSource:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, memory_budget=None, *,
-                 policy=None, io_mode: str = "auto", io_throttle_bps: float | None = None, cost=None):
+                 policy=None, io_mode: str = "auto", io_throttle_bps: float | None = None, cost=None,
+                 preload: bool | str = "auto"):
         from .store.store import ExpertStore
 
         self.archive = Archive(path)
@@ -62,7 +69,13 @@ class ArchiveSource:
                 self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,
                                          io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=self._weights, dense_bytes=self.dense_bytes,
                                          cost=cost)
+                if preload is True or (preload == "auto" and self.store.capacity is not None
+                                       and self.store.capacity >= self.store.expert_bytes):
+                    n = self.store.preload()
+                    log.info("preloaded %d of %d experts", n, len(self.store.extents))
             except BaseException:
+                if hasattr(self, "store"):
+                    self.store.close()
                 self.decoder.close()
                 raise
         except BaseException:
@@ -107,6 +120,11 @@ class ArchiveSource:
         for e, w in self.store.fetch(layer, experts, stack):
             self._stats["experts_fetched"] += 1
             yield e, w
+
+    def prefetch(self, layer: int, experts: Sequence[int], stack: str | None = None, *,
+                 speculative: bool = True) -> int:
+        """Start reading and decoding experts the model will (or may) ask for next (see the store)."""
+        return self.store.prefetch(layer, experts, stack, speculative=speculative)
 
     def stats(self) -> dict:
         st = self.store.stats()

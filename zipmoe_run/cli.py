@@ -57,6 +57,12 @@ def run_cmd(
     memory_budget: str = typer.Option(None, "--memory-budget", "-m",
                                       help="Memory for routed experts (.zmoe): bytes (3GiB, 500MB), a percentage of "
                                            "the expert bytes (30%) or auto. Default: no limit."),
+    prefetch: str = typer.Option("off", "--prefetch",
+                                 help="off: prefetch only what the model will certainly ask for next; lookahead: "
+                                      "also guess the next layer's experts from the current hidden state."),
+    preload: str = typer.Option("auto", "--preload",
+                                help="auto: with a budget of at least the experts' size, decode experts into memory "
+                                     "while loading; on: fill the budget while loading; off: load on first use."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, stats) instead."),
     debug: bool = typer.Option(False, "--debug", help="Debug logging and full tracebacks."),
@@ -79,7 +85,11 @@ def run_cmd(
             seed=seed,
         )
         store_opts = {"memory_budget": memory_budget} if memory_budget is not None else {}
-        lm = load(path, dtype=dtype, threads=threads, **store_opts)
+        if preload not in ("auto", "on", "off"):
+            fail(f"--preload must be auto, on or off (got {preload!r})")
+        if preload != "auto" and path.suffix == ".zmoe":
+            store_opts["preload"] = preload == "on"
+        lm = load(path, dtype=dtype, threads=threads, prefetch=prefetch, **store_opts)
         budget = getattr(lm.source, "budget", None)
         if memory_budget is not None and budget is not None and not as_json:
             err.print(f"memory budget: {budget.how}", soft_wrap=True)

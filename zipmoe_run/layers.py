@@ -235,6 +235,15 @@ def swiglu_expert(x: torch.Tensor, w: dict[str, torch.Tensor], act: Callable = F
     raise MissingWeightError(f"expert weights have no gated projections (got {sorted(w)})")
 
 
+def announce(source: "WeightSource", layer: int, topk_ids: torch.Tensor, stack: str | None = None,
+             speculative: bool = False) -> None:
+    """Tell a source that can prefetch (``ArchiveSource``) which experts of ``layer`` come next, so it
+    reads them while the caller computes something else (a shared expert, the current layer)."""
+    pf = getattr(source, "prefetch", None)
+    if pf is not None:
+        pf(layer, torch.unique(topk_ids).tolist(), stack, speculative=speculative)
+
+
 def moe_forward(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -243,12 +252,14 @@ def moe_forward(
     layer: int,
     stack: str | None = None,
     expert_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] = swiglu_expert,
+    after_open: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Routed-expert output for tokens x [N, H] with top-k choices topk_ids/topk_weights [N, K].
 
     Experts are fetched through ``source.fetch`` in whatever order it yields them; outputs are
     summed per token in ascending expert id, so the result never depends on fetch order (and
-    matches transformers' eager loop, which visits experts in that order).
+    matches transformers' eager loop, which visits experts in that order). ``after_open`` runs once
+    the fetch has started (after the first expert), e.g. to prefetch the next layer behind it.
     """
     n, _ = x.shape
     flat = topk_ids.reshape(-1)
@@ -268,6 +279,9 @@ def moe_forward(
         tok = tok_sorted[lo:hi]
         y = expert_fn(x[tok], weights) * w_sorted[lo:hi, None]
         outs[i] = y.to(x.dtype)
+        if after_open is not None:
+            after_open()
+            after_open = None
     missing = [wanted[i] for i, o in enumerate(outs) if o is None]
     if missing:
         raise MissingWeightError(f"layer {layer}: weight source did not yield experts {missing}")

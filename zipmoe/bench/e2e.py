@@ -21,6 +21,9 @@ Systems (each run in its own subprocess, experts cold: ``posix_fadvise(DONTNEED)
 first):
 
 * ``zipmoe``: this runtime on the compressed archive with ``--memory-budget``;
+* ``zipmoe-lookahead``: the same with router lookahead prefetch (``prefetch="lookahead"``: the next
+  layer's experts guessed from the current hidden state and prefetched); its accuracy (predicted
+  experts the next layer asked for) and the time it saves against ``zipmoe`` are in the result;
 * ``raw``: the same runtime on an archive packed with ``--raw`` (experts stored as BF16);
 * ``hf-offload``: transformers + accelerate, the experts modules that do not fit the budget
   offloaded to disk (``device_map`` + ``offload_folder``; transformers' granularity is one layer's
@@ -75,7 +78,8 @@ SWITCH_DIMS = {"hidden": 1024, "intermediate": 4096, "experts": 128, "top_k": 1,
 SWITCH_QUICK_DIMS = {"hidden": 64, "intermediate": 128, "experts": 8, "top_k": 1, "layers": 4, "sparse_layers": 2,
                      "vocab": 512, "heads": 4, "head_dim": 16, "expert_capacity": 64}
 FAMILIES = ("qwen2_moe", "switch_transformers")
-SYSTEMS = ("zipmoe", "raw", "hf-offload", "resident")
+SYSTEMS = ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload", "resident")
+RUNTIME = ("zipmoe", "zipmoe-lookahead", "raw")  # the systems that read experts through the runtime's store
 HF_SKIP_SWITCH = ("hf-offload skipped for switch_transformers: the benchmark's accelerate device map and streamer "
                   "are written for decoder-only AutoModelForCausalLM; disk offload of the seq2seq model was not set up")
 CAP_SLACK = 128 << 20  # activations, allocator and library working memory allowed above the budget
@@ -118,7 +122,7 @@ class E2EConfig:
         return parse_storage(self.storage)
 
 
-THROTTLED = ("zipmoe", "raw")  # the systems that read experts through the runtime's store
+THROTTLED = RUNTIME
 
 
 def storage_info(cfg: E2EConfig) -> dict:
@@ -428,7 +432,8 @@ def _child_runtime(a: dict) -> dict:
     t0 = time.perf_counter()
     # threads=None: torch keeps the compute threads set above; the decoder pool gets every core
     opts = {"io_throttle_bps": a["io_throttle_bps"]} if a.get("io_throttle_bps") else {}
-    lm = load(a["path"], dtype="bfloat16", threads=None, memory_budget=budget, **opts)
+    prefetch = "lookahead" if a["system"] == "zipmoe-lookahead" else "off"
+    lm = load(a["path"], dtype="bfloat16", threads=None, memory_budget=budget, prefetch=prefetch, **opts)
     src = lm.source
     if a["system"] == "resident":  # every expert decoded before timing
         layers = sorted({(e.stack, e.layer) for e in src.archive.index.experts})
@@ -451,7 +456,10 @@ def _child_runtime(a: dict) -> dict:
             "tpot_s" + tag: stats["decode_s"] / max(1, stats["decode_steps"]), "prefill_s" + tag: stats["prefill_s"],
             "decode_s" + tag: stats["decode_s"], "bytes_read" + tag: st["bytes_read"] - before.get("bytes_read", 0),
             "proc_read_bytes" + tag: (io1 - io0) if io0 is not None and io1 is not None else None,
-            "hits" + tag: {t: st[f"hits_{t}"] - before.get(f"hits_{t}", 0) for t in ("full", "comp", "sm", "cold")},
+            "hits" + tag: {t: st[f"hits_{t}"] - before.get(f"hits_{t}", 0)
+                           for t in ("full", "comp", "sm", "cold", "prefetch")},
+            "prefetch_predicted" + tag: st["prefetch_predicted"] - before.get("prefetch_predicted", 0),
+            "prefetch_correct" + tag: st["prefetch_correct"] - before.get("prefetch_correct", 0),
         })
     io_mode = st["io_mode"]
     if st.get("io_throttle_bps"):
@@ -604,8 +612,8 @@ def _spawn(args: dict, timeout: float) -> tuple[dict, int, str]:
 
 def run_one(system: str, pct: float | None, prep: dict, cfg: E2EConfig, capped: bool, idx: int) -> dict:
     budget = None if pct is None else int(prep["expert_bytes"] * pct / 100)
-    path = {"zipmoe": prep["archive"], "raw": prep["raw_archive"], "resident": prep["archive"],
-            "hf-offload": prep["ckpt"]}[system]
+    path = {"zipmoe": prep["archive"], "zipmoe-lookahead": prep["archive"], "raw": prep["raw_archive"],
+            "resident": prep["archive"], "hf-offload": prep["ckpt"]}[system]
     args = {"system": system, "path": path, "budget_bytes": budget, "threads": cfg.threads,
             "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens, "config": prep["config"],
             "dense_bytes": prep["dense_bytes"], "expert_bytes": prep["expert_bytes"],
@@ -644,7 +652,7 @@ def run(cfg: E2EConfig) -> dict:
     rows: list[dict] = []
     i = 0
     for pct in cfg.budgets:
-        for system in ("zipmoe", "raw", "hf-offload"):
+        for system in ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload"):
             if system not in cfg.systems or (system == "hf-offload" and (storage["emulated"] or switch)):
                 continue
             r = run_one(system, pct, prep, cfg, cfg.cap, i)
@@ -683,7 +691,7 @@ def _row(rows, system, pct, capped=None):
 
 def _targets(rows: list[dict], cfg: E2EConfig) -> list[dict]:
     out = []
-    same = [r for r in rows if r.get("ok") and r["system"] in ("zipmoe", "raw", "resident")]
+    same = [r for r in rows if r.get("ok") and r["system"] in (*RUNTIME, "resident")]
     ref = next((r["tokens"] for r in same if r["system"] == "resident"), None)
     if ref is not None:
         out.append({"target": "identical tokens: zipmoe and raw at every budget (both passes) vs resident",
@@ -711,6 +719,16 @@ def _targets(rows: list[dict], cfg: E2EConfig) -> list[dict]:
                     "met": ratio is not None and ratio >= 0.9,
                     "note": ("resident decoded every expert before timing" if not tag else "")
                     + ("; resident not throttled (emulated storage)" if cfg.io_throttle_bps else "")})
+    for pct in cfg.budgets:
+        z, la = _row(rows, "zipmoe", pct), _row(rows, "zipmoe-lookahead", pct)
+        if z is None or la is None:
+            continue
+        pred = la.get("prefetch_predicted", 0)
+        acc = la.get("prefetch_correct", 0) / pred if pred else None
+        out.append({"target": f"{pct:g}% budget: router lookahead prefetch tokens/s vs without",
+                    "value": la["tok_s"] / z["tok_s"] if z["tok_s"] else None,
+                    "met": bool(z["tok_s"]) and la["tok_s"] > z["tok_s"], "info": True,
+                    "note": f"cold pass; lookahead accuracy {acc:.0%} of {pred} guesses" if acc is not None else "cold pass"})
     return out
 
 
@@ -748,7 +766,7 @@ def render_table(result: dict):
     if (result.get("hf_offload") or {}).get("skipped"):
         title += f". {result['hf_offload']['note']}"
     t = Table(title=title)
-    cols = ["budget", "system", "cap", "tok/s", "TTFT s", "TPOT ms", "GB read", "hits full/comp/sm/cold",
+    cols = ["budget", "system", "cap", "load s", "tok/s", "TTFT s", "TPOT ms", "GB read", "hits full/comp/sm/cold/prefetched",
             "tok/s warm", "GB read warm", "peak RSS GB", "cap peak GB", "io", "note"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("budget", "system", "io", "note", "cap") else "right")
@@ -756,15 +774,16 @@ def render_table(result: dict):
         b = "unlimited" if r["budget_pct"] is None else f"{r['budget_pct']:g}% ({_gb(r['budget_bytes'])} GB)"
         cap = "cgroup" if r["capped"] else "none"
         if not r.get("ok"):
-            t.add_row(b, r["system"], cap, "-", "-", "-", "-", "-", "-", "-", "-", _gb(r.get("cap_peak_bytes")), "-",
+            t.add_row(b, r["system"], cap, "-", "-", "-", "-", "-", "-", "-", "-", "-", _gb(r.get("cap_peak_bytes")), "-",
                       str(r.get("error")))
             continue
         h = r.get("hits")
-        hits = "/".join(str(h[k]) for k in ("full", "comp", "sm", "cold")) if h else "-"
+        hits = "/".join(str(h.get(k, 0)) for k in ("full", "comp", "sm", "cold", "prefetch")) if h else "-"
         read = r.get("bytes_read") if r.get("bytes_read") is not None else r.get("proc_read_bytes")
         rw = r.get("bytes_read_warm") if r.get("bytes_read_warm") is not None else r.get("proc_read_bytes_warm")
         warm = f"{r['tok_s_warm']:.2f}" if r.get("tok_s_warm") is not None else "-"
-        t.add_row(b, r["system"], cap, f"{r['tok_s']:.2f}", f"{r['ttft_s']:.2f}" if r.get("ttft_s") is not None else "-",
+        load_s = f"{r['load_s']:.2f}" if r.get("load_s") is not None else "-"
+        t.add_row(b, r["system"], cap, load_s, f"{r['tok_s']:.2f}", f"{r['ttft_s']:.2f}" if r.get("ttft_s") is not None else "-",
                   f"{r['tpot_s'] * 1e3:.0f}", _gb(read), hits, warm, _gb(rw), _gb(r.get("peak_rss_bytes")),
                   _gb(r.get("cap_peak_bytes")), str(r.get("io_mode") or "-"), r.get("cap_note") or "")
     return t
@@ -775,7 +794,8 @@ def render_targets(result: dict) -> list[str]:
     for tg in result["targets"]:
         v = tg.get("value")
         val = f"{v:.2f}x" if isinstance(v, float) else ""
-        lines.append(f"[{'met' if tg['met'] else 'MISSED'}] {tg['target']} {val} {tg.get('note') or ''}".rstrip())
+        mark = ("faster" if tg["met"] else "slower") if tg.get("info") else ("met" if tg["met"] else "MISSED")
+        lines.append(f"[{mark}] {tg['target']} {val} {tg.get('note') or ''}".rstrip())
     return lines
 
 
@@ -789,7 +809,7 @@ def plot(result: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in ("zipmoe", "raw", "hf-offload"):
+    for system in ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload"):
         pts = sorted((r["budget_pct"], r["tok_s"]) for r in result["rows"]
                      if r["system"] == system and r.get("ok") and r["budget_pct"] is not None and r["capped"])
         if pts:

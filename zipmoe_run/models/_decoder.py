@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..kernels import single_row_scope
+from ..lookahead import link_lookahead
 from ..layers import KVCache, Linear, RMSNorm, RotaryEmbedding, bind_weights, causal_mask, rope_inv_freq
 from ..source import WeightSource
 
@@ -33,6 +34,11 @@ class DecoderLM(nn.Module):
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(*rope_inv_freq(args.rope, args.head_dim, args.max_position_embeddings))
         bind_weights(self, source, dtype, self.weight_names)
+        self.source = source
+
+    def set_lookahead(self, enabled: bool) -> int:
+        """Router lookahead prefetch (zipmoe_run.lookahead) on or off; returns the layers that use it."""
+        return link_lookahead(self.model.layers, self.source, enabled)
 
     def weight_names(self, name: str) -> list[str]:
         """Checkpoint spellings of a parameter, in order of preference (the LM head may be tied)."""

@@ -22,6 +22,7 @@ from ..layers import (
     args_from_dict,
     attention,
     causal_mask,
+    announce,
     moe_forward,
     rope_config,
     swiglu_expert,
@@ -129,17 +130,21 @@ class SparseMoeBlock(nn.Module):
     def _expert(self, x, w):
         return swiglu_expert(x, w, self.act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        flat = x.view(-1, h)  # [N, H]
-        shared = self.shared_expert(flat)
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.gate(flat)  # [N, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
         if self.norm_topk:
             top_w /= top_w.sum(dim=-1, keepdim=True)
-        top_w = top_w.to(logits.dtype)
-        out = moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert)
+        return top_w.to(logits.dtype), top_i
+
+    def forward(self, x: torch.Tensor, after_open=None) -> torch.Tensor:
+        b, t, h = x.shape
+        flat = x.view(-1, h)  # [N, H]
+        top_w, top_i = self.route(flat)
+        announce(self.source, self.layer, top_i)  # the missing experts are read during the shared expert
+        shared = self.shared_expert(flat)
+        out = moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert, after_open)
         out = out + F.sigmoid(self.shared_expert_gate(flat)) * shared
         return out.view(b, t, h)
 
@@ -155,10 +160,14 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lookahead = None  # zipmoe_run.lookahead: prefetch the next layer's guessed experts
 
     def forward(self, x, cos, sin, masks, cache, start_pos):
         mask = masks[self.window]
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)
+        if isinstance(self.mlp, SparseMoeBlock):
+            hook = self.lookahead(h) if self.lookahead is not None else None
+            return h + self.mlp(self.post_attention_layernorm(h), hook)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
