@@ -30,6 +30,11 @@ first):
   fused expert tensors);
 * ``resident``: this runtime with every expert decoded in memory before timing (the ceiling).
 
+At a budget of at least the experts' decoded size (100 %), ``zipmoe`` and ``raw`` preload (the
+store's default ``preload="auto"``: experts decoded into memory while the archive opens, until the
+budget is full), like transformers and ``resident``, which also load everything before the first
+token; that time is in ``load_s`` (the table's ``load s``), not in tokens/s.
+
 Emulated storage (``storage``: ``"emmc"`` 300 MB/s, ``"ufs"`` 2 GB/s or bytes/s): the runtime's
 expert reader caps its sustained read rate (``io_throttle_bps``, specs/runtime.md section 3), so
 ``zipmoe`` and ``raw`` read as if from that device; ``resident`` is not throttled (it reads every
