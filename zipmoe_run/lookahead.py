@@ -8,8 +8,17 @@ evicting what the open fetch uses; specs/runtime.md section 5.5). Single-token s
 a prefill batch needs most experts anyway. The last MoE layer has no lookahead (the next token's
 first layer depends on a token not yet sampled).
 
-A family opts in by giving its MoE block ``route(x [N, H]) -> (weights [N, K], ids [N, K])`` and its
-decoder layer a ``lookahead`` attribute it calls as ``hook = self.lookahead(h)`` (None when off).
+A family opts in by giving its decoder layer:
+
+* a ``moe`` accessor: the layer's routed-expert block, or None on a dense layer (the block's attribute
+  name is the checkpoint's spelling, ``mlp`` or Mixtral's ``block_sparse_moe``, so it is not looked up
+  by name); the block has ``route(x [N, H]) -> (weights [N, K], ids [N, K])``;
+* ``post_attention_layernorm`` (the norm in front of the block) and ``layer`` (its index in the source);
+* a ``lookahead`` attribute it calls as ``hook = self.lookahead(h)`` (None when off) and passes to its
+  block as ``after_open``.
+
+Only consecutive MoE layers are linked: a layer whose next layer is dense (or which is dense itself)
+gets no lookahead.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["Lookahead", "link_lookahead"]
+__all__ = ["Lookahead", "link_lookahead", "moe_block"]
 
 
 class Lookahead:
@@ -37,15 +46,21 @@ class Lookahead:
         return fire
 
 
+def moe_block(layer: nn.Module) -> nn.Module | None:
+    """A decoder layer's routed-expert block (its ``moe`` accessor) if it can route, else None."""
+    block = getattr(layer, "moe", None)
+    return block if hasattr(block, "route") else None
+
+
 def link_lookahead(layers: nn.ModuleList, source, enabled: bool) -> int:
-    """Give each decoder layer whose next layer routes a ``lookahead`` (or None); returns how many."""
+    """Give each MoE decoder layer whose next layer is also MoE a ``lookahead`` (others None); returns how many."""
     n = 0
     can = enabled and hasattr(source, "prefetch")
     for i, layer in enumerate(layers):
         if not hasattr(layer, "lookahead"):
             continue
         nxt = layers[i + 1] if i + 1 < len(layers) else None
-        ok = (can and nxt is not None and hasattr(layer.mlp, "route") and hasattr(nxt.mlp, "route"))
-        layer.lookahead = Lookahead(source, nxt.post_attention_layernorm, nxt.mlp, nxt.layer) if ok else None
+        ok = can and nxt is not None and moe_block(layer) is not None and moe_block(nxt) is not None
+        layer.lookahead = Lookahead(source, nxt.post_attention_layernorm, moe_block(nxt), nxt.layer) if ok else None
         n += ok
     return n

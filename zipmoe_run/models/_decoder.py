@@ -1,18 +1,133 @@
 """The decoder-only skeleton the qwen2_moe, qwen3_moe, olmoe and mixtral files share.
 
-A family file defines its ModelArgs, attention, MoE block and ``DecoderLayer(args, layer, source)``
-(``forward(x, cos, sin, mask, cache, start_pos)``), then ``class Model(DecoderLM)`` with
-``layer_cls = DecoderLayer``; it overrides ``weight_names`` or ``masks`` where the family differs.
+A family file defines its ModelArgs (with ``is_sparse(layer)``) and attention, then
+``class DecoderLayer(MoEDecoderLayer)`` naming its ``attention_cls`` (and ``moe_cls`` or
+``block_name`` where they differ) and ``class Model(DecoderLM)`` with ``layer_cls = DecoderLayer``;
+it overrides ``weight_names`` or ``masks`` where the family differs.
+
+The routed-expert block is ``RoutedMoE`` (transformers' softmax top-k router: qwen2_moe, qwen3_moe,
+olmoe, mixtral); a family with a shared expert (qwen2_moe) extends it. Every layer supports router
+lookahead (zipmoe_run.lookahead) through its ``moe`` accessor and ``lookahead`` attribute.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..kernels import single_row_scope
 from ..lookahead import link_lookahead
-from ..layers import KVCache, Linear, RMSNorm, RotaryEmbedding, bind_weights, causal_mask, rope_inv_freq
+from ..layers import (
+    ACTIVATIONS,
+    KVCache,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    bind_weights,
+    causal_mask,
+    moe_forward,
+    rope_inv_freq,
+    swiglu_expert,
+)
 from ..source import WeightSource
+
+
+class MLP(nn.Module):
+    """Gated dense MLP (a dense layer's MLP, or a shared expert)."""
+
+    def __init__(self, hidden: int, inter: int, act: str):
+        super().__init__()
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RoutedMoE(nn.Module):
+    """Routed experts behind a float32 softmax top-k router (``gate``), as transformers computes it.
+
+    ``norm_topk`` renormalises the top-k probabilities; the weights are then cast to the router
+    logits' dtype, unless ``keep_float32`` (Mixtral's router keeps them float32). The experts are
+    gated MLPs fetched from ``source`` per layer (``moe_forward``).
+    """
+
+    keep_float32 = False
+
+    def __init__(self, a, layer: int, source: WeightSource, n_experts: int | None = None,
+                 norm_topk: bool | None = None):
+        super().__init__()
+        self.layer, self.source, self.top_k = layer, source, a.num_experts_per_tok
+        self.norm_topk = a.norm_topk_prob if norm_topk is None else norm_topk
+        self.act = ACTIVATIONS[a.hidden_act]
+        self.gate = Linear(a.hidden_size, a.num_experts if n_experts is None else n_experts, bias=False)
+
+    def _expert(self, x, w):
+        return swiglu_expert(x, w, self.act)
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """flat [N, H] -> top-k weights [N, K], expert ids [N, K] (int64)."""
+        logits = self.gate(flat)  # [N, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)  # [N, E] float32
+        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
+        if self.norm_topk:
+            top_w /= top_w.sum(dim=-1, keepdim=True)
+        return (top_w if self.keep_float32 else top_w.to(logits.dtype)), top_i
+
+    def forward(self, x: torch.Tensor, after_open: Callable[[], None] | None = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]; ``after_open`` runs once this layer's fetch is open (lookahead)."""
+        b, t, h = x.shape
+        flat = x.view(-1, h)  # [N, H]
+        top_w, top_i = self.route(flat)  # [N, K]
+        return moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert, after_open).view(b, t, h)
+
+
+class MoEDecoderLayer(nn.Module):
+    """Pre-norm decoder layer: h = x + attn(norm(x)); out = h + block(norm(h)).
+
+    The block is ``moe_cls`` where ``a.is_sparse(layer)``, else a dense ``MLP`` of ``intermediate_size``;
+    it is stored under ``block_name`` (its checkpoint spelling: ``mlp``, Mixtral's ``block_sparse_moe``).
+    ``lookahead`` (set by ``link_lookahead``, None when off) prefetches the next layer's guessed experts.
+    """
+
+    attention_cls: type[nn.Module]
+    moe_cls: type[nn.Module] = RoutedMoE
+    block_name = "mlp"
+
+    def __init__(self, a, layer: int, source: WeightSource):
+        super().__init__()
+        self.layer = layer
+        self.self_attn = self.attention_cls(a)
+        if a.is_sparse(layer):
+            block = self.moe_cls(a, layer, source)
+        else:
+            block = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
+        self.add_module(self.block_name, block)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lookahead = None  # zipmoe_run.lookahead: prefetch the next layer's guessed experts
+
+    @property
+    def moe(self) -> nn.Module | None:
+        """This layer's routed-expert block (it has ``route``), or None on a dense layer."""
+        block = getattr(self, self.block_name)
+        return block if hasattr(block, "route") else None
+
+    def attention_mask(self, masks):
+        """This layer's mask out of what ``DecoderLM.masks`` built."""
+        return masks
+
+    def forward(self, x, cos, sin, masks, cache, start_pos):
+        mask = self.attention_mask(masks)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)  # [B, T, H]
+        moe = self.moe
+        if moe is None:
+            return h + getattr(self, self.block_name)(self.post_attention_layernorm(h))
+        hook = self.lookahead(h) if self.lookahead is not None else None
+        return h + moe(self.post_attention_layernorm(h), hook)
 
 
 class Backbone(nn.Module):

@@ -16,16 +16,13 @@ from ..layers import (
     ACTIVATIONS,
     KVCache,
     Linear,
-    RMSNorm,
     apply_rotary,
     args_from_dict,
     attention,
-    moe_forward,
     rope_config,
-    swiglu_expert,
 )
 from ..source import WeightSource
-from ._decoder import DecoderLM
+from ._decoder import DecoderLM, MoEDecoderLayer, RoutedMoE
 
 
 @dataclass
@@ -56,6 +53,9 @@ class ModelArgs:
             raise UnsupportedModelError(f"hidden_act {a.hidden_act!r} is not supported")
         return a
 
+    def is_sparse(self, i: int) -> bool:
+        return True  # every Mixtral layer routes
+
 
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
@@ -79,38 +79,19 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(b, t, -1))
 
 
-class SparseMoeBlock(nn.Module):
+class SparseMoeBlock(RoutedMoE):
+    """transformers' MixtralTopKRouter: the top-k probabilities are always renormalised and stay float32."""
+
+    keep_float32 = True
+
     def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
-        super().__init__()
-        self.layer, self.source, self.top_k = layer, source, a.num_experts_per_tok
-        self.act = ACTIVATIONS[a.hidden_act]
-        self.gate = Linear(a.hidden_size, a.num_local_experts, bias=False)
-
-    def _expert(self, x, w):
-        return swiglu_expert(x, w, self.act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        flat = x.view(-1, h)  # [N, H]
-        logits = self.gate(flat)  # [N, E]
-        probs = torch.softmax(logits.float(), dim=-1)
-        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
-        top_w /= top_w.sum(dim=-1, keepdim=True)  # stays float32, as in transformers
-        return moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert).view(b, t, h)
+        super().__init__(a, layer, source, n_experts=a.num_local_experts, norm_topk=True)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
-        super().__init__()
-        self.layer = layer
-        self.self_attn = Attention(a)
-        self.block_sparse_moe = SparseMoeBlock(a, layer, source)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-
-    def forward(self, x, cos, sin, mask, cache, start_pos):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+class DecoderLayer(MoEDecoderLayer):
+    attention_cls = Attention
+    moe_cls = SparseMoeBlock
+    block_name = "block_sparse_moe"  # the original checkpoint spelling; Model.weight_names also reads mlp.*
 
 
 class Model(DecoderLM):

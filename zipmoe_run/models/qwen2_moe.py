@@ -17,7 +17,6 @@ from ..layers import (
     ACTIVATIONS,
     KVCache,
     Linear,
-    RMSNorm,
     apply_rotary,
     args_from_dict,
     attention,
@@ -25,10 +24,9 @@ from ..layers import (
     announce,
     moe_forward,
     rope_config,
-    swiglu_expert,
 )
 from ..source import WeightSource
-from ._decoder import DecoderLM
+from ._decoder import MLP, DecoderLM, MoEDecoderLayer, RoutedMoE
 
 
 @dataclass
@@ -106,69 +104,41 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(b, t, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, act: str):
-        super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=False)
-        self.up_proj = Linear(hidden, inter, bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
-        self.act = ACTIVATIONS[act]
+class SparseMoeBlock(RoutedMoE):
+    """Routed experts plus a sigmoid-gated shared expert.
 
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    Order: route, announce the layer's experts (the missing ones are read while the shared expert
+    computes), shared expert, routed experts; the sum is routed + gate * shared, as transformers adds.
+    """
 
-
-class SparseMoeBlock(nn.Module):
     def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
-        super().__init__()
-        self.layer, self.source, self.top_k, self.norm_topk = layer, source, a.num_experts_per_tok, a.norm_topk_prob
-        self.act = ACTIVATIONS[a.hidden_act]
-        self.gate = Linear(a.hidden_size, a.num_experts, bias=False)
+        super().__init__(a, layer, source)
         self.shared_expert = MLP(a.hidden_size, a.shared_expert_intermediate_size, a.hidden_act)
         self.shared_expert_gate = Linear(a.hidden_size, 1, bias=False)
-
-    def _expert(self, x, w):
-        return swiglu_expert(x, w, self.act)
-
-    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.gate(flat)  # [N, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
-        if self.norm_topk:
-            top_w /= top_w.sum(dim=-1, keepdim=True)
-        return top_w.to(logits.dtype), top_i
 
     def forward(self, x: torch.Tensor, after_open=None) -> torch.Tensor:
         b, t, h = x.shape
         flat = x.view(-1, h)  # [N, H]
-        top_w, top_i = self.route(flat)
+        top_w, top_i = self.route(flat)  # [N, K]
         announce(self.source, self.layer, top_i)  # the missing experts are read during the shared expert
-        shared = self.shared_expert(flat)
+        shared = self.shared_expert(flat)  # [N, H]
         out = moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert, after_open)
         out = out + F.sigmoid(self.shared_expert_gate(flat)) * shared
         return out.view(b, t, h)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
-        super().__init__()
-        self.layer, self.window = layer, a.window(layer)
-        self.self_attn = Attention(a)
-        if a.is_sparse(layer):
-            self.mlp = SparseMoeBlock(a, layer, source)
-        else:
-            self.mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.lookahead = None  # zipmoe_run.lookahead: prefetch the next layer's guessed experts
+class DecoderLayer(MoEDecoderLayer):
+    """Each layer attends with the mask of its own sliding window (None: full attention)."""
 
-    def forward(self, x, cos, sin, masks, cache, start_pos):
-        mask = masks[self.window]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)
-        if isinstance(self.mlp, SparseMoeBlock):
-            hook = self.lookahead(h) if self.lookahead is not None else None
-            return h + self.mlp(self.post_attention_layernorm(h), hook)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    attention_cls = Attention
+    moe_cls = SparseMoeBlock
+
+    def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
+        super().__init__(a, layer, source)
+        self.window = a.window(layer)
+
+    def attention_mask(self, masks):
+        return masks[self.window]
 
 
 class Model(DecoderLM):

@@ -20,12 +20,9 @@ from ..layers import (
     apply_rotary,
     args_from_dict,
     attention,
-    moe_forward,
     rope_config,
-    swiglu_expert,
 )
-from ..source import WeightSource
-from ._decoder import DecoderLM
+from ._decoder import DecoderLM, MoEDecoderLayer
 
 
 @dataclass
@@ -93,55 +90,8 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(b, t, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, act: str):
-        super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=False)
-        self.up_proj = Linear(hidden, inter, bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
-        self.act = ACTIVATIONS[act]
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class SparseMoeBlock(nn.Module):
-    def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
-        super().__init__()
-        self.layer, self.source, self.top_k, self.norm_topk = layer, source, a.num_experts_per_tok, a.norm_topk_prob
-        self.act = ACTIVATIONS[a.hidden_act]
-        self.gate = Linear(a.hidden_size, a.num_experts, bias=False)
-
-    def _expert(self, x, w):
-        return swiglu_expert(x, w, self.act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        flat = x.view(-1, h)  # [N, H]
-        logits = self.gate(flat)  # [N, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
-        if self.norm_topk:
-            top_w /= top_w.sum(dim=-1, keepdim=True)
-        top_w = top_w.to(logits.dtype)
-        return moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert).view(b, t, h)
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs, layer: int, source: WeightSource):
-        super().__init__()
-        self.layer = layer
-        self.self_attn = Attention(a)
-        if a.is_sparse(layer):
-            self.mlp = SparseMoeBlock(a, layer, source)
-        else:
-            self.mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-
-    def forward(self, x, cos, sin, mask, cache, start_pos):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)
-        return h + self.mlp(self.post_attention_layernorm(h))
+class DecoderLayer(MoEDecoderLayer):
+    attention_cls = Attention
 
 
 class Model(DecoderLM):
