@@ -17,6 +17,7 @@ latent's kv_lora_rank+dr, which is fine at the context lengths this runtime targ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -30,6 +31,7 @@ from ..layers import (
     KVCache,
     RMSNorm,
     RotaryEmbedding,
+    announce,
     apply_rotary,
     args_from_dict,
     attention,
@@ -40,6 +42,7 @@ from ..layers import (
     rope_inv_freq,
     swiglu_expert,
 )
+from ..lookahead import link_lookahead
 from ..source import WeightSource
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
@@ -286,13 +289,24 @@ class MoE(nn.Module):
                                         "dequantize to BF16 first")
         return swiglu_expert(x, w, self.act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """flat [N, hidden] -> weights [N, K] (float32), expert ids [N, K] (the lookahead's interface)."""
+        ids, w = self.gate(flat)  # [N, K]
+        return w, ids
+
+    def forward(self, x: torch.Tensor, after_open: Callable[[], None] | None = None) -> torch.Tensor:
+        """Route, announce the layer's experts (the missing ones are read while the shared experts
+        compute), shared experts, routed experts; the sum is routed + shared, as transformers adds."""
         b, t, h = x.shape
         flat = x.view(-1, h)  # [N, hidden]
-        ids, w = self.gate(flat)  # [N, K]
-        out = moe_forward(flat, ids, w, self.source, self.layer, None, self._expert)
+        w, ids = self.route(flat)  # [N, K]
+        shared = None
         if hasattr(self, "shared_experts"):
-            out = out + self.shared_experts(flat)
+            announce(self.source, self.layer, ids)
+            shared = self.shared_experts(flat)  # [N, hidden]
+        out = moe_forward(flat, ids, w, self.source, self.layer, None, self._expert, after_open)
+        if shared is not None:
+            out = out + shared
         return out.view(b, t, h)
 
 
@@ -307,10 +321,19 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act, a.mlp_bias)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lookahead = None  # zipmoe_run.lookahead: prefetch the next MoE layer's guessed experts
+
+    @property
+    def moe(self) -> MoE | None:
+        """This layer's routed-expert block, or None on a dense layer."""
+        return self.mlp if isinstance(self.mlp, MoE) else None
 
     def forward(self, x, cos, sin, mask, cache, start_pos):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)  # [B, T, hidden]
+        if self.moe is None:
+            return h + self.mlp(self.post_attention_layernorm(h))
+        hook = self.lookahead(h) if self.lookahead is not None else None
+        return h + self.mlp(self.post_attention_layernorm(h), hook)
 
 
 class Backbone(nn.Module):
@@ -343,6 +366,12 @@ class Model(nn.Module):
         for name, mod in self.named_modules():
             if isinstance(mod, Router):
                 mod.load(source, name + ".")
+        self.source = source
+
+    def set_lookahead(self, enabled: bool) -> int:
+        """Router lookahead prefetch (zipmoe_run.lookahead) on or off between consecutive MoE layers;
+        returns the layers that use it (a dense layer next, e.g. under moe_layer_freq, means none)."""
+        return link_lookahead(self.model.layers, self.source, enabled)
 
     @property
     def max_context(self) -> int:
