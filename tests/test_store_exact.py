@@ -114,7 +114,7 @@ def test_unlimited_and_percent_budgets(archive, reference):
 
 
 def test_lookahead_prefetch_and_preload_are_exact(archive, reference):
-    """Router lookahead (qwen2_moe) and load-time preload change timing only, never a bit."""
+    """Router lookahead and load-time preload change timing only, never a bit."""
     rng = random.Random(99)
     with load(archive, threads=2) as lm:
         minimum, need = lm.source.store.min_budget, lm.source.store.expert_bytes
