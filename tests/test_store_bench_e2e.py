@@ -52,7 +52,7 @@ def test_emulated_storage_is_labelled(quick, tmp_path_factory):
     out = wd / "r.json"
     res = CliRunner().invoke(app, ["e2e", "--quick", "--budgets", "30", "--workdir", str(wd), "--out", str(out),
                                    "--systems", "zipmoe,raw,hf-offload,resident", "--storage", "200M",
-                                   "--no-warm-pass"])
+                                   "--no-warm-pass", "--repeat", "2"])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     sto = result["storage"]
@@ -62,6 +62,7 @@ def test_emulated_storage_is_labelled(quick, tmp_path_factory):
     assert set(rows) == {"zipmoe", "raw", "resident"}
     assert all(r["ok"] for r in rows.values()), [r.get("error") for r in rows.values()]
     for s in ("zipmoe", "raw"):
+        assert len(rows[s]["tok_s_runs"]) == 2 and rows[s]["tok_s"] in rows[s]["tok_s_runs"]  # --repeat: median row
         assert rows[s]["io_throttle_bps"] == 200_000_000 and "(emulated)" in rows[s]["io_mode"]
     assert rows["resident"]["io_throttle_bps"] is None
     ref = {r["system"]: r["tokens"] for r in result0["rows"] if r["budget_pct"] in (30.0, None)}

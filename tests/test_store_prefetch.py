@@ -103,6 +103,11 @@ def test_speculation_is_counted_and_superseded(arc, reference):
         for e in range(8):
             _check(store, reference, 1, [e])
         _settled(store)
+        # a guess of experts that are all resident queues nothing but is still scored
+        assert store.prefetch(1, [0, 1]) == 0
+        _check(store, reference, 1, [1, 6])
+        st = _settled(store)
+        assert st["prefetch_predicted"] == 12 and st["prefetch_correct"] == 2
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -200,6 +200,8 @@ def e2e_cmd(
     quick: bool = typer.Option(False, "--quick", help="Tiny model, two budgets, few tokens: a smoke run."),
     no_cap: bool = typer.Option(False, "--no-cap", help="Do not create memory cgroups (figures uncapped)."),
     no_warm: bool = typer.Option(False, "--no-warm-pass", help="Only the cold pass."),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="Runs per system and budget (each cold); the table "
+                               "shows the run with the median tokens/s, the JSON every run's."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Emulate slower storage: emmc (300 MB/s), ufs "
                                           "(2 GB/s) or bytes/s (500M, 1.5G); caps zipmoe's and raw's reads, "
                                           "skips hf-offload (page cache, cannot be throttled). Default: the real disk."),
@@ -241,7 +243,7 @@ def e2e_cmd(
         raise typer.Exit(2)
     cfg = E2EConfig(workdir=workdir, budgets=pcts, systems=names, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, threads=threads, cap=not no_cap,
-                    warm_pass=not no_warm, storage=storage, family=family)
+                    warm_pass=not no_warm, storage=storage, family=family, repeat=repeat)
     if quick:
         cfg.quick, cfg.prompt_tokens, cfg.new_tokens = True, min(prompt_tokens, 6), min(new_tokens, 4)
         cfg.budgets = pcts if budgets != "15,30,60,100" else (30.0, 100.0)

@@ -174,12 +174,14 @@ class PrefetchMixin:
                     t.cancel = True
         if adopted:
             self._stats["prefetch_adopted"] += len(adopted)
-        layer_keys = {(k[0], k[1]) for k in keys}
-        for lk in layer_keys:
+        return adopted
+
+    def _score_guesses(self, keys: list[tuple]) -> None:
+        """A fetch of a layer a speculative call guessed: count the guessed experts it asks for."""
+        for lk in {(k[0], k[1]) for k in keys}:
             pred = self._predicted.pop(lk, None)
             if pred is not None:
                 self._stats["prefetch_correct"] += len(pred & {k[2] for k in keys if (k[0], k[1]) == lk})
-        return adopted
 
     # -- without the lock ----------------------------------------------------------------------------
     def _settle(self, keys: list[tuple]) -> None:

@@ -315,6 +315,8 @@ class ExpertStore(PrefetchMixin):
                                  "(consume or close the previous generator first)")
             self._reap_spec()
             adopted = self._adopt(keys) if self._spec else []
+            if self._predicted:
+                self._score_guesses(keys)
             taken = {t.key for _, t in adopted}
             self.now += 1
             st = self._stats
