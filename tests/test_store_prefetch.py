@@ -54,7 +54,7 @@ def _check(store, reference, layer, ids):
         want = reference[(None, layer, e)]
         assert np.array_equal(np.asarray(arr)[:want.shape[0]], want), (layer, e)
         got.append(e)
-    arr = None
+        del arr  # hold no expert past the next step (a tight budget may need its memory)
     assert sorted(got) == sorted(ids)
 
 
@@ -186,3 +186,23 @@ def test_preload_fills_the_budget_without_evicting(arc, reference):
             _check(store, reference, layer, list(range(8)))
         st = _settled(store)
         assert st["hits_full"] == 16 and _read_once(store, st["bytes_read"], [(0, range(8)), (1, range(8))])
+
+
+def test_a_prefetch_never_evicts_an_expert_it_names(arc, reference):
+    """Announcing [a, b] with a resident and no room for b beside it: b is not prefetched at a's
+    expense (a is read once), and a fetch that needs the room still gets it."""
+    with _Open(arc) as probe:
+        a, b = (None, 0, 2), (None, 0, 5)
+        budget = probe.min_budget + probe.infos[a].full_bytes // 2
+    with _Open(arc, budget=budget, policy="lru") as store:  # FULL or nothing
+        _check(store, reference, 0, [2])
+        assert store.tier_of(a) == Tier.FULL
+        store.prefetch(0, [2, 5], speculative=False)
+        store.drain_prefetch()
+        assert store.tier_of(a) == Tier.FULL and store.tier_of(b) == Tier.COLD
+        _check(store, reference, 0, [2, 5])
+        st = _settled(store)
+        assert st["hits_full"] == 1 and st["hits_cold"] == 2 and _read_once(store, st["bytes_read"], [(0, [2, 5])])
+        store.prefetch(1, [0, 1])  # held pins give way when a fetch needs the room
+        _check(store, reference, 0, [2, 5, 7])
+        _settled(store)

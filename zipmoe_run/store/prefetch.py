@@ -33,6 +33,7 @@ class PrefetchMixin:
 
     def _init_prefetch(self) -> None:
         self._spec: list = []  # speculative jobs, oldest first
+        self._held: set = set()  # resident experts a prefetch named: pinned until the next fetch opens
         self._predicted: dict[tuple, set] = {}  # (stack, layer) -> experts a speculative call predicted
 
     def prefetch(self, layer: int, experts: Sequence[int], stack: str | None = None, *,
@@ -75,6 +76,9 @@ class PrefetchMixin:
                 if k in taken:
                     continue
                 ent = self._entries.get(k)
+                if ent is not None and ent.tier != Tier.COLD and not ent.busy and k not in self._held:
+                    ent.pins += 1  # named as needed next: no prefetch may evict it before that fetch
+                    self._held.add(k)
                 if ent is not None and (ent.tier != Tier.COLD or ent.busy):
                     continue  # resident, or owned by the open fetch
                 if ent is None:
@@ -123,6 +127,14 @@ class PrefetchMixin:
                     sj.cond.wait(timeout=0.1)
 
     # -- under self._lock ---------------------------------------------------------------------------
+    def _release_held(self) -> None:
+        """The next fetch has opened (it pins what it uses) or the store closes: unpin what prefetch held."""
+        for k in self._held:
+            ent = self._entries.get(k)
+            if ent is not None and ent.pins:
+                ent.pins -= 1
+        self._held.clear()
+
     def _drop_queued(self, t) -> None:
         """A prefetched task the I/O thread has not admitted: forget it (it holds no buffers)."""
         t.state = "placed"

@@ -256,8 +256,7 @@ class ExpertStore(PrefetchMixin):
         try:
             while job.pinned:
                 key, ent = job.pinned[0]
-                lent = self._lend(job, ent.weights)
-                yield key[2], lent
+                yield key[2], self._lend(job, ent.weights)  # no local: the frame must not keep it alive
                 self._unlend(job)
                 with self._lock:
                     ent.pins -= 1
@@ -314,6 +313,8 @@ class ExpertStore(PrefetchMixin):
                 raise StoreError("ExpertStore.fetch() called while another fetch is still open "
                                  "(consume or close the previous generator first)")
             self._reap_spec()
+            if self._held:
+                self._release_held()
             adopted = self._adopt(keys) if self._spec else []
             if self._predicted:
                 self._score_guesses(keys)
@@ -563,9 +564,12 @@ class ExpertStore(PrefetchMixin):
                 self.ledger.charge("pool", -b.charged)
                 b.close()
                 continue
-            v = self.policy.victim(self, ()) if evict else None
+            v = self.policy.victim(self, self._held) if evict else None
             if v is not None:
                 self._demote(*v)
+                continue
+            if wait and self._held:  # a fetch needs the room: what prefetch protected gives way
+                self._release_held()
                 continue
             if not wait:
                 if job.preload:
