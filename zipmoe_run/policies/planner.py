@@ -19,6 +19,7 @@ specs/runtime.md):
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ def splits(tiers: tuple[int, ...] = (Tier.FULL, Tier.COMPRESSED, Tier.SM), step:
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def _makespan_table(k: int, a_sm: float, a_cold: float, b: float) -> np.ndarray:
     M = np.zeros((k + 1, k + 1, k + 1))
     for c in range(k + 1):
@@ -117,8 +119,9 @@ def _makespan_table(k: int, a_sm: float, a_cold: float, b: float) -> np.ndarray:
     return M
 
 
-def _outcomes(k: int):
-    """(hF, hC, hS, h0, multinomial coefficient) for k draws."""
+@functools.lru_cache(maxsize=8)
+def _outcomes(k: int) -> tuple[np.ndarray, ...]:
+    """(hF, hC, hS, h0, multinomial coefficient) for k draws, as arrays over the outcomes."""
     out = []
     for f in range(k + 1):
         for c in range(k + 1 - f):
@@ -126,8 +129,9 @@ def _outcomes(k: int):
                 z = k - f - c - s
                 coef = math.factorial(k) // (math.factorial(f) * math.factorial(c) * math.factorial(s)
                                              * math.factorial(z))
-                out.append((f, c, s, z, coef))
-    return out
+                out.append((f, c, s, z, float(coef)))
+    f, c, s, z, coef = (np.array(col) for col in zip(*out))
+    return f.astype(np.int64), c.astype(np.int64), s.astype(np.int64), z.astype(np.int64), coef
 
 
 def _tier_probs(stats: ActivationStats, slots: dict, per_layer: bool) -> np.ndarray:
@@ -168,11 +172,10 @@ def expected_time(stats: ActivationStats, split: Split, budget: int, sizes: Tier
         L = stats.layers
         slots = {tt: L * int(split.share(tt) * (budget // L) // sizes.resident(tt)) for tt in slots}
     q = _tier_probs(stats, slots, per_layer)
-    total = 0.0
-    for f, c, s, z, coef in _outcomes(k):
-        p = coef * q[:, Tier.FULL] ** f * q[:, Tier.COMPRESSED] ** c * q[:, Tier.SM] ** s * q[:, 0] ** z
-        total += float(p.sum()) * M[c, s, z]
-    return total
+    f, c, s, z, coef = _outcomes(k)
+    p = (coef[:, None] * q[None, :, Tier.FULL] ** f[:, None] * q[None, :, Tier.COMPRESSED] ** c[:, None]
+         * q[None, :, Tier.SM] ** s[:, None] * q[None, :, 0] ** z[:, None])  # [outcomes, L]
+    return float(p.sum(axis=1) @ M[c, s, z])
 
 
 def plan(stats: ActivationStats | None, budget: int, sizes: TierSizes, cal: Calibration, *,
