@@ -33,6 +33,33 @@ def checkpoint_factory(tmp_path_factory):
     return make
 
 
+#: the small qwen2_moe the store tests share (8 experts, 2 layers)
+STORE_DIMS = {"experts": 8, "top_k": 2, "hidden": 256, "moe_intermediate": 512, "layers": 2}
+
+
+@pytest.fixture(scope="session")
+def store_archive(checkpoint_factory, tmp_path_factory):
+    """``make(seed) -> (archive path, {expert key: decoded bytes})``: the STORE_DIMS qwen2_moe packed
+    once per seed (chunks of 8192 elements) and every expert decoded by the archive itself."""
+    from formats.decoder import ParallelDecoder
+    from formats.reader import Archive
+    from zipmoe_pack.pack import PackOptions, pack
+
+    made: dict = {}
+
+    def make(seed: int):
+        if seed not in made:
+            src = checkpoint_factory("qwen2_moe", seed=seed, dims=STORE_DIMS, peaky_router=False)
+            out = tmp_path_factory.mktemp(f"store{seed}") / "m.zmoe"
+            pack(src, out, PackOptions(threads=2, chunk_elements=8192))
+            with Archive(out) as ar, ParallelDecoder(2) as dec:
+                ref = {e.key: ar.decode_extent(e, dec).copy() for e in ar.index.experts}
+            made[seed] = (out, ref)
+        return made[seed]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
     """``../shared`` next to the repository (real model metadata, traces); skips the test when absent."""

@@ -9,7 +9,6 @@ import pytest
 
 from formats.decoder import ParallelDecoder
 from formats.reader import Archive
-from zipmoe_pack.pack import PackOptions, pack
 from zipmoe_run.policies import Calibration, Split, TierSizes, make_policy
 from zipmoe_run.policies.protocol_replay import replay_protocol
 from zipmoe_run.policies.simulate import replay
@@ -19,21 +18,17 @@ from zipmoe_run.store.policy import LRUPolicy, make_policy as store_make_policy
 from zipmoe_run.store.store import ExpertStore
 from zipmoe_run.store.tiers import CostModel
 
-DIMS = {"experts": 8, "top_k": 2, "hidden": 256, "moe_intermediate": 512, "layers": 2}
+EXPERTS = 8  # the store_archive fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def arc(checkpoint_factory, tmp_path_factory):
-    src = checkpoint_factory("qwen2_moe", seed=11, dims=DIMS, peaky_router=False)
-    out = tmp_path_factory.mktemp("zpolicy") / "m.zmoe"
-    pack(src, out, PackOptions(threads=2, chunk_elements=8192))
-    return out
+def arc(store_archive):
+    return store_archive(11)[0]
 
 
 @pytest.fixture(scope="module")
-def reference(arc):
-    with Archive(arc) as ar, ParallelDecoder(2) as dec:
-        return {e.key: ar.decode_extent(e, dec).copy() for e in ar.index.experts}
+def reference(store_archive):
+    return store_archive(11)[1]
 
 
 def _drive(arc, reference, budget_frac, cost, policy, seed, steps=150):
@@ -51,7 +46,7 @@ def _drive(arc, reference, budget_frac, cost, policy, seed, steps=150):
                             assert np.array_equal(np.asarray(arr)[:want.shape[0]], want)
                         arr = None
                 layer = layers[i % len(layers)]
-                ids = sorted(set(rng.sample([0, 1, 2], 1)) | set(rng.sample(range(DIMS["experts"]), 1)))
+                ids = sorted(set(rng.sample([0, 1, 2], 1)) | set(rng.sample(range(EXPERTS), 1)))
                 for e, arr in store.fetch(layer, ids):
                     want = reference[(None, layer, e)]
                     assert np.array_equal(np.asarray(arr)[:want.shape[0]], want), (layer, e)

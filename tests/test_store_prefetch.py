@@ -10,26 +10,20 @@ import pytest
 
 from formats.decoder import ParallelDecoder
 from formats.reader import Archive
-from zipmoe_pack.pack import PackOptions, pack
 from zipmoe_run.store.io import StoreIOError
 from zipmoe_run.store.store import ExpertStore
 from zipmoe_run.store.tiers import Tier
 
-DIMS = {"experts": 8, "top_k": 2, "hidden": 256, "moe_intermediate": 512, "layers": 2}
 
 
 @pytest.fixture(scope="module")
-def arc(checkpoint_factory, tmp_path_factory):
-    src = checkpoint_factory("qwen2_moe", seed=3, dims=DIMS, peaky_router=False)
-    out = tmp_path_factory.mktemp("prefetch") / "m.zmoe"
-    pack(src, out, PackOptions(threads=2, chunk_elements=8192))
-    return out
+def arc(store_archive):
+    return store_archive(3)[0]
 
 
 @pytest.fixture(scope="module")
-def reference(arc):
-    with Archive(arc) as ar, ParallelDecoder(2) as dec:
-        return {e.key: ar.decode_extent(e, dec).copy() for e in ar.index.experts}
+def reference(store_archive):
+    return store_archive(3)[1]
 
 
 class _Open:

@@ -9,27 +9,22 @@ import pytest
 
 from formats.decoder import ParallelDecoder
 from formats.reader import Archive
-from zipmoe_pack.pack import PackOptions, pack
 from zipmoe_run.store.budget import Ledger
 from zipmoe_run.store.policy import DensityPolicy, LRUPolicy
 from zipmoe_run.store.store import ExpertStore
 from zipmoe_run.store.tiers import CostModel, Tier, info_from_extent
 
-DIMS = {"experts": 8, "top_k": 2, "hidden": 256, "moe_intermediate": 512, "layers": 2}
+EXPERTS = 8  # the store_archive fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def arc(checkpoint_factory, tmp_path_factory):
-    src = checkpoint_factory("qwen2_moe", seed=11, dims=DIMS, peaky_router=False)
-    out = tmp_path_factory.mktemp("tiers") / "m.zmoe"
-    pack(src, out, PackOptions(threads=2, chunk_elements=8192))
-    return out
+def arc(store_archive):
+    return store_archive(11)[0]
 
 
 @pytest.fixture(scope="module")
-def reference(arc):
-    with Archive(arc) as ar, ParallelDecoder(2) as dec:
-        return {e.key: ar.decode_extent(e, dec).copy() for e in ar.index.experts}
+def reference(store_archive):
+    return store_archive(11)[1]
 
 
 def _drive(arc, reference, budget_frac, cost, policy, seed, threads=2, steps=120):
@@ -39,7 +34,7 @@ def _drive(arc, reference, budget_frac, cost, policy, seed, threads=2, steps=120
         store = ExpertStore(ar, dec, budget=int(total * budget_frac), cost=cost, policy=policy)
         try:
             layers = sorted({e.layer for e in ar.index.experts})
-            n = DIMS["experts"]
+            n = EXPERTS
             hot = [0, 1, 2]  # skewed popularity: some experts come back often
             for _ in range(steps):
                 layer = rng.choice(layers)

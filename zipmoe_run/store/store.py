@@ -266,23 +266,21 @@ class ExpertStore(PrefetchMixin):
                 self._await(sj, task)
                 if task.state != "ready":
                     raise StoreError(f"internal error: prefetched {task.ext.label} was never decoded")
-                if task.error is not None:
-                    raise task.error
-                yield self._hand_out(job, task)
-                self._unlend(job)
-                with self._lock:
-                    self._place(task)
+                yield from self._serve(job, task)
             for _ in range(len(job.tasks)):
-                task = self._next_ready(job)
-                if task.error is not None:
-                    raise task.error
-                yield self._hand_out(job, task)
-                self._unlend(job)
-                with self._lock:
-                    self._place(task)
+                yield from self._serve(job, self._next_ready(job))
         finally:
             self._unlend(job)
             self._finish(job)
+
+    def _serve(self, job: "_Job", task: _Task) -> Iterator[tuple[int, object]]:
+        """Yield a decoded task's expert to the caller, then place it when the caller moves on."""
+        if task.error is not None:
+            raise task.error
+        yield self._hand_out(job, task)
+        self._unlend(job)
+        with self._lock:
+            self._place(task)
 
     def _hand_out(self, job: "_Job", task: _Task) -> tuple[int, object]:
         task.weights = self.wrap(task.ext, task.dbuf.arr[:task.ext.decoded_nbytes])
