@@ -181,7 +181,7 @@ class ExpertStore(PrefetchMixin):
         self.fixed_bytes = ceil_page(decoder.threads * C) + ceil_page(C)
         big = max(self.infos.values(), key=lambda i: i.min_working_set, default=None)
         self.min_budget = (big.min_working_set if big else 0) + self.fixed_bytes
-        self.need_all = need_all = sum(i.full_bytes for i in self.infos.values()) + self.min_budget
+        need_all = sum(i.full_bytes for i in self.infos.values()) + self.min_budget
         if not isinstance(budget, Budget):
             budget = parse_budget(budget, expert_bytes=self.expert_bytes, need_all=need_all, dense_bytes=dense_bytes)
         self.budget = budget
