@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from zipmoe.bench.cli import app
-from zipmoe.bench.e2e import MemCap, kv_cache_bytes, prompt_ids
+from zipmoe.bench.e2e_proc import MemCap, kv_cache_bytes, prompt_ids
 
 
 @pytest.fixture(scope="module")

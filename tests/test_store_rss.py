@@ -20,7 +20,7 @@ DIMS = {"experts": 32, "top_k": 4, "hidden": 512, "moe_intermediate": 1024, "lay
 
 CHILD = textwrap.dedent("""
     import json, sys
-    from zipmoe.bench.e2e import _reset_peak, _rss, _status, kv_cache_bytes, prompt_ids, warm_up_runtime
+    from zipmoe.bench.e2e_proc import _reset_peak, _rss, _status, kv_cache_bytes, prompt_ids, warm_up_runtime
     from zipmoe_run.api import load
     from zipmoe_run.generate import Sampling
 
