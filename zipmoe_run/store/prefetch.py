@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from .state import _Entry, _Job, _Task
 from .tiers import Tier
 
 __all__ = ["PrefetchMixin"]
@@ -45,8 +46,6 @@ class PrefetchMixin:
         reads earlier); speculative calls are counted for accuracy. Never blocks, never raises for
         a full budget: what does not fit is simply not prefetched.
         """
-        from .store import _Entry, _Job, _Task
-
         want = []
         for e in experts:
             k = (stack, int(layer), int(e))
