@@ -18,17 +18,20 @@ from .e2e_proc import (CAP_SLACK, MIB, _cap_stat, _drop, _io_read_bytes, _reset_
 # -- the child process ---------------------------------------------------------------------------
 
 
+def _baseline(a: dict) -> tuple[dict, int, int | None, int]:
+    """After imports and warm-up: trim the heap, then (result dict with base RSS and KV bytes,
+    anonymous RSS now, budget, KV bytes)."""
+    _trim_heap()
+    kv = kv_cache_bytes(a["config"], 1, a["prompt_tokens"] + a["new_tokens"])
+    return {"base_rss_bytes": _rss(), "kv_bytes": kv}, _rss_anon(), a["budget_bytes"], kv
+
+
 def _child_runtime(a: dict) -> dict:
     from zipmoe_run.api import load
     from zipmoe_run.generate import Sampling
 
     warm_up_runtime(a["threads"])
-    _trim_heap()
-    out: dict = {"base_rss_bytes": _rss()}
-    anon0 = _rss_anon()
-    budget = a["budget_bytes"]
-    kv = kv_cache_bytes(a["config"], 1, a["prompt_tokens"] + a["new_tokens"])
-    out["kv_bytes"] = kv
+    out, anon0, budget, kv = _baseline(a)
     if a.get("cap_path"):
         limit = a["dense_bytes"] + kv + (budget or a["expert_bytes"]) + CAP_SLACK - (_rss_anon() - anon0)
         join_cap(a["cap_path"], a["cap_version"], limit)
@@ -113,12 +116,7 @@ def _child_hf(a: dict) -> dict:
     torch.nn.functional.linear(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(64, 64, dtype=torch.bfloat16))
     with torch.device("meta"):
         torch.nn.Embedding(4, 4)
-    _trim_heap()
-    out: dict = {"base_rss_bytes": _rss()}
-    anon0 = _rss_anon()
-    budget = a["budget_bytes"]
-    kv = kv_cache_bytes(a["config"], 1, a["prompt_tokens"] + a["new_tokens"])
-    out["kv_bytes"] = kv
+    out, anon0, budget, kv = _baseline(a)
     off = Path(a["offload_dir"])
     if off.exists():
         shutil.rmtree(off)

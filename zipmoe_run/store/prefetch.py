@@ -213,9 +213,7 @@ class PrefetchMixin:
         """Block until the adopted ``task`` of speculative job ``sj`` is decoded (or failed)."""
         t0 = time.perf_counter()
         with sj.cond:
-            while task.state != "ready":
-                if sj.reader_done and sj.inflight == 0 and task.state != "ready":
-                    break
+            while task.state != "ready" and not (sj.reader_done and sj.inflight == 0):
                 sj.cond.wait(timeout=0.1)
         with self._stat_lock:
             self._stats["stall_s"] += time.perf_counter() - t0
