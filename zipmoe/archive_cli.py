@@ -13,7 +13,7 @@ from formats.decoder import ParallelDecoder
 from formats.reader import Archive
 from formats.restore import unpack, verify
 from formats.summary import summarize
-from zipmoe.clikit import guarded, human, out, progress_bar
+from zipmoe_cli import guarded, human, out, progress_bar
 
 
 def verify_cmd(

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from zipmoe.clikit import guarded, human, out, progress_bar
+from zipmoe_cli import guarded, human, out, progress_bar
 from zipmoe_pack.pack import PackOptions, pack
 
 

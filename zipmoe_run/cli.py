@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from zipmoe.clikit import err, fail, guarded, human
+from zipmoe_cli import err, fail, guarded, human
 
 __all__ = ["run_cmd", "run", "app", "main"]
 

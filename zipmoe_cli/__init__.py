@@ -1,6 +1,8 @@
 """Shared CLI plumbing: one-line errors, --debug tracebacks, progress bars, byte formatting.
 
-Only CLI modules import this (library code logs and never prints).
+Only CLI modules import this (library code logs and never prints). It depends on typer, rich and
+``formats`` alone, so the runtime's and the packer's command lines use it without importing the
+umbrella ``zipmoe`` package or the benchmarks.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from formats.errors import ZmoeError
@@ -28,7 +31,9 @@ def human(n: float) -> str:
 
 
 def fail(msg: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
+    """Print ``error: MSG`` as one literal line on stderr (no markup is interpreted) and exit."""
+    line = " ".join(str(msg).split("\n"))
+    err.print(Text.assemble(("error: ", "bold red"), line), soft_wrap=True)
     raise typer.Exit(code)
 
 
