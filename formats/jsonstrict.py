@@ -6,8 +6,9 @@ family with the file name:
 
 - nesting deeper than the interpreter's recursion limit (about 1,000 levels; CPython's parser
   raises ``RecursionError`` cleanly, which is turned into a rejection here);
-- integers of more than ``max_int_digits`` digits (Python refuses 4,300 digits with a bare ``ValueError``
-  only after allocating; an index never needs more than 20);
+- integers of more than ``max_int_digits`` digits (Python refuses 4,300 digits with a bare ``ValueError``;
+  the default of 64 leaves room for what real files hold, such as tokenizer_config.json's
+  ``model_max_length: 1000000000000000019884624838656``; callers bound every value they use anyway);
 - ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON), and numbers that overflow a double (``1e999``);
 - duplicate keys in one object (``json`` keeps the last one silently);
 - bytes that are not UTF-8.
@@ -19,7 +20,7 @@ import math
 
 __all__ = ["JSONRejected", "loads", "MAX_INT_DIGITS"]
 
-MAX_INT_DIGITS = 20  # 2**64 has 20 digits
+MAX_INT_DIGITS = 64
 
 
 class JSONRejected(ValueError):
