@@ -465,3 +465,31 @@ def test_bench_io_smoke(tmp_path):
     cal = load_calibration(out)
     assert cal.read_method in ("o_direct", "fadvise_dontneed") and cal.disk_bps > 0 and cal.decode_bps > 0
     assert not list(tmp_path.glob("zipmoe-io-*"))  # the scratch file is gone
+
+
+# -- bounds (defect: an access of more than 32 experts wrote past a 64-slot scratch) ---------------
+
+_WIDE_ACCESS = """
+import numpy as np
+from zipmoe_run.policies import Split, TierSizes, make_policy
+sizes = TierSizes(1 << 20)
+for name, split in (("lru", None), ("lfu", None), ("zipmoe", Split(0.5, 0.5, 0.0))):
+    pol = make_policy(name, 2, 60, 20 << 20, sizes, split)
+    d = pol.access(0, range(50))
+    assert len(d.found) == 50 and all(int(t) == 0 for t in d.found), name
+    d = pol.access(0, range(10, 60))
+    assert sum(int(t) > 0 for t in d.found) > 0, name
+print("ok")
+"""
+
+
+def test_wide_access_within_bounds(tmp_path):
+    """A prefill naming 50 of 60 experts, with numba's bounds checks on (in a child with its own numba
+    cache: cached kernels do not record whether they were compiled with bounds checks)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    r = subprocess.run([sys.executable, "-c", _WIDE_ACCESS], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -16,6 +16,7 @@ The state of one policy is one tuple ``st`` of arrays (built by :func:`new_state
   ``S_PERLAYER`` (1: per-layer pools), ``S_TREQ`` tokens seen when the current request began,
   ``S_COST + t`` seconds one access costs when the expert is in tier ``t`` (``zipmoe`` placement);
 * ``mark[K]`` int64: the step that last accessed the key (protects the step's experts);
+* ``scr_i`` int64 / ``scr_f`` float64 ``[SCR_BASE + E]``: scratch (see :data:`SCR_BASE`);
 * ``ver[K]`` int64 and per-(pool, tier) lazy min-heaps ``hp`` (priority), ``hk`` (key), ``hv``
   (the key's version when pushed), ``hn`` (entries): every change of a key's priority or tier
   bumps its version and pushes a fresh entry; entries with an old version are skipped, and a full
@@ -42,6 +43,10 @@ S_CLOCK, S_LAYERS, S_ALPHA, S_DEMOTE, S_E, S_PERLAYER, S_TREQ, S_COST = 0, 1, 2,
 COLD, SM, COMP, FULL = 0, 1, 2, 3
 INF = np.inf
 
+#: scratch layout: [0, 16) stashed heap keys / priorities, [16, 32) their versions, [SCR_BASE,
+#: SCR_BASE + m) one step's experts in placement order (m <= experts: ids are distinct per layer)
+SCR_BASE = 32
+
 # indices into the state tuple
 TIER, POOL, CAP, USED, MEM, POS, FF, SCAL, MARK, VER, HP, HK, HV, HN, SCR_I, SCR_F = range(16)
 
@@ -63,7 +68,7 @@ def new_state(layers, experts, pools, cap, alpha, demote, per_layer, costs=(2.6,
             np.zeros((pools, 4, kp), np.int64), np.zeros(n, np.int64), np.zeros((5, n)), scal,
             np.full(n, -1, np.int64), np.zeros(n, np.int64), np.zeros((pools, 4, h)),
             np.zeros((pools, 4, h), np.int64), np.zeros((pools, 4, h), np.int64), np.zeros((pools, 4), np.int64),
-            np.zeros(64, np.int64), np.zeros(64))
+            np.zeros(SCR_BASE + experts, np.int64), np.zeros(SCR_BASE + experts))
 
 
 @njit(cache=True)
@@ -440,8 +445,8 @@ def step(kind, st, layer, experts, nexts, found, chg):
                 n = _paper_place(st, x, lo, lo + E, stamp, chg, n)
         return n
     # the most wanted first
-    order = st[SCR_I][32:32 + m]
-    pr = st[SCR_F][32:32 + m]
+    order = st[SCR_I][SCR_BASE:SCR_BASE + m]
+    pr = st[SCR_F][SCR_BASE:SCR_BASE + m]
     for i in range(m):
         order[i] = i
         pr[i] = prio(kind, layer * E + int(experts[i]), F, scal)
