@@ -35,6 +35,8 @@ from formats.planes import merge_bf16_le_bytes, split_bf16
 __all__ = [
     "KIND_BF16_SPLIT",
     "KIND_RAW",
+    "MAX_THREADS",
+    "ThreadCountError",
     "ChunkRef",
     "ParallelDecoder",
     "check_layout",
@@ -47,6 +49,11 @@ log = logging.getLogger(__name__)
 
 KIND_BF16_SPLIT = "bf16-split"
 KIND_RAW = "raw"
+MAX_THREADS = 1024  # far above any useful count; refuses typos like 100000 before spawning threads
+
+
+class ThreadCountError(CodecError, ValueError):
+    """A thread count outside 1..MAX_THREADS (a ValueError too, for callers that catch that)."""
 
 
 @dataclass(frozen=True)
@@ -235,8 +242,8 @@ class ParallelDecoder:
 
     def __init__(self, threads: int = 1) -> None:
         threads = int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if not 1 <= threads <= MAX_THREADS:
+            raise ThreadCountError(f"decode threads must be between 1 and {MAX_THREADS}, got {threads}")
         self.threads = threads
         self._local = threading.local()
         self._lock = threading.Lock()

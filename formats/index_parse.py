@@ -6,14 +6,22 @@ message naming the entry (tensor name, file path, expert key) and the offending 
 """
 from __future__ import annotations
 
-import json
-import math
-
 from formats.codec import CODECS
 from formats.dtypes import DTYPE_BITS, tensor_nbytes
 from formats.errors import FormatError
+from formats.jsonstrict import JSONRejected, loads
+from formats.names import parse_expert_name
 from formats.index import (ALIGNMENT_V1, OUT_ALIGN, STACKS, ExpChunk, Extent, FileEntry, Index, Part, Region,
                            TensorEntry)
+
+U64_LIMIT = 1 << 64  # every integer of the index is below this (specs/zmoe.md section 3)
+MAX_RANK = 8
+MAX_PATH_BYTES = 4096
+_STACK_ORDER = {s: i for i, s in enumerate(STACKS)}
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class _Ctx:
@@ -32,8 +40,8 @@ class _Ctx:
         ok = (isinstance(v, int) and not isinstance(v, bool)) if typ is int else isinstance(v, typ)
         if not ok:
             self.fail(what, f"field {key!r} has type {type(v).__name__}, expected {getattr(typ, '__name__', typ)}")
-        if typ is int and v < 0:
-            self.fail(what, f"field {key!r} is negative ({v})")
+        if typ is int and not 0 <= v < U64_LIMIT:
+            self.fail(what, f"field {key!r} is {'negative' if v < 0 else 'above 2^64 - 1'} ({v})")
         return v
 
     def hexval(self, v, width, what) -> str:
@@ -54,13 +62,14 @@ class _Ctx:
 
     def xxh_list(self, obj, key, count, what) -> tuple[int, ...]:
         lst = self.get(obj, key, list, what)
-        if len(lst) != count:
+        if len(lst) != count:  # count is derived from a region already bounded by the file size
             self.fail(what, f"{key} has {len(lst)} checksums, expected {count}")
         return tuple(self.xxh(v, what) for v in lst)
 
     def shape(self, obj, what) -> tuple[int, ...]:
         shape = self.get(obj, "shape", list, what)
-        if len(shape) > 8 or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        if len(shape) > MAX_RANK or any(not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < U64_LIMIT
+                                        for d in shape):
             self.fail(what, f"bad shape {shape!r}")
         return tuple(shape)
 
@@ -79,12 +88,25 @@ def _nbytes(ctx: _Ctx, obj, shape, what) -> tuple[str, int]:
     return dtype, nbytes
 
 
+def check_path(ctx: _Ctx, path: str, what: str) -> None:
+    """A relative POSIX path that stays inside the destination folder (specs/zmoe.md 3.1)."""
+    if not path or path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in path.split("/")):
+        ctx.fail(what, "path must be relative, without '..' or empty components")
+    bad = next((c for c in path if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        ctx.fail(what, f"path contains the control character {bad!r}")
+    try:
+        n = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        ctx.fail(what, "path is not valid Unicode (a lone surrogate)")
+    if n > MAX_PATH_BYTES or (len(path) > 1 and path[1] == ":"):
+        ctx.fail(what, f"path is longer than {MAX_PATH_BYTES} bytes or names a drive")
+
+
 def _parse_file(ctx: _Ctx, f) -> FileEntry:
     path = ctx.get(f, "path", str, "files[]")
     what = f"file {path!r}"
-    parts = path.split("/")
-    if not path or path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
-        ctx.fail(what, "path must be relative, without '..' or empty components")
+    check_path(ctx, path, what)
     kind = ctx.get(f, "kind", str, what)
     size = ctx.get(f, "size", int, what)
     sha = ctx.hexval(ctx.get(f, "sha256", str, what), 64, what)
@@ -118,7 +140,7 @@ def _parse_tensor(ctx: _Ctx, t, R: int) -> TensorEntry:
             ctx.fail(what, f"data region at offset {data.offset} holds {data.length} bytes, expected {nbytes}")
         if data.offset % ALIGNMENT_V1:
             ctx.fail(what, f"dense data offset {data.offset} is not a multiple of {ALIGNMENT_V1}")
-        xs = ctx.xxh_list(t["data"], "xxh3", math.ceil(nbytes / R), what)
+        xs = ctx.xxh_list(t["data"], "xxh3", _ceil_div(nbytes, R), what)
         return TensorEntry(role=role, data=data, xxh3=xs, **common)
     if role == "expert":
         e = ctx.get(t, "expert", dict, what)
@@ -150,7 +172,7 @@ def _parse_part(ctx: _Ctx, p, ext: str, C: int, R: int, out_offset: int) -> Part
         data = ctx.region(ctx.get(p, "data", dict, what), what)
         if data.length != nbytes:
             ctx.fail(what, f"raw region at offset {data.offset} holds {data.length} bytes, expected {nbytes}")
-        xs = ctx.xxh_list(p["data"], "xxh3", math.ceil(nbytes / R), what)
+        xs = ctx.xxh_list(p["data"], "xxh3", _ceil_div(nbytes, R), what)
         return Part(codec=None, data=data, data_xxh3=xs, **base)
     if enc != "bf16-split":
         ctx.fail(what, f"unknown encoding {enc!r}")
@@ -160,7 +182,7 @@ def _parse_part(ctx: _Ctx, p, ext: str, C: int, R: int, out_offset: int) -> Part
     if codec not in CODECS:
         ctx.fail(what, f"unknown codec id {codec!r} (known: {', '.join(sorted(CODECS))})")
     n = nbytes // 2
-    nchunks = math.ceil(n / C)
+    nchunks = _ceil_div(n, C)
     raw = ctx.get(p, "exp_chunks", list, what)
     if len(raw) != nchunks:
         ctx.fail(what, f"{len(raw)} exponent chunks for {n} elements, expected {nchunks}")
@@ -193,8 +215,11 @@ def _parse_extent(ctx: _Ctx, e, C: int, R: int) -> Extent:
     exp_length = ctx.get(e, "exp_length", int, label)
     if exp_length > region.length:
         ctx.fail(label, f"exp_length {exp_length} exceeds the extent length {region.length}")
+    raw_parts = ctx.get(e, "parts", list, label)
+    if not raw_parts:
+        ctx.fail(label, "extent has no parts")
     parts, out = [], 0
-    for p in ctx.get(e, "parts", list, label):
+    for p in raw_parts:
         part = _parse_part(ctx, p, label, C, R, out)
         parts.append(part)
         out = (part.out_offset + part.nbytes + OUT_ALIGN - 1) // OUT_ALIGN * OUT_ALIGN
@@ -235,9 +260,9 @@ def parse_index(raw: bytes, *, version: int, data_offset: int, file_length: int,
     """Parse and validate the index bytes of an archive whose preamble was already checked."""
     ctx = _Ctx(where, data_offset, file_length)
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{where}: index at offset 64 is not valid UTF-8 JSON ({e})") from None
+        doc = loads(raw)
+    except JSONRejected as e:
+        raise FormatError(f"{where}: index at offset 64 is not accepted JSON ({e})") from None
     if not isinstance(doc, dict):
         ctx.fail("root", "not a JSON object")
     if doc.get("format") != "zmoe":
@@ -264,17 +289,53 @@ def parse_index(raw: bytes, *, version: int, data_offset: int, file_length: int,
         tensors[te.name] = te
     experts = tuple(_parse_extent(ctx, e, C, R) for e in ctx.get(doc, "experts", list, "experts"))
     by_key = {}
+    prev = None
     for e in experts:
         if e.key in by_key:
             ctx.fail(e.label, "duplicate expert extent")
+        sort_key = (_STACK_ORDER[e.stack], e.layer, e.expert)
+        if prev is not None and sort_key < prev:
+            ctx.fail(e.label, "experts are not sorted by (stack, layer, expert)")
+        prev = sort_key
         by_key[e.key] = e
     _check_files(ctx, files, tensors)
     _check_parts(ctx, tensors, experts)
     check_overlaps(ctx, files, tensors, experts)
     model = ctx.get(doc, "model", dict, "model")
+    for k in ("model_type", "config_file"):
+        ctx.get(model, k, str, "model")
+    created_by = doc.get("created_by", "")
+    if not isinstance(created_by, str):
+        ctx.fail("created_by", f"has type {type(created_by).__name__}, expected str")
     return Index(version=version, alignment=ALIGNMENT_V1, chunk_elements=C, raw_chunk_bytes=R,
-                 codecs=doc.get("codecs", {}), model=model, created_by=str(doc.get("created_by", "")),
-                 files=files, tensors=tensors, experts=experts, stats=doc.get("stats", {}), by_key=by_key)
+                 codecs=_parse_codecs(ctx, doc), model=model, created_by=created_by,
+                 files=files, tensors=tensors, experts=experts, stats=_parse_stats(ctx, doc), by_key=by_key)
+
+
+def _parse_codecs(ctx: _Ctx, doc) -> dict:
+    codecs = ctx.get(doc, "codecs", dict, "codecs")
+    for k, v in codecs.items():
+        if not isinstance(v, dict):
+            ctx.fail(f"codecs {k!r}", f"has type {type(v).__name__}, expected object")
+    return codecs
+
+
+def _parse_stats(ctx: _Ctx, doc) -> dict:
+    """Informative, but typed: what `inspect` computes from it must not fail."""
+    stats = doc.get("stats", {})
+    if not isinstance(stats, dict):
+        ctx.fail("stats", f"has type {type(stats).__name__}, expected object")
+    for proj, s in stats.items():
+        what = f"stats {proj!r}"
+        ctx.get(s, "elements", int, what)
+        ctx.get(s, "coded_bytes", int, what)
+        hist = ctx.get(s, "exp_histogram", list, what)
+        if len(hist) != 256:
+            ctx.fail(what, f"exp_histogram has {len(hist)} counts, expected 256")
+        for i, c in enumerate(hist):
+            if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < U64_LIMIT:
+                ctx.fail(what, f"exp_histogram[{i}] is {c!r}, expected an integer in [0, 2^64)")
+    return stats
 
 
 def _check_files(ctx: _Ctx, files, tensors) -> None:
@@ -299,6 +360,10 @@ def _check_files(ctx: _Ctx, files, tensors) -> None:
 
 
 def _check_parts(ctx: _Ctx, tensors, experts) -> None:
+    """Every expert tensor is covered exactly once by parts that agree with it and with their extent.
+
+    Counts come from the index (a fused tensor's shape[0] may claim 2^60 experts): they are compared
+    with the number of parts actually present, never used to size an allocation."""
     seen: dict[str, list[int | None]] = {}
     for e in experts:
         for p in e.parts:
@@ -309,15 +374,25 @@ def _check_parts(ctx: _Ctx, tensors, experts) -> None:
             if (t.stack, t.layer) != (e.stack, e.layer):
                 ctx.fail(what, f"tensor belongs to layer {t.layer}, not to this extent")
             want_shape = t.shape[1:] if t.fused else t.shape
-            if p.dtype != t.dtype or p.shape != want_shape or (p.slice is None) == t.fused:
-                ctx.fail(what, "part dtype, shape or slice disagrees with the tensor")
+            if p.dtype != t.dtype or p.shape != want_shape or (p.slice is None) == t.fused or p.proj != t.proj:
+                ctx.fail(what, "part dtype, shape, slice or proj disagrees with the tensor")
             if t.fused and p.slice != e.expert:
                 ctx.fail(what, f"slice {p.slice} sits in the extent of expert {e.expert}")
+            n = parse_expert_name(p.tensor)
+            if n is not None and ((n.stack, n.layer, n.proj, n.fused) != (t.stack, t.layer, t.proj, t.fused)
+                                  or (not n.fused and n.expert != e.expert)):
+                ctx.fail(what, f"the name says {n.stack + '.' if n.stack else ''}layer {n.layer} "
+                               f"expert {'(fused)' if n.fused else n.expert} proj {n.proj}, which disagrees "
+                               f"with its entry or its extent")
             seen.setdefault(p.tensor, []).append(p.slice)
     for name, t in tensors.items():
         if t.role != "expert":
             continue
         got = seen.get(name, [])
-        want = list(range(t.shape[0])) if t.fused else [None]
-        if sorted(got, key=lambda s: -1 if s is None else s) != want:
-            ctx.fail(f"tensor {name}", f"expert parts {got} do not cover it exactly once")
+        count = t.shape[0] if t.fused else 1
+        ok = len(got) == count and sorted(got, key=lambda s: -1 if s is None else s) == (
+            list(range(count)) if t.fused else [None])  # len(got) == count: bounded by the index size
+        if not ok:
+            shown = got if len(got) <= 8 else f"{got[:8]} and {len(got) - 8} more"
+            ctx.fail(f"tensor {name}", f"{len(got)} expert parts {shown} do not cover its {count} "
+                                       f"expert(s) exactly once")

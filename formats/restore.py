@@ -48,7 +48,11 @@ def _check_pieces(ar: Archive, r: Region, hashes, what: str) -> memoryview:
 def _tensor_stream(ar: Archive, name: str, dec: ParallelDecoder) -> Iterator[memoryview | np.ndarray]:
     t = ar.index.tensors[name]
     if t.role == "dense":
-        yield _check_pieces(ar, t.data, t.xxh3, f"tensor {name}")
+        v = _check_pieces(ar, t.data, t.xxh3, f"tensor {name}")
+        if hashlib.sha256(v).hexdigest() != t.sha256:
+            raise CorruptDataError(f"{ar.path}: tensor {name} at offset {t.data.offset} has bytes whose SHA-256 "
+                                   f"differs from the recorded one")
+        yield v
         return
     h = hashlib.sha256()
     for buf in ar.iter_part_bytes(name, dec):
@@ -158,8 +162,11 @@ def unpack(ar: Archive, dec: ParallelDecoder, dest: str | os.PathLike,
     done, total = 0, sum(f.size for f in ar.index.files)
     try:
         tmp.mkdir()
+        root = tmp.resolve()
         for f in ar.index.files:
-            p = tmp / f.path
+            p = tmp / f.path  # index paths are relative and without '..' (index_parse.check_path)
+            if not p.resolve().is_relative_to(root):
+                raise InputError(f"{ar.path}: file path {f.path!r} leads outside the destination")
             p.parent.mkdir(parents=True, exist_ok=True)
             h = hashlib.sha256()
             with open(p, "wb") as fh:
