@@ -107,6 +107,64 @@ def test_real_traces_derivation(shared_dir):
         assert np.array_equal(seq.counts(), np.asarray(part.counts))
 
 
+
+def _with_dense(counts: np.ndarray, layers: tuple[int, ...]) -> np.ndarray:
+    """``counts`` with all-zero layers inserted at ``layers`` (a model whose first layers are dense)."""
+    out = np.asarray(counts)
+    for layer in sorted(layers):
+        out = np.insert(out, layer, 0, axis=1)
+    return out
+
+
+def test_dense_layers_replay_without_traffic(tmp_path):
+    rng = np.random.default_rng(4)
+    counts = random_counts(rng, 12, 3, 10, 2)
+    p = tmp_path / "dense.npy"
+    np.save(p, _with_dense(counts, (0, 1)))
+    tr = load_trace(p, k=2)
+    assert tr.dense == (0, 1) and tr.layers == 5 and tr.moe_layers == (2, 3, 4)
+    assert np.array_equal(tr.tokens_per_prompt(), counts[:, 0].sum(axis=1) // 2)
+    seq, ref = build_sequence(tr, seed=3), build_sequence(Trace(counts, 2, "ref"), seed=3)
+    assert seq.layers == 3 and seq.dense == (0, 1)
+    assert np.array_equal(seq.steps, ref.steps) and np.array_equal(seq.prompt_start, ref.prompt_start)
+    assert np.array_equal(seq.counts(), counts)
+    assert np.array_equal(build_sequence(tr.head(4)).steps, build_sequence(Trace(counts[:4], 2, "r")).steps)
+
+
+def test_layer_zero_for_some_prompts_only_is_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    counts = _with_dense(random_counts(rng, 5, 3, 8, 2), (0,))
+    counts[3, 0, :2] = 1  # layer 0 routed one token of prompt 3: not a dense layer
+    p = tmp_path / "bad.npy"
+    np.save(p, counts)
+    with pytest.raises(ValueError, match=r"prompt 0 layer 0 has 0 tokens"):
+        load_trace(p, k=2)
+
+
+def test_real_traces_with_dense_layers(shared_dir, tmp_path):
+    for name in ("qwen1.5-moe-a2.7b.npy", "switch-large-128.npy"):
+        tr = load_trace(shared_dir / "traces" / name).head(30)
+        p = tmp_path / name
+        np.save(p, _with_dense(tr.counts, (0, 1, 2)))
+        got = load_trace(p, k=tr.k)
+        assert got.dense == (0, 1, 2)
+        assert np.array_equal(build_sequence(got).steps, build_sequence(tr).steps)
+
+
+def test_bench_cache_says_which_layers_are_dense(tmp_path):
+    rng = np.random.default_rng(8)
+    p = tmp_path / "dense.npy"
+    np.save(p, _with_dense(random_counts(rng, 6, 2, 8, 2), (0,)))
+    r = _run_cli(["bench", "cache", "--trace", str(p), "--expert-bytes", str(N), "--budget", "30%", "--top-k", "2",
+                  "--policies", "lru,zipmoe", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["trace"]["dense_layers"] == [0] and res["trace"]["layers"] == 2
+    assert [b["bytes"] for b in res["budgets"]] == [int(0.3 * 2 * 8 * N)]
+    table = _run_cli(["bench", "cache", "--trace", str(p), "--expert-bytes", str(N), "--budget", "30%",
+                      "--top-k", "2", "--policies", "lru,zipmoe"])
+    assert table.exit_code == 0 and "dense layer 0: no expert traffic" in " ".join(table.output.split())
+
 # -- Belady ----------------------------------------------------------------------------------------
 
 
@@ -493,3 +551,9 @@ def test_wide_access_within_bounds(tmp_path):
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     r = subprocess.run([sys.executable, "-c", _WIDE_ACCESS], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_trace_docstring_names_the_repository_relative_traces():
+    import zipmoe_run.policies.trace as trace_mod
+
+    assert "../shared/traces" in trace_mod.__doc__ and "/work/" not in trace_mod.__doc__

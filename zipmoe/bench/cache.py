@@ -87,7 +87,7 @@ def run(trace_path: Path, *, budgets: list[str], expert_bytes: int | None = None
     costs = tier_costs(sizes, cal)  # what the zipmoe placement weighs, from the same calibration
     out = {
         "trace": {"path": str(trace_path), "name": tr.name, "prompts": tr.prompts, "layers": L, "experts": E,
-                  "k": seq.k, "tokens": seq.tokens, "seed": seed},
+                  "k": seq.k, "tokens": seq.tokens, "seed": seed, "dense_layers": list(tr.dense)},
         "sizes": sizes.as_dict(), "all_expert_bytes": total,
         "calibration": {k: v for k, v in cal.to_json().items() if k != "extra"},
         "model": "per layer: Johnson makespan of read (disk) -> decode (all decoder threads) over its non-FULL "
@@ -139,7 +139,8 @@ def render_table(result: dict):
     tr = result["trace"]
     s = result["sizes"]
     cal = result["calibration"]
-    title = (f"{tr['name']}: {tr['prompts']} prompts, {tr['tokens']} tokens, {tr['layers']} layers x "
+    dense = f" (+ {len(tr['dense_layers'])} dense)" if tr.get("dense_layers") else ""
+    title = (f"{tr['name']}: {tr['prompts']} prompts, {tr['tokens']} tokens, {tr['layers']} layers{dense} x "
              f"{tr['experts']} experts, top-{tr['k']}; expert {s['full'] / 2**20:.1f} MiB (compressed "
              f"{s['compressed_frac']:.3f}, sm {s['sm_frac']:.3f}, exponents {s['exponents_frac']:.3f}); "
              f"disk {cal['disk_bps'] / 1e9:.2f} GB/s ({cal['read_method']}), decode "
@@ -167,8 +168,24 @@ def render_table(result: dict):
     return t
 
 
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
 def render_notes(result: dict) -> list[str]:
     lines = []
+    dense = result["trace"].get("dense_layers") or []
+    if dense:
+        lines.append(f"dense layer{'s' if len(dense) > 1 else ''} {_ranges(dense)}: no expert traffic (zero for "
+                     f"every prompt), replayed as steps that read and wait for nothing; the {result['trace']['layers']} "
+                     "MoE layers are the ones counted")
     for b in result["budgets"]:
         zp, pp = b["plan"]["zipmoe"], b["plan"]["paper"]
         lines.append(f"{b['spec']}: planner picks full/comp/sm {zp['split']['full']:.2f}/{zp['split']['compressed']:.2f}/"

@@ -1,13 +1,17 @@
 """Routing traces: per-prompt expert counts -> a token-level access sequence.
 
-A trace (``/work/shared/traces/*.npy``) is an integer array ``[prompts, layers, experts]``: how many
-tokens of a prompt each layer routed to each expert. Every token goes to ``k`` distinct experts per
-layer, so each (prompt, layer) row sums to ``tokens * k``. The order of tokens inside a prompt and
+A trace (``*.npy``; the project's recorded ones are in ``../shared/traces`` next to the repository) is
+an integer array ``[prompts, layers, experts]``: how many tokens of a prompt each layer routed to each
+expert. Every token goes to ``k`` distinct experts per layer, so each (prompt, layer) row sums to
+``tokens * k``. A layer that is zero for every prompt is a *dense* layer (a model whose first layers
+have no experts, e.g. DeepSeek's ``first_k_dense_replace``): its step of a token reads nothing, waits
+for nothing and changes no policy state, so the replay leaves it out (``Trace.dense`` names it); a
+layer that is zero for some prompts only is refused. The order of tokens inside a prompt and
 which experts one token combined were not recorded; :func:`derive_tokens` makes them up, exactly
 consistently with the counts, by a deterministic seeded procedure (specs/runtime.md, "Policies,
 planner and trace replay"):
 
-1. ``T = row.sum() // k`` tokens (the same for every layer of the prompt; checked).
+1. ``T = row.sum() // k`` tokens (the same for every routed layer of the prompt; checked).
 2. For each layer: the experts in a seeded random order, each repeated ``count`` times, give a list
    of ``T * k`` slots; token ``t`` takes slots ``t, t + T, ..., t + (k-1) T``. A block of one expert
    is at most ``T`` long (checked: ``count <= T``), so a token never gets an expert twice.
@@ -38,6 +42,7 @@ class Trace:
     counts: np.ndarray  # [prompts, layers, experts], integers >= 0
     k: int
     name: str
+    dense: tuple[int, ...] = ()  # layers zero for every prompt (no experts)
 
     @property
     def prompts(self) -> int:
@@ -45,18 +50,28 @@ class Trace:
 
     @property
     def layers(self) -> int:
+        """All layers, dense ones included."""
         return int(self.counts.shape[1])
 
     @property
     def experts(self) -> int:
         return int(self.counts.shape[2])
 
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(x for x in range(self.layers) if x not in self.dense)
+
+    def routed(self) -> np.ndarray:
+        """Counts of the MoE layers only, ``[prompts, len(moe_layers), experts]`` (a view without dense layers)."""
+        return self.counts if not self.dense else np.asarray(self.counts)[:, list(self.moe_layers)]
+
     def tokens_per_prompt(self) -> np.ndarray:
-        return (self.counts[:, 0, :].sum(axis=1, dtype=np.int64) // self.k).astype(np.int64)
+        first = self.moe_layers[0] if self.moe_layers else 0
+        return (self.counts[:, first, :].sum(axis=1, dtype=np.int64) // self.k).astype(np.int64)
 
     def head(self, prompts: int) -> "Trace":
         """The first ``prompts`` prompts (a view)."""
-        return Trace(self.counts[:max(0, int(prompts))], self.k, self.name)
+        return Trace(self.counts[:max(0, int(prompts))], self.k, self.name, self.dense)
 
 
 def infer_top_k(counts: np.ndarray, name: str = "") -> int:
@@ -79,7 +94,16 @@ def infer_top_k(counts: np.ndarray, name: str = "") -> int:
     return 1
 
 
-def _check(counts: np.ndarray, k: int, where: str) -> None:
+def dense_layers(counts: np.ndarray) -> tuple[int, ...]:
+    """Layers that route no token of any prompt (a trace with no prompts has none)."""
+    c = np.asarray(counts)
+    if c.ndim != 3 or c.shape[0] == 0:
+        return ()
+    return tuple(int(x) for x in np.flatnonzero(~c.any(axis=(0, 2))))
+
+
+def _check(counts: np.ndarray, k: int, where: str) -> tuple[int, ...]:
+    """Validate ``counts``; returns its dense layers."""
     if counts.ndim != 3:
         raise ValueError(f"{where}: expected [prompts, layers, experts], got shape {counts.shape}")
     if not np.issubdtype(counts.dtype, np.integer):
@@ -96,16 +120,27 @@ def _check(counts: np.ndarray, k: int, where: str) -> None:
     if bad.size:
         p, l = bad[0]
         raise ValueError(f"{where}: prompt {p} layer {l} sums to {sums[p, l]}, not a multiple of k={k}")
-    bad = np.argwhere(sums != sums[:, :1])
+    dense = dense_layers(c)
+    moe = [x for x in range(c.shape[1]) if x not in dense]
+    if not moe:
+        raise ValueError(f"{where}: every layer is zero for every prompt: no expert traffic to replay")
+    ref = moe[0]
+    bad = np.argwhere(sums[:, moe] != sums[:, ref:ref + 1])
     if bad.size:
-        p, l = bad[0]
-        raise ValueError(f"{where}: prompt {p} layer {l} has {sums[p, l] // k} tokens, layer 0 has "
-                         f"{sums[p, 0] // k}")
+        p, j = bad[0]
+        l = moe[j]
+        if sums[p, l] == 0 or sums[p, ref] == 0:  # zero for some prompts only: not a dense layer
+            zero, other = (l, ref) if sums[p, l] == 0 else (ref, l)
+            raise ValueError(f"{where}: prompt {p} layer {zero} has 0 tokens, layer {other} has "
+                             f"{sums[p, other] // k} (a dense layer is zero for every prompt; this one is not)")
+        raise ValueError(f"{where}: prompt {p} layer {l} has {sums[p, l] // k} tokens, layer {ref} has "
+                         f"{sums[p, ref] // k}")
     over = np.argwhere(c > (sums // k)[:, :, None])
     if over.size:
         p, l, e = over[0]
         raise ValueError(f"{where}: prompt {p} layer {l} expert {e} has {c[p, l, e]} tokens, more than "
                          f"the prompt's {sums[p, l] // k}")
+    return dense
 
 
 def load_trace(path: str | os.PathLike, k: int | None = None) -> Trace:
@@ -117,8 +152,8 @@ def load_trace(path: str | os.PathLike, k: int | None = None) -> Trace:
         raise ValueError(f"{p}: cannot read a trace ({exc})") from None
     if k is None:
         k = infer_top_k(counts, p.name)
-    _check(counts, int(k), str(p))
-    return Trace(counts, int(k), p.stem)
+    dense = _check(counts, int(k), str(p))
+    return Trace(counts, int(k), p.stem, dense)
 
 
 def derive_tokens(row: np.ndarray, k: int, seed: int = 0, prompt: int = 0) -> np.ndarray:
@@ -154,6 +189,7 @@ class ReplaySequence:
     k: int
     prompt_start: np.ndarray  # [prompts + 1] int64, in steps
     name: str = ""
+    dense: tuple[int, ...] = ()  # the trace's dense layers (left out: no expert traffic)
 
     @property
     def tokens(self) -> int:
@@ -171,12 +207,14 @@ class ReplaySequence:
 
 
 def build_sequence(trace: Trace, seed: int = 0) -> ReplaySequence:
+    """The replay of ``trace``'s MoE layers (dense layers are steps with no expert traffic: left out)."""
+    routed = trace.routed()
     parts = []
     starts = [0]
     for p in range(trace.prompts):
-        tok = derive_tokens(trace.counts[p], trace.k, seed, p)
+        tok = derive_tokens(routed[p], trace.k, seed, p)
         parts.append(tok.reshape(-1, trace.k))
         starts.append(starts[-1] + parts[-1].shape[0])
     steps = np.concatenate(parts) if parts else np.zeros((0, trace.k), np.int16)
-    return ReplaySequence(np.ascontiguousarray(steps), trace.layers, trace.experts, trace.k,
-                          np.asarray(starts, dtype=np.int64), trace.name)
+    return ReplaySequence(np.ascontiguousarray(steps), int(routed.shape[1]), trace.experts, trace.k,
+                          np.asarray(starts, dtype=np.int64), trace.name, tuple(trace.dense))
