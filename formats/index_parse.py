@@ -17,6 +17,8 @@ from formats.index import (ALIGNMENT_V1, OUT_ALIGN, STACKS, ExpChunk, Extent, Fi
 U64_LIMIT = 1 << 64  # every integer of the index is below this (specs/zmoe.md section 3)
 MAX_RANK = 8
 MAX_PATH_BYTES = 4096
+MAX_DEPTH = 32  # arrays/objects; the index itself needs 7
+MAX_DIGITS = 20  # 2^64 - 1 has 20 digits
 _STACK_ORDER = {s: i for i, s in enumerate(STACKS)}
 
 
@@ -99,7 +101,7 @@ def check_path(ctx: _Ctx, path: str, what: str) -> None:
         n = len(path.encode("utf-8"))
     except UnicodeEncodeError:
         ctx.fail(what, "path is not valid Unicode (a lone surrogate)")
-    if n > MAX_PATH_BYTES or (len(path) > 1 and path[1] == ":"):
+    if n > MAX_PATH_BYTES or (len(path) > 1 and path[1] == ":" and path[0].isascii() and path[0].isalpha()):
         ctx.fail(what, f"path is longer than {MAX_PATH_BYTES} bytes or names a drive")
 
 
@@ -260,7 +262,7 @@ def parse_index(raw: bytes, *, version: int, data_offset: int, file_length: int,
     """Parse and validate the index bytes of an archive whose preamble was already checked."""
     ctx = _Ctx(where, data_offset, file_length)
     try:
-        doc = loads(raw)
+        doc = loads(raw, max_int_digits=MAX_DIGITS, max_depth=MAX_DEPTH)
     except JSONRejected as e:
         raise FormatError(f"{where}: index at offset 64 is not accepted JSON ({e})") from None
     if not isinstance(doc, dict):

@@ -4,8 +4,9 @@
 (:class:`JSONRejected`) whose message is one line, so every caller can wrap it in its own error
 family with the file name:
 
-- nesting deeper than the interpreter's recursion limit (about 1,000 levels; CPython's parser
-  raises ``RecursionError`` cleanly, which is turned into a rejection here);
+- nesting deeper than ``max_depth`` arrays/objects when given (checked before parsing, in linear
+  time), and in any case deeper than the interpreter's recursion limit (about 1,000 levels;
+  CPython's parser raises ``RecursionError`` cleanly, which is turned into a rejection here);
 - integers of more than ``max_int_digits`` digits (Python refuses 4,300 digits with a bare ``ValueError``;
   the default of 64 leaves room for what real files hold, such as tokenizer_config.json's
   ``model_max_length: 1000000000000000019884624838656``; callers bound every value they use anyway);
@@ -17,10 +18,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
+
+import numpy as np
 
 __all__ = ["JSONRejected", "loads", "MAX_INT_DIGITS"]
 
 MAX_INT_DIGITS = 64
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 class JSONRejected(ValueError):
@@ -40,7 +46,18 @@ def _constant(name: str):
     raise JSONRejected(f"{name} is not JSON")
 
 
-def loads(data: bytes | str, *, max_int_digits: int = MAX_INT_DIGITS):
+def depth(text: str) -> int:
+    """Deepest nesting of arrays and objects in JSON text (the root container is depth 1), brackets
+    inside strings ignored. Linear time, no recursion; meaningful for well-formed text only."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).encode("ascii")
+    if not brackets:
+        return 0
+    b = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((b == 0x5B) | (b == 0x7B), 1, -1).astype(np.int64)
+    return int(np.cumsum(steps).max())
+
+
+def loads(data: bytes | str, *, max_int_digits: int = MAX_INT_DIGITS, max_depth: int | None = None):
     """Parse ``data`` (UTF-8 bytes or text) or raise :class:`JSONRejected` with a one-line reason."""
     if isinstance(data, str):
         text = data
@@ -49,6 +66,8 @@ def loads(data: bytes | str, *, max_int_digits: int = MAX_INT_DIGITS):
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError as e:
             raise JSONRejected(f"not UTF-8 (byte {e.start})") from None
+    if max_depth is not None and (d := depth(text)) > max_depth:
+        raise JSONRejected(f"nested too deeply ({d} levels, at most {max_depth})")
 
     def parse_int(s: str) -> int:
         if len(s.lstrip("-")) > max_int_digits:

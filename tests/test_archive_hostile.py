@@ -66,6 +66,25 @@ def test_deeply_nested_index_is_one_format_error(tmp_path):
     open_fails(raw_mutant(tmp_path, b"[" * 100_000 + b"]" * 100_000), "nested too deeply")
 
 
+def test_index_nesting_limit_is_exact(tmp_path):
+    from formats.index_parse import MAX_DEPTH
+    from formats.jsonstrict import JSONRejected, depth, loads
+
+    assert depth('[[1,{"a":"[[[\\"["}]]') == 3 and depth("7") == 0 and depth('["\\\\",[]]') == 2
+    ok = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    assert loads(ok, max_depth=MAX_DEPTH) is not None
+    with pytest.raises(JSONRejected, match="nested too deeply"):
+        loads("[" + ok + "]", max_depth=MAX_DEPTH)
+    doc = copy.deepcopy(DOC)
+    doc["codecs"]["zstd-lit"]["x"] = "@"
+    for extra, fails in ((MAX_DEPTH - 3, False), (MAX_DEPTH - 2, True)):  # root, codecs, params, extra
+        p = raw_mutant(tmp_path, dumps(doc).replace(b'"@"', b"[" * extra + b"]" * extra))
+        if fails:
+            open_fails(p, f"at most {MAX_DEPTH}")
+        else:
+            Archive(p).close()
+
+
 def test_huge_integer_in_index_is_one_format_error(tmp_path):
     raw = dumps(DOC).replace(b'"chunk_elements":4096', b'"chunk_elements":' + b"9" * 5000)
     open_fails(raw_mutant(tmp_path, raw), "digits")

@@ -209,7 +209,9 @@ SPECIALS = np.array([0x0000, 0x8000, 0x0001, 0x807F, 0x7F80, 0xFF80, 0x7FC0, 0x7
 def test_property_roundtrip(tmp_path_factory, shapes, seed, special_frac, fused):
     """Random bit patterns (specials mixed in), random shapes (odd chunk tails, empty tensors)."""
     rng = np.random.default_rng(seed)
-    d = tmp_path_factory.mktemp("prop")
+    root = tmp_path_factory.mktemp("prop")
+    d = root / "src"  # the archive and the unpacked copy live beside the source, not inside it
+    d.mkdir()
     write_config(d)
     tensors = [("lm_head.weight", "F16", [3], b"\x01\x02" * 3)]
     for i, (r, c) in enumerate(shapes):
@@ -222,9 +224,9 @@ def test_property_roundtrip(tmp_path_factory, shapes, seed, special_frac, fused)
         else:
             tensors.append((E_NAME.format(L=0, E=i, P="up_proj"), "BF16", [r, c], raw))
     write_st(d / "model.safetensors", tensors)
-    arc = d / "a.zmoe"
+    arc = root / "a.zmoe"
     pack(d, arc, PackOptions(threads=2, chunk_elements=4096))
     with Archive(arc) as ar, ParallelDecoder(2) as dec:
         verify(ar, dec)
-        unpack(ar, dec, d / "out")
-    assert (d / "out" / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
+        unpack(ar, dec, root / "out")
+    assert (root / "out" / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
