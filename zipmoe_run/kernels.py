@@ -5,9 +5,15 @@ attention projections, lm_head), so its speed is how fast weights stream through
 CPU bf16 kernel for a single input row reaches roughly a third of memory bandwidth; this numba loop
 (bf16 -> f32 by a shift, float32 accumulation, output rows split over threads) roughly doubles that.
 
-Numerics: products are exact in float32 and each output row is summed by one thread in a fixed
-order, so results are bitwise reproducible for any thread count; they can differ from torch's
-bf16 kernel in the last bit. Only bf16 weights with a bf16 single-row input take this path; every
+Numerics: IEEE float32 throughout (no fast-math: NaN and infinities propagate as in torch, nothing
+is reassociated or contracted by the compiler). A product of two bf16 values is exact in float32.
+Each output row is summed by one thread in one fixed order, the same on every CPU and for any
+thread count, so results are bitwise reproducible: the row's K/2 bf16 pairs are cut into blocks of
+``WORDS`` pairs; even and odd weights each have ``WORDS`` accumulators, accumulator l summing the
+products of pair l of every block in block order; the accumulators are added pairwise
+(((a0 + a1) + (a2 + a3)) + ...), then the pairs after the last whole block in sequence, and the row is
+even + odd. ``gemv_reference`` is that order in numpy. Results can differ from torch's bf16 kernel
+in the last bit. Only bf16 weights with a bf16 single-row input take this path; every
 other case (float32 runs, prefill, batched decode) is ``torch.nn.functional.linear``.
 
 Set ``ZIPMOE_RUN_KERNELS=0`` to disable (then everything is torch).
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "enabled", "set_threads", "single_row_scope"]
+__all__ = ["linear", "enabled", "set_threads", "single_row_scope", "gemv_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +37,13 @@ _ENABLED = os.environ.get("ZIPMOE_RUN_KERNELS", "1") not in ("0", "false", "no")
 _gemv = None
 
 
+WORDS = 16  # uint32 words (32 bf16 weights) per block of the fixed summation order
+LANES = 8  # float32 lanes per accumulator vector: WORDS // LANES vectors for even and for odd weights
+
 try:  # module level, so numba's on-disk cache can find the kernel again (closures recompile every run)
     from llvmlite import ir
     from numba import njit, prange, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - numba is a dependency; torch only without it
     njit = None
@@ -48,19 +58,99 @@ if njit is not None:
 
         return sig, codegen
 
-    @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-    def _gemv_kernel(w, x, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); x f32 [K]; out f32 [N]
+    @intrinsic
+    def _row_blocks(typingctx, w, i, xe, xo, nb):
+        """(even, odd) partial sums of row i over its first nb blocks, in the order of the module doc.
+
+        Written as LLVM vector IR rather than left to the auto-vectorizer: without fast-math LLVM may
+        not reorder a float sum, so it would stay scalar; here the reordering is explicit, the same
+        on every instruction set (an 8-lane vector is one AVX register, two SSE or NEON registers,
+        half an AVX-512 one; every lane is the same IEEE float32 arithmetic).
+        """
+        sig = types.UniTuple(types.float32, 2)(w, i, xe, xo, nb)
+
+        def codegen(context, builder, signature, args):
+            wa = context.make_array(signature.args[0])(context, builder, value=args[0])
+            xea = context.make_array(signature.args[2])(context, builder, value=args[2])
+            xoa = context.make_array(signature.args[3])(context, builder, value=args[3])
+            i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+            vi, vf = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
+            row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
+            wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, ir.IntType(8).as_pointer()), [row]),
+                                 vi.as_pointer())
+            xev, xov = builder.bitcast(xea.data, vf.as_pointer()), builder.bitcast(xoa.data, vf.as_pointer())
+            shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
+            zero, nvec = ir.Constant(vf, [0.0] * LANES), WORDS // LANES
+            entry = builder.block
+            loop, done = builder.append_basic_block("blocks"), builder.append_basic_block("blocks_done")
+            builder.cbranch(builder.icmp_signed(">", args[4], ir.Constant(i64, 0)), loop, done)
+            builder.position_at_end(loop)
+            b = builder.phi(i64)
+            acc = [builder.phi(vf) for _ in range(2 * nvec)]  # even lanes 0..WORDS-1, then odd
+            nxt = list(acc)
+            for v in range(nvec):
+                k = builder.add(builder.mul(b, ir.Constant(i64, nvec)), ir.Constant(i64, v))
+                u = builder.load(builder.gep(wv, [k]), align=4)  # [LANES] bf16 pairs
+                lo = builder.bitcast(builder.shl(u, shift), vf)  # even weights as float32
+                hi = builder.bitcast(builder.and_(u, mask), vf)  # odd weights
+                nxt[v] = builder.fadd(acc[v], builder.fmul(lo, builder.load(builder.gep(xev, [k]), align=4)))
+                nxt[nvec + v] = builder.fadd(acc[nvec + v],
+                                             builder.fmul(hi, builder.load(builder.gep(xov, [k]), align=4)))
+            b1, end = builder.add(b, ir.Constant(i64, 1)), builder.block
+            b.add_incoming(ir.Constant(i64, 0), entry)
+            b.add_incoming(b1, end)
+            for p, q in zip(acc, nxt):
+                p.add_incoming(zero, entry)
+                p.add_incoming(q, end)
+            builder.cbranch(builder.icmp_signed("<", b1, args[4]), loop, done)
+            builder.position_at_end(done)
+            fin = []
+            for q in nxt:
+                p = builder.phi(vf)
+                p.add_incoming(zero, entry)
+                p.add_incoming(q, end)
+                fin.append(p)
+            sums = []
+            for half in (fin[:nvec], fin[nvec:]):
+                s = [builder.extract_element(v, ir.Constant(i32, lane)) for v in half for lane in range(LANES)]
+                while len(s) > 1:  # pairwise: ((l0 + l1) + (l2 + l3)) + ...
+                    s = [builder.fadd(s[2 * m], s[2 * m + 1]) for m in range(len(s) // 2)]
+                sums.append(s[0])
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return sig, codegen
+
+    @njit(parallel=True, nogil=True, cache=True)  # no fastmath: IEEE float32, the order written here
+    def _gemv_kernel(w, xe, xo, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xe, xo f32 [K/2]; out f32 [N]
         n, kh = w.shape
         hi = np.uint32(0xFFFF0000)
         sh = np.uint32(16)
+        nb = kh // WORDS
         for i in prange(n):
-            acc0 = np.float32(0.0)
-            acc1 = np.float32(0.0)
-            for j in range(kh):
+            se, so = _row_blocks(w, i, xe, xo, nb)
+            for j in range(nb * WORDS, kh):  # the tail, in sequence
                 u = w[i, j]
-                acc0 += _u32_as_f32(np.uint32(u << sh)) * x[2 * j]
-                acc1 += _u32_as_f32(np.uint32(u & hi)) * x[2 * j + 1]
-            out[i] = acc0 + acc1
+                se += _u32_as_f32(np.uint32(u << sh)) * xe[j]
+                so += _u32_as_f32(np.uint32(u & hi)) * xo[j]
+            out[i] = se + so
+
+
+def gemv_reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The kernel's summation order in plain numpy (for tests): w uint32 [N, K/2], x float32 [K] -> [N]."""
+    n, kh = w.shape
+    wf = np.stack([(w << np.uint32(16)).view(np.float32), (w & np.uint32(0xFFFF0000)).view(np.float32)])
+    prod = wf * np.stack([x[0::2], x[1::2]])[:, None, :]  # [2, N, K/2]: exact in float32
+    nb = kh // WORDS
+    acc = np.zeros((2, n, WORDS), np.float32)
+    for b in range(nb):
+        acc += prod[:, :, b * WORDS:(b + 1) * WORDS]
+    lanes = [acc[:, :, m] for m in range(WORDS)]
+    while len(lanes) > 1:
+        lanes = [lanes[2 * m] + lanes[2 * m + 1] for m in range(len(lanes) // 2)]
+    s = lanes[0]  # [2, N]
+    for j in range(nb * WORDS, kh):
+        s = s + prod[:, :, j]
+    return s[0] + s[1]
 
 
 def _build():
@@ -77,7 +167,8 @@ def enabled() -> bool:
             _gemv = _build()
             # Start numba's OpenMP pool here, on a tiny input: its launch resets the process-wide
             # OpenMP thread count, which torch shares, so put torch's back right after.
-            _gemv(np.zeros((1, 1), np.uint32), np.zeros(2, np.float32), np.empty(1, np.float32))
+            _gemv(np.zeros((1, 1), np.uint32), np.zeros(1, np.float32), np.zeros(1, np.float32),
+                  np.empty(1, np.float32))
         except Exception as exc:  # numba missing or broken: torch only
             log.warning("bf16 decode kernel unavailable (%s); using torch", exc)
             _ENABLED = False
@@ -123,8 +214,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         return F.linear(x, w, b)
     n = w.shape[0]
     xf = x.reshape(k).float().numpy()
+    xe, xo = np.ascontiguousarray(xf[0::2]), np.ascontiguousarray(xf[1::2])  # [K/2] each
     out = np.empty(n, dtype=np.float32)
-    _gemv(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), xf, out)
+    _gemv(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), xe, xo, out)
     y = torch.from_numpy(out)
     if b is not None:
         y += b.float()

@@ -1,0 +1,78 @@
+"""The bf16 GEMV kernel: one fixed IEEE summation order (bit for bit), NaN/Inf as torch, no fast-math."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zipmoe_run import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba kernel unavailable")
+
+
+def _words(w: torch.Tensor) -> np.ndarray:
+    n, k = w.shape
+    return w.contiguous().view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2)
+
+
+@pytest.mark.parametrize("n,k", [(1, 2), (5, 30), (7, 64), (9, 66), (33, 1408), (17, 2048)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitwise_equal_to_the_fixed_order_reference(n, k, threads):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = (torch.randn(n, k, generator=g) * torch.logspace(-3, 3, k)).bfloat16()  # magnitudes that round
+    x = torch.randn(1, k, generator=g).bfloat16()
+    kernels.set_threads(threads)
+    y = kernels.linear(x, w)  # [1, N] bf16
+    ref = kernels.gemv_reference(_words(w), x.reshape(k).float().numpy())  # [N] float32
+    assert torch.equal(y.view(-1).view(torch.int16), torch.from_numpy(ref).bfloat16().view(torch.int16))
+
+
+def _raw(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
+    """The kernel's float32 row sums, before the cast to bf16."""
+    n, k = w.shape
+    xf = x.reshape(k).float().numpy()
+    out = np.empty(n, np.float32)
+    kernels._gemv(_words(w), np.ascontiguousarray(xf[0::2]), np.ascontiguousarray(xf[1::2]), out)
+    return out
+
+
+def test_float32_sums_bitwise_equal_to_reference():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 2048 + 6, generator=g).bfloat16()  # a tail after the last whole block
+    x = torch.randn(1, 2048 + 6, generator=g).bfloat16()
+    assert np.array_equal(_raw(x, w).view(np.uint32), kernels.gemv_reference(_words(w), x.reshape(-1).float().numpy()).view(np.uint32))
+
+
+def test_nan_and_inf_propagate_as_in_torch():
+    k = 96
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(12, k, generator=g).bfloat16()
+    x = torch.randn(1, k, generator=g).bfloat16()
+    inf, nan = float("inf"), float("nan")
+    w[0, 5] = inf  # +inf * x[5]
+    w[1, 40] = -inf
+    w[2, 3] = nan
+    w[3, 7], w[3, 70] = inf, -inf  # inf - inf: NaN
+    w[4, 33] = inf
+    x[0, 33] = 0.0  # inf * 0: NaN
+    w[5, 90] = inf
+    w[5, 91] = inf  # same sign twice: inf
+    x[0, 60] = inf  # every row with a nonzero w[:, 60] gets +-inf, unless already NaN
+    w[6, 60] = 0.0  # 0 * inf: NaN
+    w[7, 60] = -w[7, 60].abs() - 1  # -inf
+    y = kernels.linear(x, w).float().view(-1)
+    ref = F.linear(x.float(), w.float()).view(-1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)), (y, ref)
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.equal(y[torch.isinf(ref)], ref[torch.isinf(ref)])  # same signs
+    assert torch.isnan(y).sum() >= 4 and torch.isinf(y).sum() >= 4  # the cases above are exercised
+
+
+def test_compiled_without_fast_math():
+    kernels.linear(torch.ones(1, 64).bfloat16(), torch.ones(3, 64).bfloat16())
+    assert not kernels._gemv.targetoptions.get("fastmath")
+    ir = "".join(kernels._gemv.inspect_llvm().values())
+    assert "fadd" in ir and "fmul" in ir  # the body is in the inspected module
+    for flag in (" fast ", " reassoc ", " nnan ", " ninf ", " contract ", " afn "):
+        assert flag not in ir, f"fast-math flag{flag}in the kernel's IR"
