@@ -1,7 +1,8 @@
 """`zipmoe`: the umbrella command (pack, verify, unpack, inspect, run, bench).
 
 Subcommand modules import torch and the heavy runtime only inside their functions, so `zipmoe pack`
-and the archive tools start fast.
+and the archive tools start fast. Usage errors of every subcommand are one ``error: ...`` line and
+exit status 2 (``zipmoe_cli.OneLineGroup``).
 """
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import typer
 
 from zipmoe.archive_cli import inspect_cmd, unpack_cmd, verify_cmd
 from zipmoe.bench.cli import app as bench_app
+from zipmoe_cli import OneLineGroup
 from zipmoe_pack.cli import pack_cmd
 from zipmoe_run.cli import run_cmd
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(cls=OneLineGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Lossless MoE archives and a memory-budgeted runtime.")
 app.command("pack")(pack_cmd)
 app.command("verify")(verify_cmd)

@@ -6,23 +6,69 @@ is one line on stderr and a non-zero exit (a traceback only with --debug).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import typer
 
-from zipmoe_cli import err, fail, guarded, human
+from formats.errors import ZmoeError
+from zipmoe_cli import err, fail, guarded, human, single_command_app, threads_option
 
 __all__ = ["run_cmd", "run", "app", "main"]
+
+
+def _temperature(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0 (use --greedy for greedy decoding); got {value}")
+    return value
+
+
+def _top_p(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+        raise typer.BadParameter(f"must be in (0, 1]; got {value}")
+    return value
+
+
+def _top_k(value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise typer.BadParameter(f"must be >= 0 (0: no limit); got {value}")
+    return value
+
+
+def _seed(value: int | None) -> int | None:
+    if value is not None and not 0 <= value < 1 << 64:
+        raise typer.BadParameter(f"must be in [0, 2^64); got {value}")
+    return value
+
+
+def _choice(choices: tuple[str, ...]):
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"must be {', '.join(choices[:-1])} or {choices[-1]}; got {value!r}")
+        return value
+    return check
+
+
+def _memory_budget(value: str | None) -> str | None:
+    """Check the syntax now (the share of the archive's experts is worked out when it is opened)."""
+    if value is not None:
+        from zipmoe_run.store.budget import parse_budget
+
+        try:
+            parse_budget(value, expert_bytes=1, available=1)
+        except ZmoeError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
 
 
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        fail(f"--prompt-ids: expected comma-separated integers, got {text!r}")
+        fail(f"--prompt-ids: expected comma-separated integers, got {text!r}", 2)
     if not ids:
-        fail("--prompt-ids: no token ids given")
+        fail("--prompt-ids: no token ids given", 2)
     return ids
 
 
@@ -48,19 +94,22 @@ def run_cmd(
     prompt_ids: list[str] = typer.Option(None, "--prompt-ids", help="Prompt as token ids: 9707,1879 (repeatable)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=0, help="Tokens to generate at most."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (default unless a sampling option is given)."),
-    temperature: float = typer.Option(None, "--temperature", "-t", help="Sample with this temperature."),
-    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling threshold (0, 1]."),
-    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
-    seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+    temperature: float = typer.Option(None, "--temperature", "-t", callback=_temperature,
+                                     help="Sample with this temperature (> 0)."),
+    top_p: float = typer.Option(None, "--top-p", callback=_top_p, help="Nucleus sampling threshold (0, 1]."),
+    top_k: int = typer.Option(None, "--top-k", callback=_top_k,
+                               help="Sample among the k most likely tokens (0: all)."),
+    seed: int = typer.Option(None, "--seed", callback=_seed, help="Random seed for sampling, 0 .. 2^64-1."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
-    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (torch and the archive reader)."),
-    memory_budget: str = typer.Option(None, "--memory-budget", "-m",
+    threads: int = typer.Option(None, "--threads", callback=threads_option,
+                                 help="CPU threads (torch and the archive reader): 1 .. 4 x the CPUs."),
+    memory_budget: str = typer.Option(None, "--memory-budget", "-m", callback=_memory_budget,
                                       help="Memory for routed experts (.zmoe): bytes (3GiB, 500MB), a percentage of "
                                            "the expert bytes (30%) or auto. Default: no limit."),
-    prefetch: str = typer.Option("off", "--prefetch",
+    prefetch: str = typer.Option("off", "--prefetch", callback=_choice(("off", "lookahead")),
                                  help="off: prefetch only what the model will certainly ask for next; lookahead: "
                                       "also guess the next layer's experts from the current hidden state."),
-    preload: str = typer.Option("auto", "--preload",
+    preload: str = typer.Option("auto", "--preload", callback=_choice(("auto", "on", "off")),
                                 help="auto: with a budget of at least the experts' size, decode experts into memory "
                                      "while loading; on: fill the budget while loading; off: load on first use."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
@@ -69,9 +118,12 @@ def run_cmd(
 ) -> None:
     """Generate from a MoE checkpoint (directory or .zmoe archive)."""
     if not prompt and not prompt_ids:
-        fail("give --prompt TEXT or --prompt-ids 1,2,3")
+        fail("give --prompt TEXT or --prompt-ids 1,2,3", 2)
     if prompt and prompt_ids:
-        fail("give either --prompt or --prompt-ids, not both")
+        fail("give either --prompt or --prompt-ids, not both", 2)
+    if prompt_ids and chat:
+        fail("--chat needs --prompt text", 2)
+    given_ids = [_parse_ids(p) for p in prompt_ids] if prompt_ids else None
     with guarded(debug):
         from zipmoe_run.api import load
         from zipmoe_run.generate import Sampling
@@ -85,23 +137,19 @@ def run_cmd(
             seed=seed,
         )
         store_opts = {"memory_budget": memory_budget} if memory_budget is not None else {}
-        if preload not in ("auto", "on", "off"):
-            fail(f"--preload must be auto, on or off (got {preload!r})")
         if preload != "auto" and path.suffix == ".zmoe":
             store_opts["preload"] = preload == "on"
         lm = load(path, dtype=dtype, threads=threads, prefetch=prefetch, **store_opts)
         budget = getattr(lm.source, "budget", None)
         if memory_budget is not None and budget is not None and not as_json:
-            err.print(f"memory budget: {budget.how}", soft_wrap=True)
+            err.print(f"memory budget: {budget.how}", soft_wrap=True, markup=False)
         try:
             if prompt:
                 if lm.tokenizer is None:
                     fail(f"{path}: no tokenizer in this checkpoint; use --prompt-ids")
                 ids = [lm.encode(p, chat=chat) for p in prompt]
             else:
-                if chat:
-                    fail("--chat needs --prompt text")
-                ids = [_parse_ids(p) for p in prompt_ids]
+                ids = given_ids
             stats: dict = {}
             outs: list[list[int]] = [[] for _ in ids]
             stream_text = not as_json and len(ids) == 1 and lm.tokenizer is not None
@@ -131,15 +179,15 @@ def run_cmd(
                     line = texts[i] if texts is not None else ",".join(map(str, o))
                     sys.stdout.write((f"[{i}] " if len(outs) > 1 else "") + line + "\n")
             sys.stdout.flush()
-            err.print(_stats_line(stats), soft_wrap=True)
+            err.print(_stats_line(stats), soft_wrap=True, markup=False)
         finally:
             lm.close()
 
 
 run = run_cmd
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run a MoE checkpoint or .zmoe archive.")
-app.command(context_settings={"allow_interspersed_args": True})(run_cmd)
+app = single_command_app(run_cmd, help="Run a MoE checkpoint or .zmoe archive.",
+                         context_settings={"allow_interspersed_args": True})
 
 
 def main() -> None:

@@ -1,4 +1,9 @@
-"""``zipmoe bench``: the typer app (``app``) the umbrella CLI mounts; the only bench module that prints."""
+"""``zipmoe bench``: the typer app (``app``) the umbrella CLI mounts; the only bench module that prints.
+
+Errors: bad input (a ``ZmoeError`` such as ``BenchInputError``, an ``OSError`` naming a file, a usage
+error) is one ``error: ...`` line and exit status 2; anything else is a bug and shows its traceback
+(``zipmoe_cli.guarded``).
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +13,9 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+from zipmoe_cli import OneLineGroup, fail, guarded, threads_option
+
+app = typer.Typer(cls=OneLineGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Benchmarks: peers side by side, medians, table and JSON.")
 
 
@@ -17,11 +24,8 @@ def _logging(debug: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(exc: object) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(2)
+# cache.py and io.py still signal bad input (a budget out of range, no --expert-bytes) with ValueError
+_LEGACY_INPUT = (ValueError,)
 
 
 def _emit(result: dict, as_json: bool, out: Optional[Path]) -> bool:
@@ -54,10 +58,8 @@ def codec_cmd(
 
     _logging(debug)
     names = [d.strip() for d in datasets.split(",") if d.strip()]
-    try:
+    with guarded(debug, 2):
         result = run(elements, runs=runs, datasets=names, chunk=chunk)
-    except ValueError as exc:
-        _fail(exc)
     if not _emit(result, as_json, out):
         console = Console()
         if not console.is_terminal:
@@ -72,7 +74,8 @@ def io_cmd(
     archive: Optional[Path] = typer.Option(None, "--archive", help="Read and decode this archive's experts instead."),
     size_mib: int = typer.Option(256, "--size-mib", min=8, help="Scratch file size."),
     read_mib: int = typer.Option(8, "--read-mib", min=1, help="Bytes per read (about one expert)."),
-    cores: Optional[int] = typer.Option(None, "--cores", min=1, help="Decoder threads (default: all CPUs)."),
+    cores: Optional[int] = typer.Option(None, "--cores", callback=threads_option,
+                                        help="Decoder threads, 1 .. 4 x the CPUs (default: all CPUs)."),
     runs: int = typer.Option(3, "--runs", "-r", min=1, help="Timed decode runs (median; after a warm-up)."),
     io_mode: str = typer.Option("auto", "--io", help="auto (O_DIRECT when possible), direct, buffered."),
     out: Optional[Path] = typer.Option(None, "--out", help="Calibration file (default ~/.cache/zipmoe/calibration.json)."),
@@ -86,17 +89,11 @@ def io_cmd(
     from zipmoe_run.policies.tiers import Calibration, save_calibration
 
     _logging(debug)
-    try:
+    with guarded(debug, 2, _LEGACY_INPUT):
         result = run(directory=directory, archive_path=archive, size=size_mib << 20, read_size=read_mib << 20,
                      cores=cores, runs=runs, io_mode=io_mode)
         if not no_write:
             result["written_to"] = str(save_calibration(Calibration.from_json(result["calibration"]), out))
-    except (OSError, ValueError) as exc:
-        _fail(exc)
-    except Exception as exc:  # ZmoeError and friends: one line, no traceback
-        if debug:
-            raise
-        _fail(exc)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -136,16 +133,10 @@ def cache_cmd(
     from zipmoe.bench.cache import render_notes, render_table, run
 
     _logging(debug)
-    try:
+    with guarded(debug, 2, _LEGACY_INPUT):
         result = run(trace, budgets=budget, expert_bytes=expert_bytes, archive=archive, calibration=calibration,
                      prompts=prompts, seed=seed, top_k=top_k,
                      policies=tuple(p.strip() for p in policies.split(",") if p.strip()))
-    except (OSError, ValueError) as exc:
-        _fail(exc)
-    except Exception as exc:  # a broken archive (ZmoeError): one line, no traceback
-        if debug:
-            raise
-        _fail(exc)
     if not _emit(result, as_json, out):
         console = Console()
         if not console.is_terminal:
@@ -163,7 +154,8 @@ def run_cmd(
     prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=1),
     new_tokens: int = typer.Option(32, "--new-tokens", min=2),
     runs: int = typer.Option(5, "--runs", "-r", min=1, help="Timed runs per system (median)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", callback=threads_option,
+                                          help="Compute threads, 1 .. 4 x the CPUs (default: torch's)."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 or float32."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep the synthetic checkpoint here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
@@ -176,11 +168,9 @@ def run_cmd(
     from zipmoe.bench.run import render_table, run
 
     _logging(debug)
-    try:
+    with guarded(debug, 2):
         result = run(checkpoint, size=size, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                      threads=threads, dtype=dtype, workdir=workdir)
-    except ValueError as exc:
-        _fail(exc)
     if not _emit(result, as_json, out):
         Console(width=170).print(render_table(result))
 
@@ -193,7 +183,8 @@ def e2e_cmd(
                                      "raw, hf-offload, resident."),
     prompt_tokens: int = typer.Option(16, "--prompt-tokens", min=1, help="Fixed prompt length (token ids)."),
     new_tokens: int = typer.Option(24, "--new-tokens", min=2, help="Greedy tokens to generate per pass."),
-    threads: int = typer.Option(1, "--threads", min=1, help="Compute threads (torch) of every system; the "
+    threads: int = typer.Option(1, "--threads", callback=threads_option,
+                                help="Compute threads (torch) of every system, 1 .. 4 x the CPUs; the "
                                 "decoder pool uses all cores. On a shared 2-core machine 1 is much faster."),
     workdir: Path = typer.Option(Path("/tmp/zipmoe-bench-e2e"), "--workdir",
                                  help="Where the generated checkpoint and archives are kept (reused)."),
@@ -223,37 +214,30 @@ def e2e_cmd(
     err = Console(stderr=True)
     try:
         pcts = tuple(float(b.strip().rstrip("%")) for b in budgets.split(",") if b.strip())
-        names = tuple(x.strip() for x in systems.split(",") if x.strip())
     except ValueError:
-        err.print(f"[bold red]error:[/] --budgets: expected comma-separated percentages, got {budgets!r}")
-        raise typer.Exit(2) from None
+        fail(f"--budgets: expected comma-separated percentages, got {budgets!r}", 2)
+    if not pcts or not all(0 < p < float("inf") for p in pcts):
+        fail(f"--budgets: expected percentages above 0, got {budgets!r}", 2)
+    names = tuple(x.strip() for x in systems.split(",") if x.strip())
+    bad = [n for n in names if n not in SYSTEMS]
+    if bad or not names:
+        fail(f"--systems: unknown systems {bad} (known: {', '.join(SYSTEMS)})", 2)
     from zipmoe_run.store.io import parse_storage
 
     try:
         parse_storage(storage)
     except ValueError as exc:
-        err.print(f"[bold red]error:[/] --storage: {exc}", markup=True)
-        raise typer.Exit(2) from None
+        fail(f"--storage: {exc}", 2)
     if family not in FAMILIES:
-        err.print(f"[bold red]error:[/] --family: expected one of {', '.join(FAMILIES)}, got {family!r}")
-        raise typer.Exit(2)
-    bad = [n for n in names if n not in SYSTEMS]
-    if bad or not pcts or any(p <= 0 for p in pcts):
-        err.print(f"[bold red]error:[/] unknown systems {bad} (known: {', '.join(SYSTEMS)}) or bad budgets {budgets!r}")
-        raise typer.Exit(2)
+        fail(f"--family: expected one of {', '.join(FAMILIES)}, got {family!r}", 2)
     cfg = E2EConfig(workdir=workdir, budgets=pcts, systems=names, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, threads=threads, cap=not no_cap,
                     warm_pass=not no_warm, storage=storage, family=family, repeat=repeat)
     if quick:
         cfg.quick, cfg.prompt_tokens, cfg.new_tokens = True, min(prompt_tokens, 6), min(new_tokens, 4)
         cfg.budgets = pcts if budgets != "15,30,60,100" else (30.0, 100.0)
-    try:
+    with guarded(debug, 2):
         result = run(cfg)
-    except Exception as exc:  # noqa: BLE001 - one line unless --debug
-        if debug:
-            raise
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
     if plot_path is not None and not plot(result, plot_path):
         err.print("matplotlib is not installed: no plot written (pip install 'zipmoe[bench]')", markup=False)
     if _emit(result, as_json, out):

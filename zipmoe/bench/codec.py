@@ -32,6 +32,7 @@ import zstandard
 from formats.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_CODEC, ENCODER_PRESETS, CODECS, ChunkEncoder, checksum
 from formats.decoder import KIND_BF16_SPLIT, ChunkRef, ParallelDecoder, encode_bf16_refs
 from formats.planes import merge_bf16_le_bytes, split_bf16, warm_up
+from zipmoe.bench.errors import BenchInputError
 
 __all__ = ["DATASETS", "make_dataset", "run", "render_table"]
 
@@ -58,7 +59,7 @@ def make_dataset(name: str, elements: int, seed: int = 0) -> np.ndarray:
         return _to_bf16(f)
     if name == "student-t":
         return _to_bf16(rng.standard_t(4, elements).astype(np.float32) * np.float32(0.02 / np.sqrt(2.0)))
-    raise ValueError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+    raise BenchInputError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
 
 
 def _entropy_bits(src: np.ndarray) -> float:
@@ -191,10 +192,10 @@ def run(elements: int, runs: int = 5, datasets: Sequence[str] = DATASETS,
         chunk: int = DEFAULT_CHUNK_ELEMS) -> dict:
     """Run the benchmark; returns a JSON-serialisable dict (see the module docstring)."""
     if elements < 1 or runs < 1:
-        raise ValueError("elements and runs must be >= 1")
+        raise BenchInputError("elements and runs must be >= 1")
     for name in datasets:
         if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+            raise BenchInputError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     warm_up()
     memcpy = _memcpy_gb_s(2 * elements, runs)
     result = {

@@ -74,6 +74,7 @@ from pathlib import Path
 
 from .e2e_proc import MemCap, _drop, kv_cache_bytes, warm_up_runtime
 from .e2e_report import _row, plot, render_table, render_targets
+from .errors import BenchInputError
 
 __all__ = ["E2EConfig", "run", "render_table", "render_targets", "plot", "MemCap", "DIMS", "QUICK_DIMS",
            "SWITCH_DIMS", "SWITCH_QUICK_DIMS", "FAMILIES", "kv_cache_bytes", "SYSTEMS", "warm_up_runtime"]
@@ -174,7 +175,7 @@ def _untie_lm_head(ckpt: Path, seed: int) -> None:
             fh.seek(8 + n + begin)
             fh.write(bf16.tobytes())
             return
-    raise ValueError(f"no lm_head.weight in {ckpt}")
+    raise BenchInputError(f"no lm_head.weight in {ckpt}")
 
 
 def prepare(cfg: E2EConfig) -> dict:

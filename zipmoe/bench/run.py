@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from zipmoe.bench.errors import BenchInputError
+
 __all__ = ["run", "render_table", "SYSTEMS"]
 
 log = logging.getLogger(__name__)
@@ -206,12 +208,12 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
     import torch
 
     if runs < 1 or new_tokens < 2 or prompt_tokens < 1:
-        raise ValueError("runs >= 1, new_tokens >= 2 and prompt_tokens >= 1 are required")
+        raise BenchInputError("runs >= 1, new_tokens >= 2 and prompt_tokens >= 1 are required")
     for s in systems:
         if s not in _MAKERS:
-            raise ValueError(f"unknown system {s!r} (known: {', '.join(_MAKERS)})")
+            raise BenchInputError(f"unknown system {s!r} (known: {', '.join(_MAKERS)})")
     if dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"dtype must be bfloat16 or float32, not {dtype!r}")
+        raise BenchInputError(f"dtype must be bfloat16 or float32, not {dtype!r}")
     threads_before = torch.get_num_threads()
     threads = threads or threads_before
     torch.set_num_threads(threads)
@@ -220,7 +222,7 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
         from zipmoe_pack.synth import DEMO_SIZES, make_checkpoint
 
         if size not in DEMO_SIZES:
-            raise ValueError(f"unknown size {size!r} (known: {', '.join(DEMO_SIZES)})")
+            raise BenchInputError(f"unknown size {size!r} (known: {', '.join(DEMO_SIZES)})")
         base = Path(workdir) if workdir else Path(tmp := tempfile.mkdtemp(prefix="zipmoe-bench-run-"))
         path = base / f"{family}-{size}"
         if not (path / "config.json").is_file():
