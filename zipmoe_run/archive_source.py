@@ -1,7 +1,11 @@
 """`ArchiveSource`: the `WeightSource` of a `.zmoe` archive.
 
-Dense tensors are zero-copy views of the mapped archive (their checksums are checked on first use);
-the mapping of the dense part is the only file-backed memory the runtime keeps. Routed experts come
+Dense tensors are zero-copy views of a private (copy-on-write) map of the archive, checked against
+their checksums on first use; that mapping is the only file-backed memory the runtime keeps. The map
+is private rather than read-only so that an in-place write to a weight (a bug, or a user's
+experiment) cannot kill the process with SIGSEGV: the written page becomes a private anonymous copy
+(charged to the process like any other memory, 4 KiB or the host's page size at a time) and never
+reaches the file. Pages that are only read stay shared, clean page cache, as with a read-only map. Routed experts come
 from `zipmoe_run.store.ExpertStore`: a memory-budgeted store with four tiers (decoded, compressed,
 sign/mantissa only, cold), honest I/O (O_DIRECT or read + DONTNEED) and cache-affinity scheduling
 (resident experts first, the missing ones read and decoded as a two-stage flow shop). See
@@ -19,16 +23,17 @@ use). The time it takes is part of opening the archive (``preload_s`` in ``stats
 """
 from __future__ import annotations
 
-import json
 import logging
+import mmap
 import os
-import warnings
+import stat
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from formats.decoder import ParallelDecoder
 from formats.errors import CorruptDataError, FormatError
+from formats.jsonstrict import JSONRejected, loads
 from formats.preamble import xxh3
 from formats.reader import Archive
 
@@ -44,11 +49,20 @@ def _as_tensor(buf, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int
         raise FormatError(f"runtime cannot use tensors of dtype {dtype}")
     if nbytes == 0:
         return torch.empty(shape, dtype=dt)
-    with warnings.catch_warnings():  # read-only map: the model never writes its weights
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(buf, dtype=dt, count=nbytes // torch.empty((), dtype=dt).element_size(),
-                             offset=offset)
+    t = torch.frombuffer(buf, dtype=dt, count=nbytes // torch.empty((), dtype=dt).element_size(), offset=offset)
     return t.view(shape)
+
+
+def _private_map(path, size: int) -> mmap.mmap:
+    """A copy-on-write map of the archive file (writes stay in this process; see the module doc)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise FormatError(f"{path}: the archive changed while it was being opened")
+        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
 
 
 class ArchiveSource:
@@ -62,7 +76,16 @@ class ArchiveSource:
             cfg = self.archive.file_bytes(self.archive.index.model.get("config_file", "config.json"))
             if cfg is None:
                 raise FormatError(f"{path}: archive carries no config.json")
-            self.config: dict = json.loads(cfg)
+            try:
+                self.config: dict = loads(cfg)
+            except JSONRejected as exc:
+                raise FormatError(f"{path}: config.json: {exc}") from None
+            if not isinstance(self.config, dict):
+                raise FormatError(f"{path}: config.json is not a JSON object")
+            try:
+                self._dense_map: mmap.mmap | None = _private_map(self.archive.path, self.archive.size)
+            except OSError as exc:
+                raise FormatError(f"{path}: cannot map the file ({exc.strerror})") from None
             self.dense_bytes = sum(t.nbytes for t in self.archive.index.tensors.values() if t.role == "dense")
             self.decoder = ParallelDecoder(threads or os.cpu_count() or 1)
             try:
@@ -100,7 +123,10 @@ class ArchiveSource:
         t = self.archive.index.tensors.get(name)
         if t is None or t.role != "dense":
             raise MissingWeightError(f"{self.archive.path}: no dense tensor {name}")
-        v = self.archive.region(t.data)
+        if self._dense_map is None:
+            raise FormatError(f"{self.archive.path}: source is closed")
+        off = t.data.offset
+        v = memoryview(self._dense_map)[off:off + t.data.length]  # the bytes handed out are the bytes checked
         if name not in self._checked:
             R = self.archive.index.raw_chunk_bytes
             for i, h in enumerate(t.xxh3):
@@ -108,7 +134,8 @@ class ArchiveSource:
                     raise CorruptDataError(f"{self.archive.path}: tensor {name} piece {i} at offset "
                                            f"{t.data.offset + i * R} fails its checksum")
             self._checked.add(name)
-        return _as_tensor(self.archive._map, t.dtype, t.shape, t.data.offset, t.nbytes)
+        v.release()
+        return _as_tensor(self._dense_map, t.dtype, t.shape, off, t.nbytes)
 
     # -- experts --------------------------------------------------------------------------------
     def _weights(self, extent, buf) -> dict[str, torch.Tensor]:
@@ -132,5 +159,19 @@ class ArchiveSource:
         return st
 
     def close(self) -> None:
-        self.store.close()
-        self.decoder.close()
+        """Stop the store and the decoder and release the maps (idempotent). Tensors handed out
+        earlier stay valid: they keep their mapped pages alive until they are dropped."""
+        try:
+            self.store.close()
+        finally:
+            try:
+                self.decoder.close()
+            finally:
+                self._dense_map = None  # not mmap.close(): live tensors export it
+                self.archive.close()
+
+    def __enter__(self) -> "ArchiveSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
