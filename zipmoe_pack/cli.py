@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from zipmoe_cli import guarded, human, out, progress_bar
-from zipmoe_pack.pack import PackOptions, pack
+from zipmoe_cli import fail, guarded, human, out, progress_bar
+from zipmoe_pack.pack import PackOptions, Terminated, pack
 
 
 def pack_cmd(
@@ -20,13 +20,24 @@ def pack_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    """Pack a checkpoint into one checksummed, memory-mappable archive, losslessly."""
+    """Pack a checkpoint into one checksummed, memory-mappable archive, losslessly.
+
+    Every regular file of MODEL_DIR (symlinks to regular files count as those files; .git, .cache and
+    __pycache__ are skipped) is stored so that `zipmoe unpack` restores it byte for byte. A FIFO, socket or
+    device, a broken symlink or a symlink loop in the folder is refused with one line naming it, and so
+    is an OUTPUT inside MODEL_DIR or naming one of its files. The archive is written to a hidden
+    `.OUTPUT.tmp-PID` beside OUTPUT and renamed when complete: Ctrl-C, SIGTERM or SIGHUP remove it, and a
+    leftover of a killed run is removed by the next pack to the same OUTPUT.
+    """
     with guarded(debug):
-        if chunk_elements & (chunk_elements - 1) or not 1 << 12 <= chunk_elements <= 1 << 26:
-            raise typer.BadParameter("--chunk-elements must be a power of two in [4096, 67108864]")
-        with progress_bar(f"packing {model_dir.name}", not as_json) as cb:
-            rep = pack(model_dir, output, PackOptions(threads=threads, chunk_elements=chunk_elements, raw=raw),
-                       progress=cb)
+        try:
+            with progress_bar(f"packing {model_dir.name}", not as_json) as cb:
+                rep = pack(model_dir, output, PackOptions(threads=threads, chunk_elements=chunk_elements, raw=raw),
+                           progress=cb)
+        except Terminated as e:
+            if debug:
+                raise
+            fail(f"terminated by {e}; nothing was written to {output}", 128 + e.signum)
         summary = {
             "archive": str(rep.path), "archive_bytes": rep.file_bytes, "tensors": rep.tensors,
             "expert_extents": rep.extents, "dense_bytes": rep.dense_bytes,

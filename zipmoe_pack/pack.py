@@ -1,6 +1,11 @@
-"""`pack(src_dir, out_path)`: checkpoint directory -> `.zmoe`, streaming, parallel, atomic."""
+"""`pack(src_dir, out_path)`: checkpoint directory -> `.zmoe`, streaming, parallel, atomic.
+
+The shards are read through read-only maps; every view of a map is released where it is made (no
+view outlives its use, even when a write fails), so the maps close cleanly.
+"""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -15,13 +20,14 @@ from typing import Callable
 
 import numpy as np
 
-from formats.codec import ChunkEncoder, checksum
+from formats.codec import CODECS, ChunkEncoder, checksum
 from formats.errors import InputError
 from formats.planes import split_bf16
 import xxhash
 
 from formats.preamble import PREAMBLE_SIZE, VERSION, Preamble, align, hex64, xxh3
-from zipmoe_pack.scan import Checkpoint, scan_checkpoint
+from zipmoe_pack.output import TermGuard, Terminated, check_output, clean_stale, lock, tmp_path
+from zipmoe_pack.scan import Checkpoint, open_regular, scan_checkpoint
 from zipmoe_pack.writer import (RAW_CHUNK_BYTES, ExtentPlan, PackOptions, PackReport, _bound_index, _dumps,
                                 _encoding, build_index, plan_extents)
 
@@ -29,6 +35,10 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 _COPY = 8 << 20
+MAX_THREADS = 1024
+MIN_CHUNK, MAX_CHUNK = 1 << 12, 1 << 26
+
+__all__ = ["PackOptions", "PackReport", "Terminated", "pack"]
 
 
 class _Maps:
@@ -36,32 +46,42 @@ class _Maps:
 
     def __init__(self, ck: Checkpoint):
         self._maps: dict[str, mmap.mmap] = {}
-        for f in ck.files:
-            if f.kind == "safetensors" and f.size:
-                with open(f.abspath, "rb") as fh:
-                    self._maps[f.path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            for f in ck.files:
+                if f.kind == "safetensors" and f.size:
+                    with open_regular(f.abspath, f.size) as fh:  # the size the scan checked, or refused
+                        self._maps[f.path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self.close()
+            raise
 
     def view(self, file: str, offset: int, n: int) -> memoryview:
-        return memoryview(self._maps[file])[offset:offset + n] if n else memoryview(b"")
+        """A view of n bytes; the caller releases it (`with maps.view(...) as v:`) before `close`."""
+        if not n:
+            return memoryview(b"")
+        v = memoryview(self._maps[file])[offset:offset + n]
+        if len(v) != n:  # cannot happen: the scan checked every offset against this size
+            v.release()
+            raise InputError(f"{file}: {n} bytes at offset {offset} lie past the end of the file")
+        return v
 
     def close(self) -> None:
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:
-                pass
+        """Unmap everything. A view still alive is a defect here: the BufferError is not swallowed."""
+        maps, self._maps = self._maps, {}
+        for m in maps.values():
+            m.close()
 
 
-def _piece_hashes(buf) -> list[str]:
-    mv = memoryview(buf)
-    return [hex64(xxh3(mv[i:i + RAW_CHUNK_BYTES])) for i in range(0, len(mv), RAW_CHUNK_BYTES)]
+def _piece_hashes(buf: memoryview) -> list[str]:
+    return [hex64(xxh3(buf[i:i + RAW_CHUNK_BYTES])) for i in range(0, len(buf), RAW_CHUNK_BYTES)]
 
 
 _local = threading.local()
 
 
 def _encode_extent(ep: ExtentPlan, maps: _Maps, opts: PackOptions) -> list[dict]:
-    """Worker: split, code and hash every part of one expert. Returns one dict per part."""
+    """Worker: split, code and hash every part of one expert. Returns one dict per part, holding no view
+    of the maps (a raw part's bytes are written from a fresh view by the main thread)."""
     enc = getattr(_local, "enc", None)
     if enc is None or _local.codec != opts.codec:
         enc = _local.enc = ChunkEncoder(opts.codec)
@@ -71,22 +91,28 @@ def _encode_extent(ep: ExtentPlan, maps: _Maps, opts: PackOptions) -> list[dict]
     for pp in ep.parts:
         t = pp.tensor
         src = maps.view(t.file, pp.src_offset, pp.nbytes)
-        r = {"sha": hashlib.sha256(src).hexdigest() if pp.slice is None else None}
-        if _encoding(t, opts) == "raw":
-            r.update(raw=src, xxh=_piece_hashes(src))
-        else:
-            u16 = np.frombuffer(src, dtype=np.uint16)
-            n = u16.size
-            exp = np.empty(n, np.uint8)
-            sm = np.empty(n, np.uint8)
-            split_bf16(u16, exp, sm)
-            coded, cx, sx = [], [], []
-            for lo in range(0, n, C):
-                c = enc.encode(exp[lo:lo + C])
-                coded.append(c)
-                cx.append(hex64(checksum(c)))
-                sx.append(hex64(checksum(sm[lo:lo + C])))
-            r.update(coded=coded, cx=cx, sm=sm, sx=sx, hist=np.bincount(exp, minlength=256))
+        u16 = None  # [n] uint16, a view of src: dropped before src is released
+        try:
+            r = {"sha": hashlib.sha256(src).hexdigest() if pp.slice is None else None}
+            if _encoding(t, opts) == "raw":
+                r.update(xxh=_piece_hashes(src))
+            else:
+                u16 = np.frombuffer(src, dtype=np.uint16)
+                n = u16.size
+                exp = np.empty(n, np.uint8)  # [n] exponent plane
+                sm = np.empty(n, np.uint8)  # [n] sign-mantissa plane
+                split_bf16(u16, exp, sm)
+                u16 = None
+                coded, cx, sx = [], [], []
+                for lo in range(0, n, C):
+                    c = enc.encode(exp[lo:lo + C])
+                    coded.append(c)
+                    cx.append(hex64(checksum(c)))
+                    sx.append(hex64(checksum(sm[lo:lo + C])))
+                r.update(coded=coded, cx=cx, sm=sm, sx=sx, hist=np.bincount(exp, minlength=256))
+        finally:
+            u16 = None
+            src.release()
         out.append(r)
     return out
 
@@ -112,9 +138,24 @@ class _Out:
         return at
 
 
+def check_options(opts: PackOptions) -> None:
+    """One line naming the option, before anything is read or written."""
+    th, ce = opts.threads, opts.chunk_elements
+    if not isinstance(th, int) or isinstance(th, bool) or not 0 <= th <= MAX_THREADS:
+        raise InputError(f"threads (--threads) must be 0 (all cores) to {MAX_THREADS}, not {th!r}")
+    if not isinstance(ce, int) or isinstance(ce, bool) or ce & (ce - 1) or not MIN_CHUNK <= ce <= MAX_CHUNK:
+        raise InputError(f"chunk elements (--chunk-elements) must be a power of two in [{MIN_CHUNK}, {MAX_CHUNK}], "
+                         f"not {ce!r}")
+    if opts.codec not in CODECS:
+        raise InputError(f"unknown exponent codec {opts.codec!r} (known: {', '.join(sorted(CODECS))})")
+
+
 def pack(src: str | os.PathLike, out: str | os.PathLike, opts: PackOptions | None = None,
          progress: Progress | None = None) -> PackReport:
+    """Pack `src` into `out`. Raises InputError (one line) on bad input and `Terminated` on SIGTERM/SIGHUP;
+    either way nothing is left at `out` or beside it."""
     opts = opts or PackOptions()
+    check_options(opts)
     t0 = time.perf_counter()
     out = Path(out)
     if out.is_dir():
@@ -125,27 +166,34 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, opts: PackOptions | Non
     if not os.access(parent, os.W_OK):
         raise InputError(f"{out}: output folder {parent} is not writable")
     ck = scan_checkpoint(src)
+    check_output(out, ck)
     plans = plan_extents(ck)
     threads = opts.threads or os.cpu_count() or 1
     bound = _bound_index(ck, plans, opts)
     data_offset = align(PREAMBLE_SIZE + bound)
     total = sum(f.size for f in ck.files)
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    maps = _Maps(ck)
-    try:
-        with open(tmp, "wb") as fh:
-            report = _write(fh, ck, plans, opts, maps, data_offset, bound, threads, total, progress)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(parent)
-    except OSError as e:
-        what = "disk full" if e.errno == errno.ENOSPC else e.strerror
-        raise InputError(f"{out}: cannot write archive ({what})") from None
-    finally:
-        maps.close()
-        if tmp.exists():
-            tmp.unlink()
+    clean_stale(out)
+    tmp = tmp_path(out)
+    with TermGuard() as guard:
+        maps = None
+        try:
+            maps = _Maps(ck)
+            with open(tmp, "wb") as fh:
+                lock(fh)
+                report = _write(fh, ck, plans, opts, maps, data_offset, bound, threads, total, progress)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, out)
+            _fsync_dir(parent)
+        except OSError as e:
+            what = "disk full" if e.errno == errno.ENOSPC else e.strerror
+            raise InputError(f"{out}: cannot write archive ({what})") from None
+        finally:
+            with guard.holding():
+                if maps is not None:
+                    maps.close()
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
     report.path, report.seconds, report.threads = out, time.perf_counter() - t0, threads
     return report
 
@@ -163,22 +211,25 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: Path, size: int, stop: threading.Event) -> str | None:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while buf := f.read(_COPY):
+    with open_regular(path, size) as f:
+        while not stop.is_set() and (buf := f.read(_COPY)):
             h.update(buf)
-    return h.hexdigest()
+    return None if stop.is_set() else h.hexdigest()
 
 
 def _write(fh, ck, plans, opts, maps, data_offset, bound, threads, total, progress) -> PackReport:
     L: dict = {}
     # whole-file hashes of the shards, on a thread of their own (hashlib releases the GIL)
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zipmoe-sha")
-    shard_sha = {f.path: hasher.submit(_sha256_file, f.abspath) for f in ck.files if f.kind == "safetensors"}
+    stop = threading.Event()  # a failed or interrupted pack does not wait for a whole shard's hash
+    shard_sha = {f.path: hasher.submit(_sha256_file, f.abspath, f.size, stop)
+                 for f in ck.files if f.kind == "safetensors"}
     try:
         return _write_data(fh, ck, plans, opts, maps, data_offset, bound, threads, total, progress, L, shard_sha)
     finally:
+        stop.set()
         hasher.shutdown(wait=True, cancel_futures=True)
 
 
@@ -196,7 +247,7 @@ def _write_data(fh, ck, plans, opts, maps, data_offset, bound, threads, total, p
         L[("off", f.path)] = w.pad()
         n = f.size if f.kind == "blob" else f.header_length
         sha, x = hashlib.sha256(), xxhash.xxh3_64()
-        with open(f.abspath, "rb") as src:
+        with open_regular(f.abspath, f.size) as src:
             left = n
             while left:
                 buf = src.read(min(_COPY, left))
@@ -213,16 +264,17 @@ def _write_data(fh, ck, plans, opts, maps, data_offset, bound, threads, total, p
     for f in ck.files:  # dense tensors, raw and aligned
         for t in f.tensors:
             if t.role is None:
-                v = maps.view(f.path, t.offset, t.nbytes)
-                L[("off", t.name)] = w.pad()
-                w.write(v)
-                L[("xxh", t.name)] = _piece_hashes(v)
-                L[("sha", t.name)] = hashlib.sha256(v).hexdigest()
+                with maps.view(f.path, t.offset, t.nbytes) as v:
+                    L[("off", t.name)] = w.pad()
+                    w.write(v)
+                    L[("xxh", t.name)] = _piece_hashes(v)
+                    L[("sha", t.name)] = hashlib.sha256(v).hexdigest()
                 tick(t.nbytes)
     stats: dict = {}
     fused_sha = {t.name: hashlib.sha256() for t in ck.experts if t.role.fused}
     exp_bytes = exp_stored = exp_el = exp_coded = 0
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zipmoe-pack") as pool:
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zipmoe-pack")
+    try:
         window: deque = deque()
         it = iter(plans)
         for ep in it:
@@ -257,15 +309,19 @@ def _write_data(fh, ck, plans, opts, maps, data_offset, bound, threads, total, p
                     exp_el += r["sm"].size
                     exp_coded += coded
                 else:
-                    parts[i] = {"off": w.write(r["raw"]), "xxh": r["xxh"]}
+                    with maps.view(t.file, pp.src_offset, pp.nbytes) as v:
+                        parts[i] = {"off": w.write(v), "xxh": r["xxh"]}
                 if r["sha"] is not None:
                     L[("sha", t.name)] = r["sha"]
                 else:
-                    fused_sha[t.name].update(maps.view(t.file, pp.src_offset, pp.nbytes))
+                    with maps.view(t.file, pp.src_offset, pp.nbytes) as v:
+                        fused_sha[t.name].update(v)
                 exp_bytes += pp.nbytes
                 tick(pp.nbytes)
             L[("ext", ep.key)] = {"off": start, "exp_length": exp_len, "length": w.pos - start, **parts}
             exp_stored += w.pos - start
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on failure: only the extents already running finish
     for name, h in fused_sha.items():
         L[("sha", name)] = h.hexdigest()
     for path, fut in shard_sha.items():

@@ -1,25 +1,34 @@
 """Read a Hugging Face checkpoint directory without trusting it.
 
 Every safetensors header is parsed strictly (sizes recomputed from dtype and shape, data offsets must
-tile the data area exactly); the shard index, when present, must agree with the shards. Errors are
-`InputError` with one line naming the file and tensor.
+tile the data area exactly); the shard index, when present, must agree with the shards. JSON (config,
+shard index, headers) goes through `formats.jsonstrict`. Only regular files are packed (a symlink to
+one counts as that file): a FIFO, socket or device anywhere in the folder, a broken symlink, a symlink
+loop, a folder that cannot be listed or a file name the archive cannot hold is refused, because the
+archive promises a byte-identical restore of every file. Errors are `InputError` with one line naming
+the file and tensor.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from formats.dtypes import DTYPE_BITS, tensor_nbytes
 from formats.errors import InputError
+from formats.jsonstrict import JSONRejected, loads
 from formats.names import FAMILIES, ExpertName, parse_expert_name
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER = 100 << 20  # the safetensors library's own cap
+MAX_JSON = 100 << 20  # config.json and the shard index (DeepSeek-V3's index is 9 MB)
+MAX_RANK = 8  # the reader's limit (formats/index_parse.py)
+U64_LIMIT = 1 << 64  # every integer of the index is below this (specs/zmoe.md section 3)
+MAX_PATH_BYTES = 4096  # the reader's limit on a stored path
 SKIP_DIRS = {".git", ".cache", "__pycache__"}
 
 
@@ -51,30 +60,76 @@ class Checkpoint:
     model_type: str
     files: list[SrcFile]
     tensors: dict[str, SrcTensor]
+    folders: list[Path] = field(default_factory=list)  # resolved real path of every folder walked
 
     @property
     def experts(self) -> list[SrcTensor]:
         return [t for t in self.tensors.values() if t.role is not None]
 
 
-def _load_json(path: Path, what: str) -> object:
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def not_regular(path: Path, st: os.stat_result) -> InputError:
+    link = f" (a symlink to {os.readlink(path)})" if os.path.islink(path) else ""
+    return InputError(f"{path}: is {_kind(st.st_mode)}{link}, not a regular file; only regular files "
+                      f"can be packed (move it out of the folder)")
+
+
+def open_regular(path: Path, size: int | None = None):
+    """Open a regular file for reading without ever blocking (a FIFO swapped in after the scan is
+    refused, not waited on); with `size`, refuse a file whose size changed since the scan."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
-        raise InputError(f"{path}: cannot read {what} ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: {what} is not UTF-8 (byte {e.start})") from None
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(path, st)
+        if size is not None and st.st_size != size:
+            raise InputError(f"{path}: changed while packing (size {st.st_size}, was {size} when scanned)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def json_error(path: Path, what: str, e: JSONRejected) -> InputError:
+    msg = str(e)
+    if msg.startswith("malformed "):
+        return InputError(f"{path}: malformed JSON {msg[len('malformed '):]}")
+    return InputError(f"{path}: {what} refused as JSON: {msg}")
+
+
+def _load_json(path: Path, what: str) -> object:
+    with open_regular(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON:
+                raise InputError(f"{path}: {what} has {size} bytes, more than the {MAX_JSON} this packer reads")
+            raw = f.read(MAX_JSON + 1)
+        except OSError as e:
+            raise InputError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        return loads(raw)
+    except JSONRejected as e:
+        raise json_error(path, what, e) from None
 
 
 def read_safetensors_header(path: Path, rel: str) -> SrcFile:
     """Parse and check one safetensors header; returns its tensors in data order."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    with open_regular(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise InputError(f"{path}: only {size} bytes, too short for a safetensors header")
@@ -82,11 +137,11 @@ def read_safetensors_header(path: Path, rel: str) -> SrcFile:
             if n > MAX_HEADER or 8 + n > size:
                 raise InputError(f"{path}: header length {n} at offset 0 exceeds the file size {size} or the cap")
             raw = f.read(n)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = loads(raw)
+    except JSONRejected as e:
         raise InputError(f"{path}: safetensors header at offset 8 is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
@@ -105,6 +160,10 @@ def read_safetensors_header(path: Path, rel: str) -> SrcFile:
         if not isinstance(shape, list) or not (isinstance(offs, list) and len(offs) == 2 and all(
                 isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)):
             raise InputError(f"{path}: tensor {name}: malformed shape or data_offsets")
+        if len(shape) > MAX_RANK:
+            raise InputError(f"{path}: tensor {name}: rank {len(shape)} (an archive holds at most {MAX_RANK})")
+        if any(isinstance(d, int) and d >= U64_LIMIT for d in shape):
+            raise InputError(f"{path}: tensor {name}: a dimension of shape {shape} is 2^64 or more")
         try:
             nbytes = tensor_nbytes(dtype, shape)
         except ValueError as e:
@@ -127,12 +186,64 @@ def read_safetensors_header(path: Path, rel: str) -> SrcFile:
     return SrcFile(rel, path, size, "safetensors", base, tensors)
 
 
-def _walk(root: Path) -> list[Path]:
+def path_problem(rel: str) -> str | None:
+    """Why an archive cannot hold this relative path (the reader's rules, formats/index_parse.py), or None."""
+    bad = next((c for c in rel if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        return f"its name contains the control character {bad!r}"
+    if "\\" in rel:
+        return "its name contains a backslash"
+    try:
+        n = len(rel.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    if n > MAX_PATH_BYTES:
+        return f"its path is longer than {MAX_PATH_BYTES} bytes"
+    if len(rel) > 1 and rel[1] == ":":
+        return "its name looks like a drive letter (X:)"
+    return None
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    """Every regular file under root (symlinks followed), refusing anything the archive cannot restore;
+    and the real path of every folder walked."""
+
+    def refuse(e: OSError) -> None:
+        raise InputError(f"{e.filename}: cannot list folder ({e.strerror})")
+
     out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    seen: dict[tuple[int, int], Path] = {}
+    try:
+        st = os.stat(root)
+        seen[(st.st_dev, st.st_ino)] = root
+    except OSError as e:
+        refuse(e)
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refuse, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        out += [Path(dirpath) / f for f in sorted(filenames)]
-    return out
+        for d in dirnames:
+            p = Path(dirpath) / d
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                refuse(e)
+            first = seen.setdefault((st.st_dev, st.st_ino), p)
+            if first != p:
+                raise InputError(f"{p}: folder reached twice (also as {first}; a symlink loop or a second "
+                                 f"link to one folder)")
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                kind = "broken symlink" if os.path.islink(p) else "cannot read"
+                raise InputError(f"{p}: {kind} ({e.strerror})") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise not_regular(p, st)
+            why = path_problem(p.relative_to(root).as_posix())
+            if why:
+                raise InputError(f"{str(p)!r}: cannot be stored in an archive: {why}")
+            out.append(p)
+    return out, [Path(os.path.realpath(p)) for p in seen.values()]
 
 
 def scan_checkpoint(root: str | os.PathLike) -> Checkpoint:
@@ -144,14 +255,16 @@ def scan_checkpoint(root: str | os.PathLike) -> Checkpoint:
     if not os.access(root, os.R_OK | os.X_OK):
         raise InputError(f"{root}: directory is not readable")
     cfg_path = root / "config.json"
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         raise InputError(f"{root}: no config.json (not a Hugging Face checkpoint folder)")
     config = _load_json(cfg_path, "config")
     if not isinstance(config, dict):
         raise InputError(f"{cfg_path}: config is not a JSON object")
-    model_type = str(config.get("model_type", ""))
+    model_type = config.get("model_type", "")
+    if not isinstance(model_type, str):
+        raise InputError(f"{cfg_path}: model_type must be a string, not {type(model_type).__name__}")
 
-    paths = _walk(root)
+    paths, folders = _walk(root)
     files: list[SrcFile] = []
     tensors: dict[str, SrcTensor] = {}
     for p in paths:
@@ -173,7 +286,7 @@ def scan_checkpoint(root: str | os.PathLike) -> Checkpoint:
         raise InputError(f"{root}: no *.safetensors files (only safetensors checkpoints are supported)")
 
     index_path = root / "model.safetensors.index.json"
-    if index_path.is_file():
+    if os.path.lexists(index_path):
         _check_index(root, index_path, tensors)
     if not any(t.role for t in tensors.values()):
         raise InputError(f"{root}: no routed-expert tensors recognised (model_type {model_type!r}); "
@@ -184,7 +297,7 @@ def scan_checkpoint(root: str | os.PathLike) -> Checkpoint:
                              f"expected [experts, ...]")
     log.info("scanned %s: %d files, %d tensors (%d expert)", root, len(files), len(tensors),
              sum(1 for t in tensors.values() if t.role))
-    return Checkpoint(root, config, model_type, files, tensors)
+    return Checkpoint(root, config, model_type, files, tensors, folders)
 
 
 def _check_index(root: Path, index_path: Path, tensors: dict[str, SrcTensor]) -> None:
