@@ -31,12 +31,16 @@ from typer.core import TyperCommand, TyperGroup
 
 from formats.errors import ZmoeError
 
-try:  # typer >= 0.20 carries its own copy of click
-    from typer._click import exceptions as _cx
-except ImportError:  # pragma: no cover - older typer on click
-    from click import exceptions as _cx
 
-_ABORT = (typer.Abort, getattr(_cx, "Abort", typer.Abort))
+def _base(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if c.__name__ == name)
+
+
+# click's exception classes, from typer's public BadParameter: typer >= 0.20 carries its own copy of
+# click, older typer uses click itself
+_UsageError = _base(typer.BadParameter, "UsageError")
+_ClickException = _base(typer.BadParameter, "ClickException")
+_NoArgsIsHelpError = getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", ())
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -123,7 +127,7 @@ def guarded(debug: bool, code: int = 1, expected: tuple[type[Exception], ...] = 
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         yield
-    except (typer.Exit, typer.Abort, _cx.ClickException):
+    except (typer.Exit, typer.Abort, _ClickException):
         raise  # exits and usage errors: the command class prints them
     except (ZmoeError, *expected) as e:
         if debug:
@@ -158,7 +162,7 @@ def _usage_line(e: Any, prog_name: str | None) -> str:
     ctx = getattr(e, "ctx", None)
     path = ctx.command_path if ctx is not None else (prog_name or os.path.basename(sys.argv[0]) or "zipmoe")
     msg = e.format_message() if hasattr(e, "format_message") else str(e)
-    if isinstance(e, _cx.UsageError):
+    if isinstance(e, _UsageError):
         return f"{path}: {msg} (see {path} --help)"
     return f"{path}: {msg}"
 
@@ -173,13 +177,13 @@ class _OneLineMain:
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,  # type: ignore[misc]
                               standalone_mode=False, **extra)
-        except getattr(_cx, "NoArgsIsHelpError", ()) as e:  # bare `zipmoe`: the help text, as click shows it
+        except _NoArgsIsHelpError as e:  # bare `zipmoe`: the help text, as click shows it
             e.show()
             sys.exit(e.exit_code)
-        except _cx.ClickException as e:
+        except _ClickException as e:
             error_line(_usage_line(e, prog_name))
             sys.exit(e.exit_code)
-        except _ABORT:
+        except typer.Abort:
             error_line("aborted")
             sys.exit(1)
         # standalone_mode=False returns the exit code of typer.Exit, or the command's return value
