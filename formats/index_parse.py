@@ -46,6 +46,12 @@ class _Ctx:
             self.fail(what, f"field {key!r} is {'negative' if v < 0 else 'above 2^64 - 1'} ({v})")
         return v
 
+    def key(self, obj, key, what):
+        """A field that must be present, of any type (checked by the caller)."""
+        if not isinstance(obj, dict) or key not in obj:
+            self.fail(what, f"missing field {key!r}")
+        return obj[key]
+
     def hexval(self, v, width, what) -> str:
         if not isinstance(v, str) or len(v) != width or any(c not in "0123456789abcdef" for c in v):
             self.fail(what, f"bad hash {v!r} (expected {width} lowercase hex digits)")
@@ -146,7 +152,7 @@ def _parse_tensor(ctx: _Ctx, t, R: int) -> TensorEntry:
         return TensorEntry(role=role, data=data, xxh3=xs, **common)
     if role == "expert":
         e = ctx.get(t, "expert", dict, what)
-        stack = e.get("stack")
+        stack = ctx.key(e, "stack", what)
         if stack not in STACKS:
             ctx.fail(what, f"unknown stack {stack!r}")
         fused = ctx.get(e, "fused", bool, what)
@@ -159,7 +165,7 @@ def _parse_tensor(ctx: _Ctx, t, R: int) -> TensorEntry:
 
 def _parse_part(ctx: _Ctx, p, ext: str, C: int, R: int, out_offset: int) -> Part:
     tname = ctx.get(p, "tensor", str, ext)
-    sl = p.get("slice") if isinstance(p, dict) else None
+    sl = ctx.key(p, "slice", ext)
     if sl is not None and (not isinstance(sl, int) or isinstance(sl, bool) or sl < 0):
         ctx.fail(ext, f"bad slice {sl!r}")
     what = f"tensor {tname}" + (f" slice {sl}" if sl is not None else "") + f" ({ext})"
@@ -205,7 +211,7 @@ def _parse_part(ctx: _Ctx, p, ext: str, C: int, R: int, out_offset: int) -> Part
 
 
 def _parse_extent(ctx: _Ctx, e, C: int, R: int) -> Extent:
-    stack = e.get("stack") if isinstance(e, dict) else None
+    stack = ctx.key(e, "stack", "experts[]")
     if stack not in STACKS:
         ctx.fail("experts[]", f"unknown stack {stack!r}")
     layer = ctx.get(e, "layer", int, "experts[]")

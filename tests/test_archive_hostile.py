@@ -306,3 +306,40 @@ def test_verify_and_unpack_walk_the_extents_a_bounded_number_of_times(tmp_path):
         verify(ar, dec)
         unpack(ar, dec, tmp_path / "out")
     assert _CountingTuple.passes <= 4, _CountingTuple.passes
+
+
+# -- the JSON Schema says the same as the reader ---------------------------------------------------
+
+SCHEMA_CASES = [
+    lambda d: d["files"][0].__setitem__("path", "config\x00.json"),
+    lambda d: d["files"][0].__setitem__("path", "a/../../x"),
+    lambda d: d["files"][0].__setitem__("path", "a\\b"),
+    lambda d: d["files"][0].__setitem__("path", "C:x"),
+    lambda d: d["files"][0].__setitem__("path", "a//b"),
+    lambda d: d.__setitem__("stats", []),
+    lambda d: d["stats"]["up_proj"]["exp_histogram"].__setitem__(3, -1),
+    lambda d: d.__setitem__("codecs", None),
+    lambda d: d["codecs"].__setitem__("zstd-lit", "fast"),
+    lambda d: d["experts"][1].__setitem__("parts", []),
+    lambda d: d["tensors"][0].__setitem__("nbytes", 2**64),
+    lambda d: d["tensors"][0].__setitem__("shape", [1] * 9),
+    lambda d: d["model"].__setitem__("model_type", 7),
+    lambda d: d["experts"][0].pop("stack"),
+    lambda d: d["experts"][0]["parts"][0].pop("slice"),
+    lambda d: next(t for t in d["tensors"] if t["role"] == "expert")["expert"].pop("stack"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SCHEMA_CASES)))
+def test_schema_and_reader_agree(tmp_path, case):
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+
+    schema = json.loads((ROOT / "formats" / "zmoe-index.schema.json").read_text())
+    jsonschema.validate(DOC, schema)
+    doc = copy.deepcopy(DOC)
+    SCHEMA_CASES[case](doc)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, schema)
+    with pytest.raises(FormatError):
+        Archive(mutant(tmp_path, SCHEMA_CASES[case]))
