@@ -1,4 +1,5 @@
-"""Policies, trace derivation, Belady, planner and replay (zipmoe_run.policies): exactness and invariants.
+"""The simulator (zipmoe.bench.sim: trace derivation, replay policies, Belady, replay) and the runtime's
+planner and cost model (zipmoe_run.policies.planner, zipmoe_run.tiers): exactness and invariants.
 
 No timing thresholds: everything here is about counts, bytes and determinism.
 """
@@ -11,15 +12,17 @@ import json
 import numpy as np
 import pytest
 
-from zipmoe_run.policies import Calibration, Split, Tier, TierSizes, johnson_makespan, layer_time, make_policy
-from zipmoe_run.policies.planner import ActivationStats, expected_time, plan, splits, stats_from_sequence
-from zipmoe_run.policies.simulate import PrefetchConfig, next_uses, replay
-from zipmoe_run.policies.tiers import load_calibration, save_calibration
-from zipmoe_run.policies.trace import ReplaySequence, Trace, build_sequence, derive_tokens, infer_top_k, load_trace
+from zipmoe.bench.sim.policy import make_replay_policy
+from zipmoe.bench.sim.simulate import PrefetchConfig, next_uses, replay
+from zipmoe.bench.sim.stats import stats_from_policy, stats_from_sequence
+from zipmoe.bench.sim.trace import ReplaySequence, Trace, build_sequence, derive_tokens, infer_top_k, load_trace
+from zipmoe_run.policies.planner import ActivationStats, Split, expected_time, plan, splits
+from zipmoe_run.tiers import (CostModel, Tier, TierSizes, johnson_makespan, layer_time, load_calibration,
+                              save_calibration)
 
 N = 1 << 20
 SIZES = TierSizes(N)
-CAL = Calibration()
+CAL = CostModel()
 
 
 def seq_from_steps(steps, layers, experts, prompt_lengths=None) -> ReplaySequence:
@@ -197,7 +200,7 @@ def test_belady_single_tier_is_optimal(case):
     steps = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens * layers)])
     seq = seq_from_steps(steps, layers, experts)
     slots = int(rng.integers(1, 4))
-    pol = make_policy("belady", layers, experts, slots * N, SIZES)
+    pol = make_replay_policy("belady", layers, experts, slots * N, SIZES)
     res = replay(seq, pol, SIZES, CAL)
     flat = [(s % layers) * experts + int(e) for s in range(steps.shape[0]) for e in steps[s]]
     assert res.found["cold"] == brute_force_misses(flat, slots)
@@ -209,12 +212,12 @@ def test_belady_bounds_online_single_tier():
     seq = build_sequence(Trace(random_counts(rng, 20, 2, 12, 2), 2, "t"))
     misses = {}
     for name in ("lru", "lfu", "belady"):
-        misses[name] = replay(seq, make_policy(name, 2, 12, 5 * N, SIZES), SIZES, CAL).found["cold"]
+        misses[name] = replay(seq, make_replay_policy(name, 2, 12, 5 * N, SIZES), SIZES, CAL).found["cold"]
     assert misses["belady"] <= min(misses["lru"], misses["lfu"])
 
 
 def test_belady_needs_next_uses():
-    pol = make_policy("belady", 1, 4, 2 * N, SIZES)
+    pol = make_replay_policy("belady", 1, 4, 2 * N, SIZES)
     with pytest.raises(ValueError, match="next use"):
         pol.access(0, [1])
 
@@ -233,7 +236,7 @@ def test_policy_invariants_step_by_step(name, split, budget_slots):
     rng = np.random.default_rng(budget_slots)
     layers, experts, k = 3, 8, 2
     budget = int(budget_slots * N * 0.9)  # not a multiple of any tier size
-    pol = make_policy(name, layers, experts, budget, SIZES, split)
+    pol = make_replay_policy(name, layers, experts, budget, SIZES, split)
     assert pol.capacity_bytes() <= budget
     mirror: dict = {}
     seq = build_sequence(Trace(random_counts(rng, 6, layers, experts, k), k, "t"))
@@ -271,7 +274,7 @@ def test_replay_accounting(name, split):
     rng = np.random.default_rng(3)
     seq = build_sequence(Trace(random_counts(rng, 25, 4, 10, 2), 2, "t"))
     budget = 9 * N
-    res = replay(seq, make_policy(name, 4, 10, budget, SIZES, split), SIZES, CAL)
+    res = replay(seq, make_replay_policy(name, 4, 10, budget, SIZES, split), SIZES, CAL)
     assert sum(res.found.values()) == res.accesses == seq.steps.size
     assert res.tokens == seq.tokens
     expect_read = res.found["cold"] * SIZES.read(Tier.COLD) + res.found["sm"] * SIZES.read(Tier.SM)
@@ -286,7 +289,7 @@ def test_replay_is_deterministic():
     runs = []
     for _ in range(2):
         seq = build_sequence(Trace(counts, 2, "t"), seed=2)
-        pol = make_policy("zipmoe", 3, 12, 10 * N, SIZES, Split(0.3, 0.4, 0.3))
+        pol = make_replay_policy("zipmoe", 3, 12, 10 * N, SIZES, Split(0.3, 0.4, 0.3))
         runs.append(replay(seq, pol, SIZES, CAL, PrefetchConfig(True)).as_dict())
     assert runs[0] == runs[1]
 
@@ -296,15 +299,15 @@ def test_policy_object_and_replay_agree():
     rng = np.random.default_rng(5)
     seq = build_sequence(Trace(random_counts(rng, 12, 3, 10, 2), 2, "t"))
     for name, split in POLICY_SPLITS[:4]:
-        pol = make_policy(name, 3, 10, 8 * N, SIZES, split)
+        pol = make_replay_policy(name, 3, 10, 8 * N, SIZES, split)
         found = {"cold": 0, "sm": 0, "compressed": 0, "full": 0}
-        names = {Tier.COLD: "cold", Tier.SM: "sm", Tier.COMPRESSED: "compressed", Tier.FULL: "full"}
+        names = {Tier.COLD: "cold", Tier.SM: "sm", Tier.COMP: "compressed", Tier.FULL: "full"}
         for s, row in enumerate(seq.steps):
             if s in seq.prompt_start:
                 pol.begin_request()
             for t in pol.access(s % 3, row.tolist()).found:
                 found[names[t]] += 1
-        res = replay(seq, make_policy(name, 3, 10, 8 * N, SIZES, split), SIZES, CAL)
+        res = replay(seq, make_replay_policy(name, 3, 10, 8 * N, SIZES, split), SIZES, CAL)
         assert res.found == found, name
 
 
@@ -330,12 +333,12 @@ def test_lru_matches_reference():
                     victim = next(v for v in cache if v not in keys)
                     del cache[victim]
                 cache[key] = True
-    res = replay(seq, make_policy("lru", 2, 9, slots * N, SIZES), SIZES, CAL)
+    res = replay(seq, make_replay_policy("lru", 2, 9, slots * N, SIZES), SIZES, CAL)
     assert res.found["cold"] == misses
 
 
 def test_policy_rejects_bad_input():
-    pol = make_policy("zipmoe", 2, 4, 3 * N, SIZES)
+    pol = make_replay_policy("zipmoe", 2, 4, 3 * N, SIZES)
     with pytest.raises(ValueError):
         pol.access(2, [0])
     with pytest.raises(ValueError):
@@ -343,7 +346,7 @@ def test_policy_rejects_bad_input():
     with pytest.raises(ValueError):
         pol.access(0, [1, 1])
     with pytest.raises(ValueError):
-        make_policy("nope", 2, 4, N, SIZES)
+        make_replay_policy("nope", 2, 4, N, SIZES)
     with pytest.raises(ValueError):
         Split(0.5, 0.6, 0.0)
 
@@ -351,13 +354,13 @@ def test_policy_rejects_bad_input():
 def test_rebalance_keeps_budget():
     rng = np.random.default_rng(2)
     seq = build_sequence(Trace(random_counts(rng, 10, 2, 10, 2), 2, "t"))
-    pol = make_policy("zipmoe", 2, 10, 8 * N, SIZES, Split(0.0, 1.0, 0.0))
+    pol = make_replay_policy("zipmoe", 2, 10, 8 * N, SIZES, Split(0.0, 1.0, 0.0))
     for s, row in enumerate(seq.steps):
         pol.access(s % 2, row.tolist())
     before = pol.resident()
     moves = pol.rebalance(Split(1.0, 0.0, 0.0))
     assert all(m.new < m.old for m in moves)
-    assert pol.used[:, Tier.COMPRESSED].sum() == 0
+    assert pol.used[:, Tier.COMP].sum() == 0
     assert pol.resident_bytes() <= 8 * N
     assert len(pol.resident()) == len(before) - sum(m.new == Tier.COLD for m in moves)
 
@@ -383,7 +386,7 @@ def test_johnson_makespan_is_optimal():
 def test_layer_time_tiers():
     t = CAL.times(SIZES)
     assert layer_time([Tier.FULL] * 4, SIZES, CAL) == 0.0
-    assert layer_time([Tier.COMPRESSED], SIZES, CAL) == pytest.approx(t["decode"])
+    assert layer_time([Tier.COMP], SIZES, CAL) == pytest.approx(t["decode"])
     assert layer_time([Tier.COLD], SIZES, CAL) == pytest.approx(t["read_cold"] + t["decode"])
     assert layer_time([Tier.COLD], SIZES, CAL, prefetched=[True]) == pytest.approx(t["decode"])
     assert layer_time([Tier.SM, Tier.COLD], SIZES, CAL) < layer_time([Tier.COLD, Tier.COLD], SIZES, CAL)
@@ -391,8 +394,8 @@ def test_layer_time_tiers():
 
 def test_tier_sizes():
     s = TierSizes(1000)
-    assert (s.resident(Tier.FULL), s.resident(Tier.COMPRESSED), s.resident(Tier.SM)) == (1000, 665, 500)
-    assert (s.read(Tier.COLD), s.read(Tier.SM), s.read(Tier.COMPRESSED)) == (665, 165, 0)
+    assert (s.resident(Tier.FULL), s.resident(Tier.COMP), s.resident(Tier.SM)) == (1000, 665, 500)
+    assert (s.read(Tier.COLD), s.read(Tier.SM), s.read(Tier.COMP)) == (665, 165, 0)
     with pytest.raises(ValueError):
         TierSizes(0)
 
@@ -419,23 +422,23 @@ def test_planner_statistics_from_trace_and_policy():
     st = stats_from_sequence(seq)
     assert st.rank_probs.shape == (2, 8)
     assert np.allclose(st.rank_probs.sum(axis=1), 2.0)
-    pol = make_policy("zipmoe", 2, 8, 4 * N, SIZES)
+    pol = make_replay_policy("zipmoe", 2, 8, 4 * N, SIZES)
     for s, row in enumerate(seq.steps):
         if s in seq.prompt_start:
             pol.begin_request()
         pol.access(s % 2, row.tolist())
-    learned = ActivationStats.from_policy(pol, 2)
+    learned = stats_from_policy(pol, 2)
     assert np.allclose(learned.rank_probs.sum(axis=1), 2.0)
     assert plan(learned, 4 * N, SIZES, CAL, step=0.25).split is not None
     assert plan(None, 4 * N, SIZES, CAL, layers=2, experts=8, k=2, step=0.25).stats_source.startswith("uniform")
 
 
 def test_calibration_roundtrip(tmp_path):
-    cal = Calibration(disk_bps=2e9, decode_bps_per_core=1e9, cores=4, decode_bps=3.5e9, compute_bps=5e9,
+    cal = CostModel(read_bps=2e9, decode_bps_per_core=1e9, cores=4, decode_bps=3.5e9, compute_bps=5e9,
                       read_method="o_direct", extra={"x": 1})
     p = save_calibration(cal, tmp_path / "c" / "cal.json")
     back = load_calibration(p)
-    assert back.disk_bps == 2e9 and back.cores == 4 and back.read_method == "o_direct" and back.extra == {"x": 1}
+    assert back.read_bps == 2e9 and back.cores == 4 and back.read_method == "o_direct" and back.extra == {"x": 1}
     with pytest.raises(ValueError):
         load_calibration(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text(json.dumps({"version": 1, "disk_bps": -1}))
@@ -449,9 +452,9 @@ def test_calibration_roundtrip(tmp_path):
 def test_prefetch_accounting():
     rng = np.random.default_rng(8)
     seq = build_sequence(Trace(random_counts(rng, 20, 4, 10, 2), 2, "t"))
-    base = replay(seq, make_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL)
-    hist = replay(seq, make_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL, PrefetchConfig(True))
-    perfect = replay(seq, make_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL,
+    base = replay(seq, make_replay_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL)
+    hist = replay(seq, make_replay_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL, PrefetchConfig(True))
+    perfect = replay(seq, make_replay_policy("zipmoe", 4, 10, 6 * N, SIZES), SIZES, CAL,
                      PrefetchConfig(True, oracle_accuracy=1.0))
     assert base.found == hist.found == perfect.found  # prefetch never changes what is resident
     pf = perfect.prefetch
@@ -508,7 +511,7 @@ def test_bench_cache_real_traces(shared_dir, tmp_path):
     for name, nbytes in (("qwen1.5-moe-a2.7b.npy", 17301504), ("switch-large-128.npy", 25165824)):
         r = _run_cli(["bench", "cache", "--trace", str(shared_dir / "traces" / name), "--expert-bytes", str(nbytes),
                       "--budget", "15%", "--prompts", "8", "--json", "--calibration",
-                      str(save_calibration(Calibration(), tmp_path / "cal.json"))])
+                      str(save_calibration(CostModel(), tmp_path / "cal.json"))])
         assert r.exit_code == 0, r.output
         res = json.loads(r.output)
         assert res["trace"]["prompts"] == 8 and res["calibration"]["disk_bps"] == 1.4e9
@@ -521,7 +524,7 @@ def test_bench_io_smoke(tmp_path):
                   "--cores", "1", "--out", str(out)])
     assert r.exit_code == 0, r.output
     cal = load_calibration(out)
-    assert cal.read_method in ("o_direct", "fadvise_dontneed") and cal.disk_bps > 0 and cal.decode_bps > 0
+    assert cal.read_method in ("o_direct", "fadvise_dontneed") and cal.read_bps > 0 and cal.decode_bps > 0
     assert not list(tmp_path.glob("zipmoe-io-*"))  # the scratch file is gone
 
 
@@ -529,7 +532,9 @@ def test_bench_io_smoke(tmp_path):
 
 _WIDE_ACCESS = """
 import numpy as np
-from zipmoe_run.policies import Split, TierSizes, make_policy
+from zipmoe.bench.sim.policy import make_replay_policy as make_policy
+from zipmoe_run.policies import Split
+from zipmoe_run.tiers import TierSizes
 sizes = TierSizes(1 << 20)
 for name, split in (("lru", None), ("lfu", None), ("zipmoe", Split(0.5, 0.5, 0.0))):
     pol = make_policy(name, 2, 60, 20 << 20, sizes, split)
@@ -554,6 +559,6 @@ def test_wide_access_within_bounds(tmp_path):
 
 
 def test_trace_docstring_names_the_repository_relative_traces():
-    import zipmoe_run.policies.trace as trace_mod
+    import zipmoe.bench.sim.trace as trace_mod
 
     assert "../shared/traces" in trace_mod.__doc__ and "/work/" not in trace_mod.__doc__

@@ -9,14 +9,13 @@ import pytest
 
 from formats.decoder import ParallelDecoder
 from formats.reader import Archive
-from zipmoe_run.policies import Calibration, Split, TierSizes, make_policy
-from zipmoe_run.policies.protocol_replay import replay_protocol
-from zipmoe_run.policies.simulate import replay
-from zipmoe_run.policies.store_policy import ZipMoEStorePolicy
-from zipmoe_run.policies.trace import Trace, build_sequence
-from zipmoe_run.store.policy import LRUPolicy, make_policy as store_make_policy
+from zipmoe.bench.sim.policy import make_replay_policy
+from zipmoe.bench.sim.protocol_replay import replay_protocol
+from zipmoe.bench.sim.simulate import replay
+from zipmoe.bench.sim.trace import Trace, build_sequence
+from zipmoe_run.policies import LRUPolicy, Split, ZipMoEPolicy, make_policy
 from zipmoe_run.store.store import ExpertStore
-from zipmoe_run.store.tiers import CostModel
+from zipmoe_run.tiers import CostModel, TierSizes
 
 EXPERTS = 8  # the store_archive fixture (tests/conftest.py)
 
@@ -61,8 +60,8 @@ def _drive(arc, reference, budget_frac, cost, policy, seed, steps=150):
 
 
 def test_store_accepts_the_zipmoe_policy_by_name():
-    pol = store_make_policy("zipmoe", CostModel())
-    assert isinstance(pol, ZipMoEStorePolicy) and pol.name == "zipmoe"
+    pol = make_policy("zipmoe", CostModel())
+    assert isinstance(pol, ZipMoEPolicy) and pol.name == "zipmoe"
 
 
 def test_zipmoe_policy_in_the_store_is_exact(arc, reference):
@@ -73,7 +72,7 @@ def test_zipmoe_policy_in_the_store_is_exact(arc, reference):
         (0.35, CostModel(read_bps=2e9, decode_bps=5e8, read_share=0.3, frozen=True)),  # slow decode
     ]
     for i, (frac, cost) in enumerate(configs):
-        pol = ZipMoEStorePolicy(cost)
+        pol = ZipMoEPolicy(cost)
         st = _drive(arc, reference, frac, cost, pol, seed=i)
         assert pol.requests >= 4  # the prefills were recognised as new requests
         assert pol.plans  # and the planner ran
@@ -86,10 +85,10 @@ def test_zipmoe_policy_in_the_store_is_exact(arc, reference):
 
 def test_zipmoe_policy_fixed_split_and_unlimited(arc, reference):
     cost = CostModel(read_bps=1e7, decode_bps=2e9, read_share=1.0, frozen=True)
-    st = _drive(arc, reference, 0.5, cost, ZipMoEStorePolicy(cost, split=Split(0.0, 1.0, 0.0)), seed=7, steps=60)
+    st = _drive(arc, reference, 0.5, cost, ZipMoEPolicy(cost, split=Split(0.0, 1.0, 0.0)), seed=7, steps=60)
     assert st["hits_full"] == 0 or st.get("placed_full", 0) == 0
     with Archive(arc) as ar, ParallelDecoder(1) as dec:
-        store = ExpertStore(ar, dec, budget=None, policy=ZipMoEStorePolicy(CostModel()))
+        store = ExpertStore(ar, dec, budget=None, policy=ZipMoEPolicy(CostModel()))
         try:
             list(store.fetch(0, [1, 2]))
             (_, arr), = list(store.fetch(0, [1]))
@@ -112,26 +111,26 @@ def _counts(seed, prompts, layers, experts, k):
 def test_protocol_replay_matches_the_kernel_roughly():
     seq = build_sequence(Trace(_counts(3, 40, 3, 16, 2), 2, "t"))
     N = 1 << 20
-    sizes, cal = TierSizes(N), Calibration()
+    sizes, cal = TierSizes(N), CostModel()
     budget = 12 * N
-    cost = CostModel(read_bps=cal.disk_bps, decode_bps=cal.decode_bps, frozen=True)
+    cost = CostModel(read_bps=cal.read_bps, decode_bps=cal.decode_bps, frozen=True)
     split = Split(0.5, 0.5, 0.0)
-    ad = replay_protocol(seq, ZipMoEStorePolicy(cost, split=split), sizes, cal, budget)
-    ke = replay(seq, make_policy("zipmoe", 3, 16, budget, sizes, split), sizes, cal)
+    ad = replay_protocol(seq, ZipMoEPolicy(cost, split=split), sizes, cal, budget)
+    ke = replay(seq, make_replay_policy("zipmoe", 3, 16, budget, sizes, split), sizes, cal)
     lru = replay_protocol(seq, LRUPolicy(), sizes, cal, budget)
     assert "over budget" not in ad.note
     assert sum(ad.found.values()) == ad.accesses == ke.accesses
     # same policy, two implementations: the hit rates agree to a few points
     assert abs(ad.hit_rate("cold") - ke.hit_rate("cold")) < 0.05
     # the store's LRUPolicy and the kernel's LRU differ only in tie order within a layer
-    lru_k = replay(seq, make_policy("lru", 3, 16, budget, sizes), sizes, cal)
+    lru_k = replay(seq, make_replay_policy("lru", 3, 16, budget, sizes), sizes, cal)
     assert abs(lru.found["cold"] - lru_k.found["cold"]) <= 0.01 * lru.accesses
 
 
 def test_zipmoe_policy_tables_grow_with_the_model_not_geometrically():
     """Regression: a new expert column used to double the layer rows too (2 layers x 60 experts
     asked for a [4, 2**21, 64] table and exhausted memory)."""
-    pol = ZipMoEStorePolicy(CostModel())
+    pol = ZipMoEPolicy(CostModel())
     for layer in range(2):
         for e in range(60):
             pol._row((None, layer, e))

@@ -1,12 +1,13 @@
-"""Policies without weights: the same objects a trace-replay simulator would drive."""
+"""Policies without weights: the same objects a trace-replay simulator would drive; the runtime's
+policies import neither the store nor the benchmark side."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from zipmoe_run.store.policy import DensityPolicy, LRUPolicy, Policy, make_policy
-from zipmoe_run.store.tiers import DEMOTIONS, CostModel, ExpertInfo, Tier
+from zipmoe_run.policies import DensityPolicy, LRUPolicy, Policy, ZipMoEPolicy, make_policy
+from zipmoe_run.tiers import DEMOTIONS, CostModel, ExpertInfo, Tier
 
 
 def _info(key, raw=False):
@@ -69,8 +70,7 @@ def _trace(n_experts, steps, seed, hot=5):
 def test_protocol_and_factory():
     cost = CostModel()
     assert isinstance(DensityPolicy(cost), Policy) and isinstance(LRUPolicy(), Policy)
-    from zipmoe_run.policies.store_policy import ZipMoEStorePolicy
-    assert isinstance(make_policy(None, cost), ZipMoEStorePolicy)
+    assert isinstance(make_policy(None, cost), ZipMoEPolicy) and isinstance(make_policy("zipmoe"), ZipMoEPolicy)
     assert isinstance(make_policy("density", cost), DensityPolicy) and isinstance(make_policy("lru", cost), LRUPolicy)
     with pytest.raises(ValueError):
         make_policy("belady", cost)
@@ -114,3 +114,83 @@ def test_density_beats_lru_on_a_skewed_trace_when_reads_dominate():
             sim.access(keys)
         read[name] = total
     assert read["density"] < read["lru"]
+
+
+# -- structure: one vocabulary, pure policies, the simulator on the benchmark side -------------------
+
+
+def test_runtime_never_imports_the_benchmark_side():
+    """Importing the store, the policies and the tiers loads nothing of ``zipmoe`` (the benchmarks and
+    their simulator), and the policies load neither the store nor torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import zipmoe_run.policies, zipmoe_run.tiers\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('zipmoe', 'torch', 'numba')\n"
+        "             or m.startswith('zipmoe_run.store'))\n"
+        "assert not bad, ('policies', bad)\n"
+        "import zipmoe_run.store, zipmoe_run.store.store, zipmoe_run.store.policy, zipmoe_run.store.tiers\n"
+        "from zipmoe_run.store.store import ExpertStore\n"
+        "bad = sorted(m for m in sys.modules if m == 'zipmoe' or m.startswith('zipmoe.'))\n"
+        "assert not bad, ('store', bad)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_one_tier_vocabulary_and_one_cost_model():
+    import zipmoe_run.store.policy as store_policy
+    import zipmoe_run.store.tiers as store_tiers
+    import zipmoe_run.tiers as tiers
+
+    # the store's names are the shared ones (a re-export, not a second definition)
+    assert store_tiers.Tier is tiers.Tier and store_tiers.CostModel is tiers.CostModel
+    assert store_tiers.ExpertInfo is tiers.ExpertInfo and store_tiers.DEMOTIONS is tiers.DEMOTIONS
+    assert store_policy.make_policy is make_policy and store_policy.Policy is Policy
+    assert [(t.name, int(t), t.label, t.long_name) for t in Tier] == [
+        ("COLD", 0, "cold", "cold"), ("SM", 1, "sm", "sm"), ("COMP", 2, "comp", "compressed"),
+        ("FULL", 3, "full", "full")]
+    # the store's pipelined cost and the planner's per-tier times come from the same rates
+    cost = CostModel(read_bps=2e9, decode_bps=4e9, read_share=1.0)
+    info = _info(0)
+    assert cost.fetch_cost(info, Tier.COLD) == info.read_cold / 2e9
+    assert cost.access_costs(info) == (info.read_cold / 2e9 + info.decoded / 4e9,
+                                       info.read_sm / 2e9 + info.decoded / 4e9, info.decoded / 4e9, 0.0)
+    from zipmoe_run.tiers import TierSizes
+
+    sizes = TierSizes(1 << 20)
+    assert cost.tier_costs(sizes) == cost.access_costs(sizes.info("k"))
+
+
+def test_cost_model_file_keeps_measurements_not_running_state(tmp_path):
+    from dataclasses import replace
+
+    from zipmoe_run.tiers import load_calibration, save_calibration
+
+    cost = CostModel(read_bps=2.5e9, decode_bps=5e9, compute_bps=6e9, read_method="o_direct")
+    back = load_calibration(save_calibration(replace(cost, read_share=0.9, frozen=True), tmp_path / "c.json"))
+    assert (back.read_bps, back.decode_bps, back.compute_bps, back.read_share, back.frozen) == \
+        (2.5e9, 5e9, 6e9, 0.5, False)
+    assert "disk_bps" in cost.to_json() and "read_share" not in cost.to_json()
+    with pytest.raises(ValueError, match="read_share"):
+        CostModel(read_share=1.5)
+    (tmp_path / "deep.json").write_text("[" * 100000)
+    with pytest.raises(ValueError, match="deep.json"):
+        load_calibration(tmp_path / "deep.json")
+
+
+def test_info_from_extent_charges_whole_pages():
+    from types import SimpleNamespace
+
+    from zipmoe_run.tiers import info_from_extent
+
+    ext = SimpleNamespace(key=(None, 0, 1), decoded_nbytes=100_000, length=66_000, exp_length=17_000)
+    four, sixteen = info_from_extent(ext), info_from_extent(ext, page=16384)
+    assert (four.full_bytes, four.comp_bytes, four.sm_bytes, four.read_sm) == (102400, 69632, 53248, 20480)
+    assert (sixteen.full_bytes, sixteen.comp_bytes, sixteen.sm_bytes, sixteen.read_sm) == (114688, 81920, 65536, 20480)
+    assert four.tiers == sixteen.tiers == (Tier.COLD, Tier.SM, Tier.COMP, Tier.FULL)
+    with pytest.raises(ValueError, match="page size"):
+        info_from_extent(ext, page=1000)

@@ -2,11 +2,11 @@
 
 For each budget: the tier planner picks the ``zipmoe`` split (and, restricted to FULL + SM with a
 full share >= 0.3 and per-layer pools, the paper's), then every policy replays the same token
-sequence (:mod:`zipmoe_run.policies.trace`) and reports hit rate per tier, bytes read and the
-modelled time per token (:mod:`zipmoe_run.policies.tiers`). Belady's MIN is exact for one FULL
+sequence (:mod:`zipmoe.bench.sim.trace`) and reports hit rate per tier, bytes read and the
+modelled time per token (:mod:`zipmoe_run.tiers`). Belady's MIN is exact for one FULL
 tier; ``belady-tiered`` (the best of a few splits, offline) is an estimate of the multi-tier
 ceiling, not a bound. ``zipmoe+prefetch`` adds speculative reads of the next layer's likely
-experts during the current layer's compute (:class:`~zipmoe_run.policies.simulate.PrefetchConfig`).
+experts during the current layer's compute (:class:`~zipmoe.bench.sim.simulate.PrefetchConfig`).
 
 Library code: logs, never prints.
 """
@@ -17,11 +17,12 @@ import re
 import time
 from pathlib import Path
 
-from zipmoe_run.policies import Split, Tier, TierSizes, load_calibration, make_policy
-from zipmoe_run.policies.policy import tier_costs
-from zipmoe_run.policies.planner import plan, stats_from_sequence
-from zipmoe_run.policies.simulate import PrefetchConfig, next_uses, replay
-from zipmoe_run.policies.trace import build_sequence, load_trace
+from zipmoe.bench.sim.policy import make_replay_policy
+from zipmoe.bench.sim.simulate import PrefetchConfig, next_uses, replay
+from zipmoe.bench.sim.stats import stats_from_sequence
+from zipmoe.bench.sim.trace import build_sequence, load_trace
+from zipmoe_run.policies.planner import Split, plan
+from zipmoe_run.tiers import Tier, TierSizes, load_calibration
 
 __all__ = ["parse_budget", "run", "render_table", "ORDER"]
 
@@ -84,7 +85,7 @@ def run(trace_path: Path, *, budgets: list[str], expert_bytes: int | None = None
     nexts = next_uses(seq) if any(p.startswith("belady") for p in policies) else None
     L, E = seq.layers, seq.experts
     total = L * E * sizes.full
-    costs = tier_costs(sizes, cal)  # what the zipmoe placement weighs, from the same calibration
+    costs = cal.tier_costs(sizes)  # what the zipmoe placement weighs, from the same cost model
     out = {
         "trace": {"path": str(trace_path), "name": tr.name, "prompts": tr.prompts, "layers": L, "experts": E,
                   "k": seq.k, "tokens": seq.tokens, "seed": seed, "dense_layers": list(tr.dense)},
@@ -104,19 +105,19 @@ def run(trace_path: Path, *, budgets: list[str], expert_bytes: int | None = None
             if name == "belady-tiered":
                 best = None
                 for sp in dict.fromkeys(BELADY_TIERED_SPLITS + (zp.split,)):
-                    r = replay(seq, make_policy("belady-tiered", L, E, B, sizes, sp, costs=costs), sizes, cal,
+                    r = replay(seq, make_replay_policy("belady-tiered", L, E, B, sizes, sp, costs=costs), sizes, cal,
                                nexts=nexts)
                     if best is None or r.seconds < best.seconds:
                         best = r
                 best.note += f"; best of {len(BELADY_TIERED_SPLITS) + 1} splits"
                 res = best
             elif name == "zipmoe+prefetch":
-                res = replay(seq, make_policy("zipmoe", L, E, B, sizes, zp.split, costs=costs), sizes, cal,
+                res = replay(seq, make_replay_policy("zipmoe", L, E, B, sizes, zp.split, costs=costs), sizes, cal,
                              PrefetchConfig(True))
                 res.policy = name
             else:
                 split = {"zipmoe": zp.split, "paper": pp.split}.get(name)
-                res = replay(seq, make_policy(name, L, E, B, sizes, split, costs=costs), sizes, cal,
+                res = replay(seq, make_replay_policy(name, L, E, B, sizes, split, costs=costs), sizes, cal,
                              nexts=nexts if name == "belady" else None)
             entry["results"].append(res.as_dict())
             log.info("%s %s: %.1f ms/token", spec, name, 1e3 * res.seconds_per_token)

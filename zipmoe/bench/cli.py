@@ -86,7 +86,7 @@ def io_cmd(
     """Measure read bandwidth (O_DIRECT), decode throughput and expert compute; write the calibration JSON."""
 
     from zipmoe.bench.io import run
-    from zipmoe_run.policies.tiers import Calibration, save_calibration
+    from zipmoe_run.tiers import CostModel as Calibration, save_calibration
 
     _logging(debug)
     with guarded(debug, 2, _LEGACY_INPUT):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zipmoe_run.policies.tiers import Calibration, TierSizes
+from zipmoe_run.tiers import CostModel, TierSizes
 
 __all__ = ["measure_read", "measure_decode", "measure_compute", "run"]
 
@@ -154,7 +154,7 @@ def measure_compute(runs: int = 5, hidden: int = 2048, inter: int = 1408, sets: 
 def run(*, directory: Path | None = None, archive_path: Path | None = None, size: int = 256 << 20,
         read_size: int = 8 << 20, cores: int | None = None, runs: int = 3, decode_elements: int = 1 << 24,
         io_mode: str = "auto", seed: int = 0) -> dict:
-    """Measure everything; returns ``{"calibration": Calibration.to_json(), ...details}``."""
+    """Measure everything; returns ``{"calibration": CostModel.to_json(), ...details}``."""
     cores = int(cores or os.cpu_count() or 1)
     archive = None
     if archive_path is not None:
@@ -187,7 +187,7 @@ def run(*, directory: Path | None = None, archive_path: Path | None = None, size
             archive.close()
     log.info("decode: %s", {t: f"{dec[str(t)] / 1e9:.2f} GB/s" for t in threads})
     comp = measure_compute(max(runs, 3))
-    cal = Calibration(disk_bps=float(read["bps"]), decode_bps_per_core=float(dec["1"]), cores=cores,
+    cal = CostModel(read_bps=float(read["bps"]), decode_bps_per_core=float(dec["1"]), cores=cores,
                       decode_bps=float(dec[str(cores)]), compute_bps=float(comp["bps"]),
                       read_method=read["method"], source="zipmoe bench io",
                       extra={"host": platform.node(), "machine": platform.machine(),

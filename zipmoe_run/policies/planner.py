@@ -1,19 +1,19 @@
-"""Tier planner: how to split a memory budget across FULL / COMPRESSED / SM slots.
+"""Tier planner: how to split a memory budget across FULL / COMP / SM slots (:class:`Split`).
 
 Model (the ZipMoE paper's delay model, generalised to three tiers; assumptions in
 specs/runtime.md):
 
 * Activation statistics are ``rank_probs[l, r]``: the probability that a token uses, in layer
   ``l``, the expert that was ``r``-th (0 = first) by the policy's online score just before the
-  access (``sum_r rank_probs[l, r] = k``). They come from a trace (:func:`stats_from_sequence`,
-  which runs the score over the replay) or from a running policy (:meth:`ActivationStats.from_policy`);
-  without any, routing is taken as uniform.
+  access (``sum_r rank_probs[l, r] = k``). They come from a running policy (the ``zipmoe`` policy's
+  rank histogram) or from a trace (the simulator's ``zipmoe.bench.sim.stats``); without any,
+  routing is taken as uniform.
 * The cache is assumed to hold the best-ranked experts: with one pool for all layers, the
-  (layer, rank) pairs in decreasing probability go to FULL slots first, then COMPRESSED, then SM;
+  (layer, rank) pairs in decreasing probability go to FULL slots first, then COMP, then SM;
   with per-layer pools (the paper's layout) each layer's best ranks do.
 * The k accesses of a layer are independent draws over the tiers with the probabilities of their
   ranks (a multinomial), and the layer waits for the Johnson makespan of its non-FULL experts
-  (:mod:`.tiers`). The modelled time per token is the sum over layers; the planner returns the
+  (``zipmoe_run.tiers.makespan``). The modelled time per token is the sum over layers; the planner returns the
   split (on a grid of ``step``) with the smallest one, except that a split with fewer tiers
   within :data:`PREFER_SIMPLE` of it wins.
 """
@@ -26,17 +26,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _kernels as K
-from .policy import DEFAULT_ALPHA, Policy, Split
-from .tiers import Calibration, Tier, TierSizes
-from .trace import ReplaySequence
+from zipmoe_run.tiers import CostModel, Tier, TierSizes, makespan
 
-__all__ = ["ActivationStats", "PlanResult", "stats_from_sequence", "expected_time", "plan", "splits", "PREFER_SIMPLE"]
+__all__ = ["Split", "ActivationStats", "PlanResult", "expected_time", "plan", "splits", "PREFER_SIMPLE",
+           "DEFAULT_ALPHA"]
+
+#: weight of the all-time activation rate in the ``zipmoe`` score (request count + alpha x rate)
+DEFAULT_ALPHA = 4.0
 
 #: a split with fewer tiers is preferred unless a richer one is modelled this much faster: the
-#: model is optimistic for mixed layouts (it lets FULL victims fall to COMPRESSED, which the store
+#: model is optimistic for mixed layouts (it lets FULL victims fall to COMP, which the store
 #: cannot do without re-encoding; measured about 3 % on the shipped traces)
 PREFER_SIMPLE = 0.02
+
+
+@dataclass(frozen=True)
+class Split:
+    """Shares of the budget per tier (sum 1)."""
+
+    full: float = 1.0
+    compressed: float = 0.0
+    sm: float = 0.0
+
+    def __post_init__(self) -> None:
+        vals = (self.full, self.compressed, self.sm)
+        if any(v < 0 or not math.isfinite(v) for v in vals) or abs(sum(vals) - 1.0) > 1e-6:
+            raise ValueError(f"tier shares must be >= 0 and sum to 1, got {vals}")
+
+    def share(self, tier: int) -> float:
+        return {Tier.FULL: self.full, Tier.COMP: self.compressed, Tier.SM: self.sm}.get(Tier(tier), 0.0)
+
+    def as_dict(self) -> dict:
+        return {"full": round(self.full, 4), "compressed": round(self.compressed, 4), "sm": round(self.sm, 4)}
+
+    def __str__(self) -> str:
+        return f"full {self.full:.0%} / compressed {self.compressed:.0%} / sm {self.sm:.0%}"
 
 
 @dataclass(frozen=True)
@@ -65,18 +89,6 @@ class ActivationStats:
             return cls.uniform(hist.shape[0], hist.shape[1], k)
         return cls(hist / tokens, k, float(tokens), source)
 
-    @classmethod
-    def from_policy(cls, policy: Policy, k: int) -> "ActivationStats":
-        """What a running policy learned (its rank histogram, see ``Policy.learn``)."""
-        tokens = policy.scal[K.S_CLOCK] / policy.layers
-        return cls.from_histogram(policy.rank_hist, k, tokens, "learned online")
-
-
-def stats_from_sequence(seq: ReplaySequence, alpha: float = DEFAULT_ALPHA) -> ActivationStats:
-    hist = np.zeros((seq.layers, seq.experts))
-    K.rank_histogram(seq.steps, seq.prompt_start, seq.layers, seq.experts, float(alpha), hist)
-    return ActivationStats.from_histogram(hist, seq.k, seq.tokens, f"trace {seq.name}")
-
 
 @dataclass(frozen=True)
 class PlanResult:
@@ -94,7 +106,7 @@ class PlanResult:
                 "top": [{"split": s.as_dict(), "ms_per_token": round(1e3 * t, 4)} for s, t in self.candidates[:5]]}
 
 
-def splits(tiers: tuple[int, ...] = (Tier.FULL, Tier.COMPRESSED, Tier.SM), step: float = 0.05,
+def splits(tiers: tuple[int, ...] = (Tier.FULL, Tier.COMP, Tier.SM), step: float = 0.05,
            min_full: float = 0.0) -> list[Split]:
     """All shares on a grid of ``step`` over ``tiers`` (the others get 0)."""
     n = int(round(1 / step))
@@ -103,7 +115,7 @@ def splits(tiers: tuple[int, ...] = (Tier.FULL, Tier.COMPRESSED, Tier.SM), step:
         if sum(combo) != n:
             continue
         share = {Tier(t): c / n for t, c in zip(tiers, combo)}
-        s = Split(share.get(Tier.FULL, 0.0), share.get(Tier.COMPRESSED, 0.0), share.get(Tier.SM, 0.0))
+        s = Split(share.get(Tier.FULL, 0.0), share.get(Tier.COMP, 0.0), share.get(Tier.SM, 0.0))
         if s.full + 1e-9 >= min_full:
             out.append(s)
     return out
@@ -115,7 +127,7 @@ def _makespan_table(k: int, a_sm: float, a_cold: float, b: float) -> np.ndarray:
     for c in range(k + 1):
         for s in range(k + 1 - c):
             for z in range(k + 1 - c - s):
-                M[c, s, z] = K.makespan(c, s, z, a_sm, a_cold, b)
+                M[c, s, z] = makespan(c, s, z, a_sm, a_cold, b)
     return M
 
 
@@ -139,7 +151,7 @@ def _tier_probs(stats: ActivationStats, slots: dict, per_layer: bool) -> np.ndar
     pr = np.minimum(stats.rank_probs / stats.k, 1.0)
     L, E = pr.shape
     q = np.zeros((L, 4))
-    order_tiers = (Tier.FULL, Tier.COMPRESSED, Tier.SM)
+    order_tiers = (Tier.FULL, Tier.COMP, Tier.SM)
     if per_layer:
         for l in range(L):
             srt = np.sort(pr[l])[::-1]
@@ -161,26 +173,26 @@ def _tier_probs(stats: ActivationStats, slots: dict, per_layer: bool) -> np.ndar
     return q
 
 
-def expected_time(stats: ActivationStats, split: Split, budget: int, sizes: TierSizes, cal: Calibration,
+def expected_time(stats: ActivationStats, split: Split, budget: int, sizes: TierSizes, cal: CostModel,
                   per_layer: bool = False) -> float:
     """Modelled seconds per token of the cache layout ``split`` (see the module docstring)."""
     k = stats.k
     t = cal.times(sizes)
     M = _makespan_table(k, t["read_sm"], t["read_cold"], t["decode"])
-    slots = {tt: int(split.share(tt) * budget // sizes.resident(tt)) for tt in (Tier.FULL, Tier.COMPRESSED, Tier.SM)}
+    slots = {tt: int(split.share(tt) * budget // sizes.resident(tt)) for tt in (Tier.FULL, Tier.COMP, Tier.SM)}
     if per_layer:
         L = stats.layers
         slots = {tt: L * int(split.share(tt) * (budget // L) // sizes.resident(tt)) for tt in slots}
     q = _tier_probs(stats, slots, per_layer)
     f, c, s, z, coef = _outcomes(k)
-    p = (coef[:, None] * q[None, :, Tier.FULL] ** f[:, None] * q[None, :, Tier.COMPRESSED] ** c[:, None]
+    p = (coef[:, None] * q[None, :, Tier.FULL] ** f[:, None] * q[None, :, Tier.COMP] ** c[:, None]
          * q[None, :, Tier.SM] ** s[:, None] * q[None, :, 0] ** z[:, None])  # [outcomes, L]
     return float(p.sum(axis=1) @ M[c, s, z])
 
 
-def plan(stats: ActivationStats | None, budget: int, sizes: TierSizes, cal: Calibration, *,
+def plan(stats: ActivationStats | None, budget: int, sizes: TierSizes, cal: CostModel, *,
          layers: int | None = None, experts: int | None = None, k: int | None = None,
-         tiers: tuple[int, ...] = (Tier.FULL, Tier.COMPRESSED, Tier.SM), step: float = 0.05,
+         tiers: tuple[int, ...] = (Tier.FULL, Tier.COMP, Tier.SM), step: float = 0.05,
          min_full: float = 0.0, per_layer: bool = False, prefer_simple: float = PREFER_SIMPLE) -> PlanResult:
     """The split of ``budget`` minimising :func:`expected_time` on a grid; among the splits within
     ``prefer_simple`` (relative) of that minimum, the one with the fewest tiers (then the fastest).

@@ -1,9 +1,10 @@
-"""numba kernels shared by the policy objects (one call per layer) and the replay (all steps).
+"""numba kernels of the simulator: the replay policies (one call per layer, :mod:`.policy`) and the
+replay itself (all steps, :mod:`.simulate`).
 
 The state of one policy is one tuple ``st`` of arrays (built by :func:`new_state`, owned by
-:class:`zipmoe_run.policies.policy.Policy`):
+:class:`.policy.ReplayPolicy`):
 
-* ``tier[K]`` int8: the tier of every key (``key = layer * E + expert``), see ``tiers.Tier``;
+* ``tier[K]`` int8: the tier of every key (``key = layer * E + expert``), see ``zipmoe_run.tiers.Tier``;
 * ``pool[K]`` int32: the capacity pool of the key (its layer for per-layer pools, else 0);
 * ``cap[P, 4]`` / ``used[P, 4]`` int64: slots per pool and tier (column 0 unused);
 * ``mem[P, 4, Kp]`` / ``pos[K]`` int64: the keys resident in each pool and tier (the first
@@ -34,13 +35,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from zipmoe_run.tiers import Tier
+
 LRU, LFU, ZIPMOE, PAPER, BELADY = 0, 1, 2, 3, 4
 KIND_IDS = {"lru": LRU, "lfu": LFU, "zipmoe": ZIPMOE, "paper": PAPER, "belady": BELADY}
 
 LAST, CNT, GLOB, REQ, NXT = 0, 1, 2, 3, 4
 S_CLOCK, S_LAYERS, S_ALPHA, S_DEMOTE, S_E, S_PERLAYER, S_TREQ, S_COST = 0, 1, 2, 3, 4, 5, 6, 8
 
-COLD, SM, COMP, FULL = 0, 1, 2, 3
+COLD, SM, COMP, FULL = (int(t) for t in Tier)  # numba sees plain ints
 INF = np.inf
 
 #: scratch layout: [0, 16) stashed heap keys / priorities, [16, 32) their versions, [SCR_BASE,
@@ -475,7 +478,7 @@ def begin_request(kind, st):
 
 @njit(cache=True)
 def makespan(n_comp, n_sm, n_cold, a_sm, a_cold, b, n_pf=0, r0=0.0):
-    """Johnson's order for identical decode times: reads ascending (0, a_sm, a_cold).
+    """``zipmoe_run.tiers.makespan`` compiled (the same arithmetic in the same order; tested equal).
 
     ``n_pf`` experts were prefetched: their bytes are in by ``r0``, when the disk becomes free for
     this layer's own reads (a prefetch that overran the previous layer's compute)."""

@@ -1,9 +1,10 @@
-"""The ``zipmoe`` policy behind the expert store's policy protocol (``zipmoe_run.store.policy``).
+"""``zipmoe`` (the default policy), behind the policy protocol (:mod:`.protocol`).
 
-Same decisions as the replay's ``zipmoe`` kernel (:mod:`.policy`), on the store's live state:
+The same decisions as the simulator's ``zipmoe`` kernel (``zipmoe.bench.sim``), on the store's live
+state:
 
 * score ``p`` of an expert = its accesses in the current request + ``alpha`` x its all-time access
-  rate (as of the request's start); a request begins at :meth:`ZipMoEStorePolicy.begin_request` or,
+  rate (as of the request's start); a request begins at :meth:`ZipMoEPolicy.begin_request` or,
   without that call, at a prefill: a fetch of the first MoE layer asking for more experts than the
   smallest fetch seen so far (a one-token decode step asks for k);
 * tier shares: the tier planner (:func:`.planner.plan`) on the statistics learned so far (the rank
@@ -12,11 +13,11 @@ Same decisions as the replay's ``zipmoe`` kernel (:mod:`.policy`), on the store'
 * ``placement``: the tier with the largest positive saving ``p (c[COLD] - c[t])`` less what the
   weakest expert of that tier would lose when it has to make room (``t`` over its share);
 * ``victim``: first the weakest expert of a tier over its share; else the expert whose demotion
-  loses the least per byte freed (``p (c[lower] - c[t]) / bytes freed``); FULL and COMPRESSED drop
+  loses the least per byte freed (``p (c[lower] - c[t]) / bytes freed``); FULL and COMP drop
   to SM when that tier is offered and the demotion allows it, else to COLD.
 
-Costs per access ``c[t]`` (read + decode, seconds) use the store's current ``CostModel``.
-Plain Python, no torch, no I/O. Not thread-safe (the store calls it under its lock).
+Costs per access ``c[t]`` (read + decode, seconds: ``CostModel.access_costs``) use the store's current
+cost model. Plain Python, no torch, no I/O. Not thread-safe (the store calls it under its lock).
 """
 from __future__ import annotations
 
@@ -25,24 +26,21 @@ from collections.abc import Collection
 
 import numpy as np
 
-from .planner import ActivationStats, plan
-from .policy import DEFAULT_ALPHA, Split
-from .tiers import Calibration, Tier, TierSizes
+from zipmoe_run.tiers import CostModel, Tier, TierSizes
 
-__all__ = ["ZipMoEStorePolicy"]
+from .planner import DEFAULT_ALPHA, ActivationStats, Split, plan
+
+__all__ = ["ZipMoEPolicy", "DEFAULT_ALPHA"]
 
 log = logging.getLogger(__name__)
 
-# the store's tiers have the same values (COLD 0, SM 1, COMP 2, FULL 3)
-_DOWN = {3: (1, 0), 2: (1, 0), 1: (0,), 0: ()}
 
-
-class ZipMoEStorePolicy:
+class ZipMoEPolicy:
     name = "zipmoe"
 
-    def __init__(self, cost=None, *, alpha: float = DEFAULT_ALPHA, split: Split | None = None,
+    def __init__(self, cost: CostModel | None = None, *, alpha: float = DEFAULT_ALPHA, split: Split | None = None,
                  demote: bool = True, replan: bool = True, plan_step: float = 0.1):
-        self.cost = cost
+        self.cost = cost if cost is not None else CostModel()
         self.alpha = float(alpha)
         self.fixed_split = split
         self.split = split or Split(0.0, 1.0, 0.0)
@@ -110,7 +108,7 @@ class ZipMoEStorePolicy:
         self._known[row, e] = True
         for t in range(4):
             self._nbytes[t, row, e] = info.bytes(t) if t in info.tiers or t == 0 else np.inf
-        self._cost[:, row, e] = self._costs(info)
+        self._cost[:, row, e] = self.cost.access_costs(info)
         self._sm_ok[row, e] = 1 in info.tiers
 
     def _set(self, row: int, e: int, t: int) -> None:
@@ -166,7 +164,7 @@ class ZipMoEStorePolicy:
         e = int(key[2])
         self._fetch_keys.append((row, e))
         self._fetching[row, e] = True
-        if int(tier) != 3 and self._T[row, e]:  # the store takes it out while it is fetched
+        if tier != Tier.FULL and self._T[row, e]:  # the store takes it out while it is fetched
             self._set(row, e, 0)
         if self._fetch_first and self._min_fetch is not None and len(self._fetch_keys) > self._min_fetch \
                 and not self._begun:
@@ -191,12 +189,6 @@ class ZipMoEStorePolicy:
         self._begun = False
 
     # -- planning ---------------------------------------------------------------------------------
-    def _costs(self, info) -> tuple[float, float, float, float]:
-        rb = getattr(self.cost, "read_bps", 1.4e9) or 1.4e9
-        db = getattr(self.cost, "decode_bps", 3.4e9) or 3.4e9
-        d = info.decoded / db
-        return (info.read_cold / rb + d, info.read_sm / rb + d, d, 0.0)
-
     def _plan(self, res, info) -> None:
         self._need_plan = False
         if not self.replan:
@@ -207,12 +199,9 @@ class ZipMoEStorePolicy:
             return
         room = max(0, int(cap) - int(res.reserve))
         try:
-            sizes = TierSizes(int(info.full_bytes), info.comp_bytes / info.full_bytes,
-                              max(1e-6, (info.comp_bytes - info.sm_bytes) / info.full_bytes), "store")
+            sizes = TierSizes.from_info(info)
         except ValueError:
             return
-        cal = Calibration(disk_bps=float(getattr(self.cost, "read_bps", 1.4e9)),
-                          decode_bps=float(getattr(self.cost, "decode_bps", 3.4e9)), source="store cost model")
         k = max(1, self._min_fetch or 1)
         L, E = len(self._layers), self._experts
         hist = self._hist[:L, :E]
@@ -222,8 +211,8 @@ class ZipMoEStorePolicy:
             stats = ActivationStats(probs, k, self._tokens(), "learned online")
         else:
             stats = ActivationStats.uniform(max(1, len(self._layers)), max(1, self._experts), k)
-        tiers = tuple(t for t in (Tier.FULL, Tier.COMPRESSED, Tier.SM) if int(t) in info.tiers)
-        got = plan(stats, room, sizes, cal, tiers=tiers or (Tier.FULL,), step=self.plan_step)
+        tiers = tuple(t for t in (Tier.FULL, Tier.COMP, Tier.SM) if t in info.tiers)
+        got = plan(stats, room, sizes, self.cost, tiers=tiers or (Tier.FULL,), step=self.plan_step)
         self.split = got.split
         self.plans.append((self.requests, got.split, got.seconds_per_token))
         log.info("zipmoe policy: tier split %s (modelled %.1f ms/token, %s)", got.split,
@@ -266,7 +255,6 @@ class ZipMoEStorePolicy:
         row = self._row(key)
         e = int(key[2])
         self._learn_info(res, key, row, e)
-        Tcls = type(next(iter(info.tiers)))
         if res.capacity is None:
             best = int(max(info.tiers))
         else:
@@ -289,7 +277,7 @@ class ZipMoEStorePolicy:
                     best, best_g = t, g
         self._fetching[row, e] = False
         self._set(row, e, best)
-        return Tcls(best)
+        return Tier(best)
 
     def victim(self, res, pinned: Collection, _retry: bool = False):
         if self._need_sync:
@@ -342,4 +330,4 @@ class ZipMoEStorePolicy:
             self._sync(res)
             return self.victim(res, pinned) if self._T[row, e] != t else None
         self._set(row, e, down)
-        return key, type(res.tier_of(key))(down)
+        return key, Tier(down)

@@ -1,25 +1,27 @@
-"""Eviction/placement policies: small objects, free of torch and I/O, shared by the expert store and
-the trace replay.
+"""The simulator's policies: numba models of cache policies over slot pools, for replaying routing
+traces fast (the runtime's policies are :mod:`zipmoe_run.policies`; ``lru`` and ``zipmoe`` here are
+models of the runtime's, compared with them on traces in the tests; ``lfu``, ``paper`` and
+``belady`` exist only here, for comparison).
 
-The caller (the store, or :mod:`.simulate`) tells the policy which experts a layer needs; the policy
-answers where each one was (:class:`Decision.found`: the tier the store must serve it from) and how
-the resident set changes (:class:`Decision.moves`). The policy owns the bookkeeping; the caller
-mirrors it::
+The caller (:mod:`.simulate`, or a test) tells the policy which experts a layer needs; the policy
+answers where each one was (:class:`Decision.found`: the tier it is served from) and how the
+resident set changes (:class:`Decision.moves`). The policy owns the bookkeeping; the caller mirrors
+it::
 
-    pol = make_policy("zipmoe", layers=24, experts=60, budget=8 << 30, sizes=TierSizes(17_301_504))
+    pol = make_replay_policy("zipmoe", layers=24, experts=60, budget=8 << 30, sizes=TierSizes(17_301_504))
     pol.begin_request()                      # a new prompt (resets within-request popularity)
     d = pol.access(layer, [3, 17, 41, 59])   # d.found: [Tier.FULL, Tier.COLD, ...]
     for m in d.moves: ...                    # apply, in order (demotions and evictions come first)
 
 Move semantics (one row per key, consolidated): ``new < old`` frees memory: COLD evicts, SM keeps
-only the sign+mantissa planes (from FULL: split the weights; from COMPRESSED: drop the coded
+only the sign+mantissa planes (from FULL: split the weights; from COMP: drop the coded
 exponents). ``new > old`` only happens to experts of the same ``access`` call: keep the form the
-store just read or decoded (COMPRESSED: the extent bytes it read, or the resident SM planes plus
+store just read or decoded (COMP: the extent bytes it read, or the resident SM planes plus
 the exponents it read; FULL: the decoded weights). The resident bytes, ``sum(sizes.resident(t))``,
 never exceed the budget after the moves are applied. Experts of the current call are never
 evicted by that call (except by Belady, which has no store).
 
-Policies (``make_policy`` names):
+Policies (``make_replay_policy`` names):
 
 * ``lru``, ``lfu``: one tier, FULL, the whole budget; always admit; evict the least recently /
   least frequently (all-time count, ties: least recent) used.
@@ -28,56 +30,32 @@ Policies (``make_policy`` names):
   placed by its popularity rank within the current request (rank < full slots: FULL, < full + SM
   slots: SM, else only into a free slot); victims by token-weighted LFU slot counts (1 on
   admission, +1 per hit), evicted to COLD.
-* ``zipmoe`` (this project's default): one pool for all layers with FULL / COMPRESSED / SM slots
+* ``zipmoe`` (this project's default): one pool for all layers with FULL / COMP / SM slots
   split by the tier planner; score p = accesses in the current request + ``alpha`` x all-time
   activation rate (a Dirichlet-style estimate of the next token's routing, learned online). An
   accessed expert moves up to the tier with the largest positive saving: ``p_x`` times its cost
   reduction, less ``p_v`` times the cost increase of the weakest resident it displaces (which
   drops to SM, displacing SM's weakest, if ``demote`` (the default) and that loses less, else to
-  COLD); costs per access from each tier come from the calibration (:func:`tier_costs`).
+  COLD); costs per access from each tier come from the cost model (``CostModel.tier_costs``).
 * ``belady``: offline, needs each access's next use: MIN with bypass. With one tier (FULL) it is
   the exact optimum of misses; with several tiers (``belady-tiered``) it is a heuristic estimate
   of the ceiling, not a proven bound.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from . import _kernels as K
-from .tiers import Calibration, Tier, TierSizes
+from zipmoe_run.policies.planner import DEFAULT_ALPHA, Split
+from zipmoe_run.tiers import CostModel, Tier, TierSizes
 
-__all__ = ["Split", "Move", "Decision", "Policy", "make_policy", "POLICIES", "DEFAULT_POLICY"]
+from . import kernels as K
+
+__all__ = ["Move", "Decision", "ReplayPolicy", "make_replay_policy", "POLICIES", "slots_for", "tier_costs"]
 
 POLICIES = ("lru", "lfu", "paper", "zipmoe", "belady", "belady-tiered")
-DEFAULT_POLICY = "zipmoe"
-DEFAULT_ALPHA = 4.0
-
-
-@dataclass(frozen=True)
-class Split:
-    """Shares of the budget per tier (sum 1)."""
-
-    full: float = 1.0
-    compressed: float = 0.0
-    sm: float = 0.0
-
-    def __post_init__(self) -> None:
-        vals = (self.full, self.compressed, self.sm)
-        if any(v < 0 or not math.isfinite(v) for v in vals) or abs(sum(vals) - 1.0) > 1e-6:
-            raise ValueError(f"tier shares must be >= 0 and sum to 1, got {vals}")
-
-    def share(self, tier: int) -> float:
-        return {Tier.FULL: self.full, Tier.COMPRESSED: self.compressed, Tier.SM: self.sm}.get(Tier(tier), 0.0)
-
-    def as_dict(self) -> dict:
-        return {"full": round(self.full, 4), "compressed": round(self.compressed, 4), "sm": round(self.sm, 4)}
-
-    def __str__(self) -> str:
-        return f"full {self.full:.0%} / compressed {self.compressed:.0%} / sm {self.sm:.0%}"
 
 
 @dataclass(frozen=True)
@@ -98,20 +76,19 @@ def slots_for(split: Split, budget: int, sizes: TierSizes, pools: int = 1) -> np
     """Slots per pool and tier ``[pools, 4]`` so that all pools together stay within ``budget``."""
     cap = np.zeros((pools, 4), np.int64)
     per_pool = budget // pools
-    for t in (Tier.SM, Tier.COMPRESSED, Tier.FULL):
+    for t in (Tier.SM, Tier.COMP, Tier.FULL):
         share = split.share(t)
         if share > 0:
             cap[:, t] = int(share * per_pool // sizes.resident(t))
     return cap
 
 
-def tier_costs(sizes: TierSizes, cal: Calibration | None = None) -> tuple[float, float, float, float]:
-    """Seconds one access costs from COLD, SM, COMPRESSED, FULL (read + decode, unpipelined)."""
-    t = (cal or Calibration()).times(sizes)
-    return (t["read_cold"] + t["decode"], t["read_sm"] + t["decode"], t["decode"], 0.0)
+def tier_costs(sizes: TierSizes, cost: CostModel | None = None) -> tuple[float, float, float, float]:
+    """Seconds one access costs from COLD, SM, COMP, FULL (read + decode, unpipelined)."""
+    return (cost or CostModel()).tier_costs(sizes)
 
 
-class Policy:
+class ReplayPolicy:
     """One policy's state (numpy arrays) and the per-layer entry points (see the module docstring).
 
     Not thread-safe: the store calls it under its own lock.
@@ -136,13 +113,13 @@ class Policy:
         self.demote = bool(demote)
         self._kid = K.KIND_IDS[kind]
         pools = self.layers if self.per_layer else 1
-        # seconds per access from each tier (COLD, SM, COMPRESSED, FULL): read + decode in isolation
+        # seconds per access from each tier (COLD, SM, COMP, FULL): read + decode in isolation
         self.costs = tuple(float(c) for c in (costs if costs is not None else tier_costs(sizes)))
         self.st = K.new_state(self.layers, self.experts, pools, slots_for(self.split, self.budget, sizes, pools),
                               self.alpha, self.demote, self.per_layer, self.costs)
         (self.tier_of, self.pool, self.cap, self.used, self.mem, self.pos, self.F, self.scal, self.mark,
          *_) = self.st
-        # rank histogram for the planner (ActivationStats.from_policy): the within-layer rank, by
+        # rank histogram for the planner (.stats.stats_from_policy): the within-layer rank, by
         # the zipmoe score, of every accessed expert just before its access
         self.learn = (kind == "zipmoe") if learn is None else bool(learn)
         self.rank_hist = np.zeros((self.layers, self.experts))
@@ -201,14 +178,14 @@ class Policy:
         return sorted(moves, key=lambda mv: 0 if mv.new < mv.old else 1)
 
     def rebalance(self, split: Split) -> list[Move]:
-        """Change the tier shares (e.g. after :func:`.planner.plan` learned new statistics). Tiers that
+        """Change the tier shares (e.g. after ``zipmoe_run.policies.plan`` learned new statistics). Tiers that
         shrink lose their weakest residents (to SM if ``demote`` and it has room, else COLD)."""
         pools = self.layers if self.per_layer else 1
         cap = slots_for(split, self.budget, self.sizes, pools)
         moves: list[Move] = []
         self.split = split
         for p in range(pools):
-            for t in (Tier.FULL, Tier.COMPRESSED, Tier.SM):
+            for t in (Tier.FULL, Tier.COMP, Tier.SM):
                 while self.used[p, t] > cap[p, t]:
                     v = int(K.victim(self._kid, self.st, p, int(t), -2, False))
                     new = Tier.COLD
@@ -225,18 +202,18 @@ class Policy:
 
     def resident_bytes(self) -> int:
         return int(sum(int(self.used[:, t].sum()) * self.sizes.resident(t)
-                       for t in (Tier.SM, Tier.COMPRESSED, Tier.FULL)))
+                       for t in (Tier.SM, Tier.COMP, Tier.FULL)))
 
     def capacity_bytes(self) -> int:
         return int(sum(int(self.cap[:, t].sum()) * self.sizes.resident(t)
-                       for t in (Tier.SM, Tier.COMPRESSED, Tier.FULL)))
+                       for t in (Tier.SM, Tier.COMP, Tier.FULL)))
 
     def resident(self) -> dict[tuple[int, int], Tier]:
         keys = np.flatnonzero(self.tier_of)
         return {(int(x) // self.experts, int(x) % self.experts): Tier(int(self.tier_of[x])) for x in keys}
 
     def slots(self) -> dict[str, int]:
-        return {"full": int(self.cap[:, Tier.FULL].sum()), "compressed": int(self.cap[:, Tier.COMPRESSED].sum()),
+        return {"full": int(self.cap[:, Tier.FULL].sum()), "compressed": int(self.cap[:, Tier.COMP].sum()),
                 "sm": int(self.cap[:, Tier.SM].sum())}
 
     def predict(self, layer: int, m: int) -> list[int]:
@@ -252,24 +229,24 @@ class Policy:
         return [int(e) for e in order[:max(0, int(m))]]
 
     def __repr__(self) -> str:
-        return (f"Policy({self.name}, budget={self.budget}, split={self.split}, slots={self.slots()}, "
+        return (f"ReplayPolicy({self.name}, budget={self.budget}, split={self.split}, slots={self.slots()}, "
                 f"resident={self.resident_bytes()})")
 
 
-def make_policy(name: str, layers: int, experts: int, budget: int, sizes: TierSizes,
-                split: Split | None = None, **kw) -> Policy:
-    """A policy by name (:data:`POLICIES`) with its tier layout; ``split`` overrides the tier shares
-    (``paper`` / ``zipmoe`` / ``belady-tiered`` otherwise need one from :mod:`.planner`)."""
+def make_replay_policy(name: str, layers: int, experts: int, budget: int, sizes: TierSizes,
+                       split: Split | None = None, **kw) -> ReplayPolicy:
+    """A replay policy by name (:data:`POLICIES`) with its tier layout; ``split`` overrides the tier
+    shares (``paper`` / ``zipmoe`` / ``belady-tiered`` otherwise need one from the planner)."""
     if name in ("lru", "lfu", "belady"):
-        return Policy(name, layers, experts, budget, sizes, split or Split(1.0, 0.0, 0.0), **kw)
+        return ReplayPolicy(name, layers, experts, budget, sizes, split or Split(1.0, 0.0, 0.0), **kw)
     if name == "paper":
         kw.setdefault("per_layer", True)
-        return Policy("paper", layers, experts, budget, sizes, split or Split(0.5, 0.0, 0.5), **kw)
+        return ReplayPolicy("paper", layers, experts, budget, sizes, split or Split(0.5, 0.0, 0.5), **kw)
     if name == "zipmoe":
         kw.setdefault("demote", True)
-        return Policy("zipmoe", layers, experts, budget, sizes, split or Split(0.5, 0.5, 0.0), **kw)
+        return ReplayPolicy("zipmoe", layers, experts, budget, sizes, split or Split(0.5, 0.5, 0.0), **kw)
     if name == "belady-tiered":
         kw.setdefault("demote", True)
-        return Policy("belady", layers, experts, budget, sizes, split or Split(0.5, 0.5, 0.0),
+        return ReplayPolicy("belady", layers, experts, budget, sizes, split or Split(0.5, 0.5, 0.0),
                       name="belady-tiered", **kw)
     raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")

@@ -1,8 +1,8 @@
 """Replay a routing trace through a policy, without weights: hit rates per tier, bytes read, and the
-modelled time per token of the delay model in :mod:`.tiers`.
+modelled time per token of the delay model of :mod:`zipmoe_run.tiers`.
 
-Torch-free; the hot loop is :func:`._kernels.replay` (numba), which calls the same per-layer
-kernel the store calls through :meth:`.policy.Policy.access`.
+Torch-free; the hot loop is :func:`.kernels.replay` (numba), which calls the same per-layer
+kernel as :meth:`.policy.ReplayPolicy.access`.
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _kernels as K
-from .policy import Policy
-from .tiers import Calibration, Tier, TierSizes
+from zipmoe_run.tiers import CostModel, Tier, TierSizes
+
+from . import kernels as K
+from .policy import ReplayPolicy
 from .trace import ReplaySequence
 
 __all__ = ["PrefetchConfig", "ReplayResult", "replay", "next_uses"]
@@ -79,7 +80,7 @@ def next_uses(seq: ReplaySequence) -> np.ndarray:
     return K.next_uses(seq.steps, seq.layers, seq.experts)
 
 
-def replay(seq: ReplaySequence, policy: Policy, sizes: TierSizes, cal: Calibration,
+def replay(seq: ReplaySequence, policy: ReplayPolicy, sizes: TierSizes, cal: CostModel,
            prefetch: PrefetchConfig | None = None, nexts: np.ndarray | None = None) -> ReplayResult:
     """Run ``policy`` (fresh) over the whole sequence."""
     if policy.layers != seq.layers or policy.experts != seq.experts:

@@ -1,39 +1,26 @@
-"""Replay a trace through any policy object of the expert store's protocol (``zipmoe_run.store.policy``:
-``on_access`` / ``placement`` / ``victim``), in the same delay model as :mod:`.simulate`.
+"""Replay a trace through any policy of the runtime's protocol (``zipmoe_run.policies``: ``on_access``
+/ ``placement`` / ``victim``), in the same delay model as :mod:`.simulate`.
 
-Plain Python (slow: use slices of a trace): it exists to compare the store's policies (``density``,
-``lru``) with :class:`.store_policy.ZipMoEStorePolicy` and the numba replay on equal terms. The
-fake store holds resident experts within ``budget`` bytes (staging buffers are not counted, as in
+Plain Python (slow: use slices of a trace): it exists to compare the runtime's policies (``zipmoe``,
+``density``, ``lru``) with each other and with the numba replay on equal terms. The fake store
+holds resident experts within ``budget`` bytes (staging buffers are not counted, as in
 :mod:`.simulate`), takes each non-FULL expert out while it is fetched, asks ``placement`` when the
 layer is done, then ``victim`` until the residents fit.
 """
 from __future__ import annotations
 
-from . import _kernels as K
+from zipmoe_run.tiers import TIER_NAMES, CostModel, Tier, TierSizes, makespan
+
 from .simulate import ReplayResult
-from .tiers import Calibration, Tier, TierSizes
 from .trace import ReplaySequence
 
-__all__ = ["FakeStore", "replay_protocol", "expert_info"]
-
-
-def expert_info(key, sizes: TierSizes):
-    from zipmoe_run.store.tiers import ExpertInfo
-    from zipmoe_run.store.tiers import Tier as STier
-
-    return ExpertInfo(key=key, full_bytes=sizes.full, comp_bytes=sizes.resident(Tier.COMPRESSED),
-                      sm_bytes=sizes.resident(Tier.SM), read_cold=sizes.read(Tier.COLD),
-                      read_sm=sizes.read(Tier.SM), decoded=sizes.full,
-                      tiers=(STier.COLD, STier.SM, STier.COMP, STier.FULL))
+__all__ = ["FakeStore", "replay_protocol"]
 
 
 class FakeStore:
     """A ``ResidencyView`` over a dict of tiers."""
 
     def __init__(self, budget: int | None, sizes: TierSizes, reserve: int = 0):
-        from zipmoe_run.store.tiers import Tier as STier
-
-        self.STier = STier
         self.capacity = budget
         self.sizes = sizes
         self.now = 0
@@ -46,11 +33,11 @@ class FakeStore:
     def info(self, key):
         i = self._infos.get(key)
         if i is None:
-            i = self._infos[key] = expert_info(key, self.sizes)
+            i = self._infos[key] = self.sizes.info(key)
         return i
 
     def tier_of(self, key):
-        return self.tiers.get(key, self.STier.COLD)
+        return self.tiers.get(key, Tier.COLD)
 
     def resident(self):
         for k, t in self.tiers.items():
@@ -66,20 +53,19 @@ class FakeStore:
         return self._reserve
 
     def set(self, key, t) -> None:
-        old = self.tiers.get(key, self.STier.COLD)
+        old = self.tiers.get(key, Tier.COLD)
         self.bytes += self.info(key).bytes(t) - self.info(key).bytes(old)
-        if int(t) == 0:
+        if t == Tier.COLD:
             self.tiers.pop(key, None)
         else:
-            self.tiers[key] = self.STier(int(t))
+            self.tiers[key] = Tier(t)
 
 
-def replay_protocol(seq: ReplaySequence, policy, sizes: TierSizes, cal: Calibration, budget: int,
+def replay_protocol(seq: ReplaySequence, policy, sizes: TierSizes, cal: CostModel, budget: int,
                     name: str | None = None) -> ReplayResult:
     st = FakeStore(budget, sizes)
     t = cal.times(sizes)
-    found = {"cold": 0, "sm": 0, "compressed": 0, "full": 0}
-    names = ("cold", "sm", "compressed", "full")
+    found = {name: 0 for name in TIER_NAMES.values()}
     seconds = 0.0
     begin = getattr(policy, "begin_request", None)
     starts = set(int(x) for x in seq.prompt_start[:-1])
@@ -90,20 +76,19 @@ def replay_protocol(seq: ReplaySequence, policy, sizes: TierSizes, cal: Calibrat
         layer = s % seq.layers
         st.now += 1
         keys = [(None, layer, int(e)) for e in row]
-        tiers = [int(st.tier_of(k)) for k in keys]
+        tiers = [st.tier_of(k) for k in keys]
         for k, ti in zip(keys, tiers):
-            policy.on_access(k, st.STier(ti), st.now)
-            found[names[ti]] += 1
-        n = [tiers.count(x) for x in (2, 1, 0)]
-        seconds += K.makespan(n[0], n[1], n[2], t["read_sm"], t["read_cold"], t["decode"])
-        moving = [k for k, ti in zip(keys, tiers) if ti != 3]
+            policy.on_access(k, ti, st.now)
+            found[ti.long_name] += 1
+        n = [tiers.count(x) for x in (Tier.COMP, Tier.SM, Tier.COLD)]
+        seconds += makespan(n[0], n[1], n[2], t["read_sm"], t["read_cold"], t["decode"])
+        moving = [k for k, ti in zip(keys, tiers) if ti != Tier.FULL]
         for k in moving:  # fetched: its resident bytes become staging
-            st.set(k, 0)
+            st.set(k, Tier.COLD)
             st.busy.add(k)
         for k in moving:
             st.busy.discard(k)
-            tier = int(policy.placement(k, st))
-            st.set(k, tier)
+            st.set(k, policy.placement(k, st))
             while budget is not None and st.bytes > budget:
                 v = policy.victim(st, set(keys))
                 if v is None:

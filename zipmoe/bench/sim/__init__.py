@@ -1,0 +1,10 @@
+"""The offline simulator (benchmark side; the runtime never imports it): routing traces replayed
+through cache policies without weights, in the delay model of :mod:`zipmoe_run.tiers`.
+
+* :mod:`.trace`           -- trace files -> a token-level access sequence (dense layers left out);
+* :mod:`.kernels`         -- numba kernels: the replay policies' per-layer step and the whole replay;
+* :mod:`.policy`          -- :class:`ReplayPolicy` (``lru``, ``lfu``, ``paper``, ``zipmoe``, ``belady``);
+* :mod:`.simulate`        -- :func:`replay`: hit rates per tier, bytes read, modelled time, prefetch;
+* :mod:`.protocol_replay` -- the same replay through the runtime's own policy objects (slow, exact);
+* :mod:`.stats`           -- activation statistics for the planner from a trace.
+"""
