@@ -343,6 +343,37 @@ def test_dimension_above_u64_is_refused(src, tmp_path):
     _refused(src, tmp_path / "a.zmoe", "model.odd", "dimension")
 
 
+def test_dtype_of_the_wrong_type_is_refused(src, tmp_path):
+    shard = sorted(src.glob("*.safetensors"))[0]
+    raw = shard.read_bytes()
+    doc = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    name = next(k for k in doc if k != "__metadata__")
+    doc[name]["dtype"] = ["BF16"]  # used to be a TypeError (unhashable list) traceback
+    _with_header(shard, json.dumps(doc))
+    _refused(src, tmp_path / "a.zmoe", name, "unknown dtype")
+
+
+@pytest.mark.parametrize("dtype,shape,nbytes", [("F4", [2, 3], 3), ("F6_E2M3", [4, 1], 3)])
+def test_fused_tensor_that_cannot_be_cut_into_whole_bytes(src, tmp_path, dtype, shape, nbytes):
+    """An F4 [2, 3] tensor is 3 bytes, one expert 1.5: the archive could not hold the slices."""
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    _one_shard(src, [(name, dtype, shape, bytes(nbytes))])
+    _refused(src, tmp_path / "a.zmoe", name, "not a whole number of bytes")
+
+
+def test_fused_tensor_claiming_2_40_experts(src, tmp_path):
+    """Zero bytes, 2^40 experts: refused before a plan of 2^40 extents is built."""
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    _one_shard(src, [(name, "BF16", [1 << 40, 0, 4], b"")])
+    _refused(src, tmp_path / "a.zmoe", name, str(1 << 40))
+
+
+@pytest.mark.parametrize("layer,why", [("1" + "0" * 22, "2^64"), ("9" * 5000, "too long")])
+def test_layer_numbers_the_index_cannot_hold(src, tmp_path, layer, why):
+    _one_shard(src, [(f"model.layers.{layer}.mlp.experts.0.up_proj.weight", "BF16", [2, 2], bytes(8))])
+    _refused(src, tmp_path / "a.zmoe", "model.safetensors", why)
+
+
 @pytest.mark.parametrize("name,why", [("a\nb.txt", "control character"), ("back\\slash.txt", "backslash"),
                                       ("c:drive.txt", "drive"), (b"bad\xff.txt", "UTF-8")])
 def test_file_names_an_archive_cannot_hold(src, tmp_path, name, why):

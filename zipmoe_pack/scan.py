@@ -29,6 +29,7 @@ MAX_JSON = 100 << 20  # config.json and the shard index (DeepSeek-V3's index is 
 MAX_RANK = 8  # the reader's limit (formats/index_parse.py)
 U64_LIMIT = 1 << 64  # every integer of the index is below this (specs/zmoe.md section 3)
 MAX_PATH_BYTES = 4096  # the reader's limit on a stored path
+MAX_EXTENTS = 1 << 20  # experts in one archive (DeepSeek-V3 has 58 x 256 = 14,848); bounds the plan's size
 SKIP_DIRS = {".git", ".cache", "__pycache__"}
 
 
@@ -155,7 +156,7 @@ def read_safetensors_header(path: Path, rel: str) -> SrcFile:
         if not isinstance(info, dict):
             raise InputError(f"{path}: tensor {name}: header entry is not an object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise InputError(f"{path}: tensor {name}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not (isinstance(offs, list) and len(offs) == 2 and all(
                 isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)):
@@ -274,7 +275,7 @@ def scan_checkpoint(root: str | os.PathLike) -> Checkpoint:
             for t in sf.tensors:
                 if t.name in tensors:
                     raise InputError(f"{p}: tensor {t.name} also appears in {tensors[t.name].file}")
-                t.role = parse_expert_name(t.name)
+                t.role = _role(p, t)
                 tensors[t.name] = t
             files.append(sf)
         else:
@@ -291,13 +292,39 @@ def scan_checkpoint(root: str | os.PathLike) -> Checkpoint:
     if not any(t.role for t in tensors.values()):
         raise InputError(f"{root}: no routed-expert tensors recognised (model_type {model_type!r}); "
                          f"supported families: {', '.join(FAMILIES)}")
+    n_extents = 0
     for t in tensors.values():
-        if t.role is not None and t.role.fused and len(t.shape) < 2:
-            raise InputError(f"{root}: fused expert tensor {t.name} has shape {list(t.shape)}, "
-                             f"expected [experts, ...]")
+        if t.role is not None:
+            n_extents += t.shape[0] if t.role.fused else 1
+    if n_extents > MAX_EXTENTS:
+        raise InputError(f"{root}: the expert tensors name {n_extents} experts in all (at most {MAX_EXTENTS})")
     log.info("scanned %s: %d files, %d tensors (%d expert)", root, len(files), len(tensors),
              sum(1 for t in tensors.values() if t.role))
     return Checkpoint(root, config, model_type, files, tensors, folders)
+
+
+def _role(path: Path, t: SrcTensor) -> ExpertName | None:
+    """The tensor's expert role, refusing what the archive's index cannot record or slice."""
+    try:
+        role = parse_expert_name(t.name)
+    except ValueError:  # a layer or expert number of thousands of digits
+        raise InputError(f"{path}: tensor {t.name[:120]}...: layer or expert number too long") from None
+    if role is None:
+        return None
+    if role.layer >= U64_LIMIT or (role.expert or 0) >= U64_LIMIT:
+        raise InputError(f"{path}: tensor {t.name}: layer or expert number is 2^64 or more")
+    if role.fused:
+        if len(t.shape) < 2:
+            raise InputError(f"{path}: fused expert tensor {t.name} has shape {list(t.shape)}, expected [experts, ...]")
+        try:
+            tensor_nbytes(t.dtype, t.shape[1:])
+        except ValueError as e:
+            raise InputError(f"{path}: fused expert tensor {t.name}: one expert's slice {e} "
+                             f"(it cannot be cut into experts)") from None
+        if t.shape[0] > MAX_EXTENTS:
+            raise InputError(f"{path}: fused expert tensor {t.name} claims {t.shape[0]} experts "
+                             f"(at most {MAX_EXTENTS})")
+    return role
 
 
 def _check_index(root: Path, index_path: Path, tensors: dict[str, SrcTensor]) -> None:
