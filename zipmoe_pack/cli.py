@@ -22,12 +22,12 @@ def pack_cmd(
 ) -> None:
     """Pack a checkpoint into one checksummed, memory-mappable archive, losslessly.
 
-    Every regular file of MODEL_DIR (symlinks to regular files count as those files; .git, .cache and
-    __pycache__ are skipped) is stored so that `zipmoe unpack` restores it byte for byte. A FIFO, socket or
-    device, a broken symlink or a symlink loop in the folder is refused with one line naming it, and so
-    is an OUTPUT inside MODEL_DIR or naming one of its files. The archive is written to a hidden
-    `.OUTPUT.tmp-PID` beside OUTPUT and renamed when complete: Ctrl-C, SIGTERM or SIGHUP remove it, and a
-    leftover of a killed run is removed by the next pack to the same OUTPUT.
+    Every regular file of MODEL_DIR (a symlink to one counts as that file) is stored for a byte-identical unpack;
+    .git, .cache and __pycache__ are skipped.
+    A FIFO, socket, device, broken symlink or symlink loop in MODEL_DIR is refused with one line naming it.
+    OUTPUT may not lie inside MODEL_DIR nor name one of its files.
+    The archive is written to a hidden .OUTPUT.tmp-PID beside OUTPUT and renamed when complete;
+    Ctrl-C, SIGTERM and SIGHUP remove it, and the next pack to OUTPUT removes one left by a killed run.
     """
     with guarded(debug):
         try:
