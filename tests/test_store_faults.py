@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 
 import pytest
@@ -195,3 +196,73 @@ def test_cli_one_line_errors(arc, monkeypatch):
     r = CliRunner().invoke(app, [str(arc), "--prompt-ids", "5,6,7,8", "-n", "4", "--memory-budget", "20%"])
     err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert r.exit_code == 1 and len(err) == 1 and "tensor model.layers." in err[0] and "Traceback" not in r.output
+
+
+def test_held_tensors_are_never_overwritten_whatever_the_reference_counts(arc, monkeypatch):
+    """Reuse is decided by counting lent views, not ``sys.getrefcount`` (meaningless on PyPy and on
+    free-threaded builds): a tensor the caller keeps past its step keeps its bytes."""
+    monkeypatch.setattr(sys, "getrefcount", lambda obj: 1)
+    with load(arc, memory_budget="30%", threads=2) as lm:
+        experts = _all_experts(lm)
+        kept = copy = None
+        for e, w in lm.source.fetch(0, experts):
+            if kept is None:
+                kept = w["down_proj"]  # held past the step, against the advice: must stay intact
+                copy = kept.clone()
+        for rnd in range(6):  # churn every buffer of the budget
+            for layer in (1, 0):
+                assert sorted(e for e, _ in lm.source.fetch(layer, experts)) == sorted(experts)
+        assert torch.equal(kept, copy)
+        st = lm.source.stats()
+        assert st["draining_bytes"] > 0  # the held expert's buffer stays charged, not reused
+        del kept, w
+        assert sorted(e for e, _ in lm.source.fetch(0, experts[:1])) == experts[:1]
+        _settled(lm.source.stats())
+
+
+def test_close_leaves_a_stuck_read_its_file_and_buffers(arc, monkeypatch):
+    """close() must not close file descriptors or unmap buffers under an I/O thread that is still
+    reading: it waits, then leaves them to the thread, which frees them when its read returns."""
+    import zipmoe_run.store.store as store_mod
+    from formats.decoder import ParallelDecoder
+    from formats.reader import Archive
+
+    monkeypatch.setattr(store_mod, "CLOSE_JOIN_S", 0.2, raising=False)
+    with Archive(arc) as ar, ParallelDecoder(2) as dec:
+        store = store_mod.ExpertStore(ar, dec, budget="40%")
+        real = store.reader.read
+        entered, release, seen = threading.Event(), threading.Event(), {}
+
+        def stuck(buf, offset, length, what, at=0):
+            entered.set()
+            release.wait(60)
+            try:
+                seen["read"] = real(buf, offset, length, what, at)
+            except BaseException as e:  # noqa: BLE001 - what the test checks
+                seen["read"] = e
+            return seen["read"] if isinstance(seen["read"], int) else 0
+
+        store.reader.read = stuck
+        fds = [fd for fd in (store.reader._fd, store.reader._fd_direct) if fd is not None]
+        consumer = threading.Thread(target=lambda: seen.setdefault("fetch", _swallow(store.fetch(0, [1]))),
+                                    daemon=True)
+        consumer.start()
+        assert entered.wait(30)
+        store.close()  # the I/O thread is stuck in its read
+        try:
+            for fd in fds:
+                os.fstat(fd)  # still open: the thread may still read through it
+        finally:
+            release.set()
+        consumer.join(30)
+        store.worker.thread.join(30)
+        assert not store.worker.thread.is_alive()
+        assert isinstance(seen["read"], int) and seen["read"] > 0, seen  # read on a valid descriptor
+        assert store.reader._fd is None  # freed by the thread once its read returned
+
+
+def _swallow(gen):
+    try:
+        return list(gen)
+    except Exception as e:  # noqa: BLE001 - the fetch is cancelled by close
+        return e

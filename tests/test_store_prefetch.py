@@ -57,17 +57,17 @@ def _settled(store):
     st = store.stats()
     assert st["staging_bytes"] == 0 and st["draining_bytes"] == 0, st
     assert st["store_peak_bytes"] <= (st["budget_bytes"] or float("inf")), st
-    assert all(not e.busy and not e.pins for e in store._entries.values())
+    assert all(not e.busy and not e.pins for e in store.table.entries.values())
     return st
 
 
 def _read_once(store, got, pairs):
     """``got`` bytes read is each extent of ``pairs`` [(layer, ids)] read once (whole pages, but never
     past the end of the file)."""
-    from zipmoe_run.store.io import ceil_page
+    from zipmoe_run.store.buffers import ceil_align
 
     exts = [store.extents[(None, layer, e)] for layer, ids in pairs for e in ids]
-    return sum(x.length for x in exts) <= got <= sum(ceil_page(x.length) for x in exts)
+    return sum(x.length for x in exts) <= got <= sum(ceil_align(x.length) for x in exts)
 
 
 def test_prefetched_experts_are_adopted_without_a_second_read(arc, reference):
@@ -119,7 +119,7 @@ def test_prefetch_stays_in_budget_and_spares_the_open_fetch(arc, reference, thre
                     store.prefetch(1 - layer, list(range(8)))
                     # what this fetch pinned or is decoding stays put
                     for k in ids:
-                        assert store._entries[(None, layer, k)].busy or store.tier_of((None, layer, k)) == Tier.FULL
+                        assert store.table.entries[(None, layer, k)].busy or store.tier_of((None, layer, k)) == Tier.FULL
                 want = reference[(None, layer, e)]
                 assert np.array_equal(np.asarray(arr)[:want.shape[0]], want)
                 seen.append(e)
@@ -199,4 +199,48 @@ def test_a_prefetch_never_evicts_an_expert_it_names(arc, reference):
         assert st["hits_full"] == 1 and st["hits_cold"] == 2 and _read_once(store, st["bytes_read"], [(0, [2, 5])])
         store.prefetch(1, [0, 1])  # held pins give way when a fetch needs the room
         _check(store, reference, 0, [2, 5, 7])
+        _settled(store)
+
+
+def _in_thread(fn, timeout=120):
+    """Run fn in a thread; fail (instead of hanging the suite) if it does not finish."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "store deadlocked"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_preload_whose_wrap_raises_fails_with_that_error(arc, reference):
+    """Keeping a preloaded expert runs ``wrap`` in a decoder callback: when it raises, preload fails
+    with that one-line error (no hang), gives every staging byte back, and the store stays usable."""
+    from formats.errors import FormatError
+
+    calls = {"n": 0}
+
+    def wrap(ext, arr):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise FormatError(f"{ext.label}: runtime cannot use tensors of dtype F8_E4M3 (injected)")
+        return arr
+
+    with _Open(arc) as probe:
+        total = probe.expert_bytes
+    with _Open(arc, budget=int(total * 1.2), wrap=wrap) as store:
+        with pytest.raises(FormatError, match=r"\(injected\)$"):
+            _in_thread(store.preload)
+        st = _settled(store)
+        assert 2 <= st["preloaded"] < len(store.extents)
+        for layer in (0, 1):
+            _check(store, reference, layer, list(range(8)))
         _settled(store)

@@ -27,11 +27,11 @@ def reference(store_archive):
     return store_archive(11)[1]
 
 
-def _drive(arc, reference, budget_frac, cost, policy, seed, threads=2, steps=120):
+def _drive(arc, reference, budget_frac, cost, policy, seed, threads=2, steps=120, check=None, **kw):
     rng = random.Random(seed)
     with Archive(arc) as ar, ParallelDecoder(threads) as dec:
         total = sum(e.decoded_nbytes for e in ar.index.experts)
-        store = ExpertStore(ar, dec, budget=int(total * budget_frac), cost=cost, policy=policy)
+        store = ExpertStore(ar, dec, budget=int(total * budget_frac), cost=cost, policy=policy, **kw)
         try:
             layers = sorted({e.layer for e in ar.index.experts})
             n = EXPERTS
@@ -46,6 +46,8 @@ def _drive(arc, reference, budget_frac, cost, policy, seed, threads=2, steps=120
                 arr = None  # a caller holding a buffer keeps it charged (draining) until it lets go
                 st = store.stats()
                 assert st["store_bytes"] <= st["budget_bytes"]
+                if check is not None:
+                    check(store, st)
             st = store.stats()
             assert st["staging_bytes"] == 0 and st["draining_bytes"] == 0
             return st
@@ -85,8 +87,8 @@ def test_full_to_sm_split_round_trip(arc, reference):
             key = (None, 0, 3)
             list(store.fetch(0, [3]))
             assert store.tier_of(key) == Tier.FULL
-            with store._lock:
-                store._demote(key, Tier.SM)
+            with store.cond:
+                store.table.demote(key, Tier.SM)
             assert store.tier_of(key) == Tier.SM
             before = store.stats()["bytes_read"]
             (e, arr), = list(store.fetch(0, [3]))
@@ -122,10 +124,42 @@ def test_ledger_never_negative_or_over():
 
 def test_piecewise_reads_decode_early_and_exactly(arc, reference, monkeypatch):
     """Reads in 12 KiB pieces: chunks are submitted as soon as their bytes are in; same bytes out."""
-    import zipmoe_run.store.store as store_mod
+    import zipmoe_run.store.worker as worker_mod
 
-    monkeypatch.setattr(store_mod, "READ_PIECE", 3 * 4096)
+    monkeypatch.setattr(worker_mod, "READ_PIECE", 3 * 4096)
     cost = CostModel(read_bps=3e8, decode_bps=2e9, read_share=0.7, frozen=True)
     st = _drive(arc, reference, 0.55, cost, DensityPolicy(cost, half_life=8, tie=0.1), seed=1, threads=3, steps=40)
     assert st["reads"] > 10 * (st["hits_cold"] + st["hits_sm"]) // 2
     assert st["hits_sm"] + st["hits_cold"] > 0
+
+
+@pytest.mark.parametrize("page", [16384])
+def test_injected_page_size_charges_and_drops_whole_pages(arc, reference, monkeypatch, page):
+    """A kernel with 16 KiB or 64 KiB pages: buffers, charged bytes and madvise ranges are whole pages
+    of that size (reads stay 4 KiB-aligned), the tiers are used, and the bytes do not change."""
+    from zipmoe_run.store.buffers import Buffer
+
+    drops = []
+    real = Buffer._drop
+
+    def spy(self, lo, hi):
+        drops.append((lo, hi, self.nbytes))
+        real(self, lo, hi)
+
+    monkeypatch.setattr(Buffer, "_drop", spy)
+    cats = ("store_bytes", "store_peak_bytes", "resident_full_bytes", "resident_comp_bytes", "resident_sm_bytes",
+            "staging_bytes", "pool_bytes", "draining_bytes", "fixed_bytes", "min_budget_bytes")
+
+    def whole_pages(store, st):
+        assert all(st[c] % page == 0 for c in cats), {c: st[c] for c in cats}
+        for i in store.infos.values():
+            assert i.full_bytes % page == i.comp_bytes % page == i.sm_bytes % page == 0
+            assert i.read_sm % 4096 == 0  # what an SM fetch reads: I/O alignment, not pages
+
+    cost = CostModel(read_bps=1e6, decode_bps=2e9, read_share=1.0, frozen=True)  # slow disk: COMP and SM
+    st = _drive(arc, reference, 0.6, cost, DensityPolicy(cost, half_life=8, tie=0.1), seed=3, steps=40,
+                check=whole_pages, page_size=page)
+    assert st["page_bytes"] == page
+    assert st["placed_comp"] > 0 and st["demote_comp_sm"] > 0 and st["hits_sm"] > 0 and st["hits_cold"] > 0, st
+    assert drops and all(lo % page == 0 and hi % page == 0 for lo, hi, _ in drops), drops
+    assert all(n % page == 0 for _, _, n in drops)

@@ -7,9 +7,9 @@ Otherwise the reader uses plain ``pread`` and drops the pages it read with
 ``posix_fadvise(POSIX_FADV_DONTNEED)``. ``ExpertReader.mode`` says which: ``"O_DIRECT"`` or
 ``"buffered+DONTNEED"``.
 
-Buffers are anonymous private mappings (``Buffer``): page-aligned (as ``O_DIRECT`` wants), freed to
-the kernel on close, and their pages can be dropped one by one (``punch``: ``MADV_DONTNEED``), which
-is how an expert goes from compressed-resident to sign/mantissa-resident without a copy.
+Buffers (``buffers.Buffer``, re-exported here) are anonymous private mappings, page-aligned (as
+``O_DIRECT`` wants), freed to the kernel on close; their pages can be dropped (``MADV_DONTNEED``),
+which is how an expert goes from compressed-resident to sign/mantissa-resident without a copy.
 
 An optional bandwidth cap (``ExpertReader(throttle_bps=...)``) emulates slower storage (eMMC, UFS)
 for benchmarks: the reader behaves like a device that serves bytes one after another at
@@ -22,31 +22,18 @@ import errno
 import logging
 import mmap
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from formats.errors import FormatError, ZmoeError
 
-__all__ = ["ALIGN", "PAGE", "ceil_page", "floor_page", "Buffer", "BufferPool", "ExpertReader", "StoreIOError",
+from .buffers import ALIGN, PAGE, Buffer, BufferPool, ceil_align
+
+__all__ = ["ALIGN", "PAGE", "Buffer", "BufferPool", "ExpertReader", "StoreIOError",
            "probe_direct", "drop_page_cache", "STORAGE_PRESETS", "parse_storage"]
 
 log = logging.getLogger(__name__)
-
-ALIGN = 4096  # the archive's alignment and the O_DIRECT granule
-PAGE = mmap.PAGESIZE
-
-
-def ceil_page(n: int) -> int:
-    return -(-int(n) // ALIGN) * ALIGN
-
-
-def floor_page(n: int) -> int:
-    return int(n) // ALIGN * ALIGN
-
 
 # emulated storage for benchmarks: sustained sequential read rates, bytes/s
 STORAGE_PRESETS = {"emmc": 300_000_000, "ufs": 2_000_000_000}
@@ -78,109 +65,6 @@ def parse_storage(spec: str | int | float | None) -> int | None:
 
 class StoreIOError(ZmoeError):
     """Reading expert bytes failed (I/O error); the message names the file, tensor and offset."""
-
-
-class Buffer:
-    """A page-aligned anonymous mapping with a uint8 numpy view.
-
-    Only bytes ``[head, tail)`` count as resident (``charged``): pages below ``head`` and from
-    ``tail`` on have been dropped (``MADV_DONTNEED``) or never touched. ``busy()``: something besides
-    this object references the array (a tensor handed to the model, a decode in flight); such a
-    buffer is never reused until it is not busy any more.
-    """
-
-    __slots__ = ("mm", "arr", "nbytes", "head", "tail", "__weakref__")
-
-    def __init__(self, nbytes: int):
-        n = max(ALIGN, ceil_page(nbytes))
-        self.mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.arr = np.frombuffer(self.mm, dtype=np.uint8)
-        self.nbytes = n
-        self.head = 0
-        self.tail = n
-
-    @property
-    def charged(self) -> int:
-        return max(0, self.tail - self.head)
-
-    def busy(self) -> bool:
-        # references: self.arr and getrefcount's argument; anything else is a view or an export
-        return self.arr is not None and sys.getrefcount(self.arr) > 2
-
-    def set_bounds(self, head: int, tail: int, *, drop: bool = True) -> int:
-        """Count exactly the pages of [head, tail) (head rounded down, tail up, to pages).
-
-        Pages leaving the range are dropped when ``drop`` (skip it for pages never touched); pages
-        joining it will be written by the caller. Returns the change of ``charged``.
-        """
-        head = floor_page(max(0, head))
-        tail = min(self.nbytes, ceil_page(tail))
-        tail = max(tail, head)
-        before = self.charged
-        if drop:
-            if head > self.head:
-                self._drop(self.head, min(head, self.tail))
-            if tail < self.tail:
-                self._drop(max(tail, self.head), self.tail)
-        self.head, self.tail = head, tail
-        return self.charged - before
-
-    def _drop(self, lo: int, hi: int) -> None:
-        if hi > lo:
-            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-    def close(self) -> None:
-        """Unmap now if nothing references the memory, else leave it to the garbage collector."""
-        arr, self.arr = self.arr, None
-        del arr
-        try:
-            self.mm.close()
-        except BufferError:  # still exported (a tensor somewhere): freed when that goes
-            pass
-
-
-class BufferPool:
-    """Free buffers kept for reuse (mapping and faulting fresh pages costs ~0.8 ms per MiB here).
-
-    ``take(n)`` returns the smallest pooled buffer with ``n <= nbytes <= n * (1 + slack)``.
-    Accounting is the caller's (the ledger's ``pool`` category).
-    """
-
-    def __init__(self, slack: float = 0.125):
-        self.slack = slack
-        self._free: list[Buffer] = []
-
-    def __len__(self) -> int:
-        return len(self._free)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.charged for b in self._free)
-
-    def put(self, buf: Buffer) -> None:
-        self._free.append(buf)
-
-    def take(self, n: int) -> Buffer | None:
-        n = ceil_page(n)
-        best = None
-        for b in self._free:
-            if n <= b.nbytes <= n + max(ALIGN, int(n * self.slack)) and (best is None or b.nbytes < best.nbytes):
-                best = b
-        if best is not None:
-            self._free.remove(best)
-        return best
-
-    def pop_any(self) -> Buffer | None:
-        """The largest free buffer (to give its memory back), or None."""
-        if not self._free:
-            return None
-        b = max(self._free, key=lambda x: x.charged)
-        self._free.remove(b)
-        return b
-
-    def clear(self) -> list[Buffer]:
-        out, self._free = self._free, []
-        return out
 
 
 def probe_direct(path: str | os.PathLike) -> str | None:
@@ -274,7 +158,7 @@ class ExpertReader:
         """
         if offset % ALIGN or at % ALIGN:
             raise FormatError(f"{self.path}: {what}: read at offset {offset} is not {ALIGN}-aligned")
-        n = ceil_page(length)
+        n = ceil_align(length)
         if at + n > buf.nbytes:
             raise ValueError(f"read of {n} bytes at {at} does not fit a {buf.nbytes}-byte buffer")
         fd = self._fd_direct if self._fd_direct is not None else self._fd

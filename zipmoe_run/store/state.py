@@ -1,51 +1,30 @@
-"""The store's records: an expert's entry, a task (one expert being read and decoded), a job (one
-fetch or prefetch), the store's exception, and which chunks need which bytes. Shared by the engine
-(``store``), its memory management (``memory``) and prefetch (``prefetch``)."""
+"""The store's records: an expert's entry in the tier table, a task (one expert being read and
+decoded), a job (one fetch or prefetch: what the I/O worker runs), the counters, and the store's
+exceptions. Plain data: the objects that own them (``table``, ``worker``, ``prefetch``, ``store``)
+say who may change what."""
 from __future__ import annotations
 
 import collections
 import threading
+import time
 
 from formats.errors import FormatError, ZmoeError
 
-from .io import Buffer
+from .buffers import Buffer
 from .tiers import ExpertInfo, Tier
 
-_CAT = {Tier.FULL: "full", Tier.COMP: "comp", Tier.SM: "sm"}  # ledger category of a resident tier
-
-
-def _ref_ends(ext, C: int, R: int, start: Tier) -> list[int]:
-    """For each chunk of ``Archive.extent_refs(ext)`` (same order): how many bytes of the extent must be
-    read before it can be decoded. Regions already resident (the SM planes of an SM-tier expert, all
-    of a COMP-tier one) need nothing."""
-    if start in (Tier.COMP, Tier.FULL):
-        return [0] * sum(len(p.exp_chunks) if p.encoding != "raw" else len(p.data_xxh3) for p in ext.parts)
-    o = ext.offset
-    ends = []
-    for p in ext.parts:
-        if p.encoding == "raw":
-            for i in range(len(p.data_xxh3)):
-                end = min(p.data.length, (i + 1) * R) + p.data.offset - o
-                ends.append(0 if start == Tier.SM else end)
-            continue
-        n = p.nbytes // 2
-        for i, c in enumerate(p.exp_chunks):
-            e = c.offset + c.length - o
-            if start == Tier.COLD:
-                e = max(e, p.sm.offset + min(n, (i + 1) * C) - o)
-            ends.append(e)
-    return ends
+CAT = {Tier.FULL: "full", Tier.COMP: "comp", Tier.SM: "sm"}  # ledger category of a resident tier
 
 
 class StoreError(ZmoeError):
     """The store was used in a way it does not support (re-entered fetch, closed store)."""
 
 
-class _Cancelled(Exception):
-    pass
+class Cancelled(Exception):
+    """The job was cancelled (an error, an abandoned fetch, close): stop its work."""
 
 
-def _detach(exc: BaseException | None) -> BaseException | None:
+def detach(exc: BaseException | None) -> BaseException | None:
     """Drop the tracebacks of an expected (one-line) error: their frames reference the buffers of
     the failed task, which could otherwise not be reused while the caller holds the exception."""
     if isinstance(exc, ZmoeError):
@@ -58,7 +37,7 @@ def _detach(exc: BaseException | None) -> BaseException | None:
     return exc
 
 
-class _Entry:
+class Entry:
     __slots__ = ("tier", "dbuf", "rbuf", "weights", "pins", "busy")
 
     def __init__(self) -> None:
@@ -70,7 +49,7 @@ class _Entry:
         self.busy = False  # a task of the open fetch owns its buffers
 
 
-class _Task:
+class Task:
     __slots__ = ("key", "ext", "info", "start", "rbuf", "dbuf", "grown", "read_done", "error", "t_submit",
                  "state", "weights", "est", "pending", "batch_errors", "read_error", "cancel", "adopted")
 
@@ -103,18 +82,54 @@ class _Task:
         return f"tensor {first} ({self.ext.label})"
 
 
-class _Job:
+class Job:
     def __init__(self, tasks: list[_Task], speculative: bool = False):
         self.tasks = tasks
         self.speculative = speculative  # a prefetch: admitted without waiting, finished by the reaper
         self.certain = False  # a prefetch of what the next fetch will ask for: never superseded
         self.preload = False  # load-time warm-up: admitted without evicting, kept decoded (FULL)
-        self.adopted: list[tuple["_Job", _Task]] = []  # prefetched tasks this fetch took over
+        self.adopted: list[tuple["Job", _Task]] = []  # prefetched tasks this fetch took over
         self.cond = threading.Condition()
         self.ready: collections.deque[_Task] = collections.deque()
         self.cancelled = False
         self.reader_done = not tasks
         self.inflight = 0
-        self.pinned: list[tuple[tuple, _Entry]] = []  # FULL hits, yielded first
+        self.pinned: list[tuple[tuple, Entry]] = []  # FULL hits, yielded first
         self.lent: dict | None = None
         self.waiting = False  # the consumer is blocked in _next_ready
+
+
+class Stats:
+    """The store's counters (``stats()``); thread-safe: the I/O thread, decoder callbacks and the
+    consumer all count."""
+
+    def __init__(self) -> None:
+        self._c: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, n: float = 1) -> None:
+        with self._lock:
+            self._c[name] += n
+
+    def get(self, name: str) -> float:
+        with self._lock:
+            return self._c[name]
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self._c)
+
+    def timer(self, name: str) -> "_Timer":
+        """``with stats.timer("stall_s"):`` adds the seconds the block took."""
+        return _Timer(self, name)
+
+
+class _Timer:
+    def __init__(self, stats: Stats, name: str):
+        self.stats, self.name = stats, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.stats.add(self.name, time.perf_counter() - self.t0)

@@ -1,0 +1,281 @@
+"""``IOWorker``: the task queue and the one I/O thread that runs it (specs/runtime.md sections 5.3-5.4).
+
+A job (one fetch's missing experts, or one prefetch) is a list of tasks in schedule order. For each
+task the thread
+
+1. **admits** it: reserves its read and decode buffers in ``Memory`` (reuse a pooled buffer,
+   allocate, shrink the pool, demote the policy's victim through the ``TierTable``, or wait for the
+   consumer to hand buffers back; a speculative job never waits);
+2. **reads** what its tier lacks from the ``ExpertBytes`` source in aligned pieces, submitting each
+   chunk to the ``ParallelDecoder`` as soon as the bytes it needs are in memory;
+3. when the read and every decode batch are done, **completes** it: runs the job's ``on_decoded``
+   hook (preload keeps it decoded), then hands it to the consumer (``job.ready``).
+
+Errors never escape the thread or a decoder callback: they become the task's ``error`` (the original
+one-line exception) and the job's consumer raises it. ``inflight`` is decremented on every path, so
+nothing waiting on a job can hang.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+from .budget import fmt_bytes
+from .memory import Memory
+from .state import Cancelled, Job, Stats, StoreError, Task, detach
+from .table import TierTable
+from .tiers import CostModel, Tier
+
+__all__ = ["IOWorker", "READ_PIECE", "EWMA"]
+
+log = logging.getLogger(__name__)
+
+EWMA = 0.25
+READ_PIECE = 2 << 20  # reads are issued in aligned pieces of this size; chunks are decoded as they complete
+
+
+class IOWorker:
+    """Runs jobs on one thread. ``cond`` is the store lock's condition (memory and the table are
+    only touched under it); ``prefetch`` supplies ``reap()``, ``held`` and ``release_held()``."""
+
+    def __init__(self, source, decoder, memory: Memory, table: TierTable, cost: CostModel, stats: Stats,
+                 cond: threading.Condition, prefetch, on_decoded: Callable[[Job, Task], None]):
+        self.source, self.decoder = source, decoder
+        self.memory, self.table, self.cost, self.stats = memory, table, cost, stats
+        self.cond, self.prefetch, self.on_decoded = cond, prefetch, on_decoded
+        self.closing = False
+        self.on_exit: Callable[[], None] | None = None  # runs on the thread after its last job (close)
+        self._jobs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="zmoe-io", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the thread to finish; True when it has within ``timeout`` seconds."""
+        self.closing = True
+        self._jobs.put(None)
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    # -- the thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                try:
+                    for task in job.tasks:
+                        if job.cancelled or not self._run(job, task):
+                            break
+                finally:
+                    with job.cond:
+                        job.reader_done = True
+                        job.cond.notify_all()
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
+
+    def _run(self, job: Job, task: Task) -> bool:
+        """Admit, read (in pieces) and decode one task; False when the job must stop."""
+        try:
+            with self.cond:
+                if job.speculative:
+                    if task.state != "queued" or task.cancel:
+                        return True  # dropped or superseded before the thread got to it
+                    if not self.admit(job, task, wait=False, evict=not job.preload):
+                        for t in job.tasks:
+                            if t.state == "queued":
+                                self.prefetch.drop_queued(t)
+                        return False
+                else:
+                    self.admit(job, task)
+                task.state = "admitted"
+        except Cancelled:
+            return False
+        except BaseException as exc:  # noqa: BLE001 - surfaces in the consumer, which cancels the job
+            task.error = detach(exc)
+            with job.cond:
+                job.ready.append(task)
+                job.cond.notify_all()
+            return False
+        return self._read_and_decode(job, task)
+
+    def _read_and_decode(self, job: Job, task: Task) -> bool:
+        """Chunks are submitted as soon as the bytes they need are in memory, so the decoding of an
+        expert overlaps the rest of its own read (specs/runtime.md section 5.3)."""
+        ext = task.ext
+        refs, ends = self.source.chunks(ext, task.view, task.start)
+        out = task.dbuf.arr[:ext.decoded_nbytes]
+        length = self.source.read_length(ext, task.start)
+        order = sorted(range(len(refs)), key=ends.__getitem__)
+        with job.cond:
+            job.inflight += 1
+        task.pending, task.batch_errors = 1, {}
+        task.t_submit = time.perf_counter()
+        task.state = "submitted"
+        ok = True
+        try:
+            done = k = batch = 0
+            while True:
+                j = k
+                while j < len(order) and ends[order[j]] <= done:
+                    j += 1
+                if j > k or (done >= length and k < len(order)):
+                    j = len(order) if done >= length else j
+                    with job.cond:
+                        clean = job.inflight == 1
+                    self._decode(job, task, [refs[i] for i in order[k:j]], out, batch, clean and j == len(order))
+                    batch += 1
+                    k = j
+                if done >= length:
+                    break
+                if job.cancelled or self.closing or task.cancel:
+                    raise Cancelled
+                n = min(READ_PIECE, length - done)
+                self._read(task, done, n)
+                done += n
+            task.read_done = True
+        except Cancelled:
+            task.read_error = StoreError("fetch cancelled")
+            ok = False
+        except BaseException as exc:  # noqa: BLE001 - surfaces in the consumer, which cancels the job
+            task.read_error = detach(exc)
+            ok = False
+        finally:
+            del refs, out
+            self._release_hold(job, task)
+        return ok
+
+    def _read(self, task: Task, lo: int, n: int) -> None:
+        t0 = time.perf_counter()
+        got = self.source.read(task.ext, task.rbuf, lo, n, task.what)
+        dt = time.perf_counter() - t0
+        self.stats.add("bytes_read", got)
+        self.stats.add("reads")
+        self.stats.add("read_s", dt)
+        if got >= 1 << 20 and dt > 0 and not self.cost.frozen:
+            self.cost.read_bps += EWMA * (got / dt - self.cost.read_bps)
+
+    def _decode(self, job: Job, task: Task, refs, out, batch: int, last: bool) -> None:
+        with job.cond:
+            task.pending += 1
+        nbytes = sum(2 * r.n if r.kind == "bf16-split" else r.n for r in refs)
+        fut = self.decoder.submit(refs, out)
+        fut.add_done_callback(partial(self._batch_done, job, task, batch, nbytes if last else 0, time.perf_counter()))
+
+    def _batch_done(self, job: Job, task: Task, batch: int, clean_bytes: int, t0: float, fut) -> None:
+        try:
+            exc = fut.exception()
+            dt = time.perf_counter() - t0
+            if exc is not None:
+                with job.cond:
+                    task.batch_errors[batch] = exc
+            elif clean_bytes >= 1 << 20 and dt > 0 and not self.cost.frozen:  # the pool had only this work
+                self.cost.decode_bps += EWMA * (clean_bytes / dt - self.cost.decode_bps)
+        except BaseException as e:  # noqa: BLE001 - a cancelled future: the batch failed
+            with job.cond:
+                task.batch_errors[batch] = e
+        finally:
+            self._release_hold(job, task)
+
+    def _release_hold(self, job: Job, task: Task) -> None:
+        """The read or one decode batch of ``task`` is done; the last one completes the task."""
+        with job.cond:
+            task.pending -= 1
+            if task.pending:
+                return
+            errs = task.batch_errors
+            exc = detach(errs[min(errs)] if errs else task.read_error)
+        try:
+            if exc is None:
+                self.stats.add("experts_decoded")
+                self.stats.add("bytes_decoded", task.ext.decoded_nbytes)
+                self.stats.add("expert_decode_s", time.perf_counter() - task.t_submit)
+                self.on_decoded(job, task)
+        except BaseException as e:  # noqa: BLE001 - the hook failed: the task failed with its error
+            exc = detach(e)
+            log.debug("completing %s failed", task.ext.label, exc_info=True)
+        finally:
+            with job.cond:
+                task.error = exc
+                if task.state != "placed":
+                    task.state = "ready"
+                job.inflight -= 1
+                job.ready.append(task)
+                job.cond.notify_all()
+
+    # -- admission (under the store lock) ----------------------------------------------------------------
+    def admit(self, job: Job, task: Task, wait: bool = True, evict: bool = True) -> bool:
+        """Reserve and attach the buffers ``task`` needs, evicting or waiting as required.
+
+        ``wait=False`` (a prefetch): where a fetch would wait, give the buffers back and return False.
+        """
+        mem, info = self.memory, task.info
+        need_r = info.comp_bytes if task.start == Tier.COLD else 0
+        need_d = info.full_bytes
+        t0 = time.perf_counter()
+        waited = stuck = 0
+        while True:
+            if job.cancelled or self.closing:
+                raise Cancelled
+            mem.reap()
+            if wait:
+                self.prefetch.reap()
+            if need_r and task.rbuf is None:
+                task.rbuf = mem.reuse(need_r)
+            if task.dbuf is None:
+                task.dbuf = mem.reuse(need_d)
+            grow = 0
+            if task.start == Tier.SM and not task.grown:
+                grow = task.rbuf.head  # the dropped exponent pages come back with the read
+            missing = (need_r if need_r and task.rbuf is None else 0) + (need_d if task.dbuf is None else 0)
+            if missing == 0 and grow == 0:
+                break
+            if mem.fits(missing + grow):
+                if need_r and task.rbuf is None:
+                    task.rbuf = mem.alloc(need_r)
+                if task.dbuf is None:
+                    task.dbuf = mem.alloc(need_d)
+                if grow:
+                    mem.ledger.charge("staging", task.rbuf.set_bounds(0, task.rbuf.tail))
+                    task.grown = grow
+                continue
+            if mem.shrink_pool():
+                continue
+            if evict and self.table.evict_one(self.prefetch.held):
+                continue
+            if wait and self.prefetch.held:  # a fetch needs the room: what prefetch protected gives way
+                self.prefetch.release_held()
+                continue
+            if not wait:
+                if job.preload:
+                    with job.cond:
+                        busy = job.inflight > 0
+                    if busy:  # what is in flight frees its read buffer when placed
+                        self.cond.wait(timeout=0.02)
+                        continue
+                mem.release(task.rbuf, "staging")
+                mem.release(task.dbuf, "staging")
+                task.rbuf = task.dbuf = None
+                return False
+            # nothing to evict: wait for the consumer to hand buffers back
+            waited += 1
+            with job.cond:
+                blocked = job.waiting and not job.ready and job.inflight == 0
+            stuck = stuck + 1 if blocked else 0
+            if stuck >= 50:  # ~1 s with the consumer waiting on us and nothing else in flight
+                raise StoreError(
+                    f"memory budget {fmt_bytes(mem.capacity)} exhausted while fetching {task.ext.label}: "
+                    f"{fmt_bytes(mem.ledger.bytes['draining'])} of expert buffers are still referenced "
+                    f"by the caller (keep no expert tensors past the next fetch step)")
+            self.cond.wait(timeout=0.02)  # wake on release; the timeout re-checks draining buffers
+        if waited:
+            self.stats.add("admit_wait_s", time.perf_counter() - t0)
+        return True
