@@ -60,4 +60,6 @@ def pack_cmd(
 
 
 def main() -> None:
-    typer.run(pack_cmd)
+    from zipmoe_cli import single_command_app
+
+    single_command_app(pack_cmd)()
