@@ -299,6 +299,22 @@ def test_failed_pack_releases_every_map(src, tmp_path, monkeypatch, raw):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_worker_failure_releases_every_map(src, tmp_path, monkeypatch):
+    """A failure inside an encoding worker, its traceback (holding the worker's frame) kept alive."""
+    def split_bf16(u16, exp, sm):
+        raise RuntimeError("injected split failure")
+
+    monkeypatch.setattr(P, "split_bf16", split_bf16)
+    fds = _open_fds()
+    with pytest.raises(RuntimeError, match="injected") as ei:
+        pack(src, tmp_path / "a.zmoe", PackOptions(threads=2))
+    assert ei.value.__traceback__ is not None
+    assert _mapped(src) == []
+    assert _open_fds() == fds
+    assert not _temps(tmp_path / "a.zmoe") and not (tmp_path / "a.zmoe").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
 @pytest.mark.parametrize("raw", [False, True])
 def test_pack_releases_every_map(src, tmp_path, raw):
     fds = _open_fds()

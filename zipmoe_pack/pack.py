@@ -13,6 +13,7 @@ import mmap
 import os
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,6 +111,9 @@ def _encode_extent(ep: ExtentPlan, maps: _Maps, opts: PackOptions) -> list[dict]
                     cx.append(hex64(checksum(c)))
                     sx.append(hex64(checksum(sm[lo:lo + C])))
                 r.update(coded=coded, cx=cx, sm=sm, sx=sx, hist=np.bincount(exp, minlength=256))
+        except BaseException as e:  # the traceback must not keep a callee's view of the map alive
+            traceback.clear_frames(e.__traceback__)
+            raise
         finally:
             u16 = None
             src.release()
