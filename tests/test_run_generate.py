@@ -63,6 +63,27 @@ def test_sampling_options(lm):
         Sampling(greedy=False, top_p=1.5)
 
 
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"seed": -1}, "seed"), ({"seed": 1 << 64}, "seed"), ({"seed": 1.5}, "seed"), ({"greedy": True, "seed": -5}, "seed"),
+    ({"greedy": False, "temperature": float("nan")}, "temperature"),
+    ({"greedy": False, "temperature": float("inf")}, "temperature"),
+    ({"greedy": False, "top_p": float("nan")}, "top_p"), ({"greedy": False, "top_p": 0}, "top_p"),
+    ({"greedy": False, "top_k": -1}, "top_k"), ({"greedy": False, "top_k": 2.5}, "top_k"),
+])
+def test_sampling_rejects_bad_settings(kwargs, needle):
+    """One-line GenerationError (a ZmoeError) instead of a torch error later (a seed of 2^64 overflowed)."""
+    with pytest.raises(GenerationError, match=needle) as exc:
+        Sampling(**kwargs)
+    assert "\n" not in str(exc.value)
+
+
+def test_max_new_tokens_checked(lm):
+    for bad in (-1, 2.5, True):
+        with pytest.raises(GenerationError, match="max_new_tokens"):
+            generate(lm.model, [1, 2], max_new_tokens=bad)
+    assert Sampling(seed=(1 << 64) - 1).seed == (1 << 64) - 1
+
+
 def test_prompt_checks(lm):
     ctx = lm.model.max_context
     with pytest.raises(PromptTooLongError, match="context"):

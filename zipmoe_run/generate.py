@@ -7,6 +7,7 @@ would alone); rows stop at EOS or after ``max_new_tokens``.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from collections.abc import Iterator, Sequence
@@ -31,13 +32,21 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 1 << 64):
+            raise GenerationError(f"seed must be an integer in [0, 2^64) (got {self.seed!r})")
         if not self.greedy:
-            if not self.temperature > 0:
-                raise GenerationError(f"temperature must be > 0 (got {self.temperature}); use greedy decoding instead")
-            if not 0 < self.top_p <= 1:
+            if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                    and self.temperature > 0):
+                raise GenerationError(f"temperature must be a finite number > 0 (got {self.temperature}); "
+                                      "use greedy decoding instead")
+            if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
                 raise GenerationError(f"top_p must be in (0, 1] (got {self.top_p})")
-            if self.top_k < 0:
-                raise GenerationError(f"top_k must be >= 0 (got {self.top_k})")
+            if not _is_int(self.top_k) or self.top_k < 0:
+                raise GenerationError(f"top_k must be an integer >= 0 (got {self.top_k!r})")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -95,8 +104,8 @@ def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int)
     longest = max(len(p) for p in out)
     if longest >= ctx:
         raise PromptTooLongError(f"prompt has {longest} tokens; the model's context is {ctx} tokens")
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0 (got {max_new_tokens!r})")
     return out
 
 
