@@ -1,3 +1,5 @@
+"""`python -m zipmoe ...`: the same as the `zipmoe` command."""
 from zipmoe.cli import main
 
-main()
+if __name__ == "__main__":
+    main()
