@@ -402,6 +402,17 @@ def test_file_names_an_archive_cannot_hold(src, tmp_path, name, why):
     _refused(src, tmp_path / "a.zmoe", why, "cannot be stored")
 
 
+@pytest.mark.parametrize("shard", ["a\x00b.safetensors", "x" * 5000, "/dev/zero"])
+def test_shard_index_names_are_compared_not_opened(src, tmp_path, shard):
+    """A NUL byte or a 5,000-byte name in weight_map used to reach the file system (ENAMETOOLONG: OSError)."""
+    p = src / "model.safetensors.index.json"
+    doc = json.loads(p.read_text())
+    name = next(iter(doc["weight_map"]))
+    doc["weight_map"][name] = shard
+    p.write_text(json.dumps(doc))
+    _refused(src, tmp_path / "a.zmoe", p.name, name, "missing from the folder")
+
+
 def test_model_type_must_be_a_string(src, tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": ["qwen2_moe"]}))
     _refused(src, tmp_path / "a.zmoe", "config.json", "model_type")

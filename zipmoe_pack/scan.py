@@ -288,7 +288,7 @@ def scan_checkpoint(root: str | os.PathLike) -> Checkpoint:
 
     index_path = root / "model.safetensors.index.json"
     if os.path.lexists(index_path):
-        _check_index(root, index_path, tensors)
+        _check_index(root, index_path, tensors, {f.path for f in files if f.kind == "safetensors"})
     if not any(t.role for t in tensors.values()):
         raise InputError(f"{root}: no routed-expert tensors recognised (model_type {model_type!r}); "
                          f"supported families: {', '.join(FAMILIES)}")
@@ -327,7 +327,8 @@ def _role(path: Path, t: SrcTensor) -> ExpertName | None:
     return role
 
 
-def _check_index(root: Path, index_path: Path, tensors: dict[str, SrcTensor]) -> None:
+def _check_index(root: Path, index_path: Path, tensors: dict[str, SrcTensor], shards: set[str]) -> None:
+    """The shard index must agree with the shards scanned (its names are compared, never opened)."""
     doc = _load_json(index_path, "shard index")
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict):
@@ -335,8 +336,9 @@ def _check_index(root: Path, index_path: Path, tensors: dict[str, SrcTensor]) ->
     for name, shard in wm.items():
         if not isinstance(shard, str):
             raise InputError(f"{index_path}: weight_map[{name!r}] is not a file name")
-        if not (root / shard).is_file():
-            raise InputError(f"{index_path}: names shard {shard} for tensor {name}, but {root / shard} is missing")
+        if shard not in shards:
+            raise InputError(f"{index_path}: names shard {shard[:300]!r} for tensor {name[:300]!r}, but that "
+                             f"safetensors file is missing from the folder")
         t = tensors.get(name)
         if t is None or t.file != shard:
-            raise InputError(f"{root / shard}: tensor {name} is missing from its shard (the index places it there)")
+            raise InputError(f"{root / shard}: tensor {name[:300]!r} is missing from its shard (the index places it there)")
