@@ -1,13 +1,20 @@
 """The memory-budgeted tiered expert store behind ``ArchiveSource`` (normative model: specs/runtime.md).
 
-Modules, each small and importable without torch:
+``ExpertStore`` (``store``) composes a few objects, each owning one thing:
 
-* ``budget``    -- the one knob (``--memory-budget``) and the byte ledger everything is charged to;
-* ``io``        -- honest I/O: O_DIRECT (or read + POSIX_FADV_DONTNEED) into page-aligned buffers;
-* ``tiers``     -- the four tiers of an expert and their byte costs;
-* ``policy``    -- pluggable placement/eviction policies (no torch, no I/O: a simulator can reuse them);
-* ``scheduler`` -- the two-stage flow-shop order (read, then decode) and its guaranteed bound;
-* ``store``     -- ``ExpertStore``: fetch() with cache-affinity scheduling on one I/O thread + the decoder pool.
+* ``budget``     -- the one knob (``--memory-budget``) and the ``Ledger`` every byte is charged to;
+* ``buffers``    -- page-aligned ``Buffer``s (host page size, lent views counted) and the ``BufferPool``;
+* ``memory``     -- ``Memory``: the ledger, the pool and the buffers still lent to the caller;
+* ``table``      -- ``TierTable``: which tier each expert is in, placement and demotion via the policy;
+* ``bytesource`` -- ``ExpertBytes``: where expert bytes come from (``ArchiveBytes``: a ``.zmoe`` archive);
+* ``io``         -- honest I/O: O_DIRECT (or read + POSIX_FADV_DONTNEED) into page-aligned buffers;
+* ``worker``     -- ``IOWorker``: the task queue and its I/O thread (admit, read, decode);
+* ``prefetch``   -- ``Prefetcher``: prefetch, preload, adoption by the next fetch;
+* ``scheduler``  -- the two-stage flow-shop order (read, then decode) and its guaranteed bound;
+* ``state``      -- the records they share (entry, task, job, counters) and ``StoreError``;
+* ``tiers``, ``policy`` -- the tiers, their byte costs, the cost model and the policies.
+
+No module imports torch: the caller turns decoded buffers into tensors (``wrap``).
 """
 from __future__ import annotations
 

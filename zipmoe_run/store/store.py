@@ -50,7 +50,7 @@ from .prefetch import Prefetcher
 from .scheduler import FlowTask, johnson_order
 from .state import Job, Stats, StoreError, Task
 from .table import TierTable, expert_info
-from .tiers import CostModel, ExpertInfo, Tier
+from .tiers import CostModel, Tier
 from .worker import EWMA, IOWorker
 
 __all__ = ["ExpertStore", "StoreError"]
@@ -118,23 +118,13 @@ class ExpertStore:
                 f"({self.extents[big.key].label})")
         self._reserve = big.staging(Tier.COLD) if (big and budget.nbytes is not None) else 0
 
-    # -- what the policy and callers may look at ----------------------------------------------------
-    def info(self, key) -> ExpertInfo:
-        return self.infos[key]
-
+    # -- what callers may look at (the policy sees the TierTable) -----------------------------------
     def tier_of(self, key) -> Tier:
         return self.table.tier_of(key)
 
     def resident(self):
+        """(key, tier) of every expert held in FULL, COMP or SM and not being fetched right now."""
         return self.table.resident()
-
-    @property
-    def resident_bytes(self) -> int:
-        return self.memory.ledger.resident
-
-    @property
-    def reserve(self) -> int:
-        return self._reserve
 
     @property
     def ledger(self):
