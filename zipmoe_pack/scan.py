@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from formats.dtypes import DTYPE_BITS, tensor_nbytes
-from formats.errors import InputError
+from formats.errors import FormatError, InputError
+from formats.index_fields import MAX_PATH_BYTES, MAX_RANK, U64_LIMIT, Ctx, check_path
 from formats.jsonstrict import JSONRejected, loads
 from formats.names import FAMILIES, ExpertName, parse_expert_name
 
@@ -26,9 +27,6 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER = 100 << 20  # the safetensors library's own cap
 MAX_JSON = 100 << 20  # config.json and the shard index (DeepSeek-V3's index is 9 MB)
-MAX_RANK = 8  # the reader's limit (formats/index_parse.py)
-U64_LIMIT = 1 << 64  # every integer of the index is below this (specs/zmoe.md section 3)
-MAX_PATH_BYTES = 4096  # the reader's limit on a stored path
 MAX_EXTENTS = 1 << 20  # experts in one archive (DeepSeek-V3 has 58 x 256 = 14,848); bounds the plan's size
 SKIP_DIRS = {".git", ".cache", "__pycache__"}
 
@@ -188,7 +186,7 @@ def read_safetensors_header(path: Path, rel: str) -> SrcFile:
 
 
 def path_problem(rel: str) -> str | None:
-    """Why an archive cannot hold this relative path (the reader's rules, formats/index_parse.py), or None."""
+    """Why an archive cannot hold this relative path (the reader's rules, formats/index_fields.py), or None."""
     bad = next((c for c in rel if ord(c) < 0x20 or ord(c) == 0x7F), None)
     if bad is not None:
         return f"its name contains the control character {bad!r}"
@@ -200,8 +198,12 @@ def path_problem(rel: str) -> str | None:
         return "its name is not valid UTF-8"
     if n > MAX_PATH_BYTES:
         return f"its path is longer than {MAX_PATH_BYTES} bytes"
-    if len(rel) > 1 and rel[1] == ":":
+    if len(rel) > 1 and rel[1] == ":" and rel[0].isascii() and rel[0].isalpha():
         return "its name looks like a drive letter (X:)"
+    try:  # the reader's own rule decides (any rule added there is enforced here too)
+        check_path(Ctx(rel, 0, 0), rel, "file")
+    except FormatError as e:
+        return str(e).removeprefix(f"{rel}: index file: ")
     return None
 
 
