@@ -3,7 +3,6 @@ input is one line; an unexpected exception (a bug) shows its traceback and asks 
 from __future__ import annotations
 
 import errno
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from formats.errors import InputError
-from zipmoe_cli import REPORT, guarded, max_threads, single_command_app
+from zipmoe_cli import MAX_THREADS, REPORT, guarded, single_command_app
 
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"zipmoe": "zipmoe.cli", "zipmoe-pack": "zipmoe_pack.cli", "zipmoe-run": "zipmoe_run.cli"}
@@ -40,7 +39,7 @@ def one_line(r, code: int | None, *needles: str) -> str:
 
 USAGE = [
     ("zipmoe-run", ["m", "--prompt-ids", "1", "--max-new-tokens", "-1"], ["--max-new-tokens"]),
-    ("zipmoe-run", ["m", "--prompt-ids", "1", "--threads", "0"], ["--threads", f"1 and {max_threads()}"]),
+    ("zipmoe-run", ["m", "--prompt-ids", "1", "--threads", "0"], ["--threads", f"1 and {MAX_THREADS}"]),
     ("zipmoe-run", ["m", "--prompt-ids", "1", "--threads", "100000"], ["--threads", "100000"]),
     ("zipmoe-run", ["m", "--prompt-ids", "1", "--temperature", "-1"], ["--temperature"]),
     ("zipmoe-run", ["m", "--prompt-ids", "1", "--greedy", "--temperature", "nan"], ["--temperature"]),
@@ -92,8 +91,8 @@ def test_bare_umbrella_shows_help():
 
 
 def test_threads_at_the_bound_is_accepted(tmp_path):
-    """--threads max_threads() passes validation (the run then fails on the missing checkpoint)."""
-    r = entry("zipmoe-run", tmp_path / "none", "--prompt-ids", "1", "--threads", max_threads())
+    """--threads MAX_THREADS passes validation (the run then fails on the missing checkpoint)."""
+    r = entry("zipmoe-run", tmp_path / "none", "--prompt-ids", "1", "--threads", MAX_THREADS)
     one_line(r, 1, "none")
 
 
@@ -234,5 +233,9 @@ def test_os_error_without_file_name_is_not_blamed_on_input():
     assert "Traceback" in r.stderr and not r.stderr.startswith("error: :")
 
 
-def test_max_threads_follows_the_host():
-    assert max_threads() == 4 * (os.cpu_count() or 1)
+def test_one_thread_bound_everywhere():
+    """--threads has one upper bound in every command: the decoder's and the packer's."""
+    from formats.decoder import MAX_THREADS as DECODER
+    from zipmoe_pack.pack import MAX_THREADS as PACKER
+
+    assert MAX_THREADS == DECODER == PACKER

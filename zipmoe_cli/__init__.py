@@ -72,24 +72,24 @@ def fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def max_threads() -> int:
-    """The most worker threads an option accepts: 4 x the CPUs the OS reports (1 if unknown)."""
-    return 4 * (os.cpu_count() or 1)
+# The most worker threads an option accepts, as formats.decoder.MAX_THREADS and the packer: far above
+# any useful count (more threads than cores only contend), low enough to refuse a typo such as 100000,
+# which crashed the runtime, before any thread is started. Independent of the host's core count.
+MAX_THREADS = 1024
 
 
 def check_threads(value: int | None, *, zero_means_all: bool = False) -> int | None:
-    """Typer callback: ``value`` within 1 .. max_threads() (0 allowed when it means all cores)."""
+    """Typer callback body: ``value`` within 1 .. MAX_THREADS (0 allowed when it means all cores)."""
     if value is None or (zero_means_all and value == 0):
         return value
-    hi = max_threads()
-    if not 1 <= value <= hi:
-        raise typer.BadParameter(f"must be between 1 and {hi} (4 x the {os.cpu_count() or 1} CPUs here)"
-                                 f"{', or 0 for all cores' if zero_means_all else ''}; got {value}")
+    if not 1 <= value <= MAX_THREADS:
+        lo = "0 (all cores)" if zero_means_all else "1"
+        raise typer.BadParameter(f"must be between {lo} and {MAX_THREADS}; got {value}")
     return value
 
 
 def threads_option(value: int | None) -> int | None:
-    """Typer callback for a ``--threads`` / ``--cores`` option: 1 .. max_threads()."""
+    """Typer callback for a ``--threads`` / ``--cores`` option: 1 .. MAX_THREADS."""
     return check_threads(value)
 
 

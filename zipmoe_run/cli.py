@@ -102,7 +102,7 @@ def run_cmd(
     seed: int = typer.Option(None, "--seed", callback=_seed, help="Random seed for sampling, 0 .. 2^64-1."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
     threads: int = typer.Option(None, "--threads", callback=threads_option,
-                                 help="CPU threads (torch and the archive reader): 1 .. 4 x the CPUs."),
+                                 help="CPU threads (torch and the archive reader): 1 .. 1024."),
     memory_budget: str = typer.Option(None, "--memory-budget", "-m", callback=_memory_budget,
                                       help="Memory for routed experts (.zmoe): bytes (3GiB, 500MB), a percentage of "
                                            "the expert bytes (30%) or auto. Default: no limit."),

@@ -75,7 +75,7 @@ def io_cmd(
     size_mib: int = typer.Option(256, "--size-mib", min=8, help="Scratch file size."),
     read_mib: int = typer.Option(8, "--read-mib", min=1, help="Bytes per read (about one expert)."),
     cores: Optional[int] = typer.Option(None, "--cores", callback=threads_option,
-                                        help="Decoder threads, 1 .. 4 x the CPUs (default: all CPUs)."),
+                                        help="Decoder threads, 1 .. 1024 (default: all CPUs)."),
     runs: int = typer.Option(3, "--runs", "-r", min=1, help="Timed decode runs (median; after a warm-up)."),
     io_mode: str = typer.Option("auto", "--io", help="auto (O_DIRECT when possible), direct, buffered."),
     out: Optional[Path] = typer.Option(None, "--out", help="Calibration file (default ~/.cache/zipmoe/calibration.json)."),
@@ -155,7 +155,7 @@ def run_cmd(
     new_tokens: int = typer.Option(32, "--new-tokens", min=2),
     runs: int = typer.Option(5, "--runs", "-r", min=1, help="Timed runs per system (median)."),
     threads: Optional[int] = typer.Option(None, "--threads", callback=threads_option,
-                                          help="Compute threads, 1 .. 4 x the CPUs (default: torch's)."),
+                                          help="Compute threads, 1 .. 1024 (default: torch's)."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 or float32."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep the synthetic checkpoint here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
@@ -184,7 +184,7 @@ def e2e_cmd(
     prompt_tokens: int = typer.Option(16, "--prompt-tokens", min=1, help="Fixed prompt length (token ids)."),
     new_tokens: int = typer.Option(24, "--new-tokens", min=2, help="Greedy tokens to generate per pass."),
     threads: int = typer.Option(1, "--threads", callback=threads_option,
-                                help="Compute threads (torch) of every system, 1 .. 4 x the CPUs; the "
+                                help="Compute threads (torch) of every system, 1 .. 1024; the "
                                 "decoder pool uses all cores. On a shared 2-core machine 1 is much faster."),
     workdir: Path = typer.Option(Path("/tmp/zipmoe-bench-e2e"), "--workdir",
                                  help="Where the generated checkpoint and archives are kept (reused)."),
