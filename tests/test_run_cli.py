@@ -77,3 +77,29 @@ def test_bad_arguments(ckpt, tmp_path):
     _error(_invoke(tmp_path / "nothing", "--prompt-ids", "1"), "nothing")
     _error(_invoke(ckpt, "--prompt-ids", "1", "--dtype", "int3"), "dtype")
     _error(_invoke(ckpt, "--prompt-ids", "1", "--temperature", "0"), "temperature")
+
+
+def test_store_error_while_generating_is_one_line_and_closes(monkeypatch, tmp_path):
+    """An error the store raises mid-stream (a read failing on the I/O thread): the tokens so far were
+    streamed, then one line and exit 1; the model is closed."""
+    import zipmoe_run.api
+    from zipmoe_run.generate import TokenEvent
+    from zipmoe_run.store.io import StoreIOError
+
+    closed = []
+
+    class FakeLM:
+        tokenizer = None
+        source = type("S", (), {"budget": None, "stats": lambda self: {}})()
+
+        def stream(self, ids, **kw):
+            yield TokenEvent(0, 0, 42, "", 0.0, 0.0)
+            raise StoreIOError(f"{tmp_path}/m.zmoe: read of expert 3 of layer 1 failed at offset 4096: Input/output error")
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(zipmoe_run.api, "load", lambda *a, **k: FakeLM())
+    r = _invoke(tmp_path / "m.zmoe", "--prompt-ids", "1,2")
+    _error(r, "expert 3 of layer 1", "offset 4096")
+    assert r.exit_code == 1 and closed == [True]
