@@ -3,8 +3,6 @@ the tokens, byte counts, hit counts, budgets and every figure derived from anoth
 from __future__ import annotations
 
 import json
-import math
-import statistics
 
 import pytest
 from typer.testing import CliRunner
