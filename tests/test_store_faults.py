@@ -266,3 +266,25 @@ def _swallow(gen):
         return list(gen)
     except Exception as e:  # noqa: BLE001 - the fetch is cancelled by close
         return e
+
+
+def test_a_decoder_refusing_work_fails_the_fetch_instead_of_hanging(arc):
+    """A decode batch that cannot even be submitted must still complete its task (as failed)."""
+    from formats.errors import CodecError
+
+    with load(arc, memory_budget="40%", threads=2) as lm:
+        dec = lm.source.decoder
+        real = dec.submit
+
+        def refuse(refs, out, *a, **k):
+            raise CodecError("ParallelDecoder is closed (injected)")
+
+        dec.submit = refuse
+        experts = _all_experts(lm)
+        try:
+            with pytest.raises(CodecError, match=r"\(injected\)"):
+                _in_thread(lambda: [e for e, _ in lm.source.fetch(0, experts)])
+        finally:
+            dec.submit = real
+        _settled(lm.source.stats())
+        assert _in_thread(lambda: sorted(e for e, _ in lm.source.fetch(0, experts))) == sorted(experts)

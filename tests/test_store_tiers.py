@@ -163,3 +163,45 @@ def test_injected_page_size_charges_and_drops_whole_pages(arc, reference, monkey
     assert st["placed_comp"] > 0 and st["demote_comp_sm"] > 0 and st["hits_sm"] > 0 and st["hits_cold"] > 0, st
     assert drops and all(lo % page == 0 and hi % page == 0 for lo, hi, _ in drops), drops
     assert all(n % page == 0 for _, _, n in drops)
+
+
+def test_the_store_reads_only_through_its_byte_source(arc, reference):
+    """``ExpertStore(source=...)`` takes any ``ExpertBytes`` (a checkpoint folder's shards will be one):
+    every expert byte comes through its four calls, and the results are exact."""
+    from zipmoe_run.store.bytesource import ArchiveBytes
+    from zipmoe_run.store.io import ExpertReader
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.reads, self.closed = inner, 0, False
+            self.extents, self.scratch_elements, self.reader = inner.extents, inner.scratch_elements, inner.reader
+
+        def missing(self, key):
+            self.inner.missing(key)
+
+        def read(self, ext, buf, lo, n, what):
+            self.reads += 1
+            return self.inner.read(ext, buf, lo, n, what)
+
+        def chunks(self, ext, view, start):
+            return self.inner.chunks(ext, view, start)
+
+        def read_length(self, ext, start):
+            return self.inner.read_length(ext, start)
+
+        def close(self):
+            self.closed = True
+            self.inner.close()
+
+    with Archive(arc) as ar, ParallelDecoder(2) as dec:
+        src = Counting(ArchiveBytes(ar, ExpertReader(ar.path)))
+        store = ExpertStore(None, dec, budget=None, source=src)
+        try:
+            for layer in (0, 1):
+                for e, arr in store.fetch(layer, list(range(EXPERTS))):
+                    want = reference[(None, layer, e)]
+                    assert np.array_equal(np.asarray(arr)[:want.shape[0]], want)
+            assert src.reads == store.stats()["reads"] >= 2 * EXPERTS
+        finally:
+            store.close()
+        assert src.closed

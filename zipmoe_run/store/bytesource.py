@@ -10,12 +10,15 @@ The store asks an ``ExpertBytes`` for four things, and nothing else:
 * ``chunks(ext, view, start)``: the decoder's chunk references for the whole expert and, for each,
   how many extent bytes must be in memory before it can be decoded when the fetch starts from tier
   ``start``; ``read_length(ext, start)``: how many extent bytes such a fetch reads;
-* ``scratch_elements``: the largest chunk a decode works on (sizes the decoder scratch).
+* ``scratch_elements``: the largest chunk a decode works on (sizes the decoder scratch);
+
+and reports its ``reader`` (an ``io.ExpertReader``: mode, throttle; closed by ``close``).
 
 ``ArchiveBytes`` serves a ``.zmoe`` archive (coded exponent chunks + sign/mantissa planes, or raw
 parts of a ``--raw`` archive). A source of raw bytes (the original safetensors shards of a
-checkpoint folder) implements the same four with raw parts only: its experts then offer FULL and
-COLD alone (``tiers.info_from_extent``), and everything else in the store is unchanged.
+checkpoint folder) implements the same with raw parts only (``ExpertStore(source=...)``): its
+experts then offer FULL and COLD alone (``tiers.info_from_extent``), and nothing else in the store
+changes.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ __all__ = ["ExpertBytes", "ArchiveBytes", "ref_ends"]
 class ExpertBytes(Protocol):
     extents: dict
     scratch_elements: int
+    reader: ExpertReader
 
     def missing(self, key) -> None: ...
 

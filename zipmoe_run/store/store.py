@@ -42,7 +42,7 @@ from formats.decoder import ParallelDecoder
 
 from .budget import Budget, BudgetError, fmt_bytes, parse_budget
 from .buffers import PAGE, ceil_to
-from .bytesource import ArchiveBytes
+from .bytesource import ArchiveBytes, ExpertBytes
 from .io import ExpertReader
 from .memory import Memory
 from .policy import Policy, make_policy
@@ -61,22 +61,25 @@ CLOSE_JOIN_S = 30.0  # how long close() waits for the I/O thread before leaving 
 
 
 class ExpertStore:
-    """The tiered, budgeted expert store of one open ``formats.reader.Archive``."""
+    """The tiered, budgeted expert store of one open ``formats.reader.Archive`` (or of any
+    ``ExpertBytes`` given as ``source``; ``archive`` is then unused)."""
 
     def __init__(self, archive, decoder: ParallelDecoder, *, budget: Budget | str | int | None = None,
                  policy: str | Policy | None = None, io_mode: str = "auto", io_throttle_bps: float | None = None,
                  wrap: Callable[[object, np.ndarray], object] | None = None, dense_bytes: int = 0,
-                 cost: CostModel | None = None, page_size: int | None = None):
+                 cost: CostModel | None = None, page_size: int | None = None, source: ExpertBytes | None = None):
         self.archive, self.decoder = archive, decoder
         self.wrap = wrap if wrap is not None else (lambda ext, arr: arr)
         self.page = page_size or PAGE
-        self.source = ArchiveBytes(archive, ExpertReader(archive.path, io_mode, throttle_bps=io_throttle_bps))
+        if source is None:
+            source = ArchiveBytes(archive, ExpertReader(archive.path, io_mode, throttle_bps=io_throttle_bps))
+        self.source = source
         try:
             self._size(budget, dense_bytes)
         except BaseException:
             self.source.close()
             raise
-        self.reader = self.source.reader
+        self.reader = source.reader  # the ExpertReader (its mode, throttle and counters are reported)
         self.cost = cost if cost is not None else CostModel()
         self.policy = make_policy(policy, self.cost)
         self.counters = Stats()

@@ -167,7 +167,12 @@ class IOWorker:
         with job.cond:
             task.pending += 1
         nbytes = sum(2 * r.n if r.kind == "bf16-split" else r.n for r in refs)
-        fut = self.decoder.submit(refs, out)
+        try:
+            fut = self.decoder.submit(refs, out)
+        except BaseException:  # e.g. the pool was shut down: this batch never completes
+            with job.cond:
+                task.pending -= 1
+            raise
         fut.add_done_callback(partial(self._batch_done, job, task, batch, nbytes if last else 0, time.perf_counter()))
 
     def _batch_done(self, job: Job, task: Task, batch: int, clean_bytes: int, t0: float, fut) -> None:
