@@ -49,8 +49,8 @@ from .policy import Policy, make_policy
 from .prefetch import Prefetcher
 from .scheduler import FlowTask, johnson_order
 from .state import Job, Stats, StoreError, Task
-from .table import TierTable, expert_info
-from .tiers import CostModel, Tier
+from .table import TierTable
+from .tiers import CostModel, Tier, info_from_extent
 from .worker import EWMA, IOWorker
 
 __all__ = ["ExpertStore", "StoreError"]
@@ -102,7 +102,7 @@ class ExpertStore:
     def _size(self, budget, dense_bytes: int) -> None:
         """Byte facts, the minimum budget and the budget itself (refused below the minimum)."""
         self.extents = self.source.extents
-        self.infos = {k: expert_info(e, self.page) for k, e in self.extents.items()}
+        self.infos = {k: info_from_extent(e, self.page) for k, e in self.extents.items()}
         self.expert_bytes = sum(e.decoded_nbytes for e in self.extents.values())
         self.extent_bytes = sum(e.length for e in self.extents.values())
         C = self.source.scratch_elements  # decoder scratch (one chunk per worker) + split scratch

@@ -17,27 +17,7 @@ from .memory import Memory
 from .state import CAT, Entry, Stats, StoreError, Task
 from .tiers import DEMOTIONS, ExpertInfo, Tier
 
-__all__ = ["TierTable", "expert_info"]
-
-
-def expert_info(ext, page: int) -> ExpertInfo:
-    """``ExpertInfo`` of an extent with byte costs in whole pages of ``page`` bytes (the store's
-    charging unit; ``tiers.info_from_extent`` is the same for 4 KiB pages)."""
-    def ceil(n):
-        return -(-int(n) // page) * page
-
-    full = max(page, ceil(ext.decoded_nbytes))
-    comp = max(page, ceil(ext.length))
-    sm = comp - int(ext.exp_length) // page * page
-    tiers = [Tier.COLD]
-    if ext.exp_length > 0 and sm < comp:
-        tiers.append(Tier.SM)
-    if comp < full:
-        tiers.append(Tier.COMP)
-    tiers.append(Tier.FULL)
-    return ExpertInfo(key=ext.key, full_bytes=full, comp_bytes=comp, sm_bytes=sm, read_cold=comp,
-                      read_sm=-(-int(ext.exp_length) // 4096) * 4096, decoded=ext.decoded_nbytes,
-                      tiers=tuple(tiers))
+__all__ = ["TierTable"]
 
 
 class TierTable:
