@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from zipmoe_run.tiers import Tier
+
 from .io import ExpertReader
-from .tiers import Tier
 
 __all__ = ["ExpertBytes", "ArchiveBytes", "ref_ends"]
 

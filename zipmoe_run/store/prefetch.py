@@ -23,7 +23,6 @@ experts stay decoded (FULL) as they complete.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 from .state import Job, Stats, Task

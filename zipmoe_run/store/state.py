@@ -9,9 +9,9 @@ import threading
 import time
 
 from formats.errors import FormatError, ZmoeError
+from zipmoe_run.tiers import ExpertInfo, Tier
 
 from .buffers import Buffer
-from .tiers import ExpertInfo, Tier
 
 CAT = {Tier.FULL: "full", Tier.COMP: "comp", Tier.SM: "sm"}  # ledger category of a resident tier
 

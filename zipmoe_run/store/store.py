@@ -39,18 +39,18 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from formats.decoder import ParallelDecoder
+from zipmoe_run.policies.protocol import Policy, make_policy
+from zipmoe_run.tiers import CostModel, Tier, info_from_extent
 
 from .budget import Budget, BudgetError, fmt_bytes, parse_budget
 from .buffers import PAGE, ceil_to
 from .bytesource import ArchiveBytes, ExpertBytes
 from .io import ExpertReader
 from .memory import Memory
-from .policy import Policy, make_policy
 from .prefetch import Prefetcher
 from .scheduler import FlowTask, johnson_order
 from .state import Job, Stats, StoreError, Task
 from .table import TierTable
-from .tiers import CostModel, Tier, info_from_extent
 from .worker import EWMA, IOWorker
 
 __all__ = ["ExpertStore", "StoreError"]

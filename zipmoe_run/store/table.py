@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from formats.planes import split_bf16
+from zipmoe_run.tiers import DEMOTIONS, ExpertInfo, Tier
 
 from .memory import Memory
 from .state import CAT, Entry, Stats, StoreError, Task
-from .tiers import DEMOTIONS, ExpertInfo, Tier
 
 __all__ = ["TierTable"]
 

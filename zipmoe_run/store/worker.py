@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+from zipmoe_run.tiers import CostModel, Tier
+
 from .budget import fmt_bytes
 from .memory import Memory
 from .state import Cancelled, Job, Stats, StoreError, Task, detach
 from .table import TierTable
-from .tiers import CostModel, Tier
 
 __all__ = ["IOWorker", "READ_PIECE", "EWMA"]
 
