@@ -76,12 +76,12 @@ class ExpertStore:
         self.source = source
         try:
             self._size(budget, dense_bytes)
-        except BaseException:
+            self.cost = cost if cost is not None else CostModel()
+            self.policy = make_policy(policy, self.cost)
+        except BaseException:  # a bad budget, page size or policy name: nothing stays open
             self.source.close()
             raise
         self.reader = source.reader  # the ExpertReader (its mode, throttle and counters are reported)
-        self.cost = cost if cost is not None else CostModel()
-        self.policy = make_policy(policy, self.cost)
         self.counters = Stats()
         self.cond = threading.Condition(threading.Lock())  # the store lock: memory, table, prefetch state
         self.memory = Memory(self.capacity, self.cond, self.page)
@@ -142,8 +142,9 @@ class ExpertStore:
               ) -> Iterator[tuple[int, object]]:
         """Yield (expert id, wrap(extent, decoded bytes)) for each requested expert as it is ready.
 
-        Resident (FULL) experts come first; the rest in decode-completion order. With a budget a
-        yielded dict is emptied when the caller asks for the next expert; without one it stays valid.
+        ``experts`` may be the union several sequences route to (repeats are served once). Resident
+        (FULL) experts come first; the rest in decode-completion order. With a budget a yielded dict
+        is emptied when the caller asks for the next expert; without one it stays valid.
         """
         job = self._open(self._keys(layer, experts, stack))
         try:
@@ -167,13 +168,11 @@ class ExpertStore:
             self._finish(job)
 
     def _keys(self, layer: int, experts: Sequence[int], stack: str | None) -> list[tuple]:
-        keys: list[tuple] = []
-        for e in experts:
-            k = (stack, int(layer), int(e))
+        """Distinct keys in request order (a batch's union may name an expert more than once)."""
+        keys = list(dict.fromkeys((stack, int(layer), int(e)) for e in experts))
+        for k in keys:
             if k not in self.extents:
-                self.source.missing(k)
-            if k not in keys:
-                keys.append(k)
+                self.source.missing(k)  # raises the one-line error naming it
         return keys
 
     def _open(self, keys: list[tuple]) -> Job:
