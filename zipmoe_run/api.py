@@ -21,7 +21,7 @@ from .errors import GenerationError, TokenizerError
 from .generate import GenerationResult, Sampling, TokenEvent, generate, stream_generate
 from .models import build_model
 from .source import DirectorySource, WeightSource
-from .tokenizer import Tokenizer, _json, eos_ids_from, load_tokenizer
+from .tokenizer import Tokenizer, eos_ids_from, load_tokenizer, read_json
 
 __all__ = ["Loaded", "load", "open_source", "parse_dtype", "PREFETCH_MODES"]
 
@@ -137,7 +137,7 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
     if tokenizer is not None:
         eos = tokenizer.eos_token_ids
     else:
-        eos = eos_ids_from(source.config, _json(source, "generation_config.json"))
+        eos = eos_ids_from(source.config, read_json(source, "generation_config.json"))
     model.eval()
     if hasattr(model, "set_lookahead"):
         n = model.set_lookahead(prefetch == "lookahead")

@@ -82,6 +82,7 @@ class ArchiveSource:
                 raise FormatError(f"{path}: config.json: {exc}") from None
             if not isinstance(self.config, dict):
                 raise FormatError(f"{path}: config.json is not a JSON object")
+            self.config_name = f"{path}: config.json"  # how errors about config.json name it
             try:
                 self._dense_map: mmap.mmap | None = _private_map(self.archive.path, self.archive.size)
             except OSError as exc:

@@ -7,8 +7,8 @@ checkpoint directory straight from memory-mapped safetensors shards (zero-copy v
 """
 from __future__ import annotations
 
-import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from formats.errors import InputError
+from formats.jsonstrict import JSONRejected, loads
 from formats.names import parse_expert_name
 
 from .errors import MissingWeightError
@@ -86,8 +87,12 @@ class _Shard:
                 (hlen,) = struct.unpack("<Q", f.read(8))
                 if hlen <= 0 or 8 + hlen > size:
                     raise InputError(f"{path}: bad safetensors header length {hlen}")
-                header = json.loads(f.read(hlen))
+                header = loads(f.read(hlen))
+                if not isinstance(header, dict):
+                    raise InputError(f"{path}: safetensors header is not a JSON object")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+        except JSONRejected as exc:
+            raise InputError(f"{path}: bad safetensors header ({exc})") from None
         except (OSError, ValueError, struct.error) as exc:
             raise InputError(f"{path}: cannot read safetensors file ({exc})") from None
         header.pop("__metadata__", None)
@@ -97,12 +102,17 @@ class _Shard:
         for name, e in header.items():
             try:
                 dt = SAFETENSORS_DTYPES[e["dtype"]]
-                start, end = (int(v) for v in e["data_offsets"])
-                shape = tuple(int(s) for s in e["shape"])
+                start, end = e["data_offsets"]
+                shape = tuple(e["shape"])
+                if not all(type(v) is int and v >= 0 for v in (start, end, *shape)):
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise InputError(f"{path}: tensor {name!r} has an unsupported or malformed header entry") from None
             if self.base + end > size or start > end:
                 raise InputError(f"{path}: tensor {name!r} data offsets run past the end of the file")
+            if math.prod(shape) * dt.itemsize != end - start:
+                raise InputError(f"{path}: tensor {name!r} has shape {list(shape)} of {dt} but "
+                                 f"{end - start} bytes")
             self.entries[name] = (dt, shape, self.base + start, end - start)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -132,12 +142,15 @@ class DirectorySource:
         if not self.path.is_dir():
             raise InputError(f"{self.path}: not a directory")
         cfg_path = self.path / "config.json"
+        self.config_name = str(cfg_path)  # how errors about config.json name it
         try:
-            self.config: dict = json.loads(cfg_path.read_text())
+            self.config: dict = loads(cfg_path.read_bytes())
         except FileNotFoundError:
             raise InputError(f"{cfg_path}: missing config.json") from None
         except (OSError, ValueError) as exc:
             raise InputError(f"{cfg_path}: cannot parse ({exc})") from None
+        if not isinstance(self.config, dict):
+            raise InputError(f"{cfg_path}: not a JSON object")
         self._shards: dict[str, _Shard] = {}
         self._where: dict[str, _Shard] = {}
         for fname in self._shard_files():
@@ -165,10 +178,13 @@ class DirectorySource:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                weight_map = loads(index.read_bytes())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise InputError(f"{index}: cannot parse weight_map ({exc})") from None
-            files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) and f and "/" not in f and "\\" not in f and not f.startswith(".")
+                       for f in files):
+                raise InputError(f"{index}: weight_map names a file outside the checkpoint folder")
             for f in files:
                 if not (self.path / f).is_file():
                     raise InputError(f"{self.path / f}: shard listed in the index is missing")

@@ -12,12 +12,14 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from formats.jsonstrict import JSONRejected, loads
+
 from .errors import TokenizerError
 
 if TYPE_CHECKING:
     from .source import WeightSource
 
-__all__ = ["Tokenizer", "load_tokenizer", "eos_ids_from", "IncrementalDecoder"]
+__all__ = ["Tokenizer", "load_tokenizer", "eos_ids_from", "IncrementalDecoder", "read_json"]
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +28,15 @@ _QWEN2_SPLIT = (
 )
 
 
-def _json(source: "WeightSource", name: str) -> dict:
+def read_json(source: "WeightSource", name: str) -> dict:
+    """A side file of the checkpoint (generation_config.json, tokenizer_config.json, ...) as a dict:
+    {} when absent or not an object; strict JSON (``formats.jsonstrict``), TokenizerError naming it."""
     raw = source.file_bytes(name)
     if raw is None:
         return {}
     try:
-        out = json.loads(raw)
-    except ValueError as exc:
+        out = loads(raw)
+    except JSONRejected as exc:
         raise TokenizerError(f"{name}: cannot parse ({exc})") from None
     return out if isinstance(out, dict) else {}
 
@@ -68,7 +72,11 @@ def _build_qwen2_bpe(vocab: bytes, merges: bytes, tok_cfg: dict):
 
     merge_lines = [ln for ln in merges.decode("utf-8").splitlines() if ln and not ln.startswith("#version")]
     merge_pairs = [tuple(ln.split(" ", 1)) for ln in merge_lines]
-    tk = HFTokenizer(BPE(vocab=json.loads(vocab), merges=merge_pairs, unk_token=None, continuing_subword_prefix="",
+    try:
+        vocab_map = loads(vocab)
+    except JSONRejected as exc:
+        raise TokenizerError(f"vocab.json: cannot parse ({exc})") from None
+    tk = HFTokenizer(BPE(vocab=vocab_map, merges=merge_pairs, unk_token=None, continuing_subword_prefix="",
                          end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tk.decoder = decoders.ByteLevel()
     tk.normalizer = normalizers.NFC()
@@ -177,8 +185,8 @@ def load_tokenizer(source: "WeightSource") -> Tokenizer | None:
     """The checkpoint's tokenizer, or None when it ships none (ids-only use still works)."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    tok_cfg = _json(source, "tokenizer_config.json")
-    gen_cfg = _json(source, "generation_config.json")
+    tok_cfg = read_json(source, "tokenizer_config.json")
+    gen_cfg = read_json(source, "generation_config.json")
     raw = source.file_bytes("tokenizer.json")
     if raw is not None:
         try:
@@ -200,6 +208,6 @@ def load_tokenizer(source: "WeightSource") -> Tokenizer | None:
         jinja = source.file_bytes("chat_template.jinja")
         template = jinja.decode("utf-8") if jinja else None
         if not template:
-            tmpl_json = _json(source, "chat_template.json")
+            tmpl_json = read_json(source, "chat_template.json")
             template = tmpl_json.get("chat_template")
     return Tokenizer(tk, tok_cfg, source.config, gen_cfg, template)

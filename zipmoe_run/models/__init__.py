@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from formats.errors import InputError
+
 from ..errors import UnsupportedModelError
+from ._config import check_args, check_config
 
 if TYPE_CHECKING:
     from ..source import WeightSource
@@ -38,7 +41,16 @@ def get_model_module(model_type: str | None) -> ModuleType:
 
 
 def build_model(source: "WeightSource", dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """Instantiate the model for ``source.config`` with dense weights bound from ``source``."""
-    mod = get_model_module(source.config.get("model_type"))
-    args = mod.ModelArgs.from_dict(source.config)
+    """Instantiate the model for ``source.config`` with dense weights bound from ``source``.
+
+    config.json is checked first (``_config``): a bad value is an ``InputError`` naming the key.
+    """
+    cfg = source.config
+    where = getattr(source, "config_name", "config.json")
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: not a JSON object")
+    mod = get_model_module(cfg.get("model_type"))
+    check_config(mod.ModelArgs, cfg, where)
+    args = mod.ModelArgs.from_dict(cfg)
+    check_args(args, where)
     return mod.Model(args, source, dtype)

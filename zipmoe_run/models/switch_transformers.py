@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from torch import nn
 from ..errors import MissingWeightError, UnsupportedModelError
 from ..layers import ACTIVATIONS, KVCache, RMSNorm, args_from_dict, bind_weights, causal_mask, moe_forward
 from ..source import WeightSource
+from ..tokenizer import read_json
 
 # Relative position buckets put no limit on length; this only bounds what one request may allocate.
 MAX_CONTEXT = 1 << 15
@@ -40,6 +42,8 @@ MAX_CONTEXT = 1 << 15
 
 @dataclass
 class ModelArgs:
+    ENCODER_DECODER: ClassVar[bool] = True
+
     vocab_size: int = 32128
     d_model: int = 768
     d_kv: int = 64
@@ -302,9 +306,7 @@ class Seq2SeqCache:
 
 def _start_token(args: ModelArgs, source: WeightSource) -> int:
     """generation_config.json, then config.json ``decoder_start_token_id``; else the pad id (T5), else 0."""
-    from ..tokenizer import _json
-
-    gen = _json(source, "generation_config.json")
+    gen = read_json(source, "generation_config.json")
     for v in (gen.get("decoder_start_token_id"), args.decoder_start_token_id, args.pad_token_id):
         if isinstance(v, int):
             return v
