@@ -383,6 +383,18 @@ def test_johnson_makespan_is_optimal():
         assert johnson_makespan(jobs) == pytest.approx(min(span(p) for p in itertools.permutations(jobs)))
 
 
+def test_compiled_makespan_is_the_cost_model_s():
+    """The replay's numba makespan and the planner's Python one give the same float, bit for bit."""
+    from zipmoe.bench.sim.replay_kernels import makespan as compiled
+    from zipmoe_run.tiers import makespan
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        c, s_, z, pf = (int(x) for x in rng.integers(0, 5, 4))
+        a_sm, a_cold, b, r0 = (float(x) for x in rng.exponential(1e-3, 4))
+        assert compiled(c, s_, z, a_sm, a_cold, b, pf, r0) == makespan(c, s_, z, a_sm, a_cold, b, pf, r0)
+
+
 def test_layer_time_tiers():
     t = CAL.times(SIZES)
     assert layer_time([Tier.FULL] * 4, SIZES, CAL) == 0.0

@@ -12,7 +12,7 @@ import numpy as np
 
 from zipmoe_run.tiers import CostModel, Tier, TierSizes
 
-from . import kernels as K
+from . import replay_kernels as K
 from .policy import ReplayPolicy
 from .trace import ReplaySequence
 

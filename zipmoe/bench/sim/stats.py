@@ -7,6 +7,7 @@ import numpy as np
 from zipmoe_run.policies.planner import DEFAULT_ALPHA, ActivationStats
 
 from . import kernels as K
+from .replay_kernels import rank_histogram
 from .policy import ReplayPolicy
 from .trace import ReplaySequence
 
@@ -16,7 +17,7 @@ __all__ = ["stats_from_sequence", "stats_from_policy"]
 def stats_from_sequence(seq: ReplaySequence, alpha: float = DEFAULT_ALPHA) -> ActivationStats:
     """The rank histogram of the ``zipmoe`` score over the whole replay, per token."""
     hist = np.zeros((seq.layers, seq.experts))
-    K.rank_histogram(seq.steps, seq.prompt_start, seq.layers, seq.experts, float(alpha), hist)
+    rank_histogram(seq.steps, seq.prompt_start, seq.layers, seq.experts, float(alpha), hist)
     return ActivationStats.from_histogram(hist, seq.k, seq.tokens, f"trace {seq.name}")
 
 
