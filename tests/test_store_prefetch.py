@@ -244,3 +244,25 @@ def test_preload_whose_wrap_raises_fails_with_that_error(arc, reference):
         for layer in (0, 1):
             _check(store, reference, layer, list(range(8)))
         _settled(store)
+
+
+def test_a_failed_preload_gives_back_what_its_cancelled_admissions_took(arc):
+    """At a budget the preload fills, its admission waits for its own decodes with buffers in hand;
+    when a failure cancels the preload there, those buffers go back too (no staging left)."""
+    from formats.errors import FormatError
+
+    with _Open(arc) as probe:
+        total = probe.expert_bytes
+    for at in range(2, 7):  # this budget preloads 6 experts
+        calls = {"n": 0}
+
+        def wrap(ext, arr, at=at, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise FormatError(f"{ext.label}: cannot keep it (injected)")
+            return arr
+
+        with _Open(arc, budget=int(total * 0.45), threads=1, wrap=wrap) as store:
+            with pytest.raises(FormatError, match="injected"):
+                _in_thread(store.preload)
+            _settled(store)

@@ -121,7 +121,10 @@ class Prefetcher:
         self.held.clear()
 
     def drop_queued(self, t: Task) -> None:
-        """A prefetched task the I/O thread has not admitted: forget it (it holds no buffers)."""
+        """A prefetched task the I/O thread has not admitted: forget it (an admission cancelled half-way
+        gives back the buffers it had taken)."""
+        if t.rbuf is not None or t.dbuf is not None:
+            self.table.revert(t)
         t.state = "placed"
         self.table.forget(t.key)
         self.stats.add("prefetch_dropped")
