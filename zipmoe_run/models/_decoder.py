@@ -1,9 +1,13 @@
-"""The decoder-only skeleton the qwen2_moe, qwen3_moe, olmoe and mixtral files share.
+"""The decoder-only skeleton every decoder family shares (qwen2_moe, qwen3_moe, olmoe, mixtral,
+deepseek_v2, deepseek_v3).
 
-A family file defines its ModelArgs (with ``is_sparse(layer)``) and attention, then
+A family file defines its ModelArgs (with ``is_sparse(layer)``) and its attention (a subclass of
+``Attention`` naming what differs, or its own module: DeepSeek's MLA), then
 ``class DecoderLayer(MoEDecoderLayer)`` naming its ``attention_cls`` (and ``moe_cls`` or
 ``block_name`` where they differ) and ``class Model(DecoderLM)`` with ``layer_cls = DecoderLayer``;
-it overrides ``weight_names`` or ``masks`` where the family differs.
+it overrides ``weight_names``, ``masks``, ``rope_dim`` or ``new_cache`` where the family differs.
+Every projection is a ``layers.Linear``, so one-token bf16 steps use the runtime's GEMV kernel, and
+``DecoderLM.forward`` runs them in ``single_row_scope`` (numba's threads, torch on one).
 
 The routed-expert block is ``RoutedMoE`` (transformers' softmax top-k router: qwen2_moe, qwen3_moe,
 olmoe, mixtral); a family with a shared expert (qwen2_moe) extends it. Every layer supports router
@@ -24,6 +28,8 @@ from ..layers import (
     Linear,
     RMSNorm,
     RotaryEmbedding,
+    apply_rotary,
+    attention,
     bind_weights,
     causal_mask,
     moe_forward,
@@ -33,14 +39,54 @@ from ..layers import (
 from ..source import WeightSource
 
 
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings (transformers' half rotation).
+
+    What the families change is a constructor argument: biases on q/k/v (``qkv_bias``) and on the
+    output (``o_bias``), an RMSNorm on q and k (``qk_norm``: "head" normalises each head, Qwen3;
+    "full" the whole projection, OLMoE) and clipping of q, k, v to +-``clip`` (OLMoE's clip_qkv).
+    """
+
+    def __init__(self, a, *, qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None,
+                 clip: float | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.scale = self.head_dim**-0.5
+        self.q_proj = Linear(a.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(a.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(a.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, a.hidden_size, bias=o_bias)
+        self.qk_norm, self.clip = qk_norm, clip
+        if qk_norm is not None:
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else self.n_heads * self.head_dim, a.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else self.n_kv * self.head_dim, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start_pos: int) -> torch.Tensor:
+        b, t, _ = x.shape  # [B, T, H]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, n*D]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
+        q, k, v = (z.view(b, t, -1, self.head_dim) for z in (q, k, v))  # [B, T, n, D]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, nH or nKV, T, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = cache.update(layer, k, v, start_pos)  # [B, nKV, S, D]
+        o = attention(q, k, v, self.scale, mask)  # [B, T, nH, D]
+        return self.o_proj(o.reshape(b, t, -1))
+
+
 class MLP(nn.Module):
     """Gated dense MLP (a dense layer's MLP, or a shared expert)."""
 
-    def __init__(self, hidden: int, inter: int, act: str):
+    def __init__(self, hidden: int, inter: int, act: str, bias: bool = False):
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=False)
-        self.up_proj = Linear(hidden, inter, bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
@@ -101,14 +147,15 @@ class MoEDecoderLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.self_attn = self.attention_cls(a)
-        if a.is_sparse(layer):
-            block = self.moe_cls(a, layer, source)
-        else:
-            block = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
+        block = self.moe_cls(a, layer, source) if a.is_sparse(layer) else self.dense_block(a)
         self.add_module(self.block_name, block)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lookahead = None  # zipmoe_run.lookahead: prefetch the next layer's guessed experts
+
+    def dense_block(self, a) -> nn.Module:
+        """The MLP of a layer that does not route (``intermediate_size`` wide)."""
+        return MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
 
     @property
     def moe(self) -> nn.Module | None:
@@ -140,6 +187,7 @@ class Backbone(nn.Module):
 
 class DecoderLM(nn.Module):
     layer_cls: type[nn.Module]
+    rope_dtype: torch.dtype | None = None  # cos/sin tables in this dtype (None: the activations')
 
     def __init__(self, args, source: WeightSource, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -147,13 +195,18 @@ class DecoderLM(nn.Module):
         with torch.device("meta"):
             self.model = Backbone(args, self.layer_cls, source)
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(*rope_inv_freq(args.rope, args.head_dim, args.max_position_embeddings))
+        self.rope = RotaryEmbedding(*rope_inv_freq(args.rope, self.rope_dim, args.max_position_embeddings))
         bind_weights(self, source, dtype, self.weight_names)
         self.source = source
 
     def set_lookahead(self, enabled: bool) -> int:
         """Router lookahead prefetch (zipmoe_run.lookahead) on or off; returns the layers that use it."""
         return link_lookahead(self.model.layers, self.source, enabled)
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotated part of a head."""
+        return self.args.head_dim
 
     def weight_names(self, name: str) -> list[str]:
         """Checkpoint spellings of a parameter, in order of preference (the LM head may be tied)."""
@@ -178,7 +231,7 @@ class DecoderLM(nn.Module):
         with single_row_scope(input_ids.numel() == 1 and self.dtype is torch.bfloat16):
             t = input_ids.shape[1]
             h = self.model.embed_tokens(input_ids)  # [B, T, H]
-            cos, sin = self.rope(torch.arange(start_pos, start_pos + t), h.dtype)  # [T, D]
+            cos, sin = self.rope(torch.arange(start_pos, start_pos + t), self.rope_dtype or h.dtype)  # [T, D]
             mask = self.masks(t, start_pos, h.dtype)
             for layer in self.model.layers:
                 h = layer(h, cos, sin, mask, cache, start_pos)

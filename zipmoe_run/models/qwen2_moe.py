@@ -10,22 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..layers import (
-    ACTIVATIONS,
-    KVCache,
-    Linear,
-    apply_rotary,
-    args_from_dict,
-    attention,
-    causal_mask,
-    announce,
-    moe_forward,
-    rope_config,
-)
+from ..layers import ACTIVATIONS, Linear, args_from_dict, causal_mask, announce, moe_forward, rope_config
 from ..source import WeightSource
+from ._decoder import Attention as _Attention
 from ._decoder import MLP, DecoderLM, MoEDecoderLayer, RoutedMoE
 
 
@@ -83,25 +72,12 @@ class ModelArgs:
         return None
 
 
-class Attention(nn.Module):
-    def __init__(self, a: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        self.scale = self.head_dim**-0.5
-        self.q_proj = Linear(a.hidden_size, self.n_heads * self.head_dim, bias=a.qkv_bias)
-        self.k_proj = Linear(a.hidden_size, self.n_kv * self.head_dim, bias=a.qkv_bias)
-        self.v_proj = Linear(a.hidden_size, self.n_kv * self.head_dim, bias=a.qkv_bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, a.hidden_size, bias=False)
+class Attention(_Attention):
+    """Biases on q, k and v (``qkv_bias``), none on the output."""
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start_pos: int) -> torch.Tensor:
-        b, t, _ = x.shape  # [B, T, H]
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, nH, T, D]
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, nKV, T, D]
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v = cache.update(layer, k, v, start_pos)  # [B, nKV, S, D]
-        o = attention(q, k, v, self.scale, mask)  # [B, T, nH, D]
-        return self.o_proj(o.reshape(b, t, -1))
+    def __init__(self, a: ModelArgs):
+        super().__init__(a, qkv_bias=a.qkv_bias)
+
 
 
 class SparseMoeBlock(RoutedMoE):

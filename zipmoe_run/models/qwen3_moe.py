@@ -8,20 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
 from ..errors import UnsupportedModelError
-from ..layers import (
-    ACTIVATIONS,
-    KVCache,
-    Linear,
-    RMSNorm,
-    apply_rotary,
-    args_from_dict,
-    attention,
-    rope_config,
-)
+from ..layers import ACTIVATIONS, args_from_dict, rope_config
+from ._decoder import Attention as _Attention
 from ._decoder import DecoderLM, MoEDecoderLayer
 
 
@@ -66,28 +55,12 @@ class ModelArgs:
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
 
-class Attention(nn.Module):
-    def __init__(self, a: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        self.scale = self.head_dim**-0.5
-        bias = a.attention_bias
-        self.q_proj = Linear(a.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, a.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, a.rms_norm_eps)  # per head
-        self.k_norm = RMSNorm(self.head_dim, a.rms_norm_eps)
+class Attention(_Attention):
+    """RMSNorm per head on q and k; ``attention_bias`` on every projection."""
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start_pos: int) -> torch.Tensor:
-        b, t, _ = x.shape  # [B, T, H]
-        q = self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)  # [B, nH, T, D]
-        k = self.k_norm(self.k_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)  # [B, nKV, T, D]
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v = cache.update(layer, k, v, start_pos)  # [B, nKV, S, D]
-        o = attention(q, k, v, self.scale, mask)  # [B, T, nH, D]
-        return self.o_proj(o.reshape(b, t, -1))
+    def __init__(self, a: ModelArgs):
+        super().__init__(a, qkv_bias=a.attention_bias, o_bias=a.attention_bias, qk_norm="head")
+
 
 
 class DecoderLayer(MoEDecoderLayer):
