@@ -29,21 +29,18 @@ from ..errors import MissingWeightError, UnsupportedModelError
 from ..layers import (
     ACTIVATIONS,
     KVCache,
+    Linear,
     RMSNorm,
-    RotaryEmbedding,
     announce,
     apply_rotary,
     args_from_dict,
     attention,
-    bind_weights,
-    causal_mask,
     moe_forward,
     rope_config,
-    rope_inv_freq,
     swiglu_expert,
 )
-from ..lookahead import link_lookahead
 from ..source import WeightSource
+from ._decoder import MLP, DecoderLM, MoEDecoderLayer
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
 
@@ -53,6 +50,7 @@ class ModelArgs:
     FAMILY: ClassVar[str] = "deepseek_v2"
     ROUTING: ClassVar[tuple[str, ...]] = ("greedy", "group_limited_greedy")
     SCORING: ClassVar[str] = "softmax"
+    ROPE_MODE: ClassVar[str] = "pairs_f32"  # with rope_interleave; see Attention
 
     vocab_size: int = 102400
     hidden_size: int = 4096
@@ -135,6 +133,10 @@ class ModelArgs:
         return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     @property
+    def rope_mode(self) -> str:
+        return self.ROPE_MODE if self.rope_interleave else "half"
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
@@ -164,21 +166,21 @@ class Attention(nn.Module):
     """Multi-head latent attention. ``rope_mode``: "pairs_f32" (V2: interleaved pairs rotated in
     float32), "pairs" (V3 rope_interleave: pairs rotated in the model dtype), "half" (rotate_half)."""
 
-    def __init__(self, a: ModelArgs, rope_mode: str):
+    def __init__(self, a: ModelArgs):
         super().__init__()
         self.h, self.dn, self.dr, self.dv = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
-        self.r, self.rope_mode, self.scale = a.kv_lora_rank, rope_mode, a.softmax_scale()
+        self.r, self.rope_mode, self.scale = a.kv_lora_rank, a.rope_mode, a.softmax_scale()
         qk = self.h * a.qk_head_dim
         if a.q_lora_rank is None:
-            self.q_proj = nn.Linear(a.hidden_size, qk, bias=False)
+            self.q_proj = Linear(a.hidden_size, qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
+            self.q_a_proj = Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
             self.q_a_layernorm = RMSNorm(a.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(a.q_lora_rank, qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(a.hidden_size, self.r + self.dr, bias=a.attention_bias)
+            self.q_b_proj = Linear(a.q_lora_rank, qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(a.hidden_size, self.r + self.dr, bias=a.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.r, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.r, self.h * (self.dn + self.dv), bias=False)
-        self.o_proj = nn.Linear(self.h * self.dv, a.hidden_size, bias=a.attention_bias)
+        self.kv_b_proj = Linear(self.r, self.h * (self.dn + self.dv), bias=False)
+        self.o_proj = Linear(self.h * self.dv, a.hidden_size, bias=a.attention_bias)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rope_mode == "half":
@@ -207,18 +209,6 @@ class Attention(nn.Module):
         k, v = cache.update(layer, k, v, start_pos)  # [B, H, S, dn+dr], [B, H, S, dv]
         o = attention(q, k, v, self.scale, mask)  # [B, T, H, dv]
         return self.o_proj(o.reshape(b, t, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, act: str, bias: bool = False):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.act = ACTIVATIONS[act]
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Router(nn.Module):
@@ -310,85 +300,33 @@ class MoE(nn.Module):
         return out.view(b, t, h)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs, layer: int, source: WeightSource, rope_mode: str):
-        super().__init__()
-        self.layer = layer
-        self.self_attn = Attention(a, rope_mode)
-        if a.is_sparse(layer):
-            self.mlp = MoE(a, layer, source)
-        else:
-            self.mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act, a.mlp_bias)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.lookahead = None  # zipmoe_run.lookahead: prefetch the next MoE layer's guessed experts
+class DecoderLayer(MoEDecoderLayer):
+    attention_cls = Attention
+    moe_cls = MoE
 
-    @property
-    def moe(self) -> MoE | None:
-        """This layer's routed-expert block, or None on a dense layer."""
-        return self.mlp if isinstance(self.mlp, MoE) else None
-
-    def forward(self, x, cos, sin, mask, cache, start_pos):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)  # [B, T, hidden]
-        if self.moe is None:
-            return h + self.mlp(self.post_attention_layernorm(h))
-        hook = self.lookahead(h) if self.lookahead is not None else None
-        return h + self.mlp(self.post_attention_layernorm(h), hook)
+    def dense_block(self, a: ModelArgs) -> nn.Module:
+        return MLP(a.hidden_size, a.intermediate_size, a.hidden_act, a.mlp_bias)
 
 
-class Backbone(nn.Module):
-    def __init__(self, a: ModelArgs, source: WeightSource, rope_mode: str):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(a, i, source, rope_mode) for i in range(a.num_hidden_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+class Model(DecoderLM):
+    """The shared skeleton with MLA: cos/sin in float32 over the rotated part of a head (the
+    attention casts them), float32 routers loaded after the weights are bound, and a KV cache of
+    the expanded per-head keys and values."""
 
-
-class Model(nn.Module):
-    ROPE_MODE: ClassVar[str] = "pairs_f32"
+    layer_cls = DecoderLayer
+    rope_dtype = torch.float32
 
     def __init__(self, args: ModelArgs, source: WeightSource, dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.args, self.dtype = args, dtype
-        rope_mode = self.ROPE_MODE if args.rope_interleave else "half"
-        with torch.device("meta"):
-            self.model = Backbone(args, source, rope_mode)
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(*rope_inv_freq(args.rope, args.qk_rope_head_dim, args.max_position_embeddings))
-        tied = args.tie_word_embeddings
-
-        def rename(name: str) -> list[str]:
-            if name == "lm_head.weight" and tied:
-                return ["model.embed_tokens.weight"]
-            return [name]
-
-        bind_weights(self, source, dtype, rename)
+        super().__init__(args, source, dtype)
         for name, mod in self.named_modules():
             if isinstance(mod, Router):
                 mod.load(source, name + ".")
-        self.source = source
-
-    def set_lookahead(self, enabled: bool) -> int:
-        """Router lookahead prefetch (zipmoe_run.lookahead) on or off between consecutive MoE layers;
-        returns the layers that use it (a dense layer next, e.g. under moe_layer_freq, means none)."""
-        return link_lookahead(self.model.layers, self.source, enabled)
 
     @property
-    def max_context(self) -> int:
-        return self.args.max_position_embeddings
+    def rope_dim(self) -> int:
+        return self.args.qk_rope_head_dim
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a = self.args
         return KVCache(a.num_hidden_layers, batch, max_len, a.num_attention_heads, a.qk_head_dim, a.v_head_dim,
                        self.dtype)
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.LongTensor, cache: KVCache, start_pos: int, last_only: bool = False):
-        t = input_ids.shape[1]
-        h = self.model.embed_tokens(input_ids)  # [B, T, hidden]
-        cos, sin = self.rope(torch.arange(start_pos, start_pos + t), torch.float32)  # [T, dr], scaled
-        mask = causal_mask(t, start_pos, h.dtype)  # [T, S] or None
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, cache, start_pos)
-        h = self.model.norm(h[:, -1:] if last_only else h)
-        return self.lm_head(h).float()  # [B, T, V]

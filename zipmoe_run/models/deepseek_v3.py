@@ -21,6 +21,7 @@ class ModelArgs(deepseek_v2.ModelArgs):
     FAMILY: ClassVar[str] = "deepseek_v3"
     ROUTING: ClassVar[tuple[str, ...]] = ("noaux_tc",)
     SCORING: ClassVar[str] = "sigmoid"
+    ROPE_MODE: ClassVar[str] = "pairs"
 
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -55,5 +56,4 @@ class ModelArgs(deepseek_v2.ModelArgs):
                 self._reject(f"n_group={g} leaves fewer than 2 experts per group (noaux_tc sums the top 2)")
 
 
-class Model(deepseek_v2.Model):
-    ROPE_MODE: ClassVar[str] = "pairs"
+Model = deepseek_v2.Model  # what differs (routing, RoPE layout) is in ModelArgs
