@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import zipmoe_run.models._decoder as decoder
+import zipmoe_run.models.switch_transformers as switch
 from zipmoe_run.layers import Linear
 from zipmoe_run.models import SUPPORTED, build_model
 from zipmoe_run.source import DirectorySource
@@ -59,3 +60,23 @@ def _private_imports(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", sorted(MODELS.glob("*.py")), ids=lambda p: p.name)
 def test_no_private_helpers_imported(path):
     assert _private_imports(path) == []
+
+
+def test_switch_uses_the_kernels(checkpoint_factory, monkeypatch):
+    src = checkpoint_factory("switch_transformers", seed=2, dims={"experts": 4})
+    model = build_model(DirectorySource(src), torch.bfloat16)
+    plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, Linear)]
+    assert not plain, f"projections outside the runtime's kernels: {plain[:3]}"
+    scopes = []
+    real = switch.single_row_scope
+
+    @contextlib.contextmanager
+    def spy(active):
+        scopes.append(active)
+        with real(active):
+            yield
+
+    monkeypatch.setattr(switch, "single_row_scope", spy)
+    cache = model.new_cache(model.encode(torch.tensor([[5, 6, 7]])), 4)
+    model.decode(torch.tensor([[0]]), cache, 0)
+    assert scopes == [True]

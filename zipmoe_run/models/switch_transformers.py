@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MissingWeightError, UnsupportedModelError
-from ..layers import ACTIVATIONS, KVCache, RMSNorm, args_from_dict, bind_weights, causal_mask, moe_forward
+from ..kernels import single_row_scope
+from ..layers import ACTIVATIONS, KVCache, Linear, RMSNorm, args_from_dict, bind_weights, causal_mask, linear, moe_forward
 from ..source import WeightSource
 from ..tokenizer import read_json
 
@@ -124,10 +125,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.d_kv = a.num_heads, a.d_kv
         inner = a.num_heads * a.d_kv
-        self.q = nn.Linear(a.d_model, inner, bias=False)
-        self.k = nn.Linear(a.d_model, inner, bias=False)
-        self.v = nn.Linear(a.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, a.d_model, bias=False)
+        self.q = Linear(a.d_model, inner, bias=False)
+        self.k = Linear(a.d_model, inner, bias=False)
+        self.v = Linear(a.d_model, inner, bias=False)
+        self.o = Linear(inner, a.d_model, bias=False)
         self.bidirectional = bidirectional
         self.num_buckets, self.max_distance = a.relative_attention_num_buckets, a.relative_attention_max_distance
         if has_bias:
@@ -140,7 +141,7 @@ class Attention(nn.Module):
         bucket = relative_position_bucket(mem - ctx, self.bidirectional, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
 
-    def heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, proj: Linear, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape  # [B, T, D]
         return proj(x).view(b, t, self.n_heads, self.d_kv).transpose(1, 2)  # [B, nH, T, Dkv]
 
@@ -185,10 +186,10 @@ def _ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act: Callable, gated: bool
     dt = x.dtype
     try:
         if gated:
-            h = act(F.linear(x, w["wi_0"].to(dt))) * F.linear(x, w["wi_1"].to(dt))
+            h = act(linear(x, w["wi_0"].to(dt))) * linear(x, w["wi_1"].to(dt))
         else:
-            h = act(F.linear(x, w["wi"].to(dt)))
-        return F.linear(h, w["wo"].to(dt))
+            h = act(linear(x, w["wi"].to(dt)))
+        return linear(h, w["wo"].to(dt))
     except KeyError as exc:
         want = "wi_0, wi_1, wo" if gated else "wi, wo"
         raise MissingWeightError(f"feed-forward weights {want} expected, got {sorted(w)} (missing {exc})") from None
@@ -200,8 +201,8 @@ class DenseFF(nn.Module):
         self.gated, self.act = a.is_gated_act, ACTIVATIONS[a.dense_act_fn]
         names = ("wi_0", "wi_1") if self.gated else ("wi",)
         for n in names:
-            setattr(self, n, nn.Linear(a.d_model, a.d_ff, bias=False))
-        self.wo = nn.Linear(a.d_ff, a.d_model, bias=False)
+            setattr(self, n, Linear(a.d_model, a.d_ff, bias=False))
+        self.wo = Linear(a.d_ff, a.d_model, bias=False)
 
     def forward(self, x):
         b, t, d = x.shape
@@ -212,7 +213,7 @@ class DenseFF(nn.Module):
 class Router(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.classifier = nn.Linear(a.d_model, a.num_experts, bias=a.router_bias)
+        self.classifier = Linear(a.d_model, a.num_experts, bias=a.router_bias)
         self.dtype = getattr(torch, a.router_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,7 +325,7 @@ class Model(nn.Module):
         with torch.device("meta"):
             self.encoder = Stack(args, EncoderBlock, args.num_layers, source)
             self.decoder = Stack(args, DecoderBlock, args.num_decoder_layers, source)
-            self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.d_model, args.vocab_size, bias=False)
         self.scale_output = args.d_model**-0.5 if args.tie_word_embeddings else None
 
         def rename(name: str) -> list[str]:
@@ -377,6 +378,10 @@ class Model(nn.Module):
     def decode(self, input_ids: torch.LongTensor, cache: Seq2SeqCache, start_pos: int,
                last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (float32) for decoder tokens [B, T] at positions start_pos.. on ``cache``."""
+        with single_row_scope(input_ids.numel() == 1 and self.dtype is torch.bfloat16):
+            return self._decode(input_ids, cache, start_pos, last_only)
+
+    def _decode(self, input_ids, cache: Seq2SeqCache, start_pos: int, last_only: bool) -> torch.Tensor:
         dec = self.decoder
         h = dec.embed_tokens(input_ids)  # [B, T, D]
         t = h.shape[1]
