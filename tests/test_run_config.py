@@ -174,3 +174,19 @@ def test_weight_map_cannot_leave_the_folder(checkpoint_factory, tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps(idx))
     with pytest.raises(InputError, match="outside"):
         DirectorySource(d)
+
+
+@pytest.mark.parametrize("threads", [100_000, 0, -1, 2.5])
+def test_absurd_thread_counts_are_refused(checkpoint_factory, threads):
+    """In a child process: before the check, torch's pool died with SIGSEGV at 100,000 threads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = checkpoint_factory("qwen2_moe", seed=1, dims={"experts": 4, "top_k": 2, "layers": 1})
+    code = ("import sys\nfrom formats.errors import ZmoeError\nfrom zipmoe_run.api import load\n"
+            f"try:\n    load(sys.argv[1], threads={threads!r})\nexcept ZmoeError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(src)], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"threads must be an integer in 1..1024 (got {threads!r})"

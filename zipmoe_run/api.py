@@ -26,6 +26,7 @@ from .tokenizer import Tokenizer, eos_ids_from, load_tokenizer, read_json
 __all__ = ["Loaded", "load", "open_source", "parse_dtype", "PREFETCH_MODES"]
 
 PREFETCH_MODES = ("off", "lookahead")
+MAX_THREADS = 1024  # torch's OpenMP pool segfaults at absurd counts (100,000); no machine needs more
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
         store_opts["memory_budget"] = memory_budget
     dt = parse_dtype(dtype)
     if threads is not None:
-        if threads < 1:
-            raise GenerationError(f"threads must be >= 1 (got {threads})")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise GenerationError(f"threads must be an integer in 1..{MAX_THREADS} (got {threads!r})")
         torch.set_num_threads(threads)
     source = open_source(path, threads=threads, **store_opts)
     try:
