@@ -190,3 +190,28 @@ def test_absurd_thread_counts_are_refused(checkpoint_factory, threads):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == f"threads must be an integer in 1..1024 (got {threads!r})"
+
+
+@pytest.mark.parametrize("family,cls", [("qwen2_moe", "Qwen2MoeConfig"), ("qwen3_moe", "Qwen3MoeConfig"),
+                                        ("olmoe", "OlmoeConfig"), ("mixtral", "MixtralConfig"),
+                                        ("deepseek_v3", "DeepseekV3Config"),
+                                        ("switch_transformers", "SwitchTransformersConfig")])
+def test_transformers_default_configs_pass(family, cls):
+    """No false rejections: every key of transformers' own config.json passes the checks."""
+    from zipmoe_run.models import get_model_module
+    from zipmoe_run.models._config import check_args, check_config
+
+    transformers = pytest.importorskip("transformers")
+    cfg = json.loads(getattr(transformers, cls)().to_json_string())
+    mod = get_model_module(family)
+    check_config(mod.ModelArgs, cfg, "config.json")
+    check_args(mod.ModelArgs.from_dict(cfg), "config.json")
+
+
+@pytest.mark.parametrize("rope,key", [({"rope_type": "linear"}, "factor"),
+                                      ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0},
+                                       "high_freq_factor"),
+                                      ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 1.0}, "high_freq_factor")])
+def test_rope_settings_that_cannot_work(rope, key):
+    _reject({**build_config("qwen3_moe"), "rope_scaling": rope}, f"rope_scaling.{key}")

@@ -34,13 +34,14 @@ _SIZES: dict[str, tuple[int, int]] = {  # key -> (smallest, largest) allowed
     **{k: (0, 1 << 12) for k in ("first_k_dense_replace", "num_sparse_encoder_layers", "num_sparse_decoder_layers",
                                  "encoder_sparse_step", "decoder_sparse_step", "max_window_layers")},
     "moe_layer_freq": (1, 1 << 12),
-    "sliding_window": (1, 1 << 31),
+    "sliding_window": (0, 1 << 31),  # 0: none
     "relative_attention_num_buckets": (1, 1 << 16),
     "relative_attention_max_distance": (1, 1 << 31),
 }
 _POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
 _ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
                  "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "partial_rotary_factor")
+_ROPE_NEEDS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
 # every family needs these in config.json (a default would only fail later, against the weights)
 _REQUIRED = {"decoder": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"),
              "encoder-decoder": ("vocab_size", "d_model", "num_layers", "num_heads")}
@@ -126,6 +127,12 @@ def check_config(args_cls, cfg, where: str = "config.json") -> None:
         for key in ("rope_type", "type"):
             if rp.get(key) is not None and not isinstance(rp[key], str):
                 raise _bad(where, f"{name}.{key}", "must be a string", rp[key])
+        kind = rp.get("rope_type", rp.get("type"))
+        for key in _ROPE_NEEDS.get(kind, ()):
+            if rp.get(key) is None:
+                raise InputError(f"{where}: {name} of rope_type {kind} needs {name}.{key}")
+        if kind == "llama3" and rp["low_freq_factor"] == rp["high_freq_factor"]:
+            raise _bad(where, f"{name}.high_freq_factor", "must differ from low_freq_factor", rp["high_freq_factor"])
 
 
     _relations(cfg, where)
