@@ -83,7 +83,8 @@ def test_bad_values_qwen2(edit, key):
 
 
 @pytest.mark.parametrize("edit,key", [({"d_model": -64}, "d_model"), ({"num_heads": "12"}, "num_heads"),
-                                      ({"num_experts": -1}, "num_experts"), ({"expert_capacity": 1.5}, "expert_capacity"),
+                                      ({"num_experts": -1}, "num_experts"),
+                                      ({"expert_capacity": 1.5}, "expert_capacity"),
                                       ({"num_layers": 0}, "num_layers")])
 def test_bad_values_switch(edit, key):
     _reject({**build_config("switch_transformers"), **edit}, key)

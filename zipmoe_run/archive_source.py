@@ -91,8 +91,8 @@ class ArchiveSource:
             self.decoder = ParallelDecoder(threads or os.cpu_count() or 1)
             try:
                 self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,
-                                         io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=self._weights, dense_bytes=self.dense_bytes,
-                                         cost=cost)
+                                         io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=self._weights,
+                                         dense_bytes=self.dense_bytes, cost=cost)
                 if preload is True or (preload == "auto" and self.store.capacity is not None
                                        and self.store.capacity >= self.store.expert_bytes):
                     n = self.store.preload()

@@ -33,7 +33,8 @@ from torch import nn
 
 from ..errors import MissingWeightError, UnsupportedModelError
 from ..kernels import single_row_scope
-from ..layers import ACTIVATIONS, KVCache, Linear, RMSNorm, args_from_dict, bind_weights, causal_mask, linear, moe_forward
+from ..layers import (ACTIVATIONS, KVCache, Linear, RMSNorm, args_from_dict, bind_weights, causal_mask, linear,
+                      moe_forward)
 from ..source import WeightSource
 from ..tokenizer import read_json
 
