@@ -53,14 +53,21 @@ def _as_tensor(buf, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int
     return t.view(shape)
 
 
-def _private_map(path, size: int) -> mmap.mmap:
-    """A copy-on-write map of the archive file (writes stay in this process; see the module doc)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+def _private_map(archive: Archive) -> tuple[mmap.mmap | None, int]:
+    """A copy-on-write map of the span of the archive that holds dense tensors, and the file offset
+    where it starts (writes stay in this process; see the module doc). (None, 0) if there are none."""
+    spans = [(t.data.offset, t.data.offset + t.data.length) for t in archive.index.tensors.values()
+             if t.role == "dense" and t.nbytes]
+    if not spans:
+        return None, 0
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    base = lo - lo % mmap.ALLOCATIONGRANULARITY
+    fd = os.open(archive.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            raise FormatError(f"{path}: the archive changed while it was being opened")
-        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != archive.size:
+            raise FormatError(f"{archive.path}: the archive changed while it was being opened")
+        return mmap.mmap(fd, hi - base, offset=base, access=mmap.ACCESS_COPY), base
     finally:
         os.close(fd)
 
@@ -84,7 +91,7 @@ class ArchiveSource:
                 raise FormatError(f"{path}: config.json is not a JSON object")
             self.config_name = f"{path}: config.json"  # how errors about config.json name it
             try:
-                self._dense_map: mmap.mmap | None = _private_map(self.archive.path, self.archive.size)
+                self._dense_map, self._dense_base = _private_map(self.archive)
             except OSError as exc:
                 raise FormatError(f"{path}: cannot map the file ({exc.strerror})") from None
             self.dense_bytes = sum(t.nbytes for t in self.archive.index.tensors.values() if t.role == "dense")
@@ -105,6 +112,7 @@ class ArchiveSource:
         except BaseException:
             self.archive.close()
             raise
+        self._closed = False
         self._checked: set[str] = set()
         self._stats = {"experts_fetched": 0}
 
@@ -124,9 +132,11 @@ class ArchiveSource:
         t = self.archive.index.tensors.get(name)
         if t is None or t.role != "dense":
             raise MissingWeightError(f"{self.archive.path}: no dense tensor {name}")
-        if self._dense_map is None:
+        if self._closed:
             raise FormatError(f"{self.archive.path}: source is closed")
-        off = t.data.offset
+        if not t.nbytes:  # (the index guarantees data.length == nbytes)
+            return _as_tensor(None, t.dtype, t.shape, 0, 0)
+        off = t.data.offset - self._dense_base
         v = memoryview(self._dense_map)[off:off + t.data.length]  # the bytes handed out are the bytes checked
         if name not in self._checked:
             R = self.archive.index.raw_chunk_bytes
@@ -168,7 +178,7 @@ class ArchiveSource:
             try:
                 self.decoder.close()
             finally:
-                self._dense_map = None  # not mmap.close(): live tensors export it
+                self._closed, self._dense_map = True, None  # not mmap.close(): live tensors export it
                 self.archive.close()
 
     def __enter__(self) -> "ArchiveSource":
