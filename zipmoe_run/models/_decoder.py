@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..kernels import single_row_scope
 from ..lookahead import link_lookahead
 from ..layers import (
@@ -29,14 +30,30 @@ from ..layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    args_from_dict,
     attention,
     bind_weights,
     causal_mask,
     moe_forward,
+    rope_config,
     rope_inv_freq,
     swiglu_expert,
 )
 from ..source import WeightSource
+
+
+def gqa_args(cls, cfg: dict, experts: str, alias: str, default_theta: float = 10000.0):
+    """ModelArgs of a grouped-query family from config.json: the expert count under ``experts`` or its
+    other spelling ``alias``, RoPE settings normalised, num_key_value_heads defaulting to the query
+    heads and head_dim to hidden_size / heads; an activation the runtime lacks is refused."""
+    if experts not in cfg and alias in cfg:
+        cfg = {**cfg, experts: cfg[alias]}
+    a = args_from_dict(cls, cfg, rope=rope_config(cfg, default_theta))
+    a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
+    a.head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+    if a.hidden_act not in ACTIVATIONS:
+        raise UnsupportedModelError(f"hidden_act {a.hidden_act!r} is not supported")
+    return a
 
 
 class Attention(nn.Module):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import UnsupportedModelError
-from ..layers import ACTIVATIONS, args_from_dict, rope_config
 from ..source import WeightSource
 from ._decoder import Attention as _Attention
-from ._decoder import DecoderLM, MoEDecoderLayer, RoutedMoE
+from ._decoder import DecoderLM, MoEDecoderLayer, RoutedMoE, gqa_args
 
 
 @dataclass
@@ -35,13 +33,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelArgs":
-        cfg = {**cfg, "num_local_experts": cfg.get("num_local_experts", cfg.get("num_experts", 8))}
-        a = args_from_dict(cls, cfg, rope=rope_config(cfg, default_theta=1e6))
-        a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
-        a.head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
-        if a.hidden_act not in ACTIVATIONS:
-            raise UnsupportedModelError(f"hidden_act {a.hidden_act!r} is not supported")
-        return a
+        return gqa_args(cls, cfg, "num_local_experts", "num_experts", default_theta=1e6)
 
     def is_sparse(self, i: int) -> bool:
         return True  # every Mixtral layer routes

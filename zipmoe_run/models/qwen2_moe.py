@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedModelError
-from ..layers import ACTIVATIONS, Linear, args_from_dict, causal_mask, announce, moe_forward, rope_config
+from ..layers import Linear, causal_mask, announce, moe_forward
 from ..source import WeightSource
 from ._decoder import Attention as _Attention
-from ._decoder import MLP, DecoderLM, MoEDecoderLayer, RoutedMoE
+from ._decoder import MLP, DecoderLM, MoEDecoderLayer, RoutedMoE, gqa_args
 
 
 @dataclass
@@ -47,10 +46,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelArgs":
-        cfg = {**cfg, "num_experts": cfg.get("num_experts", cfg.get("num_local_experts", 60))}
-        a = args_from_dict(cls, cfg, rope=rope_config(cfg))
-        a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
-        a.head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        a = gqa_args(cls, cfg, "num_experts", "num_local_experts")
         a.mlp_only_layers = list(a.mlp_only_layers or [])
         if a.layer_types is None:
             a.layer_types = [
@@ -59,8 +55,6 @@ class ModelArgs:
                 else "full_attention"
                 for i in range(a.num_hidden_layers)
             ]
-        if a.hidden_act not in ACTIVATIONS:
-            raise UnsupportedModelError(f"hidden_act {a.hidden_act!r} is not supported")
         return a
 
     def is_sparse(self, i: int) -> bool:

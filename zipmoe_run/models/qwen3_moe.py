@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import UnsupportedModelError
-from ..layers import ACTIVATIONS, args_from_dict, rope_config
 from ._decoder import Attention as _Attention
-from ._decoder import DecoderLM, MoEDecoderLayer
+from ._decoder import DecoderLM, MoEDecoderLayer, gqa_args
 
 
 @dataclass
@@ -40,15 +38,10 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelArgs":
-        cfg = {**cfg, "num_experts": cfg.get("num_experts", cfg.get("num_local_experts", 128))}
-        a = args_from_dict(cls, cfg, rope=rope_config(cfg))
-        a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
-        a.head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        a = gqa_args(cls, cfg, "num_experts", "num_local_experts")
         a.mlp_only_layers = list(a.mlp_only_layers or [])
         if not a.use_sliding_window:
             a.sliding_window = None
-        if a.hidden_act not in ACTIVATIONS:
-            raise UnsupportedModelError(f"hidden_act {a.hidden_act!r} is not supported")
         return a
 
     def is_sparse(self, i: int) -> bool:
