@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from zipmoe_run.store.budget import BudgetError, Ledger, available_memory, parse_budget, parse_bytes
-from zipmoe_run.store.tiers import CostModel, ExpertInfo, Tier, info_from_extent
+from zipmoe_run.tiers import CostModel, ExpertInfo, Tier, info_from_extent
 
 GIB = 1 << 30
 
@@ -90,7 +90,7 @@ def test_cost_model_follows_the_bottleneck():
 
 def test_policy_and_scheduler_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import zipmoe_run.store.policy, zipmoe_run.store.scheduler, zipmoe_run.store.tiers, "
+            "import zipmoe_run.policies, zipmoe_run.store.scheduler, zipmoe_run.tiers, "
             "zipmoe_run.store.budget\n"
             "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None and m == 'torch']\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -13,8 +13,8 @@ import torch
 
 from zipmoe_pack.pack import PackOptions, pack
 from zipmoe_run.api import load
-from zipmoe_run.store.policy import DensityPolicy
-from zipmoe_run.store.tiers import CostModel
+from zipmoe_run.policies import DensityPolicy
+from zipmoe_run.tiers import CostModel
 
 PROMPT = [[5, 17, 42, 7, 99, 3, 250, 11, 64, 8]]
 STEPS = 5

@@ -131,7 +131,7 @@ def test_runtime_never_imports_the_benchmark_side():
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('zipmoe', 'torch', 'numba')\n"
         "             or m.startswith('zipmoe_run.store'))\n"
         "assert not bad, ('policies', bad)\n"
-        "import zipmoe_run.store, zipmoe_run.store.store, zipmoe_run.store.policy, zipmoe_run.store.tiers\n"
+        "import zipmoe_run.store, zipmoe_run.store.store\n"
         "from zipmoe_run.store.store import ExpertStore\n"
         "bad = sorted(m for m in sys.modules if m == 'zipmoe' or m.startswith('zipmoe.'))\n"
         "assert not bad, ('store', bad)\n"
@@ -142,14 +142,12 @@ def test_runtime_never_imports_the_benchmark_side():
 
 
 def test_one_tier_vocabulary_and_one_cost_model():
-    import zipmoe_run.store.policy as store_policy
-    import zipmoe_run.store.tiers as store_tiers
+    import zipmoe_run.store.store as store
     import zipmoe_run.tiers as tiers
 
-    # the store's names are the shared ones (a re-export, not a second definition)
-    assert store_tiers.Tier is tiers.Tier and store_tiers.CostModel is tiers.CostModel
-    assert store_tiers.ExpertInfo is tiers.ExpertInfo and store_tiers.DEMOTIONS is tiers.DEMOTIONS
-    assert store_policy.make_policy is make_policy and store_policy.Policy is Policy
+    # the store uses the shared names (no second definition anywhere in the store)
+    assert store.Tier is tiers.Tier and store.CostModel is tiers.CostModel
+    assert store.make_policy is make_policy
     assert [(t.name, int(t), t.label, t.long_name) for t in Tier] == [
         ("COLD", 0, "cold", "cold"), ("SM", 1, "sm", "sm"), ("COMP", 2, "comp", "compressed"),
         ("FULL", 3, "full", "full")]

@@ -12,7 +12,7 @@ from formats.decoder import ParallelDecoder
 from formats.reader import Archive
 from zipmoe_run.store.io import StoreIOError
 from zipmoe_run.store.store import ExpertStore
-from zipmoe_run.store.tiers import Tier
+from zipmoe_run.tiers import Tier
 
 
 

@@ -10,9 +10,9 @@ import pytest
 from formats.decoder import ParallelDecoder
 from formats.reader import Archive
 from zipmoe_run.store.budget import Ledger
-from zipmoe_run.store.policy import DensityPolicy, LRUPolicy
+from zipmoe_run.policies import DensityPolicy, LRUPolicy
 from zipmoe_run.store.store import ExpertStore
-from zipmoe_run.store.tiers import CostModel, Tier, info_from_extent
+from zipmoe_run.tiers import CostModel, Tier, info_from_extent
 
 EXPERTS = 8  # the store_archive fixture (tests/conftest.py)
 

@@ -11,8 +11,10 @@
 * ``worker``     -- ``IOWorker``: the task queue and its I/O thread (admit, read, decode);
 * ``prefetch``   -- ``Prefetcher``: prefetch, preload, adoption by the next fetch;
 * ``scheduler``  -- the two-stage flow-shop order (read, then decode) and its guaranteed bound;
-* ``state``      -- the records they share (entry, task, job, counters) and ``StoreError``;
-* ``tiers``, ``policy`` -- the tiers, their byte costs, the cost model and the policies.
+* ``state``      -- the records they share (entry, task, job, counters) and ``StoreError``.
+
+The tiers, their byte costs and the cost model are :mod:`zipmoe_run.tiers`; the policies it calls are
+:mod:`zipmoe_run.policies` (pure: neither imports the store).
 
 No module imports torch: the caller turns decoded buffers into tensors (``wrap``).
 """
@@ -21,12 +23,13 @@ from __future__ import annotations
 __all__ = ["ExpertStore", "Budget", "BudgetError", "parse_budget", "Tier", "DensityPolicy", "LRUPolicy"]
 
 _LAZY = {"ExpertStore": "store", "Budget": "budget", "BudgetError": "budget", "parse_budget": "budget",
-         "Tier": "tiers", "DensityPolicy": "policy", "LRUPolicy": "policy"}
+         "Tier": "..tiers", "DensityPolicy": "..policies", "LRUPolicy": "..policies"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        mod = _LAZY[name]
+        return getattr(importlib.import_module(mod if mod.startswith(".") else f".{mod}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
