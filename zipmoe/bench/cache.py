@@ -17,6 +17,7 @@ import re
 import time
 from pathlib import Path
 
+from zipmoe.bench.errors import BenchInputError
 from zipmoe.bench.sim.policy import make_replay_policy
 from zipmoe.bench.sim.simulate import PrefetchConfig, next_uses, replay
 from zipmoe.bench.sim.stats import stats_from_sequence
@@ -41,20 +42,20 @@ def parse_budget(spec: str, total: int) -> int:
     if m:
         pct = float(m.group(1))
         if not 0 <= pct <= 100:
-            raise ValueError(f"budget {spec} must be within 0-100%")
+            raise BenchInputError(f"budget {spec} must be within 0-100%")
         return int(total * pct / 100)
     from zipmoe_run.store.budget import parse_bytes
 
     try:
         return parse_bytes(spec)
     except Exception as exc:  # BudgetError is a ZmoeError; one message for the CLI
-        raise ValueError(str(exc)) from None
+        raise BenchInputError(str(exc)) from None
 
 
 def _sizes(expert_bytes: int | None, archive: Path | None) -> TierSizes:
     if archive is None:
         if not expert_bytes:
-            raise ValueError("give --expert-bytes (or --archive to take it from an archive)")
+            raise BenchInputError("give --expert-bytes (or --archive to take it from an archive)")
         return TierSizes(int(expert_bytes))
     from formats.reader import Archive
 
@@ -71,12 +72,12 @@ def run(trace_path: Path, *, budgets: list[str], expert_bytes: int | None = None
     """Replay ``trace_path`` for every budget; returns the JSON-able result."""
     unknown = [p for p in policies if p not in ORDER]
     if unknown:
-        raise ValueError(f"unknown policies {unknown} (known: {', '.join(ORDER)})")
+        raise BenchInputError(f"unknown policies {unknown} (known: {', '.join(ORDER)})")
     tr = load_trace(trace_path, top_k)
     if prompts is not None:
         tr = tr.head(prompts)
     if tr.prompts == 0:
-        raise ValueError(f"{trace_path}: no prompts to replay")
+        raise BenchInputError(f"{trace_path}: no prompts to replay")
     sizes = _sizes(expert_bytes, archive)
     cal = load_calibration(calibration) if calibration is not None else load_calibration()
     t0 = time.perf_counter()

@@ -24,10 +24,6 @@ def _logging(debug: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-# cache.py and io.py still signal bad input (a budget out of range, no --expert-bytes) with ValueError
-_LEGACY_INPUT = (ValueError,)
-
-
 def _emit(result: dict, as_json: bool, out: Optional[Path]) -> bool:
     """Write the JSON to `out` if given, print it if `as_json`; True when the caller is done."""
     text = json.dumps(result, indent=2)
@@ -89,7 +85,7 @@ def io_cmd(
     from zipmoe_run.tiers import CostModel as Calibration, save_calibration
 
     _logging(debug)
-    with guarded(debug, 2, _LEGACY_INPUT):
+    with guarded(debug, 2):
         result = run(directory=directory, archive_path=archive, size=size_mib << 20, read_size=read_mib << 20,
                      cores=cores, runs=runs, io_mode=io_mode)
         if not no_write:
@@ -133,7 +129,7 @@ def cache_cmd(
     from zipmoe.bench.cache import render_notes, render_table, run
 
     _logging(debug)
-    with guarded(debug, 2, _LEGACY_INPUT):
+    with guarded(debug, 2):
         result = run(trace, budgets=budget, expert_bytes=expert_bytes, archive=archive, calibration=calibration,
                      prompts=prompts, seed=seed, top_k=top_k,
                      policies=tuple(p.strip() for p in policies.split(",") if p.strip()))

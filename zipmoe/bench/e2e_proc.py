@@ -165,11 +165,6 @@ def warm_up_runtime(threads: int) -> None:
         pass
     with torch.device("meta"):
         torch.nn.Embedding(4, 4)
-    # the default store policy plans with numba kernels: load (or, on a cold cache, compile) them now
-    from zipmoe_run.policies.planner import plan
-    from zipmoe_run.tiers import CostModel as Calibration, TierSizes
-
-    plan(None, 8 << 20, TierSizes(1 << 20), Calibration(), layers=1, experts=8, k=2)
     torch.set_num_threads(threads)  # numba's OpenMP layer, started by the first kernel call, resets it
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zipmoe.bench.errors import BenchInputError
 from zipmoe_run.tiers import CostModel, TierSizes
 
 __all__ = ["measure_read", "measure_decode", "measure_compute", "run"]
@@ -163,7 +164,7 @@ def run(*, directory: Path | None = None, archive_path: Path | None = None, size
         archive = Archive(archive_path)
         spans = [(e.offset, e.length) for e in archive.index.experts if e.length > 0]
         if not spans:
-            raise ValueError(f"{archive_path}: archive has no expert extents to read")
+            raise BenchInputError(f"{archive_path}: archive has no expert extents to read")
         read = measure_read(Path(archive_path), spans, seed, io_mode)
         read["file"] = str(archive_path)
         sizes = TierSizes.from_extents(archive.index.experts, f"archive {archive_path}")

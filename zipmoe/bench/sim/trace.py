@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zipmoe.bench.errors import BenchInputError
+
 __all__ = ["Trace", "load_trace", "derive_tokens", "ReplaySequence", "build_sequence", "infer_top_k"]
 
 KNOWN_TOP_K = {"qwen1.5-moe": 4, "qwen2-moe": 4, "qwen3": 8, "switch": 1, "mixtral": 2, "olmoe": 8,
@@ -86,7 +88,7 @@ def infer_top_k(counts: np.ndarray, name: str = "") -> int:
     nz = (c > 0).sum(axis=2)
     live = sums > 0
     if not live.any():
-        raise ValueError("trace has no activations; give --top-k")
+        raise BenchInputError("trace has no activations; give --top-k")
     bound = int(min((sums[live] // mx[live]).min(), nz[live].min()))
     for k in range(bound, 0, -1):
         if not (sums % k).any():
@@ -105,25 +107,25 @@ def dense_layers(counts: np.ndarray) -> tuple[int, ...]:
 def _check(counts: np.ndarray, k: int, where: str) -> tuple[int, ...]:
     """Validate ``counts``; returns its dense layers."""
     if counts.ndim != 3:
-        raise ValueError(f"{where}: expected [prompts, layers, experts], got shape {counts.shape}")
+        raise BenchInputError(f"{where}: expected [prompts, layers, experts], got shape {counts.shape}")
     if not np.issubdtype(counts.dtype, np.integer):
-        raise ValueError(f"{where}: expected integer counts, got {counts.dtype}")
+        raise BenchInputError(f"{where}: expected integer counts, got {counts.dtype}")
     if k < 1:
-        raise ValueError(f"{where}: top-k must be >= 1, got {k}")
+        raise BenchInputError(f"{where}: top-k must be >= 1, got {k}")
     if counts.shape[2] < k:
-        raise ValueError(f"{where}: {counts.shape[2]} experts cannot serve top-{k}")
+        raise BenchInputError(f"{where}: {counts.shape[2]} experts cannot serve top-{k}")
     c = np.asarray(counts, dtype=np.int64)
     if (c < 0).any():
-        raise ValueError(f"{where}: negative counts")
+        raise BenchInputError(f"{where}: negative counts")
     sums = c.sum(axis=2)
     bad = np.argwhere(sums % k)
     if bad.size:
         p, l = bad[0]
-        raise ValueError(f"{where}: prompt {p} layer {l} sums to {sums[p, l]}, not a multiple of k={k}")
+        raise BenchInputError(f"{where}: prompt {p} layer {l} sums to {sums[p, l]}, not a multiple of k={k}")
     dense = dense_layers(c)
     moe = [x for x in range(c.shape[1]) if x not in dense]
     if not moe:
-        raise ValueError(f"{where}: every layer is zero for every prompt: no expert traffic to replay")
+        raise BenchInputError(f"{where}: every layer is zero for every prompt: no expert traffic to replay")
     ref = moe[0]
     bad = np.argwhere(sums[:, moe] != sums[:, ref:ref + 1])
     if bad.size:
@@ -131,25 +133,25 @@ def _check(counts: np.ndarray, k: int, where: str) -> tuple[int, ...]:
         l = moe[j]
         if sums[p, l] == 0 or sums[p, ref] == 0:  # zero for some prompts only: not a dense layer
             zero, other = (l, ref) if sums[p, l] == 0 else (ref, l)
-            raise ValueError(f"{where}: prompt {p} layer {zero} has 0 tokens, layer {other} has "
+            raise BenchInputError(f"{where}: prompt {p} layer {zero} has 0 tokens, layer {other} has "
                              f"{sums[p, other] // k} (a dense layer is zero for every prompt; this one is not)")
-        raise ValueError(f"{where}: prompt {p} layer {l} has {sums[p, l] // k} tokens, layer {ref} has "
+        raise BenchInputError(f"{where}: prompt {p} layer {l} has {sums[p, l] // k} tokens, layer {ref} has "
                          f"{sums[p, ref] // k}")
     over = np.argwhere(c > (sums // k)[:, :, None])
     if over.size:
         p, l, e = over[0]
-        raise ValueError(f"{where}: prompt {p} layer {l} expert {e} has {c[p, l, e]} tokens, more than "
+        raise BenchInputError(f"{where}: prompt {p} layer {l} expert {e} has {c[p, l, e]} tokens, more than "
                          f"the prompt's {sums[p, l] // k}")
     return dense
 
 
 def load_trace(path: str | os.PathLike, k: int | None = None) -> Trace:
-    """Open a trace ``.npy`` in place and check it (``ValueError`` naming the file otherwise)."""
+    """Open a trace ``.npy`` in place and check it (``BenchInputError``, a ``ValueError``, naming the file otherwise)."""
     p = Path(path)
     try:
         counts = np.load(p, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{p}: cannot read a trace ({exc})") from None
+        raise BenchInputError(f"{p}: cannot read a trace ({exc})") from None
     if k is None:
         k = infer_top_k(counts, p.name)
     dense = _check(counts, int(k), str(p))
