@@ -384,7 +384,7 @@ def test_johnson_makespan_is_optimal():
 
 
 def test_compiled_makespan_is_the_cost_model_s():
-    """The replay's numba makespan and the planner's Python one give the same float, bit for bit."""
+    """The replay compiles the planner's makespan with numba: the same float, bit for bit."""
     from zipmoe.bench.sim.replay_kernels import makespan as compiled
     from zipmoe_run.tiers import makespan
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from formats.errors import CorruptDataError, FormatError
+from tests.bounded import in_thread
 from tests.stfile import read_index
 from zipmoe_pack.pack import PackOptions, pack
 from zipmoe_run.api import load
@@ -31,22 +32,7 @@ def arc(checkpoint_factory, tmp_path_factory):
 
 
 def _in_thread(fn, timeout=60):
-    """Run fn in a thread; fail (instead of hanging the suite) if it does not finish."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "store deadlocked"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return in_thread(fn, timeout)
 
 
 def _all_experts(lm, layer=0):

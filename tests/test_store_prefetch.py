@@ -10,6 +10,7 @@ import pytest
 
 from formats.decoder import ParallelDecoder
 from formats.reader import Archive
+from tests.bounded import in_thread
 from zipmoe_run.store.io import StoreIOError
 from zipmoe_run.store.store import ExpertStore
 from zipmoe_run.tiers import Tier
@@ -203,22 +204,7 @@ def test_a_prefetch_never_evicts_an_expert_it_names(arc, reference):
 
 
 def _in_thread(fn, timeout=120):
-    """Run fn in a thread; fail (instead of hanging the suite) if it does not finish."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "store deadlocked"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return in_thread(fn, timeout)
 
 
 def test_preload_whose_wrap_raises_fails_with_that_error(arc, reference):

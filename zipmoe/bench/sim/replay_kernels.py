@@ -6,30 +6,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from zipmoe_run import tiers as _tiers
+
 from .kernels import COLD, COMP, S_E, SCAL, SM, TIER, begin_request, step
 
 __all__ = ["makespan", "replay", "rank_histogram", "next_uses"]
 
 
-@njit(cache=True)
-def makespan(n_comp, n_sm, n_cold, a_sm, a_cold, b, n_pf=0, r0=0.0):
-    """``zipmoe_run.tiers.makespan`` compiled (the same arithmetic in the same order; tested equal).
-
-    ``n_pf`` experts were prefetched: their bytes are in by ``r0``, when the disk becomes free for
-    this layer's own reads (a prefetch that overran the previous layer's compute)."""
-    t1 = r0
-    t2 = 0.0
-    for _ in range(n_comp):
-        t2 = t2 + b
-    for _ in range(n_pf):
-        t2 = max(t2, r0) + b
-    for _ in range(n_sm):
-        t1 += a_sm
-        t2 = max(t2, t1) + b
-    for _ in range(n_cold):
-        t1 += a_cold
-        t2 = max(t2, t1) + b
-    return t2
+# the planner's own function, compiled: one definition of the delay model, run by both
+makespan = njit(cache=True)(_tiers.makespan)
 
 
 @njit(cache=True)
