@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from formats.codec import DEFAULT_CODEC, codec_params
-from formats.index import OUT_ALIGN, STACKS
+from formats.extent_plan import ExtentPlan, PartPlan  # noqa: F401 (re-exported for zipmoe_pack.pack)
+from formats.extent_plan import plan_extents as _plan_extents
+from formats.index import OUT_ALIGN
 from formats.preamble import ALIGNMENT, VERSION, hex64
 from zipmoe_pack import __version__
 from zipmoe_pack.scan import Checkpoint, SrcTensor
@@ -32,33 +34,6 @@ class PackOptions:
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     codec: str = DEFAULT_CODEC
     raw: bool = False  # store BF16 experts uncompressed (benchmark baseline)
-
-
-@dataclass
-class PartPlan:
-    tensor: SrcTensor
-    slice: int | None
-
-    @property
-    def nbytes(self) -> int:
-        return self.tensor.nbytes // self.tensor.shape[0] if self.slice is not None else self.tensor.nbytes
-
-    @property
-    def shape(self) -> list[int]:
-        return list(self.tensor.shape[1:] if self.slice is not None else self.tensor.shape)
-
-    @property
-    def src_offset(self) -> int:
-        return self.tensor.offset + (self.slice or 0) * self.nbytes
-
-
-@dataclass
-class ExtentPlan:
-    key: tuple  # (stack order, layer, expert)
-    stack: str | None
-    layer: int
-    expert: int
-    parts: list[PartPlan] = field(default_factory=list)
 
 
 @dataclass
@@ -89,18 +64,7 @@ class PackReport:
 
 
 def plan_extents(ck: Checkpoint) -> list[ExtentPlan]:
-    extents: dict[tuple, ExtentPlan] = {}
-    for t in ck.experts:
-        r = t.role
-        experts = range(t.shape[0]) if r.fused else [r.expert]
-        for e in experts:
-            key = (STACKS.index(r.stack), r.layer, e)
-            ep = extents.setdefault(key, ExtentPlan(key, r.stack, r.layer, e))
-            ep.parts.append(PartPlan(t, e if r.fused else None))
-    out = sorted(extents.values(), key=lambda x: x.key)
-    for ep in out:
-        ep.parts.sort(key=lambda p: (p.tensor.role.proj, p.tensor.name))
-    return out
+    return _plan_extents(ck.experts)
 
 
 def _encoding(t: SrcTensor, opts: PackOptions) -> str:

@@ -44,11 +44,14 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def open_source(path: str | os.PathLike, *, threads: int | None = None, **store_opts) -> WeightSource:
-    """DirectorySource for a checkpoint directory, ArchiveSource for a ``.zmoe`` file."""
+    """DirectorySource for a checkpoint directory (budgeted when ``memory_budget`` is given), ArchiveSource
+    for a ``.zmoe`` file."""
     p = Path(path)
     if p.is_dir():
+        if store_opts.get("memory_budget") is not None:  # experts through the budgeted store, read from the shards
+            return DirectorySource(p, threads=threads, **store_opts)
         if store_opts:
-            log.debug("store options %s ignored for a plain checkpoint directory", sorted(store_opts))
+            log.debug("store options %s ignored for a plain checkpoint directory without a budget", sorted(store_opts))
         return DirectorySource(p)
     if p.suffix == ".zmoe":
         if not p.is_file():

@@ -4,6 +4,11 @@ Model code never opens files: it asks a ``WeightSource`` for dense tensors by th
 name and for routed experts by (layer, expert ids). ``DirectorySource`` serves a Hugging Face
 checkpoint directory straight from memory-mapped safetensors shards (zero-copy views);
 ``zipmoe_run.archive_source.ArchiveSource`` serves a ``.zmoe`` archive the same way.
+
+With a ``memory_budget``, a directory's routed experts come from the same budgeted
+``zipmoe_run.store.ExpertStore`` as an archive's, reading each expert's bytes from the shards with
+honest I/O (``zipmoe_run.store.dirbytes``; FULL and COLD tiers only, as on a ``--raw`` archive);
+dense tensors stay mapped. Without one, every expert is a view of the map (no limit).
 """
 from __future__ import annotations
 
@@ -99,6 +104,7 @@ class _Shard:
         self.base = 8 + hlen
         self.size = size
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self.dtypes: dict[str, str] = {}  # safetensors spelling (BF16, F32, ...)
         for name, e in header.items():
             try:
                 dt = SAFETENSORS_DTYPES[e["dtype"]]
@@ -114,6 +120,7 @@ class _Shard:
                 raise InputError(f"{path}: tensor {name!r} has shape {list(shape)} of {dt} but "
                                  f"{end - start} bytes")
             self.entries[name] = (dt, shape, self.base + start, end - start)
+            self.dtypes[name] = e["dtype"]
 
     def tensor(self, name: str) -> torch.Tensor:
         dt, shape, off, nbytes = self.entries[name]
@@ -135,9 +142,16 @@ class DirectorySource:
     Shards are listed by ``model.safetensors.index.json`` when present, else ``model.safetensors``,
     else every ``*.safetensors`` in the directory. Expert tensors are recognised only through
     ``formats.names.parse_expert_name``; fused [E, ...] tensors are sliced per expert (views).
+
+    ``memory_budget`` (bytes, ``"3GiB"``, ``"30%"`` of the routed-expert bytes, ``"auto"``; None: no
+    limit) serves experts through an ``ExpertStore`` reading the shards (module doc); ``threads``,
+    ``policy``, ``io_mode``, ``io_throttle_bps``, ``cost`` and ``preload`` then mean what they mean
+    for ``ArchiveSource``, and are ignored without a budget.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, memory_budget=None, *,
+                 policy=None, io_mode: str = "auto", io_throttle_bps: float | None = None, cost=None,
+                 preload: bool | str = "auto"):
         self.path = Path(path)
         if not self.path.is_dir():
             raise InputError(f"{self.path}: not a directory")
@@ -172,7 +186,68 @@ class DirectorySource:
                 self._experts.setdefault((p.stack, p.layer), {}).setdefault(p.expert, {})[p.proj] = name
         self._cache: dict[tuple[str | None, int, int], dict[str, torch.Tensor]] = {}
         self._stats = {"experts_fetched": 0, "bytes_read": 0, "dense_bytes": 0, "fetch_calls": 0}
+        self.store = None
+        self.budget = None
+        if memory_budget is not None:
+            try:
+                self._open_store(threads, memory_budget, policy=policy, io_mode=io_mode,
+                                 io_throttle_bps=io_throttle_bps, cost=cost, preload=preload)
+            except BaseException:
+                self.close()
+                raise
         log.debug("DirectorySource %s: %d tensors in %d shard(s)", self.path, len(self._where), len(self._shards))
+
+    def _open_store(self, threads, memory_budget, *, policy, io_mode, io_throttle_bps, cost, preload) -> None:
+        from .store.dirbytes import CopyDecoder, DirectoryBytes, ShardTensor
+        from .store.store import ExpertStore
+
+        files = list(self._shards)
+        index = {f: i for i, f in enumerate(files)}
+        tensors = []
+        for name, shard in self._where.items():
+            role = parse_expert_name(name)
+            if role is None:
+                continue
+            _, shape, off, nbytes = shard.entries[name]
+            if role.fused and (not shape or shape[0] == 0 or nbytes % shape[0]):
+                raise InputError(f"{shard.path}: fused expert tensor {name!r} has shape {list(shape)}, "
+                                 f"which cannot be cut into experts")
+            tensors.append(ShardTensor(name, index[shard.path.name], shard.dtypes[name], shape, nbytes, off, role))
+        if not tensors:
+            raise InputError(f"{self.path}: no routed-expert tensors recognised; --memory-budget needs some")
+        self.dense_bytes = sum(self._where[n].entries[n][3] for n in self._dense)
+        source = DirectoryBytes(self.path, [(self._shards[f].path, self._shards[f].size) for f in files], tensors,
+                                io_mode, io_throttle_bps)
+        try:
+            self.decoder = CopyDecoder(threads or os.cpu_count() or 1)
+        except BaseException:
+            source.close()
+            raise
+        try:
+            self.store = ExpertStore(None, self.decoder, budget=memory_budget, policy=policy, wrap=self._weights,
+                                     dense_bytes=self.dense_bytes, cost=cost, source=source)
+            self.budget = self.store.budget
+            self.prefetch = self.store.prefetch  # models announce what comes next (layers.announce)
+            if preload is True or (preload == "auto" and self.store.capacity is not None
+                                   and self.store.capacity >= self.store.expert_bytes):
+                n = self.store.preload()
+                log.info("preloaded %d of %d experts", n, len(self.store.extents))
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+            self.store = None
+            self.decoder.close()
+            raise
+
+    def _weights(self, extent, buf) -> dict[str, torch.Tensor]:
+        """The store's ``wrap``: an expert's decoded bytes as {proj: tensor} views (stored dtype and shape)."""
+        out = {}
+        for p in extent.parts:
+            dt = SAFETENSORS_DTYPES[p.dtype]
+            count = p.nbytes // dt.itemsize
+            out[p.proj] = (torch.frombuffer(buf, dtype=dt, count=count, offset=p.out_offset).view(p.shape)
+                           if count else torch.empty(p.shape, dtype=dt))
+        return out
 
     def _shard_files(self) -> list[str]:
         index = self.path / "model.safetensors.index.json"
@@ -217,6 +292,11 @@ class DirectorySource:
     def fetch(
         self, layer: int, experts: Sequence[int], stack: str | None = None
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        if self.store is not None:
+            for e, w in self.store.fetch(layer, experts, stack):
+                self._stats["experts_fetched"] += 1
+                yield e, w
+            return
         self._stats["fetch_calls"] += 1
         for e in experts:
             e = int(e)
@@ -246,9 +326,20 @@ class DirectorySource:
         return out
 
     def stats(self) -> dict:
-        return dict(self._stats)
+        if self.store is None:
+            return dict(self._stats)
+        st = self.store.stats()
+        st.update(experts_fetched=self._stats["experts_fetched"], cache_hits=st.get("hits_full", 0),
+                  dense_bytes=self.dense_bytes)
+        return st
 
     def close(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.close()
+            finally:
+                self.decoder.close()
+                self.store = None
         self._cache.clear()
         for s in self._shards.values():
             s.close()
