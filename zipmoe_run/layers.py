@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Linear",
+    "Embedding",
     "linear",
     "RMSNorm",
     "rope_config",
@@ -40,10 +41,25 @@ __all__ = [
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose one-row bf16 products (decode steps) use the fast kernel of ``kernels``."""
+    """nn.Linear whose one-row bf16 products (decode steps) use the fast kernel of ``kernels``.
+
+    Built without an initialiser: every parameter is bound from the checkpoint (``bind_weights``), so
+    the skeleton (on the meta device) only needs shapes; torch's kaiming init would be wasted work.
+    """
+
+    def reset_parameters(self) -> None:
+        pass  # no initialiser: weights come from the checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without its ``normal_`` initialiser (which on the meta device imports torch._dynamo,
+    about a second of start-up); the table is bound from the checkpoint (``bind_weights``)."""
+
+    def reset_parameters(self) -> None:
+        pass  # no initialiser: weights come from the checkpoint
 
 
 class RMSNorm(nn.Module):

@@ -25,6 +25,7 @@ from ..kernels import single_row_scope
 from ..lookahead import link_lookahead
 from ..layers import (
     ACTIVATIONS,
+    Embedding,
     KVCache,
     Linear,
     RMSNorm,
@@ -197,7 +198,7 @@ class MoEDecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, a, layer_cls, source: WeightSource):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(layer_cls(a, i, source) for i in range(a.num_hidden_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from ..errors import MissingWeightError, UnsupportedModelError
 from ..kernels import single_row_scope
-from ..layers import (ACTIVATIONS, KVCache, Linear, RMSNorm, args_from_dict, bind_weights, causal_mask, linear,
-                      moe_forward)
+from ..layers import (ACTIVATIONS, Embedding, KVCache, Linear, RMSNorm, args_from_dict, bind_weights, causal_mask,
+                      linear, moe_forward)
 from ..source import WeightSource
 from ..tokenizer import read_json
 
@@ -133,7 +133,7 @@ class Attention(nn.Module):
         self.bidirectional = bidirectional
         self.num_buckets, self.max_distance = a.relative_attention_num_buckets, a.relative_attention_max_distance
         if has_bias:
-            self.relative_attention_bias = nn.Embedding(a.relative_attention_num_buckets, a.num_heads)
+            self.relative_attention_bias = Embedding(a.relative_attention_num_buckets, a.num_heads)
 
     def position_bias(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
         """[1, nH, q_len, k_len] for queries at offset..offset+q_len-1 and keys at 0..k_len-1."""
@@ -289,7 +289,7 @@ class DecoderBlock(nn.Module):
 class Stack(nn.Module):
     def __init__(self, a: ModelArgs, block: type, n: int, source: WeightSource):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.d_model)
+        self.embed_tokens = Embedding(a.vocab_size, a.d_model)
         self.block = nn.ModuleList(block(a, i, source) for i in range(n))
         self.final_layer_norm = RMSNorm(a.d_model, a.layer_norm_epsilon)
 

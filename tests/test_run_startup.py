@@ -1,0 +1,62 @@
+"""Start-up: the model skeleton is built without parameter initialisers (every weight comes from the
+checkpoint), so building a model neither runs torch.nn.init nor imports torch._dynamo (which torch's
+``normal_`` pulls in on the meta device: about a second of start-up)."""
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from zipmoe_run.models import SUPPORTED, build_model
+from zipmoe_run.source import DirectorySource
+
+def _dims(family: str) -> dict:  # the dims test_models_structure uses (switch_transformers routes top-1)
+    return {"experts": 4} if family == "switch_transformers" else {"experts": 8, "top_k": 2, "layers": 2}
+
+_CHILD = """
+import sys
+import torch
+from zipmoe_run.models import build_model
+from zipmoe_run.source import DirectorySource
+assert "torch._dynamo" not in sys.modules, "imported before the build"
+src = DirectorySource(sys.argv[1])
+model = build_model(src, torch.bfloat16)
+assert not any(p.is_meta for p in model.parameters()), "a parameter was left unbound"
+print("dynamo" if "torch._dynamo" in sys.modules else "no-dynamo")
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "switch_transformers"])
+def test_build_does_not_import_dynamo(family, checkpoint_factory):
+    src = checkpoint_factory(family, seed=2, dims=_dims(family))
+    res = subprocess.run([sys.executable, "-c", _CHILD, str(src)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "no-dynamo"
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_build_runs_no_initialiser(family, checkpoint_factory, monkeypatch):
+    src = DirectorySource(checkpoint_factory(family, seed=2, dims=_dims(family)))
+    called: list[str] = []
+
+    def forbid(name):
+        def init(*args, **kwargs):
+            called.append(name)
+            raise AssertionError(f"torch.nn.init.{name} ran while building the model")
+        return init
+
+    names = [n for n, f in vars(nn.init).items() if inspect.isfunction(f) and n.endswith("_") and not n.startswith("_")]
+    assert {"normal_", "kaiming_uniform_", "uniform_"} <= set(names)
+    for n in names:
+        monkeypatch.setattr(nn.init, n, forbid(n))
+    for n in ("normal_", "uniform_"):  # the tensor methods the initialisers end in
+        monkeypatch.setattr(torch.Tensor, n, forbid(f"Tensor.{n}"))
+    model = build_model(src, torch.bfloat16)
+    assert called == []
+    # every parameter is the checkpoint's tensor (bound, not initialised)
+    for name, p in model.named_parameters():
+        assert not p.is_meta, name
