@@ -1,11 +1,22 @@
 """Shared fixtures: synthetic checkpoints (generated once per session) and the ../shared data directory."""
 from __future__ import annotations
 
+import atexit
+import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Self-calibration and `zipmoe bench io` write into the user's cache directory: the suite (and the child
+# processes it starts) gets a private one instead, measured once per session, never ~/.cache.
+_CACHE = tempfile.mkdtemp(prefix="zipmoe-test-cache-")
+os.environ["ZIPMOE_CACHE_DIR"] = _CACHE
+os.environ.pop("ZIPMOE_CALIBRATION", None)
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 def _freeze(x):

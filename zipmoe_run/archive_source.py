@@ -20,6 +20,10 @@ layer by layer into the decoded tier until the budget is full, when a budget of 
 decoded bytes is given (the budget is meant to hold the model, as in transformers or llama.cpp, which
 also load everything before the first token); ``True`` always, ``False`` never (experts load on first
 use). The time it takes is part of opening the archive (``preload_s`` in ``stats()``).
+
+``cost``: the store's cost model; by default this host's self-calibration (``zipmoe_run.calibrate``:
+measured once per host and file system, cached), reported with the host in ``stats()``
+(``calibration``, ``host``).
 """
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ from formats.jsonstrict import JSONRejected, loads
 from formats.preamble import xxh3
 from formats.reader import Archive
 
+from .calibrate import store_cost
 from .errors import MissingWeightError
+from .hostinfo import host_info
 from .source import SAFETENSORS_DTYPES
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,8 @@ class ArchiveSource:
             self.dense_bytes = sum(t.nbytes for t in self.archive.index.tensors.values() if t.role == "dense")
             self.decoder = ParallelDecoder(threads or os.cpu_count() or 1)
             try:
+                if cost is None:  # this host's calibration (cached per host; see zipmoe_run.calibrate)
+                    cost = store_cost(self.archive, self.decoder.threads, io_mode, io_throttle_bps)
                 self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,
                                          io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=self._weights,
                                          dense_bytes=self.dense_bytes, cost=cost)
@@ -167,6 +175,9 @@ class ArchiveSource:
     def stats(self) -> dict:
         st = self.store.stats()
         st.update(self._stats, cache_hits=st.get("hits_full", 0), dense_bytes=self.dense_bytes)
+        cost = self.store.cost
+        st["calibration"] = {**cost.to_json(), "drift": list(getattr(cost.drift, "notes", []))}
+        st["host"] = host_info()
         return st
 
     def close(self) -> None:

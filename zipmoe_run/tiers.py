@@ -19,11 +19,13 @@ planner and the simulator reason with; ``TierSizes.info`` turns it into an ``Exp
 
 :class:`CostModel` is the machine: read bandwidth, decode bandwidth (all decoder threads), compute
 bandwidth (sets the prefetch window) and, for the store's pipelined fetches, how much the read stage
-is the bottleneck (``read_share``). Its defaults are the project's reference facts (disk 1.4 GB/s,
-decode 1.7 GB/s per core x 2 cores, compute 4 GB/s). Measured rates are injected by constructing
-it with them (``CostModel(read_bps=..., decode_bps=...)`` or ``dataclasses.replace``); a store
-keeps them current unless ``frozen``; :func:`save_calibration` / :func:`load_calibration` cache them
-as JSON (``zipmoe bench io`` writes one; default ``~/.cache/zipmoe/calibration.json``).
+is the bottleneck (``read_share``). Its defaults are assumptions for code without a host (simulators,
+tests): disk 1.4 GB/s, decode 1.7 GB/s per core x 2 cores, compute 4 GB/s; a store opened by the
+runtime starts from this host's self-calibration instead (``zipmoe_run.calibrate``). Measured
+rates are injected by constructing it with them (``CostModel(read_bps=..., decode_bps=...)`` or
+``dataclasses.replace``); a store keeps them current unless ``frozen`` (:meth:`CostModel.observe`);
+:func:`save_calibration` / :func:`load_calibration` cache them as JSON (``zipmoe bench io`` writes
+one; default ``~/.cache/zipmoe/calibration.json``).
 
 The delay model of one MoE layer (the ZipMoE paper's, with three tiers): every non-FULL expert is a
 job of a two-stage flow shop, *read* (``read bytes / read_bps``, one disk) then *decode*
@@ -35,14 +37,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
 from pathlib import Path
 from typing import Sequence
 
 __all__ = ["Tier", "TIER_NAMES", "DEMOTIONS", "ALIGN", "ExpertInfo", "info_from_extent", "TierSizes", "CostModel",
-           "DEFAULT_CALIBRATION_PATH", "load_calibration", "save_calibration", "johnson_makespan", "makespan",
-           "layer_time"]
+           "DEFAULT_CALIBRATION_PATH", "default_calibration_path", "load_calibration", "save_calibration",
+           "johnson_makespan", "makespan", "layer_time"]
 
 ALIGN = 4096  # the archive's extent alignment and the read granule; memory pages are a multiple of it
 
@@ -226,6 +228,8 @@ class CostModel:
     read_method: str = "assumed"
     source: str = "defaults (disk 1.4 GB/s, decode 1.7 GB/s/core x 2 cores, compute 4 GB/s assumed)"
     extra: dict = field(default_factory=dict)
+    #: an object with ``check(cost, rate_name)`` told of every online update (``calibrate.Drift``)
+    drift: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in _RATES:
@@ -272,11 +276,20 @@ class CostModel:
         t = self.times(sizes)
         return (t["read_cold"] + t["decode"], t["read_sm"] + t["decode"], t["decode"], 0.0)
 
+    def observe(self, name: str, rate: float, weight: float) -> None:
+        """Move the estimate ``name`` (``read_bps``, ``decode_bps``) toward a measured ``rate`` (EWMA of
+        ``weight``) unless ``frozen``; the ``drift`` watcher, if any, is told."""
+        if self.frozen:
+            return
+        setattr(self, name, getattr(self, name) + weight * (rate - getattr(self, name)))
+        if self.drift is not None:
+            self.drift.check(self, name)
+
     # -- the calibration file -----------------------------------------------------------------------
     def to_json(self) -> dict:
-        d = asdict(self)
-        for name in ("read_share", "frozen"):  # the store's running state, not a measurement
-            d.pop(name)
+        skip = ("read_share", "frozen", "drift")  # the store's running state, not a measurement
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        d["extra"] = json.loads(json.dumps(d["extra"]))  # a copy, JSON-clean
         return {"version": 1, **{_JSON_NAMES.get(k, k): v for k, v in d.items()}}
 
     @classmethod
@@ -284,7 +297,7 @@ class CostModel:
         if not isinstance(d, dict) or d.get("version") != 1:
             raise ValueError("not a version-1 zipmoe calibration object")
         back = {v: k for k, v in _JSON_NAMES.items()}
-        known = set(cls.__dataclass_fields__) - {"read_share", "frozen"}
+        known = set(cls.__dataclass_fields__) - {"read_share", "frozen", "drift"}
         kw = {back.get(k, k): v for k, v in d.items() if back.get(k, k) in known}
         if "extra" in kw and not isinstance(kw["extra"], dict):
             raise ValueError("calibration 'extra' must be an object")
@@ -293,8 +306,15 @@ class CostModel:
         return cls(**kw)
 
 
-DEFAULT_CALIBRATION_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zipmoe" / \
-    "calibration.json"
+def default_calibration_path() -> Path:
+    """``$ZIPMOE_CACHE_DIR/calibration.json``, else ``$XDG_CACHE_HOME/zipmoe/...``, else ``~/.cache/zipmoe/...``
+    (read when called: tests point it at a temporary directory)."""
+    d = os.environ.get("ZIPMOE_CACHE_DIR")
+    return (Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zipmoe") / \
+        "calibration.json"
+
+
+DEFAULT_CALIBRATION_PATH = default_calibration_path()  # as at import time; the functions use the call-time one
 
 
 def load_calibration(path: str | os.PathLike | None = None) -> CostModel:
@@ -302,7 +322,7 @@ def load_calibration(path: str | os.PathLike | None = None) -> CostModel:
     the default file does not exist. A missing explicit path or a malformed file is a ``ValueError``."""
     from formats.jsonstrict import loads
 
-    p = Path(path) if path is not None else DEFAULT_CALIBRATION_PATH
+    p = Path(path) if path is not None else default_calibration_path()
     if not p.exists():
         if path is not None:
             raise ValueError(f"{p}: no such calibration file (run `zipmoe bench io`)")
@@ -314,7 +334,7 @@ def load_calibration(path: str | os.PathLike | None = None) -> CostModel:
 
 
 def save_calibration(cost: CostModel, path: str | os.PathLike | None = None) -> Path:
-    p = Path(path) if path is not None else DEFAULT_CALIBRATION_PATH
+    p = Path(path) if path is not None else default_calibration_path()
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(replace(cost, source=str(p)).to_json(), indent=2) + "\n")

@@ -23,7 +23,9 @@ from zipmoe.bench.sim.simulate import PrefetchConfig, next_uses, replay
 from zipmoe.bench.sim.stats import stats_from_sequence
 from zipmoe.bench.sim.trace import build_sequence, load_trace
 from zipmoe_run.policies.planner import Split, plan
-from zipmoe_run.tiers import Tier, TierSizes, load_calibration
+from zipmoe_run.calibrate import report as host_report
+from zipmoe_run.hostinfo import host_line
+from zipmoe_run.tiers import CostModel, Tier, TierSizes, load_calibration
 
 __all__ = ["parse_budget", "run", "render_table", "ORDER"]
 
@@ -79,7 +81,11 @@ def run(trace_path: Path, *, budgets: list[str], expert_bytes: int | None = None
     if tr.prompts == 0:
         raise BenchInputError(f"{trace_path}: no prompts to replay")
     sizes = _sizes(expert_bytes, archive)
-    cal = load_calibration(calibration) if calibration is not None else load_calibration()
+    rep = host_report(archive)  # this host's self-calibration (reads: the archive's file system, if given)
+    cal = load_calibration(calibration) if calibration is not None else CostModel.from_json(rep["calibration"],
+                                                                                           rep["calibration"]["source"])
+    rep["calibration"] = cal.to_json()
+    rep["host_line"] = host_line(rep["host"], rep["calibration"])
     t0 = time.perf_counter()
     seq = build_sequence(tr, seed)
     stats = stats_from_sequence(seq)
@@ -92,6 +98,7 @@ def run(trace_path: Path, *, budgets: list[str], expert_bytes: int | None = None
                   "k": seq.k, "tokens": seq.tokens, "seed": seed, "dense_layers": list(tr.dense)},
         "sizes": sizes.as_dict(), "all_expert_bytes": total,
         "calibration": {k: v for k, v in cal.to_json().items() if k != "extra"},
+        "host": rep["host"], "host_line": rep["host_line"],
         "model": "per layer: Johnson makespan of read (disk) -> decode (all decoder threads) over its non-FULL "
                  "experts; summed over layers; compute, latency and contention not modelled",
         "budgets": [],

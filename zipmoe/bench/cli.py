@@ -25,8 +25,11 @@ def _logging(debug: bool) -> None:
 
 
 def _emit(result: dict, as_json: bool, out: Optional[Path]) -> bool:
-    """Write the JSON to `out` if given, print it if `as_json`; True when the caller is done."""
+    """Write the JSON to `out` if given, print it if `as_json`; True when the caller is done. Without
+    ``--json`` the host line is printed first (the JSON carries it as ``host_line``)."""
     text = json.dumps(result, indent=2)
+    if result.get("host_line") and not as_json:
+        typer.echo(result["host_line"])
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
@@ -81,7 +84,7 @@ def io_cmd(
 ) -> None:
     """Measure read bandwidth (O_DIRECT), decode throughput and expert compute; write the calibration JSON."""
 
-    from zipmoe.bench.io import run
+    from zipmoe.bench.io import record, run
     from zipmoe_run.tiers import CostModel as Calibration, save_calibration
 
     _logging(debug)
@@ -90,11 +93,13 @@ def io_cmd(
                      cores=cores, runs=runs, io_mode=io_mode)
         if not no_write:
             result["written_to"] = str(save_calibration(Calibration.from_json(result["calibration"]), out))
+            result["self_calibration_files"] = record(result, io_mode)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     c = result["calibration"]
-    lines = [f"read    {c['disk_bps'] / 1e9:.2f} GB/s ({c['read_method']}, {result['read']['reads']} reads of "
+    lines = [result["host_line"],
+             f"read    {c['disk_bps'] / 1e9:.2f} GB/s ({c['read_method']}, {result['read']['reads']} reads of "
              f"{result['read']['bytes'] / max(1, result['read']['reads']) / 2**20:.1f} MiB)",
              f"decode  {c['decode_bps_per_core'] / 1e9:.2f} GB/s on 1 thread, {c['decode_bps'] / 1e9:.2f} GB/s on "
              f"{c['cores']} (BF16 output; {result['decode']['source']})",

@@ -33,6 +33,7 @@ from formats.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_CODEC, ENCODER_PRESETS, C
 from formats.decoder import KIND_BF16_SPLIT, ChunkRef, ParallelDecoder, encode_bf16_refs
 from formats.planes import merge_bf16_le_bytes, split_bf16, warm_up
 from zipmoe.bench.errors import BenchInputError
+from zipmoe_run.calibrate import report as host_report
 
 __all__ = ["DATASETS", "make_dataset", "run", "render_table"]
 
@@ -210,6 +211,7 @@ def run(elements: int, runs: int = 5, datasets: Sequence[str] = DATASETS,
                   "preallocated buffer, ZipNN allocates its output", "medians after one warm-up run"],
         "datasets": {},
     }
+    result.update(host_report())  # host, calibration, host_line
     peers = _peers(chunk)
     for name in datasets:
         src = make_dataset(name, elements)

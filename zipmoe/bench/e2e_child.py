@@ -77,6 +77,7 @@ def _child_runtime(a: dict) -> dict:
                dense_bytes=st["dense_bytes"], peak_rss_bytes=_status("VmHWM"),
                resident_experts=st.get("resident_experts"), cap_stat=_cap_stat(a))
     out["store_stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out["calibration"] = st.get("calibration")  # the cost model the store started from, and its drift notes
     lm.close()
     return out
 

@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from zipmoe.bench.errors import BenchInputError
+from zipmoe_run.calibrate import host_key
+from zipmoe_run.hostinfo import host_info, host_line
 from zipmoe_run.tiers import CostModel, TierSizes
 
-__all__ = ["measure_read", "measure_decode", "measure_compute", "run"]
+__all__ = ["measure_read", "measure_decode", "measure_compute", "run", "record"]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ def run(*, directory: Path | None = None, archive_path: Path | None = None, size
         if not spans:
             raise BenchInputError(f"{archive_path}: archive has no expert extents to read")
         read = measure_read(Path(archive_path), spans, seed, io_mode)
-        read["file"] = str(archive_path)
+        read["file"], read["fs_path"] = str(archive_path), str(archive_path)
         sizes = TierSizes.from_extents(archive.index.experts, f"archive {archive_path}")
     else:
         d = Path(directory) if directory is not None else Path.home() / ".cache" / "zipmoe"
@@ -175,7 +177,7 @@ def run(*, directory: Path | None = None, archive_path: Path | None = None, size
             step = max(4096, (read_size // 4096) * 4096)
             spans = [(off, min(step, size - off)) for off in range(0, size, step)]
             read = measure_read(path, spans, seed, io_mode)
-            read["file"] = f"scratch file in {d} ({size} bytes, deleted)"
+            read["file"], read["fs_path"] = f"scratch file in {d} ({size} bytes, deleted)", str(d)
         finally:
             path.unlink(missing_ok=True)
         sizes = None
@@ -191,8 +193,21 @@ def run(*, directory: Path | None = None, archive_path: Path | None = None, size
     cal = CostModel(read_bps=float(read["bps"]), decode_bps_per_core=float(dec["1"]), cores=cores,
                       decode_bps=float(dec[str(cores)]), compute_bps=float(comp["bps"]),
                       read_method=read["method"], source="zipmoe bench io",
-                      extra={"host": platform.node(), "machine": platform.machine(),
+                      extra={"host": platform.node(), "machine": platform.machine(), "host_key": host_key(),
                              "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              "read_file": read["file"], "decode_source": dec["source"],
                              **({"tier_sizes": sizes.as_dict()} if sizes else {})})
-    return {"calibration": cal.to_json(), "read": read, "decode": dec, "compute": comp}
+    info = host_info()
+    return {"calibration": cal.to_json(), "read": read, "decode": dec, "compute": comp, "host": info,
+            "host_line": host_line(info, cal.to_json())}
+
+
+def record(result: dict, io_mode: str = "auto") -> list[str]:
+    """Write ``run``'s decode and read speeds into the self-calibration cache (``zipmoe_run.calibrate``),
+    so that stores opened on this host (and on the file system measured) start from them."""
+    from zipmoe_run.calibrate import Calibrator
+
+    dec = {k: v for k, v in result["decode"].items() if k.isdigit()}
+    rd = result["read"]
+    return Calibrator().record(dec, rd.get("fs_path"), io_mode, rd["bps"],
+                               "O_DIRECT" if rd["method"] == "o_direct" else "buffered+DONTNEED")

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from zipmoe.bench.errors import BenchInputError
+from zipmoe_run.calibrate import report as host_report
 
 __all__ = ["run", "render_table", "SYSTEMS"]
 
@@ -246,6 +247,7 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
                       "all experts resident: zipmoe via DirectorySource (mmap), transformers from_pretrained"],
             "systems": {},
         }
+        result.update(host_report(threads=threads))  # host, calibration, host_line (experts all resident here)
         bench = {}
         for s in systems:
             try:

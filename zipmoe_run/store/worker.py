@@ -161,8 +161,8 @@ class IOWorker:
         self.stats.add("bytes_read", got)
         self.stats.add("reads")
         self.stats.add("read_s", dt)
-        if got >= 1 << 20 and dt > 0 and not self.cost.frozen:
-            self.cost.read_bps += EWMA * (got / dt - self.cost.read_bps)
+        if got >= 1 << 20 and dt > 0:
+            self.cost.observe("read_bps", got / dt, EWMA)
 
     def _decode(self, job: Job, task: Task, refs, out, batch: int, last: bool) -> None:
         with job.cond:
@@ -183,8 +183,8 @@ class IOWorker:
             if exc is not None:
                 with job.cond:
                     task.batch_errors[batch] = exc
-            elif clean_bytes >= 1 << 20 and dt > 0 and not self.cost.frozen:  # the pool had only this work
-                self.cost.decode_bps += EWMA * (clean_bytes / dt - self.cost.decode_bps)
+            elif clean_bytes >= 1 << 20 and dt > 0:  # the pool had only this work
+                self.cost.observe("decode_bps", clean_bytes / dt, EWMA)
         except BaseException as e:  # noqa: BLE001 - a cancelled future: the batch failed
             with job.cond:
                 task.batch_errors[batch] = e

@@ -1,0 +1,429 @@
+"""Self-calibration: this host's decode and read speeds, measured once and cached, so that the store's
+cost model starts from this machine's numbers rather than another's.
+
+What is measured (in well under a second):
+
+* decode: BF16 output bytes/s of ``formats.decoder.ParallelDecoder`` on 1 thread and on the pool's
+  thread count, over a small synthetic buffer (N(0, 0.02) BF16 chunks coded exactly as the packer
+  does; one coded chunk repeated, each chunk an independent stream); best of a few runs after a
+  warm-up (the decoder alone: what it does while compute runs is not measured here);
+* read: bytes/s of the archive's file system through the store's own read path
+  (``store.io.ExpertReader``: ``O_DIRECT`` where the file system allows it, else ``pread`` +
+  ``POSIX_FADV_DONTNEED`` with the pages dropped first), a few MiB of expert extents of the archive
+  being opened, in the store's read pieces. Never the page cache where ``O_DIRECT`` works.
+
+The cache (JSON, atomic writes, read with ``formats.jsonstrict``) lives in ``$ZIPMOE_CACHE_DIR``, else
+``$XDG_CACHE_HOME/zipmoe``, else ``~/.cache/zipmoe``, under ``hosts/``: one file per host key for decode
+(CPU model, ISA flags, usable cores, machine, package version) and one per host key + file system
+(device number and type of the archive's file system) for reads. A new version re-measures; a corrupt
+or foreign file is ignored with a logged note and re-measured.
+
+Online: the store keeps refining the estimates (EWMA, ``CostModel.observe``); a :class:`Drift` watcher
+logs when an estimate moves more than ``DRIFT_RATIO`` from the calibration, notes it (``notes``, in
+the runtime's stats) and writes the new estimate to the cache.
+
+Environment: ``ZIPMOE_CALIBRATE=off`` skips self-calibration (the cost model is then
+``tiers.load_calibration()``: ``zipmoe bench io``'s file if present, else the documented assumptions);
+``ZIPMOE_CALIBRATE=force`` re-measures; ``ZIPMOE_CALIBRATION=FILE`` uses that calibration file.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from formats.errors import ZmoeError
+from zipmoe_run.hostinfo import host_info
+from zipmoe_run.tiers import CostModel, load_calibration
+
+__all__ = ["ENV_MODE", "ENV_DIR", "ENV_FILE", "DRIFT_RATIO", "cache_dir", "package_version", "host_key", "fs_key",
+           "measure_decode", "measure_read", "Calibrator", "Drift", "store_cost", "current"]
+
+log = logging.getLogger(__name__)
+
+ENV_MODE, ENV_DIR, ENV_FILE = "ZIPMOE_CALIBRATE", "ZIPMOE_CACHE_DIR", "ZIPMOE_CALIBRATION"
+DRIFT_RATIO = 2.0  # an online estimate this far (either way) from the calibration is a drift
+DRIFT_MIN_OBS = 4  # observations of a rate before its drift is judged (the EWMA starts at the calibration)
+READ_TARGET = 8 << 20  # bytes read by the read measurement
+READ_MIN = 1 << 20  # below this (a tiny archive) the read speed is not measured
+FORMAT = 1
+
+
+def cache_dir() -> Path:
+    d = os.environ.get(ENV_DIR)
+    if d:
+        return Path(d)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zipmoe"
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("zipmoe")
+    except Exception:  # noqa: BLE001 - not installed (a source tree): the code's own marker
+        return "source"
+
+
+def host_key(info: dict | None = None, version: str | None = None) -> dict:
+    h = info if info is not None else host_info()
+    return {"cpu": h.get("cpu"), "isa": list(h.get("isa") or []), "cores": h.get("cores"),
+            "machine": h.get("machine"), "version": version if version is not None else package_version()}
+
+
+def fs_key(path: str | os.PathLike) -> dict:
+    """The file system holding ``path``: device number and, where /proc says, its type and source."""
+    dev = os.stat(path).st_dev
+    key = {"dev": f"{os.major(dev)}:{os.minor(dev)}", "fstype": "unknown"}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                a, sep, b = line.partition(" - ")
+                fa, fb = a.split(), b.split()
+                if sep and len(fa) > 2 and fa[2] == key["dev"] and len(fb) >= 2:
+                    key.update(fstype=fb[0], source=fb[1])
+    except OSError:
+        pass
+    return key
+
+
+# -- measurements (pure functions of a clock; the Calibrator injects others in tests) --------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_chunk(elements: int):
+    import numpy as np
+
+    from formats.codec import DEFAULT_CODEC, ChunkEncoder, checksum
+    from formats.decoder import KIND_BF16_SPLIT, ChunkRef
+    from formats.planes import split_bf16_numpy
+
+    x = np.random.default_rng(0).standard_normal(elements, dtype=np.float32) * np.float32(0.02)
+    src = (x.view(np.uint32) >> 16).astype(np.uint16)  # truncated to BF16: the exponents are what matter
+    exp, sm = np.empty(elements, np.uint8), np.empty(elements, np.uint8)
+    split_bf16_numpy(src, exp, sm)  # (the packer's split is a JIT kernel: compiling it costs more than this)
+    coded = ChunkEncoder(DEFAULT_CODEC).encode(exp)
+    return ChunkRef(KIND_BF16_SPLIT, DEFAULT_CODEC, coded, sm, elements, checksum(coded), checksum(sm), 0,
+                    "calibration chunk")
+
+
+def measure_decode(threads, *, chunk_elements: int = 1 << 19, chunks: int = 8, runs: int = 4,
+                   clock=time.perf_counter) -> dict:
+    """BF16 output bytes/s of ``ParallelDecoder(t)`` for each ``t`` in ``threads`` (best of ``runs``)."""
+    import dataclasses
+
+    import numpy as np
+
+    from formats.decoder import ParallelDecoder
+
+    ref = _synthetic_chunk(int(chunk_elements))
+    n = max(int(chunks), 2 * max(threads))
+    refs = [dataclasses.replace(ref, out_offset=i * 2 * ref.n) for i in range(n)]
+    out = np.empty(2 * ref.n * n, np.uint8)
+    res = {}
+    for t in sorted(set(threads)):
+        with ParallelDecoder(t) as dec:
+            best = math.inf
+            for i in range(runs + 1):
+                t0 = clock()
+                dec.decode(refs, out)
+                if i:
+                    best = min(best, clock() - t0)
+        res[str(t)] = out.nbytes / max(best, 1e-9)
+    return res
+
+
+def measure_read(path, spans, io_mode: str = "auto", *, clock=time.perf_counter) -> dict | None:
+    """Bytes/s of ``ExpertReader(path, io_mode)`` over up to :data:`READ_TARGET` bytes of ``spans``
+    ((offset, length), 4 KiB-aligned offsets), read in the store's pieces; None when the spans hold
+    less than :data:`READ_MIN` bytes."""
+    from zipmoe_run.store.io import Buffer, ExpertReader
+    from zipmoe_run.store.worker import READ_PIECE
+
+    spans = sorted(spans)
+    if not spans or sum(n for _, n in spans) < READ_MIN:
+        return None
+    step = max(1, len(spans) // max(1, READ_TARGET // max(1, min(READ_PIECE, max(n for _, n in spans)))))
+    pieces, total = [], 0
+    for off, length in spans[::step] + spans:  # spread over the file first, then fill up
+        for lo in range(0, length, READ_PIECE):
+            if total >= READ_TARGET:
+                break
+            n = min(READ_PIECE, length - lo)
+            if (off + lo, n) not in pieces:
+                pieces.append((off + lo, n))
+                total += n
+    reader = ExpertReader(path, io_mode)
+    try:
+        if reader.mode != "O_DIRECT":  # drop what the page cache holds of these bytes (advisory)
+            for off, n in pieces:
+                try:
+                    os.posix_fadvise(reader._fd, off, n, os.POSIX_FADV_DONTNEED)
+                except (OSError, AttributeError):
+                    pass
+        buf = Buffer(max(n for _, n in pieces) + 4096)
+        try:
+            got = 0
+            t0 = clock()
+            for off, n in pieces:
+                got += reader.read(buf, off, n, f"calibration read at {off}")
+            dt = clock() - t0
+        finally:
+            buf.close()
+        return {"read_bps": got / max(dt, 1e-9), "bytes": got, "reads": len(pieces),
+                "read_method": reader.mode}
+    finally:
+        reader.close()
+
+
+# -- the cache --------------------------------------------------------------------------------------------------
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+class Calibrator:
+    """Cached measurements of this host. ``decode_fn(threads) -> {"t": bps}`` and
+    ``read_fn(path, spans, io_mode) -> {"read_bps", "read_method", ...} | None`` default to
+    :func:`measure_decode` / :func:`measure_read`; ``clock`` times the calibration itself."""
+
+    def __init__(self, directory: str | os.PathLike | None = None, *, decode_fn=None, read_fn=None,
+                 info: dict | None = None, version: str | None = None, clock=time.perf_counter,
+                 force: bool | None = None):
+        self.dir = Path(directory) if directory is not None else cache_dir()
+        self.decode_fn = decode_fn or measure_decode
+        self.read_fn = read_fn or measure_read
+        self.info = info if info is not None else host_info()
+        self.key = host_key(self.info, version)
+        self.clock = clock
+        self.force = os.environ.get(ENV_MODE, "").lower() == "force" if force is None else force
+        self.measured: list[str] = []  # what this instance measured (rather than found cached)
+
+    def _file(self, kind: str, key: dict) -> Path:
+        h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return self.dir / "hosts" / f"{kind}-{h}.json"
+
+    def _load(self, p: Path, key: dict) -> dict | None:
+        from formats.jsonstrict import loads
+
+        if self.force or not p.exists():
+            return None
+        try:
+            d = loads(p.read_bytes())
+            if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("key") != key:
+                raise ValueError("not a calibration entry for this host")
+            if not isinstance(d.get("rates"), dict) or not d["rates"] or not all(map(_positive, d["rates"].values())):
+                raise ValueError("rates are not positive numbers")
+            return d
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring calibration cache %s (%s); measuring again", p, exc)
+            return None
+
+    def _save(self, p: Path, d: dict) -> None:
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f"{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, p)
+        except OSError as exc:  # a read-only home: the calibration still serves this process
+            log.warning("cannot write calibration cache %s (%s)", p, exc)
+
+    def decode(self, threads: int) -> dict:
+        """``{"rates": {"1": bps, str(threads): bps}, "file", "cached", "seconds"}``."""
+        p = self._file("decode", self.key)
+        d = self._load(p, self.key)
+        want = sorted({1, int(threads)})
+        miss = [t for t in want if d is None or str(t) not in d["rates"]]
+        if not miss:
+            return {**d, "file": str(p), "cached": True, "seconds": 0.0}
+        t0 = self.clock()
+        got = {str(k): float(v) for k, v in self.decode_fn(miss).items()}
+        dt = self.clock() - t0
+        self.measured.append("decode")
+        d = {"format": FORMAT, "key": self.key, "rates": {**(d["rates"] if d else {}), **got},
+             "measured": {**(d.get("measured", {}) if d else {}), **got}, "seconds": dt,
+             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._save(p, d)
+        log.info("calibrated decode in %.0f ms: %s", dt * 1e3,
+                 ", ".join(f"{k}T {v / 1e9:.2f} GB/s" for k, v in sorted(d["rates"].items(), key=lambda kv: int(kv[0])))
+                 )
+        return {**d, "file": str(p), "cached": False}
+
+    def read_key(self, path, io_mode: str) -> dict:
+        return {**self.key, "fs": fs_key(path), "io_mode": io_mode}
+
+    def read(self, path, spans, io_mode: str = "auto") -> dict | None:
+        """``{"rates": {"read_bps": bps}, "read_method", "file", "cached", "seconds"}``, None when the
+        archive is too small to measure (nothing cached)."""
+        key = self.read_key(path, io_mode)
+        p = self._file("read", key)
+        d = self._load(p, key)
+        if d is not None and "read_bps" in d["rates"]:
+            return {**d, "file": str(p), "cached": True, "seconds": 0.0}
+        t0 = self.clock()
+        m = self.read_fn(path, spans, io_mode)
+        dt = self.clock() - t0
+        if m is None:
+            return None
+        self.measured.append("read")
+        d = {"format": FORMAT, "key": key, "rates": {"read_bps": float(m["read_bps"])},
+             "measured": {"read_bps": float(m["read_bps"])}, "read_method": str(m.get("read_method", "?")),
+             "seconds": dt, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._save(p, d)
+        log.info("calibrated reads of %s in %.0f ms: %.2f GB/s (%s)", path, dt * 1e3, d["rates"]["read_bps"] / 1e9,
+                 d["read_method"])
+        return {**d, "file": str(p), "cached": False}
+
+    def record(self, decode: dict | None = None, read_path=None, io_mode: str = "auto", read_bps: float | None = None,
+               read_method: str = "?", how: str = "zipmoe bench io") -> list[str]:
+        """Store measurements made elsewhere (``zipmoe bench io``): ``decode`` {threads: bps} and the read
+        speed of ``read_path``'s file system; returns the files written."""
+        written, at = [], time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if decode:
+            p = self._file("decode", self.key)
+            d = self._load(p, self.key) or {"format": FORMAT, "key": self.key, "rates": {}, "measured": {}}
+            got = {str(k): float(v) for k, v in decode.items()}
+            d.update(rates={**d["rates"], **got}, measured={**d.get("measured", {}), **got}, by=how, at=at)
+            self._save(p, d)
+            written.append(str(p))
+        if read_path is not None and read_bps is not None:
+            key = self.read_key(read_path, io_mode)
+            p = self._file("read", key)
+            self._save(p, {"format": FORMAT, "key": key, "rates": {"read_bps": float(read_bps)},
+                           "measured": {"read_bps": float(read_bps)}, "read_method": read_method, "by": how,
+                           "at": at, "seconds": 0.0})
+            written.append(str(p))
+        return written
+
+    def update(self, file: str, rate: str, value: float) -> None:
+        """Write an online estimate into the cache entry ``file`` (a drift)."""
+        from formats.jsonstrict import loads
+
+        p = Path(file)
+        try:
+            d = loads(p.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.warning("cannot update calibration cache %s (%s)", p, exc)
+            return
+        if isinstance(d, dict) and isinstance(d.get("rates"), dict):
+            d["rates"][rate] = float(value)
+            d.setdefault("drift", []).append({"rate": rate, "bps": float(value),
+                                              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            d["drift"] = d["drift"][-8:]
+            self._save(p, d)
+
+
+class Drift:
+    """Watches a store's online estimates against the calibration they started from."""
+
+    def __init__(self, cost: CostModel, files: dict, calibrator: Calibrator | None, clock=time.monotonic,
+                 ratio: float = DRIFT_RATIO):
+        # rate name -> (cost model attribute, cache file, key in its rates)
+        self.files = files
+        self.base = {name: getattr(cost, name) for name in files}
+        self.count = dict.fromkeys(files, 0)
+        self.calibrator, self.clock, self.ratio = calibrator, clock, ratio
+        self.t0 = clock()
+        self.notes: list[dict] = []
+        self.lock = threading.Lock()
+
+    def check(self, cost: CostModel, name: str) -> None:
+        if name not in self.base:
+            return
+        with self.lock:
+            self.count[name] += 1
+            now, base = getattr(cost, name), self.base[name]
+            if self.count[name] < DRIFT_MIN_OBS or (1 / self.ratio) * base <= now <= self.ratio * base:
+                return
+            self.base[name] = now
+            self.notes.append({"rate": name, "calibrated_bps": base, "online_bps": now, "ratio": now / base,
+                               "after_s": self.clock() - self.t0})
+            file, key = self.files[name]
+        log.warning("%s: online estimate %.2f GB/s is %.1fx the calibration (%.2f GB/s); updating %s", name,
+                    now / 1e9, now / base, base / 1e9, file or "nothing (not a cached calibration)")
+        if file and self.calibrator is not None:
+            self.calibrator.update(file, key, now)
+
+
+def _off() -> bool:
+    return os.environ.get(ENV_MODE, "").strip().lower() in ("off", "0", "no", "false")
+
+
+def current(path=None, spans=None, threads: int | None = None, io_mode: str = "auto",
+            throttle_bps: float | None = None, calibrator: Calibrator | None = None) -> CostModel:
+    """The calibration in use on this host: ``ZIPMOE_CALIBRATION``'s file, or the assumptions when
+    ``ZIPMOE_CALIBRATE=off``, else the cached (or now measured) decode speeds for ``threads`` (default:
+    usable cores) and, with ``path``, the read speed of its file system. ``compute_bps`` comes from a
+    ``zipmoe bench io`` file of this host if there is one (not measured here)."""
+    from zipmoe_run.hostinfo import usable_cores
+
+    threads = int(threads or usable_cores())
+    if os.environ.get(ENV_FILE):
+        return load_calibration(os.environ[ENV_FILE])
+    if _off():
+        cost = load_calibration()
+        cost.source = f"{cost.source}; self-calibration off ({ENV_MODE})"
+        return cost
+    cal = calibrator or Calibrator()
+    dec = cal.decode(threads)
+    rd = None
+    if path is not None and spans is not None:
+        try:
+            rd = cal.read(path, spans, io_mode)
+        except (ZmoeError, OSError) as exc:  # the store reports a bad file on first use, in its own words
+            log.warning("%s: read speed not calibrated (%s)", path, exc)
+    base = load_calibration()
+    compute = base.compute_bps if base.extra.get("host_key") == cal.key else CostModel().compute_bps
+    how = lambda d: f"cached {d['file']}" if d["cached"] else f"measured in {d['seconds'] * 1e3:.0f} ms"  # noqa: E731
+    src = [f"self-calibration: decode {how(dec)}"]
+    read_bps, method = CostModel().read_bps, "assumed (not measured)"
+    files = {"decode_bps": (dec["file"], str(threads)), "read_bps": (None, "read_bps")}
+    if rd is not None:
+        read_bps, method = rd["rates"]["read_bps"], rd["read_method"]
+        src.append(f"read {how(rd)}")
+        files["read_bps"] = (rd["file"], "read_bps")
+    elif path is not None:
+        src.append("read not measured (too few expert bytes)")
+    if throttle_bps is not None and throttle_bps < read_bps:
+        read_bps, method = float(throttle_bps), f"{method}, throttled"
+        files["read_bps"] = (None, "read_bps")
+    cost = CostModel(read_bps=read_bps, decode_bps=dec["rates"][str(threads)], decode_bps_per_core=dec["rates"]["1"],
+                     cores=threads, compute_bps=compute, read_method=method, source="; ".join(src),
+                     extra={"host_key": cal.key, "calibration_s": dec["seconds"] + (rd["seconds"] if rd else 0.0)})
+    cost.drift = Drift(cost, files, cal)
+    return cost
+
+
+def store_cost(archive, threads: int, io_mode: str = "auto", throttle_bps: float | None = None) -> CostModel:
+    """:func:`current` for the experts of an open ``formats.reader.Archive`` read with ``io_mode``."""
+    spans = [(e.offset, e.length) for e in archive.index.experts if e.length > 0]
+    return current(archive.path, spans, threads, io_mode, throttle_bps)
+
+
+def report(archive_path=None, threads: int | None = None, io_mode: str = "auto") -> dict:
+    """What a benchmark reports about its host: ``{"host": host_info(), "calibration": CostModel.to_json(),
+    "host_line": one line}``; the read speed is that of ``archive_path``'s file system when given (a
+    ``.zmoe`` archive), else not part of it. Never raises for a bad archive (the benchmark says)."""
+    from zipmoe_run.hostinfo import host_line
+
+    cost = None
+    if archive_path is not None:
+        try:
+            from formats.reader import Archive
+
+            with Archive(archive_path) as ar:
+                cost = store_cost(ar, threads or 0, io_mode)
+        except (ZmoeError, OSError) as exc:
+            log.warning("%s: no read calibration (%s)", archive_path, exc)
+    if cost is None:
+        cost = current(threads=threads)
+    info = host_info()
+    cal = cost.to_json()
+    return {"host": info, "calibration": cal, "host_line": host_line(info, cal)}

@@ -1,0 +1,86 @@
+"""What host this is: CPU model, the instruction-set flags the kernels and codecs care about, usable
+cores, page size. One helper for the runtime's stats, the self-calibration's cache key and the host
+line every benchmark prints. Nothing is assumed: what cannot be read is reported as unknown.
+
+``host_info()`` -> dict; ``host_line(info, calibration)`` -> one line of text (no printing here).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+__all__ = ["ISA_FLAGS", "host_info", "host_line", "usable_cores"]
+
+#: flags reported (x86 /proc/cpuinfo ``flags``, Arm ``Features``), in this order, when present
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+             "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+             "neon", "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm")
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _cpuinfo(text: str) -> tuple[str, list[str]]:
+    model, flags = "", set()
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        k = k.strip().lower()
+        if not model and k in ("model name", "hardware", "cpu model", "processor") and not v.strip().isdigit():
+            model = v.strip()
+        elif k in ("flags", "features"):
+            flags.update(v.split())
+    return model, [f for f in ISA_FLAGS if f in flags]
+
+
+def _page_size() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _host_info(cpuinfo_path: str) -> tuple:
+    model, flags = "", []
+    try:
+        with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+            model, flags = _cpuinfo(f.read())
+    except OSError:
+        pass
+    return (model or platform.processor() or "unknown CPU", tuple(flags), platform.machine() or "unknown",
+            platform.system() or "unknown")
+
+
+def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
+    """``{"cpu", "isa", "machine", "system", "cores", "page_bytes"}`` of this host (``isa`` lists the
+    flags of :data:`ISA_FLAGS` the CPU reports; empty where they cannot be read)."""
+    cpu, isa, machine, system = _host_info(cpuinfo_path)
+    return {"cpu": cpu, "isa": list(isa), "machine": machine, "system": system, "cores": usable_cores(),
+            "page_bytes": _page_size()}
+
+
+def _gb(v) -> str:
+    return f"{v / 1e9:.2f}" if isinstance(v, (int, float)) else "?"
+
+
+def host_line(info: dict | None = None, calibration: dict | None = None) -> str:
+    """``host: <cpu> | <isa> | N cores | page P | disk X GB/s (method) | decode Y GB/s 1T, Z GB/s nT (source)``.
+
+    ``calibration`` is a ``CostModel.to_json()`` dict (``disk_bps``, ``decode_bps_per_core``,
+    ``decode_bps``, ``cores``, ``read_method``, ``source``)."""
+    h = info if info is not None else host_info()
+    parts = [f"host: {h.get('cpu', '?')}", " ".join(h.get("isa") or ["no ISA flags read"]),
+             f"{h.get('cores', '?')} cores", f"page {h.get('page_bytes') or '?'}"]
+    if calibration:
+        c = calibration
+        parts.append(f"disk {_gb(c.get('disk_bps'))} GB/s ({c.get('read_method', '?')})")
+        parts.append(f"decode {_gb(c.get('decode_bps_per_core'))} GB/s 1T, {_gb(c.get('decode_bps'))} GB/s "
+                     f"{c.get('cores', '?')}T")
+        parts.append(f"calibration: {c.get('source', '?')}")
+    return " | ".join(parts)
