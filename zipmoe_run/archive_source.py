@@ -105,6 +105,7 @@ class ArchiveSource:
             try:
                 if cost is None:  # this host's calibration (cached per host; see zipmoe_run.calibrate)
                     cost = store_cost(self.archive, self.decoder.threads, io_mode, io_throttle_bps)
+                self.calibration = cost.to_json()  # what the store starts from (stats: its estimates now)
                 self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,
                                          io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=self._weights,
                                          dense_bytes=self.dense_bytes, cost=cost)
@@ -175,8 +176,9 @@ class ArchiveSource:
     def stats(self) -> dict:
         st = self.store.stats()
         st.update(self._stats, cache_hits=st.get("hits_full", 0), dense_bytes=self.dense_bytes)
-        cost = self.store.cost
-        st["calibration"] = {**cost.to_json(), "drift": list(getattr(cost.drift, "notes", []))}
+        drift = self.store.cost.drift
+        st["calibration"] = {**self.calibration, "drift": list(getattr(drift, "notes", [])),
+                             "drift_events": getattr(drift, "events", 0)}
         st["host"] = host_info()
         return st
 

@@ -42,14 +42,16 @@ from formats.errors import ZmoeError
 from zipmoe_run.hostinfo import host_info
 from zipmoe_run.tiers import CostModel, load_calibration
 
-__all__ = ["ENV_MODE", "ENV_DIR", "ENV_FILE", "DRIFT_RATIO", "cache_dir", "package_version", "host_key", "fs_key",
+__all__ = ["CalibrationError", "ENV_MODE", "ENV_DIR", "ENV_FILE", "DRIFT_RATIO", "cache_dir", "package_version", "host_key", "fs_key",
            "measure_decode", "measure_read", "Calibrator", "Drift", "store_cost", "current"]
 
 log = logging.getLogger(__name__)
 
 ENV_MODE, ENV_DIR, ENV_FILE = "ZIPMOE_CALIBRATE", "ZIPMOE_CACHE_DIR", "ZIPMOE_CALIBRATION"
 DRIFT_RATIO = 2.0  # an online estimate this far (either way) from the calibration is a drift
-DRIFT_MIN_OBS = 4  # observations of a rate before its drift is judged (the EWMA starts at the calibration)
+DRIFT_MIN_OBS = 8  # observations of a rate before its drift is judged
+DRIFT_WEIGHT = 0.125  # of one observation in the drift watcher's (slow, geometric) average
+NOTES_KEPT = 8
 READ_TARGET = 8 << 20  # bytes read by the read measurement
 READ_MIN = 1 << 20  # below this (a tiny archive) the read speed is not measured
 FORMAT = 1
@@ -321,35 +323,57 @@ class Calibrator:
 
 
 class Drift:
-    """Watches a store's online estimates against the calibration they started from."""
+    """Watches a store's measured rates against the calibration they started from.
+
+    It keeps its own slow average of each rate (geometric, weight :data:`DRIFT_WEIGHT`, starting at the
+    calibration: the store's fast EWMA swings with every contended fetch) and, once it is more than
+    ``ratio`` away from the calibration (or from the last drift), logs it, adds a note (``notes``, the
+    last :data:`NOTES_KEPT`; ``events`` counts them all) and writes the average into the cache entry."""
 
     def __init__(self, cost: CostModel, files: dict, calibrator: Calibrator | None, clock=time.monotonic,
                  ratio: float = DRIFT_RATIO):
-        # rate name -> (cost model attribute, cache file, key in its rates)
-        self.files = files
+        self.files = files  # rate name -> (cache file or None, key in its rates)
         self.base = {name: getattr(cost, name) for name in files}
+        self.avg = {name: math.log(v) for name, v in self.base.items()}
         self.count = dict.fromkeys(files, 0)
         self.calibrator, self.clock, self.ratio = calibrator, clock, ratio
         self.t0 = clock()
         self.notes: list[dict] = []
+        self.events = 0
         self.lock = threading.Lock()
 
-    def check(self, cost: CostModel, name: str) -> None:
-        if name not in self.base:
+    def check(self, cost: CostModel, name: str, rate: float) -> None:
+        if name not in self.base or not _positive(rate):
             return
         with self.lock:
             self.count[name] += 1
-            now, base = getattr(cost, name), self.base[name]
+            self.avg[name] += DRIFT_WEIGHT * (math.log(rate) - self.avg[name])
+            now, base = math.exp(self.avg[name]), self.base[name]
             if self.count[name] < DRIFT_MIN_OBS or (1 / self.ratio) * base <= now <= self.ratio * base:
                 return
             self.base[name] = now
-            self.notes.append({"rate": name, "calibrated_bps": base, "online_bps": now, "ratio": now / base,
-                               "after_s": self.clock() - self.t0})
+            self.events += 1
+            self.notes = self.notes[-(NOTES_KEPT - 1):] + [
+                {"rate": name, "calibrated_bps": base, "online_bps": now, "ratio": now / base,
+                 "after_s": self.clock() - self.t0}]
             file, key = self.files[name]
         log.warning("%s: online estimate %.2f GB/s is %.1fx the calibration (%.2f GB/s); updating %s", name,
                     now / 1e9, now / base, base / 1e9, file or "nothing (not a cached calibration)")
         if file and self.calibrator is not None:
             self.calibrator.update(file, key, now)
+
+
+class CalibrationError(ZmoeError):
+    """A calibration file named by ``ZIPMOE_CALIBRATION`` cannot be used (one line, naming it)."""
+
+
+def _bench_io_file() -> CostModel:
+    """``zipmoe bench io``'s calibration file, or the assumptions (a bad file is logged and ignored)."""
+    try:
+        return load_calibration()
+    except ValueError as exc:
+        log.warning("ignoring %s", exc)
+        return CostModel()
 
 
 def _off() -> bool:
@@ -366,11 +390,14 @@ def current(path=None, spans=None, threads: int | None = None, io_mode: str = "a
 
     threads = int(threads or usable_cores())
     if os.environ.get(ENV_FILE):
-        return load_calibration(os.environ[ENV_FILE])
+        try:
+            return load_calibration(os.environ[ENV_FILE])
+        except ValueError as exc:
+            raise CalibrationError(f"{ENV_FILE}: {exc}") from None
+    base = _bench_io_file()
     if _off():
-        cost = load_calibration()
-        cost.source = f"{cost.source}; self-calibration off ({ENV_MODE})"
-        return cost
+        base.source = f"{base.source}; self-calibration off ({ENV_MODE})"
+        return base
     cal = calibrator or Calibrator()
     dec = cal.decode(threads)
     rd = None
@@ -379,11 +406,12 @@ def current(path=None, spans=None, threads: int | None = None, io_mode: str = "a
             rd = cal.read(path, spans, io_mode)
         except (ZmoeError, OSError) as exc:  # the store reports a bad file on first use, in its own words
             log.warning("%s: read speed not calibrated (%s)", path, exc)
-    base = load_calibration()
-    compute = base.compute_bps if base.extra.get("host_key") == cal.key else CostModel().compute_bps
+    ours = base.extra.get("host_key") == cal.key  # `zipmoe bench io` measured this very host
+    compute = base.compute_bps if ours else CostModel().compute_bps
     how = lambda d: f"cached {d['file']}" if d["cached"] else f"measured in {d['seconds'] * 1e3:.0f} ms"  # noqa: E731
     src = [f"self-calibration: decode {how(dec)}"]
-    read_bps, method = CostModel().read_bps, "assumed (not measured)"
+    read_bps, method = (base.read_bps, f"{base.read_method} (bench io)") if ours else \
+        (CostModel().read_bps, "assumed (not measured)")
     files = {"decode_bps": (dec["file"], str(threads)), "read_bps": (None, "read_bps")}
     if rd is not None:
         read_bps, method = rd["rates"]["read_bps"], rd["read_method"]
