@@ -212,3 +212,34 @@ def test_budget_below_minimum_and_plain_open(checkpoint_factory):
         assert s.stats()["policy"] == "lru"
     finally:
         s.close()
+
+
+def test_cli_directory_budget_and_changed_shard(checkpoint_factory, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from zipmoe_run.cli import app
+
+    src = _copy(checkpoint_factory("qwen2_moe", seed=3, dims=DIMS), tmp_path / "m")
+
+    def run(*extra):
+        return CliRunner().invoke(app, [str(src), "--prompt-ids", "5,17,42", "-n", "4", "--json", *extra])
+
+    plain, budgeted = run(), run("--memory-budget", "100%", "--preload", "off")  # auto would preload
+    assert plain.exit_code == 0 and budgeted.exit_code == 0, budgeted.output
+    a, b = json.loads(plain.stdout), json.loads(budgeted.stdout)
+    assert a["token_ids"] == b["token_ids"] and "budget_bytes" not in a["stats"]
+    assert b["stats"]["store_peak_bytes"] <= b["stats"]["budget_bytes"] and b["stats"].get("preloaded", 0) == 0
+    real = dirbytes.ShardFile._pread
+
+    def touch_then_read(self, fd, view, offset):  # the shard is modified while the run reads it
+        _touch_shard(src)
+        return real(self, fd, view, offset)
+
+    monkeypatch.setattr(dirbytes.ShardFile, "_pread", touch_then_read)
+    r = run("--memory-budget", "30%")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    msg = r.stderr.strip()
+    assert len(msg.splitlines()) == 1 and "changed on disk while the model was running" in msg
+    assert str(sorted(src.glob("*.safetensors"))[0]) in msg and not r.stdout

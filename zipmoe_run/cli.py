@@ -104,8 +104,9 @@ def run_cmd(
     threads: int = typer.Option(None, "--threads", callback=threads_option,
                                  help="CPU threads (torch and the archive reader): 1 .. 1024."),
     memory_budget: str = typer.Option(None, "--memory-budget", "-m", callback=_memory_budget,
-                                      help="Memory for routed experts (.zmoe): bytes (3GiB, 500MB), a percentage of "
-                                           "the expert bytes (30%) or auto. Default: no limit."),
+                                      help="Memory for routed experts (of a .zmoe, or of a folder, read from its shards): "
+                                           "bytes (3GiB, 500MB), a percentage of the expert bytes (30%) or auto. "
+                                           "Default: no limit."),
     prefetch: str = typer.Option("off", "--prefetch", callback=_choice(("off", "lookahead")),
                                  help="off: prefetch only what the model will certainly ask for next; lookahead: "
                                       "also guess the next layer's experts from the current hidden state."),
@@ -137,7 +138,7 @@ def run_cmd(
             seed=seed,
         )
         store_opts = {"memory_budget": memory_budget} if memory_budget is not None else {}
-        if preload != "auto" and path.suffix == ".zmoe":
+        if preload != "auto" and (path.suffix == ".zmoe" or memory_budget is not None):
             store_opts["preload"] = preload == "on"
         lm = load(path, dtype=dtype, threads=threads, prefetch=prefetch, **store_opts)
         budget = getattr(lm.source, "budget", None)
