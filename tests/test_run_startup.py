@@ -4,6 +4,7 @@ checkpoint), so building a model neither runs torch.nn.init nor imports torch._d
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 
@@ -60,3 +61,24 @@ def test_build_runs_no_initialiser(family, checkpoint_factory, monkeypatch):
     # every parameter is the checkpoint's tensor (bound, not initialised)
     for name, p in model.named_parameters():
         assert not p.is_meta, name
+
+
+_KERNEL_CHILD = """
+import zipmoe_run.kernels as k
+assert k.enabled(), "kernel unavailable"
+"""
+
+
+def test_gemv_kernel_loads_from_numba_disk_cache():
+    """A second process loads the compiled GEMV from numba's on-disk cache instead of compiling it."""
+    env = {**os.environ, "NUMBA_DEBUG_CACHE": "1"}
+    env.pop("ZIPMOE_RUN_KERNELS", None)
+    logs = []
+    for _ in range(2):  # the first run may compile (a new kernels.py); the second must not
+        res = subprocess.run([sys.executable, "-c", _KERNEL_CHILD], capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert res.returncode == 0, res.stderr
+        logs.append(res.stdout + res.stderr)
+    loaded = [ln for ln in logs[1].splitlines() if "data loaded" in ln and "_gemv_kernel" in ln]
+    assert loaded, logs[1][-2000:]
+    assert not [ln for ln in logs[1].splitlines() if "data saved" in ln and "_gemv_kernel" in ln]
