@@ -1,7 +1,7 @@
 """Self-calibration: this host's decode and read speeds, measured once and cached, so that the store's
 cost model starts from this machine's numbers rather than another's.
 
-What is measured (in well under a second):
+What is measured (``calibrate_measure``; a few tens of ms, after the decoder's one-time kernel load):
 
 * decode: BF16 output bytes/s of ``formats.decoder.ParallelDecoder`` on 1 thread and on the pool's
   thread count, over a small synthetic buffer (N(0, 0.02) BF16 chunks coded exactly as the packer
@@ -19,8 +19,9 @@ The cache (JSON, atomic writes, read with ``formats.jsonstrict``) lives in ``$ZI
 or foreign file is ignored with a logged note and re-measured.
 
 Online: the store keeps refining the estimates (EWMA, ``CostModel.observe``); a :class:`Drift` watcher
-logs when an estimate moves more than ``DRIFT_RATIO`` from the calibration, notes it (``notes``, in
-the runtime's stats) and writes the new estimate to the cache.
+keeps a slow average of the same measurements, logs when it moves more than ``DRIFT_RATIO`` from the
+calibration, notes it (``notes``, in the runtime's stats) and writes it to the cache, where the next
+store on this host starts from it (the first measurement stays under ``measured``).
 
 Environment: ``ZIPMOE_CALIBRATE=off`` skips self-calibration (the cost model is then
 ``tiers.load_calibration()``: ``zipmoe bench io``'s file if present, else the documented assumptions);
@@ -28,7 +29,6 @@ Environment: ``ZIPMOE_CALIBRATE=off`` skips self-calibration (the cost model is 
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -39,11 +39,13 @@ import time
 from pathlib import Path
 
 from formats.errors import ZmoeError
+from zipmoe_run.calibrate_measure import READ_MIN, READ_TARGET, fs_key, measure_decode, measure_read
 from zipmoe_run.hostinfo import host_info
 from zipmoe_run.tiers import CostModel, load_calibration
 
-__all__ = ["CalibrationError", "ENV_MODE", "ENV_DIR", "ENV_FILE", "DRIFT_RATIO", "cache_dir", "package_version", "host_key", "fs_key",
-           "measure_decode", "measure_read", "Calibrator", "Drift", "store_cost", "current"]
+__all__ = ["READ_MIN", "READ_TARGET", "CalibrationError", "ENV_MODE", "ENV_DIR", "ENV_FILE", "DRIFT_RATIO",
+           "cache_dir", "package_version", "host_key", "fs_key", "measure_decode", "measure_read", "Calibrator",
+           "Drift", "store_cost", "current", "report"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,6 @@ DRIFT_RATIO = 2.0  # an online estimate this far (either way) from the calibrati
 DRIFT_MIN_OBS = 8  # observations of a rate before its drift is judged
 DRIFT_WEIGHT = 0.125  # of one observation in the drift watcher's (slow, geometric) average
 NOTES_KEPT = 8
-READ_TARGET = 8 << 20  # bytes read by the read measurement
-READ_MIN = 1 << 20  # below this (a tiny archive) the read speed is not measured
 FORMAT = 1
 
 
@@ -77,111 +77,6 @@ def host_key(info: dict | None = None, version: str | None = None) -> dict:
     h = info if info is not None else host_info()
     return {"cpu": h.get("cpu"), "isa": list(h.get("isa") or []), "cores": h.get("cores"),
             "machine": h.get("machine"), "version": version if version is not None else package_version()}
-
-
-def fs_key(path: str | os.PathLike) -> dict:
-    """The file system holding ``path``: device number and, where /proc says, its type and source."""
-    dev = os.stat(path).st_dev
-    key = {"dev": f"{os.major(dev)}:{os.minor(dev)}", "fstype": "unknown"}
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                a, sep, b = line.partition(" - ")
-                fa, fb = a.split(), b.split()
-                if sep and len(fa) > 2 and fa[2] == key["dev"] and len(fb) >= 2:
-                    key.update(fstype=fb[0], source=fb[1])
-    except OSError:
-        pass
-    return key
-
-
-# -- measurements (pure functions of a clock; the Calibrator injects others in tests) --------------------------
-
-
-@functools.lru_cache(maxsize=4)
-def _synthetic_chunk(elements: int):
-    import numpy as np
-
-    from formats.codec import DEFAULT_CODEC, ChunkEncoder, checksum
-    from formats.decoder import KIND_BF16_SPLIT, ChunkRef
-    from formats.planes import split_bf16_numpy
-
-    x = np.random.default_rng(0).standard_normal(elements, dtype=np.float32) * np.float32(0.02)
-    src = (x.view(np.uint32) >> 16).astype(np.uint16)  # truncated to BF16: the exponents are what matter
-    exp, sm = np.empty(elements, np.uint8), np.empty(elements, np.uint8)
-    split_bf16_numpy(src, exp, sm)  # (the packer's split is a JIT kernel: compiling it costs more than this)
-    coded = ChunkEncoder(DEFAULT_CODEC).encode(exp)
-    return ChunkRef(KIND_BF16_SPLIT, DEFAULT_CODEC, coded, sm, elements, checksum(coded), checksum(sm), 0,
-                    "calibration chunk")
-
-
-def measure_decode(threads, *, chunk_elements: int = 1 << 19, chunks: int = 8, runs: int = 4,
-                   clock=time.perf_counter) -> dict:
-    """BF16 output bytes/s of ``ParallelDecoder(t)`` for each ``t`` in ``threads`` (best of ``runs``)."""
-    import dataclasses
-
-    import numpy as np
-
-    from formats.decoder import ParallelDecoder
-
-    ref = _synthetic_chunk(int(chunk_elements))
-    n = max(int(chunks), 2 * max(threads))
-    refs = [dataclasses.replace(ref, out_offset=i * 2 * ref.n) for i in range(n)]
-    out = np.empty(2 * ref.n * n, np.uint8)
-    res = {}
-    for t in sorted(set(threads)):
-        with ParallelDecoder(t) as dec:
-            best = math.inf
-            for i in range(runs + 1):
-                t0 = clock()
-                dec.decode(refs, out)
-                if i:
-                    best = min(best, clock() - t0)
-        res[str(t)] = out.nbytes / max(best, 1e-9)
-    return res
-
-
-def measure_read(path, spans, io_mode: str = "auto", *, clock=time.perf_counter) -> dict | None:
-    """Bytes/s of ``ExpertReader(path, io_mode)`` over up to :data:`READ_TARGET` bytes of ``spans``
-    ((offset, length), 4 KiB-aligned offsets), read in the store's pieces; None when the spans hold
-    less than :data:`READ_MIN` bytes."""
-    from zipmoe_run.store.io import Buffer, ExpertReader
-    from zipmoe_run.store.worker import READ_PIECE
-
-    spans = sorted(spans)
-    if not spans or sum(n for _, n in spans) < READ_MIN:
-        return None
-    step = max(1, len(spans) // max(1, READ_TARGET // max(1, min(READ_PIECE, max(n for _, n in spans)))))
-    pieces, total = [], 0
-    for off, length in spans[::step] + spans:  # spread over the file first, then fill up
-        for lo in range(0, length, READ_PIECE):
-            if total >= READ_TARGET:
-                break
-            n = min(READ_PIECE, length - lo)
-            if (off + lo, n) not in pieces:
-                pieces.append((off + lo, n))
-                total += n
-    reader = ExpertReader(path, io_mode)
-    try:
-        if reader.mode != "O_DIRECT":  # drop what the page cache holds of these bytes (advisory)
-            for off, n in pieces:
-                try:
-                    os.posix_fadvise(reader._fd, off, n, os.POSIX_FADV_DONTNEED)
-                except (OSError, AttributeError):
-                    pass
-        buf = Buffer(max(n for _, n in pieces) + 4096)
-        try:
-            got = 0
-            t0 = clock()
-            for off, n in pieces:
-                got += reader.read(buf, off, n, f"calibration read at {off}")
-            dt = clock() - t0
-        finally:
-            buf.close()
-        return {"read_bps": got / max(dt, 1e-9), "bytes": got, "reads": len(pieces),
-                "read_method": reader.mode}
-    finally:
-        reader.close()
 
 
 # -- the cache --------------------------------------------------------------------------------------------------
