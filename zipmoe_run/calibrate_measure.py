@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import random
 import time
 
 __all__ = ["READ_TARGET", "READ_MIN", "fs_key", "measure_decode", "measure_read"]
@@ -84,16 +85,19 @@ def measure_read(path, spans, io_mode: str = "auto", *, clock=time.perf_counter)
     spans = sorted(spans)
     if not spans or sum(n for _, n in spans) < READ_MIN:
         return None
+    k = random.randrange(len(spans))  # another part of a large archive each time: no device-side cache
+    spans = spans[k:] + spans[:k]
     step = max(1, len(spans) // max(1, READ_TARGET // max(1, min(READ_PIECE, max(n for _, n in spans)))))
-    pieces, total = [], 0
+    pieces, seen, total = [], set(), 0
     for off, length in spans[::step] + spans:  # spread over the file first, then fill up
         for lo in range(0, length, READ_PIECE):
-            if total >= READ_TARGET:
-                break
             n = min(READ_PIECE, length - lo)
-            if (off + lo, n) not in pieces:
+            if total < READ_TARGET and (off + lo, n) not in seen:
+                seen.add((off + lo, n))
                 pieces.append((off + lo, n))
                 total += n
+        if total >= READ_TARGET:
+            break
     reader = ExpertReader(path, io_mode)
     try:
         if reader.mode != "O_DIRECT":  # drop what the page cache holds of these bytes (advisory)
