@@ -326,3 +326,13 @@ def test_bench_io_file_of_this_host_gives_read_and_compute(tmp_path, monkeypatch
     assert (c.read_bps, c.compute_bps, c.read_method) == (6e8, 5e9, "o_direct (bench io)")
     other = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(), info={**INFO, "cpu": "Other"}))
     assert (other.read_bps, other.compute_bps) == (CostModel().read_bps, CostModel().compute_bps)
+
+
+def test_unwritable_cache_still_calibrates(tmp_path, caplog):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    fake = Fake()
+    with caplog.at_level(logging.WARNING, logger="zipmoe_run.calibrate"):
+        d = Calibrator(blocker, decode_fn=fake.decode, info=INFO, version="1").decode(2)
+    assert d["rates"] == {"1": 1.0e9, "2": 1.8e9} and not d["cached"]
+    assert any("cannot write calibration cache" in r.getMessage() for r in caplog.records)
