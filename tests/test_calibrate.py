@@ -308,7 +308,7 @@ def test_bad_calibration_files(tmp_path, monkeypatch, caplog):
     (tmp_path / "calibration.json").write_text('{"version": 1, "disk_bps": -1}')
     with caplog.at_level(logging.WARNING, logger="zipmoe_run.calibrate"):
         c = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake()))
-    assert c.decode_bps == 1.8e9 and c.read_method == "assumed (not measured)"
+    assert c.decode_bps == 1.8e9 and c.read_method == "assumed, not measured"
     assert any("calibration.json" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv(calibrate.ENV_FILE, str(tmp_path / "calibration.json"))
     with pytest.raises(calibrate.CalibrationError, match="ZIPMOE_CALIBRATION: .*calibration.json"):

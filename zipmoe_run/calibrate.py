@@ -306,7 +306,7 @@ def current(path=None, spans=None, threads: int | None = None, io_mode: str = "a
     how = lambda d: f"cached {d['file']}" if d["cached"] else f"measured in {d['seconds'] * 1e3:.0f} ms"  # noqa: E731
     src = [f"self-calibration: decode {how(dec)}"]
     read_bps, method = (base.read_bps, f"{base.read_method} (bench io)") if ours else \
-        (CostModel().read_bps, "assumed (not measured)")
+        (CostModel().read_bps, "assumed, not measured")
     files = {"decode_bps": (dec["file"], str(threads)), "read_bps": (None, "read_bps")}
     if rd is not None:
         read_bps, method = rd["rates"]["read_bps"], rd["read_method"]
