@@ -243,3 +243,18 @@ def test_cli_directory_budget_and_changed_shard(checkpoint_factory, tmp_path, mo
     msg = r.stderr.strip()
     assert len(msg.splitlines()) == 1 and "changed on disk while the model was running" in msg
     assert str(sorted(src.glob("*.safetensors"))[0]) in msg and not r.stdout
+
+
+def test_encoder_decoder_experts_by_stack(checkpoint_factory):
+    """switch_transformers: experts keyed by (stack, layer, expert) come out of the shards unchanged."""
+    src = checkpoint_factory("switch_transformers", seed=3)
+    with DirectorySource(src) as plain, DirectorySource(src, memory_budget="30%", preload=False, threads=2) as s:
+        keys = sorted(s.store.extents, key=lambda k: (k[0], k[1], k[2]))
+        assert {k[0] for k in keys} == {"encoder", "decoder"}
+        for stack in ("encoder", "decoder"):
+            layer = min(k[1] for k in keys if k[0] == stack)
+            experts = sorted(k[2] for k in keys if k[:2] == (stack, layer))[:3]
+            want = {e: {k: v.clone() for k, v in w.items()} for e, w in plain.fetch(layer, experts, stack)}
+            for e, w in s.fetch(layer, experts, stack):
+                assert set(w) == set(want[e]) and all(torch.equal(w[k], want[e][k]) for k in w)
+        assert s.stats()["store_peak_bytes"] <= s.stats()["budget_bytes"]
