@@ -258,3 +258,28 @@ def test_encoder_decoder_experts_by_stack(checkpoint_factory):
             for e, w in s.fetch(layer, experts, stack):
                 assert set(w) == set(want[e]) and all(torch.equal(w[k], want[e][k]) for k in w)
         assert s.stats()["store_peak_bytes"] <= s.stats()["budget_bytes"]
+
+
+def test_io_direct_refused_is_one_line_and_throttle(checkpoint_factory, monkeypatch):
+    from zipmoe_run.store.buffers import Buffer
+    from zipmoe_run.store.io import StoreIOError
+
+    src = checkpoint_factory("qwen2_moe", seed=3, dims=DIMS, shards=1)
+    monkeypatch.setattr(dirbytes, "probe_direct", lambda path: "injected refusal")
+    with pytest.raises(StoreIOError) as ei:
+        DirectorySource(src, memory_budget="30%", io_mode="direct")
+    assert str(ei.value) == f"{src / 'model.safetensors'}: injected refusal"
+    # the throttle: one device for every shard, sleeping until the bytes fit the rate (injected clock)
+    shard = src / "model.safetensors"
+    now, slept = [0.0], []
+    f = dirbytes.ShardFile(shard, shard.stat().st_size, "buffered")
+    r = dirbytes.ShardReaders(src, [f], throttle_bps=1e6, clock=lambda: now[0], sleep=slept.append)
+    buf = Buffer(3 * 4096)
+    try:
+        assert [r.read(0, buf, 4096 * i, 4096, 4096 * i, "t") for i in range(3)] == [4096] * 3
+        assert slept == pytest.approx([0.004096, 0.008192, 0.012288]) and r.mode == "buffered+DONTNEED"
+        with open(shard, "rb") as fh:
+            assert bytes(buf.arr[:3 * 4096]) == fh.read(3 * 4096)
+    finally:
+        buf.close()
+        r.close()
