@@ -240,6 +240,31 @@ class ZipMoEPolicy:
         row, e = np.unravel_index(idx, S.shape)
         return int(row), int(e), float(S[row, e])
 
+    def _least_loss(self, S: np.ndarray, pm, res, spare_fetch: bool):
+        """(row, expert, tier, lower tier) of the demotion that loses the least per byte freed, or None.
+        ``spare_fetch``: experts of the open fetch are not candidates (the usual case)."""
+        best = None
+        for t in (3, 2, 1):
+            m = self._T == t
+            if spare_fetch:
+                m &= ~self._fetching
+            if pm is not None:
+                m &= ~pm
+            if not m.any():
+                continue
+            sm_fits = (self.demote and t > 1 and self.split.share(1) > 0
+                       and self._used[1] + self._nbytes[1] <= self._share(res, 1)) & self._sm_ok
+            down = np.where(sm_fits, 1, 0) if t > 1 else np.zeros(S.shape, int)
+            nb_down = np.where(down == 1, self._nbytes[1], 0.0)
+            c_down = np.where(down == 1, self._cost[1], self._cost[0])
+            freed = np.maximum(self._nbytes[t] - nb_down, 1.0)
+            loss = np.where(m, S * (c_down - self._cost[t]) / freed, np.inf)
+            idx = int(loss.argmin())
+            if np.isfinite(loss.flat[idx]) and (best is None or loss.flat[idx] < best[0]):
+                row, e = np.unravel_index(idx, S.shape)
+                best = (float(loss.flat[idx]), int(row), int(e), t, int(down[row, e]))
+        return best[1:] if best is not None else None
+
     def _down(self, row: int, e: int, t: int, extra_sm: float, res) -> int:
         if self.demote and t > 1 and self._sm_ok[row, e] and self.split.share(1) > 0 \
                 and self._used[1] + extra_sm + self._nbytes[1, row, e] <= self._share(res, 1):
@@ -298,26 +323,9 @@ class ZipMoEPolicy:
                     pick = (w[0], w[1], t, self._down(w[0], w[1], t, 0.0, res))
                     break
         if pick is None:  # the demotion that loses the least per byte freed
-            best = None
-            for t in (3, 2, 1):
-                m = (self._T == t) & ~self._fetching
-                if pm is not None:
-                    m &= ~pm
-                if not m.any():
-                    continue
-                sm_fits = (self.demote and t > 1 and self.split.share(1) > 0
-                           and self._used[1] + self._nbytes[1] <= self._share(res, 1)) & self._sm_ok
-                down = np.where(sm_fits, 1, 0) if t > 1 else np.zeros(S.shape, int)
-                nb_down = np.where(down == 1, self._nbytes[1], 0.0)
-                c_down = np.where(down == 1, self._cost[1], self._cost[0])
-                freed = np.maximum(self._nbytes[t] - nb_down, 1.0)
-                loss = np.where(m, S * (c_down - self._cost[t]) / freed, np.inf)
-                idx = int(loss.argmin())
-                if np.isfinite(loss.flat[idx]) and (best is None or loss.flat[idx] < best[0]):
-                    row, e = np.unravel_index(idx, S.shape)
-                    best = (float(loss.flat[idx]), int(row), int(e), t, int(down[row, e]))
-            if best is not None:
-                pick = best[1:]
+            pick = self._least_loss(S, pm, res, spare_fetch=True)
+        if pick is None:  # only experts of the open fetch are left: those the store has not pinned
+            pick = self._least_loss(S, pm, res, spare_fetch=False)  # (already served) may go
         if pick is None:
             if not _retry and any(True for _ in res.resident()):  # the mirror lost track: resync once
                 self._sync(res)
