@@ -87,6 +87,29 @@ def test_store_offers_full_and_cold_only(case):
         assert s.store.expert_bytes == sum(e.decoded_nbytes for e in s.store.extents.values())
 
 
+def test_directory_store_starts_from_this_hosts_calibration(case, monkeypatch):
+    """Like an archive's store, a directory's starts from the host's calibration (reads measured on
+    a shard's expert bytes) and reports it with the host in its stats."""
+    from zipmoe_run import calibrate
+
+    seen = {}
+    real = calibrate.current
+
+    def spy(path=None, spans=None, *a, **kw):
+        seen.update(path=path, spans=spans)
+        return real(path, spans, *a, **kw)
+
+    monkeypatch.setattr(calibrate, "current", spy)
+    src, _ = case
+    with DirectorySource(src, memory_budget="30%", threads=2) as s:
+        st = s.stats()
+        assert s.store.cost.to_json() == {k: v for k, v in st["calibration"].items()
+                                          if k not in ("drift", "drift_events")}
+    assert seen["path"].parent == src and seen["path"].suffix == ".safetensors" and seen["spans"]
+    assert all(0 < off and 0 < n for off, n in seen["spans"])
+    assert st["host"]["cores"] >= 1 and "drift" in st["calibration"]
+
+
 def test_cold_fetch_reads_the_experts_bytes(case):
     """Bytes read per cold fetch: the 4096-aligned ranges enclosing the expert's parts (BF16 bytes + less
     than two pages per range), and the tensors equal the mapped ones."""

@@ -41,9 +41,8 @@ from formats.jsonstrict import JSONRejected, loads
 from formats.preamble import xxh3
 from formats.reader import Archive
 
-from .calibrate import store_cost
+from .calibrate import stats_fields, store_cost
 from .errors import MissingWeightError
-from .hostinfo import host_info
 from .source import SAFETENSORS_DTYPES
 
 log = logging.getLogger(__name__)
@@ -176,10 +175,7 @@ class ArchiveSource:
     def stats(self) -> dict:
         st = self.store.stats()
         st.update(self._stats, cache_hits=st.get("hits_full", 0), dense_bytes=self.dense_bytes)
-        drift = self.store.cost.drift
-        st["calibration"] = {**self.calibration, "drift": list(getattr(drift, "notes", [])),
-                             "drift_events": getattr(drift, "events", 0)}
-        st["host"] = host_info()
+        st.update(stats_fields(self.calibration, self.store.cost))
         return st
 
     def close(self) -> None:

@@ -330,6 +330,17 @@ def store_cost(archive, threads: int, io_mode: str = "auto", throttle_bps: float
     return current(archive.path, spans, threads, io_mode, throttle_bps)
 
 
+def stats_fields(calibration: dict, live: CostModel) -> dict:
+    """What a source adds to its ``stats()``: the calibration its store started from (``calibration``,
+    a ``CostModel.to_json()``) with the drift the store's live cost model noticed, and the host."""
+    from zipmoe_run.hostinfo import host_info
+
+    drift = live.drift
+    return {"calibration": {**calibration, "drift": list(getattr(drift, "notes", [])),
+                            "drift_events": getattr(drift, "events", 0)},
+            "host": host_info()}
+
+
 def report(archive_path=None, threads: int | None = None, io_mode: str = "auto") -> dict:
     """What a benchmark reports about its host: ``{"host": host_info(), "calibration": CostModel.to_json(),
     "host_line": one line}``; the read speed is that of ``archive_path``'s file system when given (a

@@ -224,6 +224,14 @@ class DirectorySource:
             source.close()
             raise
         try:
+            if cost is None:  # this host's calibration; reads measured on the largest shard's expert bytes
+                from .calibrate import current
+
+                big = max(files, key=lambda f: self._shards[f].size)
+                spans = [(t.offset, t.nbytes) for t in tensors if t.shard == index[big]]
+                cost = current(self._shards[big].path, spans or None, self.decoder.threads, io_mode,
+                               io_throttle_bps)
+            self.calibration = cost.to_json()
             self.store = ExpertStore(None, self.decoder, budget=memory_budget, policy=policy, wrap=self._weights,
                                      dense_bytes=self.dense_bytes, cost=cost, source=source)
             self.budget = self.store.budget
@@ -331,6 +339,9 @@ class DirectorySource:
         st = self.store.stats()
         st.update(experts_fetched=self._stats["experts_fetched"], cache_hits=st.get("hits_full", 0),
                   dense_bytes=self.dense_bytes)
+        from .calibrate import stats_fields
+
+        st.update(stats_fields(self.calibration, self.store.cost))
         return st
 
     def close(self) -> None:
