@@ -252,8 +252,8 @@ class Drift:
                 {"rate": name, "calibrated_bps": base, "online_bps": now, "ratio": now / base,
                  "after_s": self.clock() - self.t0}]
             file, key = self.files[name]
-        log.warning("%s: online estimate %.2f GB/s is %.1fx the calibration (%.2f GB/s); updating %s", name,
-                    now / 1e9, now / base, base / 1e9, file or "nothing (not a cached calibration)")
+        log.info("%s: online estimate %.2f GB/s is %.1fx the calibration (%.2f GB/s); updating %s", name,
+                 now / 1e9, now / base, base / 1e9, file or "nothing (not a cached calibration)")
         if file and self.calibrator is not None:
             self.calibrator.update(file, key, now)
 
