@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -16,27 +14,12 @@ from formats.decoder import ParallelDecoder
 from formats.errors import CorruptDataError, FormatError, ZmoeError
 from formats.reader import Archive
 from formats.restore import unpack, verify
+from tests.clirun import assert_one_line_error as one_line_error, zipmoe
 from tests.archive_mut import GOLDEN, ROOT, dumps, fused_source, split, with_index
 from zipmoe_pack.pack import PackOptions, pack
 
 BASE = GOLDEN.read_bytes()
 DOC, _ = split(BASE)
-
-
-def zipmoe(*args, timeout: float = 60) -> subprocess.CompletedProcess:
-    code = "import sys; from zipmoe.cli import main; sys.argv = ['zipmoe'] + sys.argv[1:]; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def mutant(tmp_path: Path, fn, name: str = "m.zmoe") -> Path:

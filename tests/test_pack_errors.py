@@ -9,26 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.clirun import ROOT, assert_one_line_error, zipmoe
+
 from tests.stfile import write_config, write_st
 from tests.test_format import make_tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def zipmoe(*args: str, **kw) -> subprocess.CompletedProcess:
-    code = "import sys; from zipmoe.cli import main; sys.argv = ['zipmoe'] + sys.argv[1:]; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, **kw)
-
-
-def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
 
 def _no_output(out: Path) -> None:
     assert not out.exists()

@@ -18,7 +18,7 @@ import pytest
 from formats.errors import InputError
 from tests.stfile import write_st
 from tests.test_format import make_tiny, sha_tree
-from tests.test_pack_errors import ROOT, assert_one_line_error, zipmoe
+from tests.clirun import ROOT, assert_one_line_error, zipmoe
 from zipmoe_pack import pack as P
 from zipmoe_pack.pack import PackOptions, pack
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from formats.codec import DEFAULT_CODEC, codec_params
-from formats.extent_plan import ExtentPlan, PartPlan  # noqa: F401 (re-exported for zipmoe_pack.pack)
+from formats.extent_plan import ExtentPlan  # noqa: F401 (re-exported for zipmoe_pack.pack)
 from formats.extent_plan import plan_extents as _plan_extents
 from formats.index import OUT_ALIGN
 from formats.preamble import ALIGNMENT, VERSION, hex64

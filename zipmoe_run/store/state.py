@@ -83,14 +83,14 @@ class Task:
 
 
 class Job:
-    def __init__(self, tasks: list[_Task], speculative: bool = False):
+    def __init__(self, tasks: list[Task], speculative: bool = False):
         self.tasks = tasks
         self.speculative = speculative  # a prefetch: admitted without waiting, finished by the reaper
         self.certain = False  # a prefetch of what the next fetch will ask for: never superseded
         self.preload = False  # load-time warm-up: admitted without evicting, kept decoded (FULL)
-        self.adopted: list[tuple["Job", _Task]] = []  # prefetched tasks this fetch took over
+        self.adopted: list[tuple["Job", Task]] = []  # prefetched tasks this fetch took over
         self.cond = threading.Condition()
-        self.ready: collections.deque[_Task] = collections.deque()
+        self.ready: collections.deque[Task] = collections.deque()
         self.cancelled = False
         self.reader_done = not tasks
         self.inflight = 0
