@@ -11,6 +11,17 @@ from zipmoe_run import kernels
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba kernel unavailable")
 
 
+@pytest.fixture(autouse=True)
+def _numba_forced(monkeypatch):
+    """These tests are about the numba GEMV: force it (auto would pick per host by measurement)."""
+    from zipmoe_run import kernel_select
+
+    monkeypatch.setenv(kernel_select.ENV, "numba")
+    kernel_select.reset()
+    yield
+    kernel_select.reset()
+
+
 def _words(w: torch.Tensor) -> np.ndarray:
     n, k = w.shape
     return w.contiguous().view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2)

@@ -17,6 +17,7 @@ import torch
 
 from formats.errors import InputError
 
+from . import kernel_select
 from .errors import GenerationError, TokenizerError
 from .generate import GenerationResult, Sampling, TokenEvent, generate, stream_generate
 from .models import build_model
@@ -66,6 +67,11 @@ def open_source(path: str | os.PathLike, *, threads: int | None = None, **store_
     raise InputError(f"{p}: not a checkpoint directory or a .zmoe archive")
 
 
+def _with_kernels(it: Iterator[TokenEvent], stats: dict) -> Iterator[TokenEvent]:
+    yield from it
+    stats["kernels"] = kernel_select.report()  # after the run: shapes first seen in it are chosen by then
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module
@@ -88,15 +94,17 @@ class Loaded:
 
     def stream(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
                sampling: Sampling = Sampling(), chat: bool = False, stats: dict | None = None) -> Iterator[TokenEvent]:
-        return stream_generate(self.model, self._ids(prompts, chat), max_new_tokens=max_new_tokens,
-                               sampling=sampling, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
-                               stats=stats)
+        it = stream_generate(self.model, self._ids(prompts, chat), max_new_tokens=max_new_tokens,
+                             sampling=sampling, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
+                             stats=stats)
+        return it if stats is None else _with_kernels(it, stats)
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), chat: bool = False) -> GenerationResult:
         res = generate(self.model, self._ids(prompts, chat), max_new_tokens=max_new_tokens, sampling=sampling,
                        eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
         res.stats.update(self.source.stats())
+        res.stats["kernels"] = kernel_select.report()
         return res
 
     def close(self) -> None:
@@ -143,6 +151,8 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
     else:
         eos = eos_ids_from(source.config, read_json(source, "generation_config.json"))
     model.eval()
+    if dt is torch.bfloat16:  # one-row kernels for this host and the model's shapes (cached per host)
+        kernel_select.choose(kernel_select.model_shapes(model), torch.get_num_threads())
     if hasattr(model, "set_lookahead"):
         n = model.set_lookahead(prefetch == "lookahead")
         log.info("router lookahead prefetch: %s", f"{n} layers" if n else "off")

@@ -16,7 +16,9 @@ even + odd. ``gemv_reference`` is that order in numpy. Results can differ from t
 in the last bit. Only bf16 weights with a bf16 single-row input take this path; every
 other case (float32 runs, prefill, batched decode) is ``torch.nn.functional.linear``.
 
-Set ``ZIPMOE_RUN_KERNELS=0`` to disable (then everything is torch).
+Which kernel a shape uses (this one or torch's) is chosen per host by measurement: see
+``kernel_select`` (``CHOICE`` holds the choices; ``ZIPMOE_KERNEL`` forces one). Set
+``ZIPMOE_RUN_KERNELS=0`` to disable this kernel (then everything is torch).
 """
 from __future__ import annotations
 
@@ -29,12 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "enabled", "set_threads", "single_row_scope", "gemv_reference"]
+__all__ = ["linear", "enabled", "enabled_by_env", "set_threads", "single_row_scope", "gemv_reference", "run_kernel",
+           "CHOICE"]
 
 log = logging.getLogger(__name__)
 
 _ENABLED = os.environ.get("ZIPMOE_RUN_KERNELS", "1") not in ("0", "false", "no")
 _gemv = None
+CHOICE: dict[tuple[int, int, int], str] = {}  # (out, in, threads) -> "numba" | "torch" (kernel_select fills it)
+_scope_threads = 0  # torch's thread count while a single_row_scope is active (torch itself runs on 1 then)
 
 
 WORDS = 16  # uint32 words (32 bf16 weights) per block of the fixed summation order
@@ -177,6 +182,10 @@ def enabled() -> bool:
     return _ENABLED
 
 
+def enabled_by_env() -> bool:
+    return os.environ.get("ZIPMOE_RUN_KERNELS", "1") not in ("0", "false", "no")
+
+
 def set_threads(n: int) -> None:
     """Threads for the kernel (numba's pool), capped at what numba started with."""
     try:
@@ -197,22 +206,56 @@ def single_row_scope(active: bool) -> Iterator[None]:
     if not active or not enabled():
         yield
         return
-    n = torch.get_num_threads()
+    global _scope_threads
+    n, outer = torch.get_num_threads(), _scope_threads
     set_threads(n)
     torch.set_num_threads(1)
+    _scope_threads = n
     try:
         yield
     finally:
+        _scope_threads = outer
         torch.set_num_threads(n)
 
 
+def _torch_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with torch's own thread count, also inside a ``single_row_scope``."""
+    n = _scope_threads
+    if n <= 1:
+        return F.linear(x, w, b)
+    torch.set_num_threads(n)
+    try:
+        return F.linear(x, w, b)
+    finally:
+        torch.set_num_threads(1)
+
+
+def run_kernel(kernel: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One-row product x [1, K] bf16 by w [N, K] bf16 with the named kernel (``kernel_select`` times it)."""
+    return _gemv_linear(x, w, None) if kernel == "numba" else _torch_linear(x, w)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` (x [..., K], w [N, K], b [N]); one bf16 input row goes through the fast kernel."""
+    """``F.linear`` (x [..., K], w [N, K], b [N]); one bf16 input row goes through the kernel chosen for
+    this shape on this host (``kernel_select``): this module's GEMV or torch's."""
     k = x.shape[-1]
     if (x.dtype is not torch.bfloat16 or w.dtype is not torch.bfloat16 or x.numel() != k or k % 2
-            or not w.is_contiguous() or w.storage_offset() % 2 or not enabled()):
+            or not w.is_contiguous() or w.storage_offset() % 2 or w.dim() != 2):
         return F.linear(x, w, b)
     n = w.shape[0]
+    t = _scope_threads or torch.get_num_threads()
+    kern = CHOICE.get((n, k, t))
+    if kern is None:
+        from .kernel_select import kernel_for
+
+        kern = kernel_for(n, k, t)
+    if kern != "numba" or not enabled():
+        return _torch_linear(x, w, b)
+    return _gemv_linear(x, w, b)
+
+
+def _gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    n, k = w.shape  # [N, K] bf16, contiguous; x [..., K] bf16 of one row
     xf = x.reshape(k).float().numpy()
     xe, xo = np.ascontiguousarray(xf[0::2]), np.ascontiguousarray(xf[1::2])  # [K/2] each
     out = np.empty(n, dtype=np.float32)

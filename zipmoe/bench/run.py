@@ -274,6 +274,10 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
             }
             if hasattr(bench[s], "impl"):
                 result["systems"][s]["implementation"] = bench[s].impl
+        if "zipmoe" in bench:  # the one-row kernels this host chose for the model's shapes (zipmoe_run.kernel_select)
+            from zipmoe_run import kernel_select
+
+            result["kernels"] = kernel_select.report()
         ours, ref = result["systems"].get("zipmoe", {}), result["systems"].get("transformers", {})
         if ours.get("decode_tok_s") and ref.get("decode_tok_s"):
             result["decode_ratio"] = ours["decode_tok_s"] / ref["decode_tok_s"]
@@ -315,13 +319,20 @@ def render_table(result: dict):
         table.add_row(name, f"{row['load_s']:.2f}", f"{row['ttft_s']:.3f} [{row['ttft_best_s']:.3f}]",
                       f"{row['prompt_tok_s']:.1f}", f"{row['decode_tok_s']:.2f} [{row['decode_best_tok_s']:.2f}]",
                       ratio)
+    captions = []
+    if result.get("kernels"):
+        from zipmoe_run.kernel_select import line
+
+        captions.append(line(result["kernels"]))
     step = result.get("decode_step")
     if step:
         ms = {k[:-2]: v * 1e3 for k, v in step.items() if k.endswith("_s") and k != "effective_gb_s"}
         parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step")
         wb = step["weight_bytes"]
-        table.caption = (f"zipmoe decode step {ms['step']:.1f} ms: {parts} ms | weights/token "
+        captions.insert(0, f"zipmoe decode step {ms['step']:.1f} ms: {parts} ms | weights/token "
                          f"{step['weight_bytes_total'] / 1e6:.0f} MB (routed {wb['routed_experts'] / 1e6:.0f}, "
                          f"shared {wb['shared_expert'] / 1e6:.0f}, attention {wb['attention'] / 1e6:.0f}, "
                          f"lm_head {wb['lm_head'] / 1e6:.0f}) at {step['effective_gb_s']:.1f} GB/s")
+    if captions:
+        table.caption = "\n".join(captions)
     return table

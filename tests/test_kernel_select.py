@@ -1,0 +1,163 @@
+"""Per-host choice of the one-row bf16 kernel: measured once (injected timings here, never the clock),
+cached per host key, reused, forced by ZIPMOE_KERNEL, reported in the stats, re-measured when corrupt."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zipmoe_run import kernel_select as ks
+from zipmoe_run import kernels
+from zipmoe_run.calibrate import Calibrator
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba kernel unavailable: nothing to choose")
+
+SHAPES = [(64, 128), (128, 64), (32, 32)]
+#: fake bytes/s: numba faster on the first two shapes, torch on the third
+FAKE = {(64, 128): {"numba": 9e9, "torch": 3e9}, (128, 64): {"numba": 8e9, "torch": 7e9},
+        (32, 32): {"numba": 1e9, "torch": 2e9}}
+
+
+class FakeMeasure:
+    def __init__(self, table=FAKE):
+        self.table, self.calls = table, []
+
+    def __call__(self, shapes, threads, kerns):
+        self.calls.append((list(shapes), threads, list(kerns)))
+        return {s: {k: self.table[s][k] for k in kerns} for s in shapes}
+
+
+def _cal(tmp_path, cpu="CPU A"):
+    info = {"cpu": cpu, "isa": ["avx2"], "cores": 2, "machine": "x86_64"}
+    return Calibrator(tmp_path, info=info, version="test", force=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv(ks.ENV, raising=False)
+    monkeypatch.delenv("ZIPMOE_RUN_KERNELS", raising=False)
+    ks.reset()
+    yield
+    ks.reset()
+
+
+def test_fastest_per_shape_is_chosen_and_reported(tmp_path):
+    fake = FakeMeasure()
+    rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert len(fake.calls) == 1 and sorted(fake.calls[0][0]) == sorted(SHAPES) and fake.calls[0][1] == 2
+    assert kernels.CHOICE == {(64, 128, 2): "numba", (128, 64, 2): "numba", (32, 32, 2): "torch"}
+    assert rep["mode"] == "auto" and rep["measured_shapes"] == 3
+    assert rep["shapes"]["32x32@2"] == {"kernel": "torch", "gbps": {"numba": 1.0, "torch": 2.0}, "how": "measured"}
+    assert rep["shapes"]["64x128@2"]["gbps"] == {"numba": 9.0, "torch": 3.0}
+    assert "32x32@2 torch (numba 1.0, torch 2.0 GB/s)" in ks.line(rep)
+
+
+def test_cache_is_reused_on_the_same_host_and_keyed_by_host(tmp_path):
+    fake = FakeMeasure()
+    ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    files = list((tmp_path / "hosts").glob("kernels-*.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text())["rates"]["32x32@2:torch"] == 2e9
+    ks.reset()  # a new process on the same host: nothing measured, the same choices
+    again = FakeMeasure({s: {"numba": 1.0, "torch": 1e12} for s in SHAPES})  # would pick torch everywhere
+    rep = ks.choose(SHAPES, 2, measure_fn=again, calibrator=_cal(tmp_path))
+    assert again.calls == []
+    assert {k: v["kernel"] for k, v in rep["shapes"].items()} == {"64x128@2": "numba", "128x64@2": "numba",
+                                                                   "32x32@2": "torch"}
+    assert all(v["how"] == "cached" for v in rep["shapes"].values())
+    ks.reset()  # another host (other CPU model): measured afresh, into its own file
+    rep = ks.choose(SHAPES, 2, measure_fn=again, calibrator=_cal(tmp_path, cpu="CPU B"))
+    assert len(again.calls) == 1
+    assert all(v["kernel"] == "torch" for v in rep["shapes"].values())
+    assert len(list((tmp_path / "hosts").glob("kernels-*.json"))) == 2
+    ks.reset()  # another thread count on the first host: measured, not taken from the 2-thread entry
+    fake3 = FakeMeasure()
+    ks.choose(SHAPES, 1, measure_fn=fake3, calibrator=_cal(tmp_path))
+    assert len(fake3.calls) == 1 and fake3.calls[0][1] == 1
+
+
+def test_in_process_choice_is_not_measured_twice(tmp_path):
+    fake = FakeMeasure()
+    ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    ks.choose(SHAPES[:2], 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert len(fake.calls) == 1
+
+
+def test_corrupt_cache_is_measured_again(tmp_path):
+    ks.choose(SHAPES, 2, measure_fn=FakeMeasure(), calibrator=_cal(tmp_path))
+    (f,) = (tmp_path / "hosts").glob("kernels-*.json")
+    for bad in (b"{not json", b'{"format": 1, "rates": {"a": 1, "a": 2}}', json.dumps({"format": 1}).encode()):
+        f.write_bytes(bad)
+        ks.reset()
+        fake = FakeMeasure()
+        rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+        assert len(fake.calls) == 1 and rep["measured_shapes"] == 3
+        assert json.loads(f.read_text())["rates"]["64x128@2:numba"] == 9e9  # rewritten whole
+
+
+@pytest.mark.parametrize("forced", ["numba", "torch"])
+def test_forced_kernel_is_honoured_without_measuring(tmp_path, monkeypatch, forced):
+    monkeypatch.setenv(ks.ENV, forced)
+    fake = FakeMeasure()
+    rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert fake.calls == [] and rep["mode"] == forced
+    assert {v["kernel"] for v in rep["shapes"].values()} == {forced}
+    assert all(v["how"] == "forced" for v in rep["shapes"].values())
+
+
+def test_linear_dispatches_to_the_chosen_kernel(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 128, generator=g).bfloat16()
+    x = torch.randn(1, 128, generator=g).bfloat16()
+    t = torch.get_num_threads()
+    called = []
+    real = kernels._gemv_linear
+    monkeypatch.setattr(kernels, "_gemv_linear", lambda *a: called.append("numba") or real(*a))
+    ks.choose([(64, 128)], t, measure_fn=FakeMeasure(), calibrator=_cal(tmp_path))  # numba faster
+    y = kernels.linear(x, w)
+    assert called == ["numba"]
+    ks.reset()
+    ks.choose([(64, 128)], t, measure_fn=FakeMeasure({(64, 128): {"numba": 1e9, "torch": 5e9}}),
+              calibrator=_cal(tmp_path / "other"))
+    y2 = kernels.linear(x, w)
+    assert called == ["numba"]  # torch's this time
+    assert torch.equal(y2.view(torch.int16), torch.nn.functional.linear(x, w).view(torch.int16))
+    assert y.shape == y2.shape == (1, 64)
+
+
+def test_an_unknown_shape_is_chosen_on_first_use(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZIPMOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ks, "measure", FakeMeasure({(48, 96): {"numba": 1e9, "torch": 4e9}}))
+    kernels.linear(torch.ones(1, 96).bfloat16(), torch.ones(48, 96).bfloat16())
+    assert kernels.CHOICE[(48, 96, torch.get_num_threads())] == "torch"
+    assert ks.measure.calls and ks.report()["shapes"][f"48x96@{torch.get_num_threads()}"]["how"] == "measured"
+
+
+def test_real_measurement_returns_a_rate_per_kernel_and_shape():
+    fake_clock = iter(range(10**6))
+    got = ks.measure([(16, 64), (8, 32)], 1, ["numba", "torch"], timer=lambda: next(fake_clock) * 1e-3)
+    assert set(got) == {(16, 64), (8, 32)}
+    for (n, k), per in got.items():
+        assert set(per) == {"numba", "torch"}
+        # every timed pass is 1 ms on the fake clock, divided over the shape's distinct matrices
+        m = max(2, min(ks.MAX_MATS, -(-ks.SPAN_BYTES // (n * k * 2)) + 1))
+        assert per["numba"] == pytest.approx(n * k * 2 * m / 1e-3)
+        assert per["torch"] == pytest.approx(n * k * 2 * m / 1e-3)
+
+
+def test_stats_of_a_run_report_the_choice(checkpoint_factory, monkeypatch):
+    from zipmoe_run import load
+
+    monkeypatch.setenv(ks.ENV, "torch")
+    ckpt = checkpoint_factory("qwen2_moe")
+    with load(ckpt, dtype="bfloat16") as lm:
+        res = lm.generate([1, 2, 3], max_new_tokens=3)
+        stats: dict = {}
+        list(lm.stream([1, 2, 3], max_new_tokens=3, stats=stats))
+    for st in (res.stats, stats):
+        rep = st["kernels"]
+        assert rep["mode"] == "torch" and rep["shapes"]
+        assert {v["kernel"] for v in rep["shapes"].values()} == {"torch"}
+    shapes = {tuple(map(int, k.split("@")[0].split("x"))) for k in res.stats["kernels"]["shapes"]}
+    assert set(ks.model_shapes(lm.model)) <= shapes

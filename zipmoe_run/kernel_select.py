@@ -1,0 +1,214 @@
+"""Which one-row bf16 kernel each weight shape uses on this host, chosen by measurement.
+
+A decode step is a chain of one-row products over bf16 weights; which kernel streams them fastest
+depends on the CPU (the numba GEMV of ``kernels`` is ~1.6-2x torch's on an AVX-512 Zen 4, no faster
+on an AVX2-only EPYC). So the first time a host is seen, each available kernel (``KERNELS``: the numba
+GEMV and ``torch.nn.functional.linear``) is timed on the model's own shapes (out, in) at the run's
+thread count, under the same thread arrangement as a decode step (``kernels.single_row_scope``): a few
+distinct synthetic matrices per shape spread over at least ``SPAN_BYTES`` so caches do not flatter,
+the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached.
+
+Cache: one JSON file per host key (``calibrate.host_key``: CPU model, ISA flags, cores, machine,
+package version) under the calibration cache directory (``hosts/kernels-*.json``, atomic writes, read
+with ``formats.jsonstrict``; a corrupt or foreign file is logged and measured again), whose ``rates``
+hold bytes/s per ``"OUTxIN@T:kernel"``. ``ZIPMOE_CALIBRATE=force`` measures again.
+
+The choice depends only on host, shape and thread count, never on the weights or where they come from,
+so a run of an archive and of its source directory use the same kernels and stay bit-identical. Each
+kernel is deterministic, but kernels differ in summation order: tokens can differ (in rare near-ties)
+between hosts that choose differently, as torch's own result already depends on the host.
+
+``ZIPMOE_KERNEL=numba|torch|auto`` (default auto) forces a kernel; ``ZIPMOE_RUN_KERNELS=0`` is torch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+import torch
+
+from . import kernels as K
+
+__all__ = ["ENV", "KERNELS", "mode", "available", "measure", "choose", "kernel_for", "model_shapes", "report",
+           "line", "reset"]
+
+log = logging.getLogger(__name__)
+
+ENV = "ZIPMOE_KERNEL"
+KERNELS = ("numba", "torch")  # in order of preference on a tie
+SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory
+MAX_MATS = 16
+REPS = 5
+
+_lock = threading.RLock()
+_report: dict[str, dict] = {}  # "OUTxIN@T" -> {"kernel", "gbps": {kernel: GB/s}, "how"}
+_state: dict = {"mode": None, "seconds": 0.0, "file": None, "measured_shapes": 0}
+
+
+def mode() -> str:
+    if not K.enabled_by_env():
+        return "torch"
+    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if m not in ("auto", *KERNELS):
+        log.warning("%s=%r is not one of auto, %s; using auto", ENV, m, ", ".join(KERNELS))
+        return "auto"
+    return m
+
+
+def available() -> list[str]:
+    return [k for k in KERNELS if k != "numba" or K.enabled()]
+
+
+def _name(n: int, k: int, t: int) -> str:
+    return f"{n}x{k}@{t}"
+
+
+def _pool(elems: int) -> torch.Tensor:
+    """[elems] bf16 of normal values (random sign and mantissa, magnitude 2^-7..2^-6): no denormals."""
+    block = np.random.default_rng(0).integers(0, 1 << 16, size=1 << 19, dtype=np.uint16)
+    block = (block & np.uint16(0x807F)) | np.uint16(0x3C00)
+    return torch.from_numpy(np.resize(block, elems).view(np.int16)).view(torch.bfloat16)
+
+
+def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
+    """``{(out, in): {kernel: bytes/s}}`` of each kernel on each shape at ``threads`` threads."""
+    shapes = sorted(set(shapes))
+    if not shapes:
+        return {}
+    elems = max(n * k for n, k in shapes) + SPAN_BYTES // 2
+    pool = _pool(elems)
+    x_all = _pool(max(k for _, k in shapes) + 64)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict = {}
+    try:
+        with K.single_row_scope(True):
+            for n, k in shapes:
+                nbytes = n * k * 2
+                m = max(2, min(MAX_MATS, math.ceil(SPAN_BYTES / nbytes) + 1))
+                step = (elems - n * k) // (m - 1) // 64 * 64  # elements; even offsets for the int32 view
+                mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
+                x = x_all[:k].view(1, k)  # [1, K]
+                out[(n, k)] = {}
+                for kern in kernels:
+                    K.run_kernel(kern, x, mats[0])  # warm-up
+                    times = []
+                    for _ in range(REPS):
+                        t0 = timer()
+                        for w in mats:
+                            K.run_kernel(kern, x, w)
+                        times.append((timer() - t0) / m)
+                    dt = statistics.median(times)
+                    out[(n, k)][kern] = nbytes / dt if dt > 0 else float("inf")
+    finally:
+        torch.set_num_threads(saved)
+    return out
+
+
+def _cache():
+    from .calibrate import Calibrator
+
+    cal = Calibrator()
+    return cal, cal._file("kernels", cal.key)
+
+
+def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=None) -> dict:
+    """Make sure each (out, in) shape has a kernel at ``threads`` (default: torch's thread count):
+    forced, cached or measured now (``measure_fn(shapes, threads, kernels)``, default :func:`measure`);
+    returns :func:`report`."""
+    threads = int(threads or torch.get_num_threads())
+    m = mode()
+    with _lock:
+        if _state["mode"] != m:
+            reset()
+            _state["mode"] = m
+        todo = sorted({(int(n), int(k)) for n, k in shapes} - {s for s in _known(threads)})
+        if not todo:
+            return report()
+        avail = available()
+        if m != "auto" or len(avail) < 2:
+            kern = m if m in avail else avail[0]
+            for n, k in todo:
+                _set(n, k, threads, kern, {}, "forced" if m != "auto" else "only one available")
+            return report()
+        t0 = time.perf_counter()
+        if calibrator is None:
+            cal, path = _cache()
+        else:
+            cal, path = calibrator, calibrator._file("kernels", calibrator.key)
+        d = cal._load(path, cal.key)
+        rates = dict(d["rates"]) if d else {}
+        miss = [s for s in todo if any(f"{_name(*s, threads)}:{kn}" not in rates for kn in avail)]
+        if miss:
+            got = (measure_fn or measure)(miss, threads, avail)
+            for (n, k), per in got.items():
+                for kn, bps in per.items():
+                    if isinstance(bps, (int, float)) and math.isfinite(bps) and bps > 0:
+                        rates[f"{_name(n, k, threads)}:{kn}"] = float(bps)
+            cal._save(path, {"format": 1, "key": cal.key, "rates": rates, "measured": rates,
+                             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            _state["measured_shapes"] += len(miss)
+        for n, k in todo:
+            per = {kn: rates.get(f"{_name(n, k, threads)}:{kn}", 0.0) for kn in avail}
+            best = max(avail, key=lambda kn: (per[kn], -KERNELS.index(kn)))  # ties: KERNELS order
+            _set(n, k, threads, best, per, "measured" if (n, k) in miss else "cached")
+        _state["seconds"] += time.perf_counter() - t0
+        _state["file"] = str(path)
+        log.info("one-row kernels (%d threads): %s", threads, ", ".join(
+            f"{_name(n, k, threads)} {K.CHOICE[(n, k, threads)]}" for n, k in todo))
+        return report()
+
+
+def _known(threads: int):
+    return [(n, k) for (n, k, t) in K.CHOICE if t == threads]
+
+
+def _set(n: int, k: int, t: int, kern: str, per: dict, how: str) -> None:
+    K.CHOICE[(n, k, t)] = kern
+    _report[_name(n, k, t)] = {"kernel": kern, "gbps": {kn: round(v / 1e9, 3) for kn, v in per.items()}, "how": how}
+
+
+def kernel_for(n: int, k: int, threads: int) -> str:
+    """The kernel for one shape (chosen now if it has not been): ``kernels.linear``'s fallback."""
+    choose([(n, k)], threads)
+    return K.CHOICE.get((n, k, threads), "torch")
+
+
+def model_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """Distinct (out, in) of the model's bf16 ``layers.Linear`` weights (attention, shared expert, dense
+    MLPs, lm_head); routed experts' shapes are chosen on first use, as are any others."""
+    from .layers import Linear
+
+    return sorted({tuple(mod.weight.shape) for mod in model.modules()
+                   if isinstance(mod, Linear) and mod.weight.dtype is torch.bfloat16 and mod.weight.dim() == 2})
+
+
+def report() -> dict:
+    """What the stats say: mode, the cache file, seconds spent choosing, and per shape the kernel and the
+    GB/s measured for each candidate."""
+    with _lock:
+        return {"mode": _state["mode"] or mode(), "file": _state["file"], "seconds": round(_state["seconds"], 4),
+                "measured_shapes": _state["measured_shapes"], "shapes": {k: dict(v) for k, v in _report.items()}}
+
+
+def line(rep: dict | None = None) -> str:
+    """One line of :func:`report`: ``kernels (auto): 512x1024@2 numba (numba 31.6, torch 21.4 GB/s), ...``."""
+    rep = rep if rep is not None else report()
+    parts = []
+    for name, v in rep.get("shapes", {}).items():
+        g = ", ".join(f"{k} {x:.1f}" for k, x in v.get("gbps", {}).items())
+        parts.append(f"{name} {v.get('kernel')}" + (f" ({g} GB/s)" if g else f" ({v.get('how')})"))
+    return f"kernels ({rep.get('mode')}): " + ("; ".join(parts) or "none chosen")
+
+
+def reset() -> None:
+    """Forget this process's choices (tests; a changed ``ZIPMOE_KERNEL``)."""
+    with _lock:
+        K.CHOICE.clear()
+        _report.clear()
+        _state.update(mode=None, seconds=0.0, file=None, measured_shapes=0)
