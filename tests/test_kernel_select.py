@@ -77,6 +77,16 @@ def test_cache_is_reused_on_the_same_host_and_keyed_by_host(tmp_path):
     assert len(fake3.calls) == 1 and fake3.calls[0][1] == 1
 
 
+def test_an_emulated_instruction_set_is_a_separate_cache_entry(tmp_path, monkeypatch):
+    ks.choose(SHAPES, 2, measure_fn=FakeMeasure(), calibrator=_cal(tmp_path))
+    ks.reset()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    fake = FakeMeasure()
+    ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert len(fake.calls) == 1
+    assert len(list((tmp_path / "hosts").glob("kernels-*.json"))) == 2
+
+
 def test_in_process_choice_is_not_measured_twice(tmp_path):
     fake = FakeMeasure()
     ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))

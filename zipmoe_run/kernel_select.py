@@ -9,7 +9,7 @@ distinct synthetic matrices per shape spread over at least ``SPAN_BYTES`` so cac
 the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached.
 
 Cache: one JSON file per host key (``calibrate.host_key``: CPU model, ISA flags, cores, machine,
-package version) under the calibration cache directory (``hosts/kernels-*.json``, atomic writes, read
+package version; plus ``CODEGEN_ENV`` settings such as ``ATEN_CPU_CAPABILITY`` when set) under the calibration cache directory (``hosts/kernels-*.json``, atomic writes, read
 with ``formats.jsonstrict``; a corrupt or foreign file is logged and measured again), whose ``rates``
 hold bytes/s per ``"OUTxIN@T:kernel"``. ``ZIPMOE_CALIBRATE=force`` measures again.
 
@@ -110,11 +110,14 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
     return out
 
 
-def _cache():
-    from .calibrate import Calibrator
+#: settings that change what the kernels compile to (an emulated instruction set): part of the cache key
+CODEGEN_ENV = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_OPT")
 
-    cal = Calibrator()
-    return cal, cal._file("kernels", cal.key)
+
+def cache_key(cal) -> dict:
+    """The calibration host key plus the code-generation settings in the environment (when set)."""
+    env = {k: os.environ[k] for k in CODEGEN_ENV if os.environ.get(k)}
+    return {**cal.key, "codegen": env} if env else dict(cal.key)
 
 
 def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=None) -> dict:
@@ -138,10 +141,12 @@ def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=No
             return report()
         t0 = time.perf_counter()
         if calibrator is None:
-            cal, path = _cache()
-        else:
-            cal, path = calibrator, calibrator._file("kernels", calibrator.key)
-        d = cal._load(path, cal.key)
+            from .calibrate import Calibrator
+
+            calibrator = Calibrator()
+        cal, key = calibrator, cache_key(calibrator)
+        path = cal._file("kernels", key)
+        d = cal._load(path, key)
         rates = dict(d["rates"]) if d else {}
         miss = [s for s in todo if any(f"{_name(*s, threads)}:{kn}" not in rates for kn in avail)]
         if miss:
@@ -150,7 +155,7 @@ def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=No
                 for kn, bps in per.items():
                     if isinstance(bps, (int, float)) and math.isfinite(bps) and bps > 0:
                         rates[f"{_name(n, k, threads)}:{kn}"] = float(bps)
-            cal._save(path, {"format": 1, "key": cal.key, "rates": rates, "measured": rates,
+            cal._save(path, {"format": 1, "key": key, "rates": rates, "measured": rates,
                              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             _state["measured_shapes"] += len(miss)
         for n, k in todo:
