@@ -171,3 +171,6 @@ def test_stats_of_a_run_report_the_choice(checkpoint_factory, monkeypatch):
         assert {v["kernel"] for v in rep["shapes"].values()} == {"torch"}
     shapes = {tuple(map(int, k.split("@")[0].split("x"))) for k in res.stats["kernels"]["shapes"]}
     assert set(ks.model_shapes(lm.model)) <= shapes
+    with load(ckpt, dtype="float32") as lm:
+        res = lm.generate([1, 2, 3], max_new_tokens=2)
+    assert res.stats["kernels"]["mode"] == "unused" and res.stats["kernels"]["shapes"] == {}

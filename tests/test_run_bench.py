@@ -83,6 +83,7 @@ def test_schema_and_derived_values(bench):
     assert r["decode_ratio"] == pytest.approx(ours["decode_tok_s"] / ref["decode_tok_s"], rel=1e-12)
     assert r["ttft_ratio"] == pytest.approx(ref["ttft_s"] / ours["ttft_s"], rel=1e-12)
     assert set(ref["implementation"]) == {"attention", "experts"}
+    assert r["kernels"]["mode"] == "unused" and r["kernels"]["shapes"] == {}  # float32: torch only
 
 
 def test_decode_step_breakdown_adds_up(bench):
@@ -132,6 +133,7 @@ def test_table_shows_both_systems(bench):
     assert "zipmoe" in text and "transformers" in text
     assert f"{r['decode_ratio']:.2f}x" in text
     assert f"{r['systems']['zipmoe']['decode_tok_s']:.2f}" in text
+    assert "kernels (unused): one-row kernels serve bf16 runs only" in text
 
 
 def test_bad_requests(checkpoint_factory):

@@ -67,9 +67,9 @@ def open_source(path: str | os.PathLike, *, threads: int | None = None, **store_
     raise InputError(f"{p}: not a checkpoint directory or a .zmoe archive")
 
 
-def _with_kernels(it: Iterator[TokenEvent], stats: dict) -> Iterator[TokenEvent]:
+def _with_kernels(it: Iterator[TokenEvent], stats: dict, used: bool) -> Iterator[TokenEvent]:
     yield from it
-    stats["kernels"] = kernel_select.report()  # after the run: shapes first seen in it are chosen by then
+    stats["kernels"] = kernel_select.report(used)  # after the run: shapes first seen in it are chosen by then
 
 
 @dataclass
@@ -97,14 +97,14 @@ class Loaded:
         it = stream_generate(self.model, self._ids(prompts, chat), max_new_tokens=max_new_tokens,
                              sampling=sampling, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
                              stats=stats)
-        return it if stats is None else _with_kernels(it, stats)
+        return it if stats is None else _with_kernels(it, stats, self.dtype is torch.bfloat16)
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), chat: bool = False) -> GenerationResult:
         res = generate(self.model, self._ids(prompts, chat), max_new_tokens=max_new_tokens, sampling=sampling,
                        eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
         res.stats.update(self.source.stats())
-        res.stats["kernels"] = kernel_select.report()
+        res.stats["kernels"] = kernel_select.report(self.dtype is torch.bfloat16)
         return res
 
     def close(self) -> None:

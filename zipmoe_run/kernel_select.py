@@ -193,9 +193,13 @@ def model_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
                    if isinstance(mod, Linear) and mod.weight.dtype is torch.bfloat16 and mod.weight.dim() == 2})
 
 
-def report() -> dict:
-    """What the stats say: mode, the cache file, seconds spent choosing, and per shape the kernel and the
-    GB/s measured for each candidate."""
+def report(used: bool = True) -> dict:
+    """What the stats say: mode, the cache file, seconds spent choosing, and per shape (``OUTxIN@threads``,
+    every shape chosen in this process) the kernel and the GB/s measured for each candidate. ``used=False``
+    (a float32 run): says that no one-row kernel was chosen, torch ran everything."""
+    if not used:
+        return {"mode": "unused", "note": "one-row kernels serve bf16 runs only; torch ran everything",
+                "file": None, "seconds": 0.0, "measured_shapes": 0, "shapes": {}}
     with _lock:
         return {"mode": _state["mode"] or mode(), "file": _state["file"], "seconds": round(_state["seconds"], 4),
                 "measured_shapes": _state["measured_shapes"], "shapes": {k: dict(v) for k, v in _report.items()}}
@@ -208,7 +212,7 @@ def line(rep: dict | None = None) -> str:
     for name, v in rep.get("shapes", {}).items():
         g = ", ".join(f"{k} {x:.1f}" for k, x in v.get("gbps", {}).items())
         parts.append(f"{name} {v.get('kernel')}" + (f" ({g} GB/s)" if g else f" ({v.get('how')})"))
-    return f"kernels ({rep.get('mode')}): " + ("; ".join(parts) or "none chosen")
+    return f"kernels ({rep.get('mode')}): " + ("; ".join(parts) or rep.get("note") or "none chosen")
 
 
 def reset() -> None:

@@ -277,7 +277,7 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
         if "zipmoe" in bench:  # the one-row kernels this host chose for the model's shapes (zipmoe_run.kernel_select)
             from zipmoe_run import kernel_select
 
-            result["kernels"] = kernel_select.report()
+            result["kernels"] = kernel_select.report(dtype == "bfloat16")
         ours, ref = result["systems"].get("zipmoe", {}), result["systems"].get("transformers", {})
         if ours.get("decode_tok_s") and ref.get("decode_tok_s"):
             result["decode_ratio"] = ours["decode_tok_s"] / ref["decode_tok_s"]
