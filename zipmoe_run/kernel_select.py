@@ -6,7 +6,10 @@ on an AVX2-only EPYC). So the first time a host is seen, each available kernel (
 GEMV and ``torch.nn.functional.linear``) is timed on the model's own shapes (out, in) at the run's
 thread count, under the same thread arrangement as a decode step (``kernels.single_row_scope``): a few
 distinct synthetic matrices per shape spread over at least ``SPAN_BYTES`` so caches do not flatter,
-the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached.
+the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached, with
+one bias: another kernel must beat the numba GEMV by ``MARGIN`` to be chosen, because the GEMV's
+summation order is the same on every instruction set (torch's is not) and because near-ties would
+otherwise flip between two fresh measurements of the same host.
 
 Cache: one JSON file per host key (``calibrate.host_key``: CPU model, ISA flags, cores, machine,
 package version; plus ``CODEGEN_ENV`` settings such as ``ATEN_CPU_CAPABILITY`` when set) under the calibration cache directory (``hosts/kernels-*.json``, atomic writes, read
@@ -44,6 +47,7 @@ KERNELS = ("numba", "torch")  # in order of preference on a tie
 SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory
 MAX_MATS = 16
 REPS = 5
+MARGIN = 1.10  # another kernel must be this much faster than the first of KERNELS to be chosen
 
 _lock = threading.RLock()
 _report: dict[str, dict] = {}  # "OUTxIN@T" -> {"kernel", "gbps": {kernel: GB/s}, "how"}
@@ -160,13 +164,21 @@ def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=No
             _state["measured_shapes"] += len(miss)
         for n, k in todo:
             per = {kn: rates.get(f"{_name(n, k, threads)}:{kn}", 0.0) for kn in avail}
-            best = max(avail, key=lambda kn: (per[kn], -KERNELS.index(kn)))  # ties: KERNELS order
+            best = _pick(avail, per)
             _set(n, k, threads, best, per, "measured" if (n, k) in miss else "cached")
         _state["seconds"] += time.perf_counter() - t0
         _state["file"] = str(path)
         log.info("one-row kernels (%d threads): %s", threads, ", ".join(
             f"{_name(n, k, threads)} {K.CHOICE[(n, k, threads)]}" for n, k in todo))
         return report()
+
+
+def _pick(avail, per: dict) -> str:
+    """The fastest kernel, except that the preferred one (first of ``KERNELS``) keeps its place unless
+    another beats it by ``MARGIN``."""
+    fastest = max(avail, key=lambda kn: (per[kn], -KERNELS.index(kn)))
+    pref = next((kn for kn in KERNELS if kn in avail), fastest)
+    return fastest if per[fastest] > MARGIN * per[pref] else pref
 
 
 def _known(threads: int):
