@@ -187,3 +187,35 @@ def test_a_near_tie_keeps_the_fixed_order_kernel(tmp_path):
 
     ks.choose(list(rates), 2, measure_fn=fake, calibrator=_cal(tmp_path))
     assert kernels.CHOICE[(32, 32, 2)] == "numba" and kernels.CHOICE[(64, 64, 2)] == "torch"
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_routed_expert_shapes_are_chosen_at_load_alike_for_archive_and_directory(checkpoint_factory, tmp_path,
+                                                                                 layout, monkeypatch):
+    """The routed experts' shapes come from the source, the same for an archive and its directory, and
+    are chosen when the model loads rather than inside the first decode step."""
+    from zipmoe_pack.pack import PackOptions, pack
+    from zipmoe_run.api import load
+
+    src = checkpoint_factory("qwen2_moe", layout=layout, seed=2)
+    arc = tmp_path / "m.zmoe"
+    pack(src, arc, PackOptions(threads=2))
+    asked = []
+    real = ks.choose
+
+    def spy(shapes, *a, **kw):
+        asked.append(sorted(shapes))
+        def flat(shapes_, threads, kerns):  # any shape: numba twice torch's rate
+            return {sh: {k: (2e9 if k == "numba" else 1e9) for k in kerns} for sh in shapes_}
+
+        return real(shapes, *a, measure_fn=flat, calibrator=_cal(tmp_path), **kw)
+
+    monkeypatch.setattr(ks, "choose", spy)
+    got = {}
+    for path in (src, arc):
+        with load(path, dtype="bfloat16", threads=2) as lm:
+            got[path] = lm.source.expert_shapes()
+    assert got[src] == got[arc] and got[src]
+    cfg = lm.source.config
+    assert (cfg["hidden_size"], cfg["moe_intermediate_size"]) in got[src]  # down_proj, in both layouts
+    assert len(asked) == 2 and asked[0] == asked[1] and set(got[src]) <= set(asked[0])

@@ -152,7 +152,8 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
         eos = eos_ids_from(source.config, read_json(source, "generation_config.json"))
     model.eval()
     if dt is torch.bfloat16:  # one-row kernels for this host and the model's shapes (cached per host)
-        kernel_select.choose(kernel_select.model_shapes(model), torch.get_num_threads())
+        shapes = set(kernel_select.model_shapes(model)) | set(source.expert_shapes())
+        kernel_select.choose(sorted(shapes), torch.get_num_threads())
     if hasattr(model, "set_lookahead"):
         n = model.set_lookahead(prefetch == "lookahead")
         log.info("router lookahead prefetch: %s", f"{n} layers" if n else "off")

@@ -132,6 +132,10 @@ class ArchiveSource:
     def file_bytes(self, name: str) -> bytes | None:
         return self.archive.file_bytes(name)
 
+    def expert_shapes(self) -> list[tuple[int, int]]:
+        return sorted({tuple(p.shape) for e in self.archive.index.experts for p in e.parts
+                       if p.dtype == "BF16" and len(p.shape) == 2})
+
     def has_dense(self, name: str) -> bool:
         t = self.archive.index.tensors.get(name)
         return t is not None and t.role == "dense"

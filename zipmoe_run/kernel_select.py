@@ -198,7 +198,8 @@ def kernel_for(n: int, k: int, threads: int) -> str:
 
 def model_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
     """Distinct (out, in) of the model's bf16 ``layers.Linear`` weights (attention, shared expert, dense
-    MLPs, lm_head); routed experts' shapes are chosen on first use, as are any others."""
+    MLPs, lm_head); ``load`` adds the routed experts' (``WeightSource.expert_shapes``); any other shape
+    is chosen on first use."""
     from .layers import Linear
 
     return sorted({tuple(mod.weight.shape) for mod in model.modules()

@@ -70,6 +70,11 @@ class WeightSource(Protocol):
 
     def stats(self) -> dict: ...
 
+    def expert_shapes(self) -> list[tuple[int, int]]:
+        """Distinct 2-D shapes of the routed experts' BF16 weights, one expert's (a fused tensor's
+        without its expert dimension): the same list for an archive and its source directory."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -286,6 +291,18 @@ class DirectorySource:
             return None
         p = self.path / name
         return p.read_bytes() if p.is_file() else None
+
+    def expert_shapes(self) -> list[tuple[int, int]]:
+        out = set()
+        for name, shard in self._where.items():
+            role = parse_expert_name(name)
+            shape = tuple(shard.entries[name][1])
+            if role is None or shard.dtypes[name] != "BF16":
+                continue
+            shape = shape[1:] if role.fused else shape
+            if len(shape) == 2:
+                out.add(shape)
+        return sorted(out)
 
     def has_dense(self, name: str) -> bool:
         return name in self._dense
