@@ -79,7 +79,7 @@ def measure_read(path, spans, io_mode: str = "auto", *, clock=time.perf_counter)
     """Bytes/s of ``ExpertReader(path, io_mode)`` over up to :data:`READ_TARGET` bytes of ``spans``
     ((offset, length), 4 KiB-aligned offsets), read in the store's pieces; None when the spans hold
     less than :data:`READ_MIN` bytes."""
-    from zipmoe_run.store.io import Buffer, ExpertReader
+    from zipmoe_run.store.io import Buffer, ExpertReader, drop_pages
     from zipmoe_run.store.worker import READ_PIECE
 
     spans = sorted(spans)
@@ -102,10 +102,7 @@ def measure_read(path, spans, io_mode: str = "auto", *, clock=time.perf_counter)
     try:
         if reader.mode != "O_DIRECT":  # drop what the page cache holds of these bytes (advisory)
             for off, n in pieces:
-                try:
-                    os.posix_fadvise(reader._fd, off, n, os.POSIX_FADV_DONTNEED)
-                except (OSError, AttributeError):
-                    pass
+                drop_pages(reader._fd, off, n)
         buf = Buffer(max(n for _, n in pieces) + 4096)
         try:
             got = 0

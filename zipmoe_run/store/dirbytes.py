@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from formats.names import ExpertName
 from zipmoe_run.tiers import Tier
 
 from .buffers import ALIGN, Buffer, ceil_align, floor_to
-from .io import StoreIOError, probe_direct
+from .io import StoreIOError, Throttle, drop_pages, preadv1, probe_direct, read_aligned
 
 __all__ = ["ShardTensor", "DirPart", "DirExtent", "ShardFile", "ShardReaders", "DirectoryBytes", "CopyDecoder",
            "ShardChangedError"]
@@ -185,38 +184,30 @@ class ShardFile:
             raise ShardChangedError(f"{self.path}: changed on disk while the model was running ({what}); "
                                     f"generation stopped (restart to use the new file)")
 
-    def _pread(self, fd: int, view: memoryview, offset: int) -> int:
-        return os.preadv(fd, [view], offset)
+    def _pread(self, fd: int, view: memoryview, offset: int) -> int:  # tests inject faults here
+        return preadv1(fd, view, offset)
 
     def read(self, buf: Buffer, offset: int, need: int, at: int, what: str) -> int:
         """Read shard bytes [offset, offset + ceil4k(need)) into ``buf`` at ``at`` (both aligned);
         returns the bytes transferred (at least ``need``)."""
         n = ceil_align(need)
         view = memoryview(buf.mm)[at:at + n]
-        got = 0
         try:
-            while got < n:
+            while True:
                 direct = self.fd_direct is not None
                 try:
-                    r = self._pread(self.fd_direct if direct else self.fd, view[got:], offset + got)
+                    got = read_aligned(self.fd_direct if direct else self.fd, view, offset, self._pread)
+                    break
                 except OSError as e:
-                    if direct and e.errno == errno.EINVAL:  # the file system refuses O_DIRECT after all
-                        self._fall_back(e)
+                    if direct and e.errno == errno.EINVAL:  # the file system refuses O_DIRECT after all:
+                        self._fall_back(e)  # read the whole range again, buffered
                         continue
-                    raise StoreIOError(f"{self.path}: cannot read {what} at offset {offset + got}: "
+                    raise StoreIOError(f"{self.path}: cannot read {what} at offset {e.at}: "
                                        f"{e.strerror or errno.errorcode.get(e.errno, e)}") from None
-                if r <= 0:
-                    break
-                got += r
-                if got % ALIGN:  # end of file
-                    break
         finally:
             view.release()
         if self.fd_direct is None:
-            try:
-                os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_DONTNEED)
-            except OSError:  # advisory only
-                pass
+            drop_pages(self.fd, offset, n)
         self.check()
         if got < need:
             raise StoreIOError(f"{self.path}: {what} needs bytes [{offset}, {offset + need}) but the read "
@@ -247,16 +238,18 @@ class ShardReaders:
 
     def __init__(self, path: Path, files: list[ShardFile], throttle_bps: float | None = None,
                  clock=time.monotonic, sleep=time.sleep):
-        if throttle_bps is not None and not throttle_bps > 0:
-            raise ValueError(f"io throttle must be > 0 bytes/s, not {throttle_bps!r}")
         self.path, self.files = path, files
-        self.throttle_bps = float(throttle_bps) if throttle_bps is not None else None
-        self.throttle_s = 0.0
-        self._clock, self._sleep = clock, sleep
-        self._tlock = threading.Lock()
-        self._free_at = 0.0
+        self.throttle = Throttle(throttle_bps, clock, sleep) if throttle_bps is not None else None
         self.bytes_read = self.reads = 0
         self.read_s = 0.0
+
+    @property
+    def throttle_bps(self) -> float | None:
+        return self.throttle.bps if self.throttle is not None else None
+
+    @property
+    def throttle_s(self) -> float:
+        return self.throttle.slept_s if self.throttle is not None else 0.0
 
     @property
     def mode(self) -> str:
@@ -270,17 +263,10 @@ class ShardReaders:
 
     def read(self, shard: int, buf: Buffer, offset: int, need: int, at: int, what: str) -> int:
         t0 = time.perf_counter()
-        c0 = self._clock() if self.throttle_bps is not None else 0.0
+        c0 = self.throttle.clock() if self.throttle is not None else 0.0
         got = self.files[shard].read(buf, offset, need, at, what)
-        if self.throttle_bps is not None and got > 0:
-            with self._tlock:
-                self._free_at = max(self._free_at, c0) + got / self.throttle_bps
-                until = self._free_at
-            wait = until - self._clock()
-            if wait > 0:
-                self._sleep(wait)
-                with self._tlock:
-                    self.throttle_s += wait
+        if self.throttle is not None:
+            self.throttle.after(c0, got)
         self.read_s += time.perf_counter() - t0
         self.bytes_read += got
         self.reads += 1

@@ -89,6 +89,37 @@ def probe_direct(path: str | os.PathLike) -> str | None:
     return None
 
 
+def preadv1(fd: int, view: memoryview, offset: int) -> int:
+    return os.preadv(fd, [view], offset)
+
+
+def read_aligned(fd: int, view: memoryview, offset: int, pread=preadv1) -> int:
+    """Fill ``view`` (a whole number of aligned pieces) from file ``offset`` with ``pread`` calls,
+    stopping early only at the end of the file (a short, unaligned piece, after which O_DIRECT cannot
+    go on). Returns the bytes read; an ``OSError`` propagates with ``.at``, the offset it failed at."""
+    got, n = 0, len(view)
+    try:
+        while got < n:
+            r = pread(fd, view[got:], offset + got)
+            if r <= 0:
+                break
+            got += r
+            if got % ALIGN:
+                break
+    except OSError as e:
+        e.at = offset + got
+        raise
+    return got
+
+
+def drop_pages(fd: int, offset: int, n: int) -> None:
+    """Evict what a buffered read of [offset, offset + n) left in the page cache (advisory)."""
+    try:
+        os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):  # AttributeError: a platform without posix_fadvise
+        pass
+
+
 def drop_page_cache(path: str | os.PathLike) -> None:
     """Write back and evict ``path``'s pages from the page cache (cold-start benchmarks)."""
     fd = os.open(path, os.O_RDONLY)
@@ -102,17 +133,46 @@ def drop_page_cache(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class Throttle:
+    """Emulated storage of a sustained rate (bytes/s), shared by every reader of one device.
+
+    It keeps the time at which a device of that rate, serving reads back to back, would have
+    finished the bytes read so far (``free_at``); a read starting when that device is idle restarts
+    it from the read's start. After each read the reader sleeps (no lock held) until that time, so
+    the bytes returned by any moment never exceed ``bps`` times the time since the device was last
+    idle. ``clock`` and ``sleep`` are injectable for tests.
+    """
+
+    def __init__(self, bps: float, clock=time.monotonic, sleep=time.sleep):
+        if not bps > 0:
+            raise ValueError(f"io throttle must be > 0 bytes/s, not {bps!r}")
+        self.bps = float(bps)
+        self.clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        self.free_at = 0.0
+        self.slept_s = 0.0  # total time slept
+
+    def after(self, started: float, nbytes: int) -> None:
+        """A read that began at ``started`` (this clock) returned ``nbytes``: wait until they fit."""
+        if nbytes <= 0:
+            return
+        with self._lock:
+            self.free_at = max(self.free_at, started) + nbytes / self.bps
+            until = self.free_at
+        wait = until - self.clock()
+        if wait > 0:  # outside the lock: other readers book their bytes, decoders keep going
+            self._sleep(wait)
+            with self._lock:
+                self.slept_s += wait
+
+
 class ExpertReader:
     """Aligned reads of archive byte ranges into ``Buffer``s; one instance per archive.
 
     ``mode``: ``"auto"`` (O_DIRECT when the probe succeeds), ``"direct"`` (O_DIRECT or an error) or
     ``"buffered"`` (pread + POSIX_FADV_DONTNEED). Thread-safe (pread has no shared file position).
 
-    ``throttle_bps``: emulate storage of that sustained rate (bytes/s). The reader keeps the time at
-    which a device of that rate, serving reads back to back, would have finished the bytes read so
-    far (``_free_at``); a read starting when that device is idle restarts it from the read's start.
-    After each read it sleeps (no lock held) until that time, so the bytes it has returned by any
-    moment never exceed ``throttle_bps`` times the time since the device was last idle. ``clock``
+    ``throttle_bps``: emulate storage of that sustained rate (bytes/s; :class:`Throttle`). ``clock``
     and ``sleep`` are injectable for tests.
     """
 
@@ -120,13 +180,7 @@ class ExpertReader:
                  clock=time.monotonic, sleep=time.sleep):
         if mode not in ("auto", "direct", "buffered"):
             raise ValueError(f"io mode must be auto, direct or buffered, not {mode!r}")
-        if throttle_bps is not None and not throttle_bps > 0:
-            raise ValueError(f"io throttle must be > 0 bytes/s, not {throttle_bps!r}")
-        self.throttle_bps = float(throttle_bps) if throttle_bps is not None else None
-        self._clock, self._sleep = clock, sleep
-        self._tlock = threading.Lock()
-        self._free_at = 0.0
-        self.throttle_s = 0.0  # total time slept by the throttle
+        self.throttle = Throttle(throttle_bps, clock, sleep) if throttle_bps is not None else None
         self.path = Path(path)
         self.why_not_direct: str | None = None
         self._fd_direct: int | None = None
@@ -163,29 +217,19 @@ class ExpertReader:
             raise ValueError(f"read of {n} bytes at {at} does not fit a {buf.nbytes}-byte buffer")
         fd = self._fd_direct if self._fd_direct is not None else self._fd
         view = memoryview(buf.mm)[at:at + n]
-        got = 0
         t0 = time.perf_counter()
-        c0 = self._clock() if self.throttle_bps is not None else 0.0
+        c0 = self.throttle.clock() if self.throttle is not None else 0.0
         try:
-            while got < n:
-                r = os.preadv(fd, [view[got:]], offset + got)
-                if r <= 0:
-                    break
-                got += r
-                if got % ALIGN:  # short read at end of file; O_DIRECT cannot continue unaligned
-                    break
+            got = read_aligned(fd, view, offset)
         except OSError as e:
-            raise StoreIOError(f"{self.path}: cannot read {what} at offset {offset + got}: "
+            raise StoreIOError(f"{self.path}: cannot read {what} at offset {e.at}: "
                                f"{e.strerror or errno.errorcode.get(e.errno, e)}") from None
         finally:
             view.release()
         if self._fd_direct is None:
-            try:
-                os.posix_fadvise(self._fd, offset, n, os.POSIX_FADV_DONTNEED)
-            except OSError:  # advisory only
-                pass
-        if self.throttle_bps is not None and got > 0:
-            self._throttle(c0, got)
+            drop_pages(self._fd, offset, n)
+        if self.throttle is not None:
+            self.throttle.after(c0, got)
         self.read_s += time.perf_counter() - t0
         if got < length:
             raise FormatError(f"{self.path}: archive truncated: {what} needs bytes [{offset}, {offset + length}) "
@@ -194,15 +238,18 @@ class ExpertReader:
         self.reads += 1
         return got
 
-    def _throttle(self, started: float, nbytes: int) -> None:
-        with self._tlock:
-            self._free_at = max(self._free_at, started) + nbytes / self.throttle_bps
-            until = self._free_at
-        wait = until - self._clock()
-        if wait > 0:  # outside the lock: other readers book their bytes, decoders keep going
-            self._sleep(wait)
-            with self._tlock:
-                self.throttle_s += wait
+    @property
+    def throttle_bps(self) -> float | None:
+        return self.throttle.bps if self.throttle is not None else None
+
+    @property
+    def throttle_s(self) -> float:
+        """Total time slept by the throttle."""
+        return self.throttle.slept_s if self.throttle is not None else 0.0
+
+    @property
+    def _free_at(self) -> float:
+        return self.throttle.free_at if self.throttle is not None else 0.0
 
     def close(self) -> None:
         for fd in (self._fd_direct, self._fd):
