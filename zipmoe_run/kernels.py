@@ -14,7 +14,15 @@ products of pair l of every block in block order; the accumulators are added pai
 (((a0 + a1) + (a2 + a3)) + ...), then the pairs after the last whole block in sequence, and the row is
 even + odd. ``gemv_reference`` is that order in numpy. Results can differ from torch's bf16 kernel
 in the last bit. Only bf16 weights with a bf16 single-row input take this path; every
-other case (float32 runs, prefill, batched decode) is ``torch.nn.functional.linear``.
+other case (float32 runs, prefill) is ``torch.nn.functional.linear``.
+
+Batched decode (``decode_rows_scope``, the engine's steps of several sequences): every bf16 product
+of M rows goes through ``_gemm_kernel``, which computes each output row in exactly the order above
+(the same ``_row_blocks`` and tail), so row m of a batch equals the one-row result bit for bit, for
+any M and any thread count; each weight row is read once and applied to all M inputs while it is
+in cache. Inside that scope the numba kernel is used for every bf16 shape, whatever ``CHOICE`` says
+(a row must not depend on how many rows share the step); products the kernel cannot take (float32,
+odd K, non-contiguous weights) run one row at a time through ``F.linear``.
 
 Which kernel a shape uses (this one or torch's) is chosen per host by measurement: see
 ``kernel_select`` (``CHOICE`` holds the choices; ``ZIPMOE_KERNEL`` forces one). Set
@@ -31,8 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "enabled", "enabled_by_env", "set_threads", "single_row_scope", "gemv_reference", "run_kernel",
-           "CHOICE"]
+__all__ = ["linear", "enabled", "enabled_by_env", "set_threads", "single_row_scope", "decode_rows_scope",
+           "gemv_reference", "gemm_rows", "run_kernel", "CHOICE"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,7 @@ _ENABLED = os.environ.get("ZIPMOE_RUN_KERNELS", "1") not in ("0", "false", "no")
 _gemv = None
 CHOICE: dict[tuple[int, int, int], str] = {}  # (out, in, threads) -> "numba" | "torch" (kernel_select fills it)
 _scope_threads = 0  # torch's thread count while a single_row_scope is active (torch itself runs on 1 then)
+_decode_rows = False  # inside a decode_rows_scope: every product is row-invariant (see the module doc)
 
 
 WORDS = 16  # uint32 words (32 bf16 weights) per block of the fixed summation order
@@ -139,6 +148,23 @@ if njit is not None:
                 so += _u32_as_f32(np.uint32(u & hi)) * xo[j]
             out[i] = se + so
 
+    @njit(parallel=True, nogil=True, cache=True)  # the one-row order above, for each of M rows
+    def _gemm_kernel(w, xe, xo, out):  # w uint32 [N, K/2]; xe, xo f32 [M, K/2]; out f32 [M, N]
+        n, kh = w.shape
+        m_rows = xe.shape[0]
+        hi = np.uint32(0xFFFF0000)
+        sh = np.uint32(16)
+        nb = kh // WORDS
+        for i in prange(n):  # weight row i is read from memory once, then stays in cache for all M
+            for m in range(m_rows):
+                xem, xom = xe[m], xo[m]
+                se, so = _row_blocks(w, i, xem, xom, nb)
+                for j in range(nb * WORDS, kh):  # the tail, in sequence
+                    u = w[i, j]
+                    se += _u32_as_f32(np.uint32(u << sh)) * xem[j]
+                    so += _u32_as_f32(np.uint32(u & hi)) * xom[j]
+                out[m, i] = se + so
+
 
 def gemv_reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The kernel's summation order in plain numpy (for tests): w uint32 [N, K/2], x float32 [K] -> [N]."""
@@ -164,8 +190,11 @@ def _build():
     return _gemv_kernel
 
 
+_gemm = None
+
+
 def enabled() -> bool:
-    global _ENABLED, _gemv
+    global _ENABLED, _gemv, _gemm
     if _ENABLED and _gemv is None:
         n = torch.get_num_threads()
         try:
@@ -174,6 +203,7 @@ def enabled() -> bool:
             # OpenMP thread count, which torch shares, so put torch's back right after.
             _gemv(np.zeros((1, 1), np.uint32), np.zeros(1, np.float32), np.zeros(1, np.float32),
                   np.empty(1, np.float32))
+            _gemm = _gemm_kernel
         except Exception as exc:  # numba missing or broken: torch only
             log.warning("bf16 decode kernel unavailable (%s); using torch", exc)
             _ENABLED = False
@@ -218,6 +248,26 @@ def single_row_scope(active: bool) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@contextmanager
+def decode_rows_scope(active: bool = True, bf16: bool = True) -> Iterator[None]:
+    """Around one decode step of several independent sequences (one row each): the one place that
+    says "this forward is a batched decode step". Inside it every ``linear`` computes each row exactly
+    as a one-row product in this scope would, whatever the number of rows (``_gemm_kernel`` for bf16,
+    one ``F.linear`` per row otherwise), and a bf16 step gets ``single_row_scope``'s thread arrangement.
+    Meant for the one thread that runs the model (the engine's)."""
+    if not active:
+        yield
+        return
+    global _decode_rows
+    outer = _decode_rows
+    _decode_rows = True
+    try:
+        with single_row_scope(bf16):
+            yield
+    finally:
+        _decode_rows = outer
+
+
 def _torch_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with torch's own thread count, also inside a ``single_row_scope``."""
     n = _scope_threads
@@ -239,6 +289,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """``F.linear`` (x [..., K], w [N, K], b [N]); one bf16 input row goes through the kernel chosen for
     this shape on this host (``kernel_select``): this module's GEMV or torch's."""
     k = x.shape[-1]
+    if _decode_rows:
+        return _rows_linear(x, w, b)
     if (x.dtype is not torch.bfloat16 or w.dtype is not torch.bfloat16 or x.numel() != k or k % 2
             or not w.is_contiguous() or w.storage_offset() % 2 or w.dim() != 2):
         return F.linear(x, w, b)
@@ -264,3 +316,33 @@ def _gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
     if b is not None:
         y += b.float()
     return y.to(torch.bfloat16).view(*x.shape[:-1], n)
+
+
+def _gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and w.dim() == 2 and w.shape[1] == x.shape[-1]
+            and x.shape[-1] % 2 == 0 and w.is_contiguous() and w.storage_offset() % 2 == 0 and enabled())
+
+
+def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
+    """float32 row sums [M, N] of x [M, K] bf16 by w [N, K] bf16, each row in the one-row kernel's order."""
+    n, k = w.shape
+    xf = x.reshape(-1, k).float().numpy()  # [M, K]
+    xe, xo = np.ascontiguousarray(xf[:, 0::2]), np.ascontiguousarray(xf[:, 1::2])  # [M, K/2] each
+    out = np.empty((xf.shape[0], n), dtype=np.float32)
+    _gemm(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), xe, xo, out)
+    return out
+
+
+def _rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """A product inside ``decode_rows_scope``: row-invariant (x [..., K] -> [..., N])."""
+    k = x.shape[-1]
+    n = w.shape[0]
+    if x.numel() == 0:
+        return F.linear(x, w, b)
+    if _gemm_ok(x, w):
+        y = torch.from_numpy(gemm_rows(x, w))  # [M, N] float32
+        if b is not None:
+            y += b.float()
+        return y.to(torch.bfloat16).view(*x.shape[:-1], n)
+    rows = x.reshape(-1, 1, k)  # [M, 1, K]: one F.linear per row, as a step of one sequence computes it
+    return torch.cat([_torch_linear(r, w, b) for r in rows]).view(*x.shape[:-1], n)
