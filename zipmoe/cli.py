@@ -1,4 +1,4 @@
-"""`zipmoe`: the umbrella command (pack, verify, unpack, inspect, run, bench).
+"""`zipmoe`: the umbrella command (pack, verify, unpack, inspect, run, serve, bench).
 
 Subcommand modules import torch and the heavy runtime only inside their functions, so `zipmoe pack`
 and the archive tools start fast. Usage errors of every subcommand are one ``error: ...`` line and
@@ -13,6 +13,7 @@ from zipmoe.bench.cli import app as bench_app
 from zipmoe_cli import OneLineGroup
 from zipmoe_pack.cli import pack_cmd
 from zipmoe_run.cli import run_cmd
+from zipmoe_run.serve.cli import serve_cmd
 
 app = typer.Typer(cls=OneLineGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Lossless MoE archives and a memory-budgeted runtime.")
@@ -21,6 +22,7 @@ app.command("verify")(verify_cmd)
 app.command("unpack")(unpack_cmd)
 app.command("inspect")(inspect_cmd)
 app.command("run")(run_cmd)
+app.command("serve")(serve_cmd)
 app.add_typer(bench_app, name="bench", help="Benchmarks: peers side by side, medians, table and JSON.")
 
 
