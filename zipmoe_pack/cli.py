@@ -16,6 +16,9 @@ def pack_cmd(
     output: Path = typer.Argument(..., help="archive to write (.zmoe)"),
     threads: int = typer.Option(0, "--threads", "-t", help="worker threads (0: all cores)"),
     chunk_elements: int = typer.Option(1 << 20, help="exponent chunk size in elements (power of two)"),
+    codec: str = typer.Option("zstd-lit", "--codec",
+                              help="exponent codec: zstd-lit (default, any zstd reads it) or huf4x "
+                                   "(Huffman, 4 streams: ~1.5x faster decode, slightly smaller)"),
     raw: bool = typer.Option(False, "--raw", help="store BF16 experts uncompressed (baseline for benchmarks)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
@@ -32,7 +35,8 @@ def pack_cmd(
     with guarded(debug):
         try:
             with progress_bar(f"packing {model_dir.name}", not as_json) as cb:
-                rep = pack(model_dir, output, PackOptions(threads=threads, chunk_elements=chunk_elements, raw=raw),
+                rep = pack(model_dir, output, PackOptions(threads=threads, chunk_elements=chunk_elements,
+                                                         codec=codec, raw=raw),
                            progress=cb)
         except Terminated as e:
             if debug:
@@ -43,6 +47,7 @@ def pack_cmd(
             "expert_extents": rep.extents, "dense_bytes": rep.dense_bytes,
             "expert_original_bytes": rep.expert_bytes, "expert_stored_bytes": rep.expert_stored,
             "expert_ratio": round(rep.expert_ratio, 5), "bits_per_exponent": round(rep.bits_per_exponent, 4),
+            "codec": None if raw else codec,
             "seconds": round(rep.seconds, 3), "threads": rep.threads, "expert_mb_per_s": round(rep.mb_per_s, 1),
         }
         if as_json:
@@ -54,7 +59,7 @@ def pack_cmd(
         t.add_row("dense (raw, mappable)", human(rep.dense_bytes))
         t.add_row("routed experts", f"{human(rep.expert_bytes)} -> {human(rep.expert_stored)}  "
                                     f"[bold]ratio {rep.expert_ratio:.4f}[/]")
-        t.add_row("bits per exponent", f"{rep.bits_per_exponent:.3f}")
+        t.add_row("bits per exponent", f"{rep.bits_per_exponent:.3f}" + ("" if raw else f" ({codec})"))
         t.add_row("throughput", f"{rep.mb_per_s:.1f} MB/s of experts in {rep.seconds:.2f} s on {rep.threads} threads")
         out.print(t)
 
