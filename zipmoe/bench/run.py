@@ -37,7 +37,7 @@ __all__ = ["run", "render_table", "SYSTEMS"]
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("zipmoe", "transformers")
+SYSTEMS = ("zipmoe", "transformers", "llamacpp")
 
 
 def _median(xs):
@@ -211,14 +211,15 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
     if runs < 1 or new_tokens < 2 or prompt_tokens < 1:
         raise BenchInputError("runs >= 1, new_tokens >= 2 and prompt_tokens >= 1 are required")
     for s in systems:
-        if s not in _MAKERS:
-            raise BenchInputError(f"unknown system {s!r} (known: {', '.join(_MAKERS)})")
+        if s not in SYSTEMS:
+            raise BenchInputError(f"unknown system {s!r} (known: {', '.join(SYSTEMS)})")
     if dtype not in ("bfloat16", "float32"):
         raise BenchInputError(f"dtype must be bfloat16 or float32, not {dtype!r}")
     threads_before = torch.get_num_threads()
     threads = threads or threads_before
     torch.set_num_threads(threads)
-    tmp = None
+    tmp = tmp_gguf = None
+    bench: dict = {}
     if checkpoint is None:
         from zipmoe_pack.synth import DEMO_SIZES, make_checkpoint
 
@@ -248,8 +249,15 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
             "systems": {},
         }
         result.update(host_report(threads=threads))  # host, calibration, host_line (experts all resident here)
-        bench = {}
         for s in systems:
+            if s == "llamacpp":
+                gguf_dir = Path(workdir) if workdir else Path(tmp or (tmp_gguf := tempfile.mkdtemp(prefix="zipmoe-gguf-")))
+                peer, why, exp = _llamacpp_peer(path, dtype, threads, gguf_dir, prompt_tokens + new_tokens)
+                if peer is None:
+                    result["systems"][s] = {"skipped": why}
+                else:
+                    bench[s], result["gguf"] = peer, exp
+                continue
             try:
                 bench[s] = _MAKERS[s](path, dtype, threads)
             except ImportError as exc:
@@ -284,6 +292,7 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
             result["ttft_ratio"] = ref["ttft_s"] / ours["ttft_s"]
             a, b = ours["tokens"], ref["tokens"]
             result["first_divergence"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        _llamacpp_results(result, bench, samples, _weight_bytes_per_token(cfg, 2 if dtype == "bfloat16" else 4))
         if breakdown and "zipmoe" in bench:
             itemsize = 2 if dtype == "bfloat16" else 4
             by = _weight_bytes_per_token(cfg, itemsize)
@@ -292,11 +301,46 @@ def run(checkpoint: str | os.PathLike | None = None, *, size: str = "qwen1.5", f
                                      "effective_gb_s": sum(by.values()) / parts["step_s"] / 1e9}
         for b in bench.values():
             b.close()
+        if "llamacpp" in bench:
+            result["systems"]["llamacpp"].update(bench["llamacpp"].done)
         return result
     finally:
         torch.set_num_threads(threads_before)
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if "llamacpp" in bench and bench["llamacpp"].proc.poll() is None:  # an exception before close()
+            bench["llamacpp"].close()
+        for d in (tmp, tmp_gguf):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _llamacpp_peer(path, dtype, threads, gguf_dir, tokens):
+    from zipmoe.bench.llamacpp import peer_for_run
+
+    return peer_for_run(path, dtype, threads, gguf_dir, tokens)
+
+
+def _llamacpp_results(result: dict, bench: dict, samples: dict, weight_bytes: dict) -> None:
+    """Effective GB/s for every system (the same weight bytes per token for all, at the run's dtype: llama.cpp
+    also reads its routers as F32, a rounding error here), llama.cpp's memory and I/O figures, and greedy token
+    agreement of llama.cpp with this runtime."""
+    total = sum(weight_bytes.values())
+    for s, row in result["systems"].items():
+        if row.get("decode_tok_s"):
+            row["effective_gb_s"] = total * row["decode_tok_s"] / 1e9
+    ll = result["systems"].get("llamacpp")
+    if "llamacpp" not in bench or not ll:
+        return
+    info = bench["llamacpp"].info
+    ll.update(anon_after_load_bytes=info.get("anon_after_load_bytes"), load_read_bytes=info.get("load_read_bytes"),
+              proc_read_bytes_runs=[x.get("proc_read_bytes") for x in samples["llamacpp"]],
+              note="BF16 GGUF, mmap; greedy (top_k 1, temp 0), EOS ignored; child process, pages dropped before load")
+    ours = result["systems"].get("zipmoe", {}).get("tokens")
+    if ours is not None:
+        a = ll["tokens"]
+        first = next((i for i, (x, y) in enumerate(zip(a, ours)) if x != y), None)
+        if first is None and len(a) != len(ours):
+            first = min(len(a), len(ours))
+        result["llamacpp_vs_zipmoe"] = {"same_tokens": first is None, "first_divergence": first}
 
 
 def render_table(result: dict):
@@ -306,20 +350,28 @@ def render_table(result: dict):
     table = Table(title=f"generation: {result['checkpoint']} ({result['model_type']}), {result['dtype']}, "
                         f"{result['threads']} threads, prompt {result['prompt_tokens']} + {result['new_tokens']} "
                         f"new tokens, median of {result['runs']} runs [best]")
-    for c in ("system", "load s", "TTFT s", "prompt tok/s", "decode tok/s", "decode vs transformers"):
+    for c in ("system", "load s", "TTFT s", "prompt tok/s", "decode tok/s", "decode vs transformers", "eff. GB/s"):
         table.add_column(c, justify="left" if c == "system" else "right")
     ref = result["systems"].get("transformers", {})
     for name, row in result["systems"].items():
         if "skipped" in row:
-            table.add_row(name, "-", "-", "-", "-", row["skipped"])
+            table.add_row(name, "-", "-", "-", "-", row["skipped"], "-")
             continue
         ratio = "-"
         if ref.get("decode_tok_s") and name != "transformers":
             ratio = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x"
         table.add_row(name, f"{row['load_s']:.2f}", f"{row['ttft_s']:.3f} [{row['ttft_best_s']:.3f}]",
                       f"{row['prompt_tok_s']:.1f}", f"{row['decode_tok_s']:.2f} [{row['decode_best_tok_s']:.2f}]",
-                      ratio)
+                      ratio, f"{row['effective_gb_s']:.1f}" if row.get("effective_gb_s") else "-")
     captions = []
+    agree = result.get("llamacpp_vs_zipmoe")
+    if agree:
+        ll = result["systems"]["llamacpp"]
+        same = ("the same greedy tokens as zipmoe" if agree["same_tokens"]
+                else f"greedy tokens differ from zipmoe's from position {agree['first_divergence']}")
+        captions.append(f"llama.cpp {ll.get('implementation', {}).get('llama_cpp', '')}: BF16 GGUF, mmap, {same}; "
+                        f"peak RSS {(ll.get('peak_rss_bytes') or 0) / 2**30:.2f} GiB, anonymous after load "
+                        f"{(ll.get('anon_after_load_bytes') or 0) / 2**20:.0f} MiB")
     if result.get("kernels"):
         from zipmoe_run.kernel_select import line
 
