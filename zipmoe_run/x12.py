@@ -1,0 +1,273 @@
+"""X12: a fixed-width, exactly invertible 12-bit form of a BF16 matrix (about 0.75 of its bytes).
+
+A decode step is bound by memory bandwidth, so a matrix that holds fewer bytes per weight and can be
+read directly by the GEMV (``x12_kernel``) moves less memory per token. Each bf16 weight (sign 1 bit,
+exponent 8, mantissa 7) is split into
+
+* a 4-bit exponent *code*: the matrix's 15 most frequent exponent values (ties: the smaller value)
+  get codes 0..14, assigned in ascending exponent order (``table[code]`` is the exponent); code 15 is
+  an *escape*, meaning "the exponent is in the escape list";
+* the sign+mantissa byte ``sm = sign << 7 | mantissa`` (the same byte as the archive's SM plane).
+
+Layout of an :class:`X12` of a [N, K] matrix (Kp = K rounded up to even; a pad element of an odd K
+is code 0, sm 0 and is dropped on decode):
+
+====================  ====================  ===================================================
+field                 dtype, shape          meaning
+====================  ====================  ===================================================
+``nibbles``           uint8 [N, Kp/2]       code of element 2j in the low nibble of byte j, 2j+1 high
+``sm``                uint8 [N, Kp]         sign+mantissa bytes
+``table``             uint8 [16]            exponent of codes 0..14 (entry 15 unused, 0)
+``row_ptr``           uint32|int64 [N+1]    escapes of row i are ``row_ptr[i]:row_ptr[i+1]``
+``esc_col``           uint16|uint32 [E]     their columns, ascending within a row
+``esc_exp``           uint8 [E]             their exponents
+====================  ====================  ===================================================
+
+When the table is 15 consecutive exponents (always for trained or Gaussian weights, whose exponents
+are unimodal: ``contiguous``), a code decodes by an add (``base + code``), which vectorizes; any
+other table decodes by a 16-entry lookup. Every bf16 bit pattern round-trips (NaN payloads,
+infinities, subnormals, zeros of either sign, rows of nothing but escapes): ``to_bf16(from_bf16(w))
+== w`` byte for byte. torch-free (numpy + numba; numpy only, slower, without numba).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+__all__ = ["X12", "from_bf16", "to_bf16", "decode_into", "ESCAPE"]
+
+ESCAPE = 15  # the code of an exponent not in the table
+
+try:
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a dependency
+    njit = None
+
+
+@dataclass(frozen=True)
+class X12:
+    """One [N, K] bf16 matrix in the 12-bit form (see the module doc for the fields)."""
+
+    shape: tuple[int, int]
+    nibbles: np.ndarray  # uint8 [N, Kp/2]
+    sm: np.ndarray  # uint8 [N, Kp]
+    table: np.ndarray  # uint8 [16]
+    row_ptr: np.ndarray  # uint32 | int64 [N+1]
+    esc_col: np.ndarray  # uint16 | uint32 [E]
+    esc_exp: np.ndarray  # uint8 [E]
+
+    @property
+    def base(self) -> int:
+        return int(self.table[0])
+
+    @cached_property
+    def contiguous(self) -> bool:
+        """Codes 0..14 are the exponents base..base+14 (decoded by an add rather than a lookup)."""
+        return bool(np.array_equal(self.table[:ESCAPE].astype(np.int32), self.base + np.arange(ESCAPE)))
+
+    @cached_property
+    def kernel_base(self) -> int:
+        """What the numba decoders take: ``base`` for a contiguous table, else -1 (lookup)."""
+        return self.base if self.contiguous else -1
+
+    @property
+    def escapes(self) -> int:
+        return int(self.esc_exp.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held by the arrays (what a resident X12 costs, less Python object overhead)."""
+        return int(sum(a.nbytes for a in (self.nibbles, self.sm, self.table, self.row_ptr, self.esc_col,
+                                          self.esc_exp)))
+
+    @property
+    def bf16_nbytes(self) -> int:
+        return 2 * self.shape[0] * self.shape[1]
+
+    @property
+    def ratio(self) -> float:
+        return self.nbytes / max(1, self.bf16_nbytes)
+
+
+def _choose_table(hist: np.ndarray) -> np.ndarray:
+    """uint8 [16]: the 15 most frequent exponents (ties: smaller value) in ascending order; when they
+    span at most 15 values (fewer than 15 distinct exponents too), the 15 consecutive values from the
+    smallest (shifted down to end at 255), so the table stays contiguous."""
+    order = sorted(range(256), key=lambda e: (-int(hist[e]), e))
+    top = sorted(e for e in order[:ESCAPE] if hist[e] > 0) or [0]
+    if top[-1] - top[0] < ESCAPE:
+        b = min(top[0], 255 - (ESCAPE - 1))
+        vals = list(range(b, b + ESCAPE))
+    else:
+        vals = sorted(order[:ESCAPE])
+    return np.array(vals + [0], np.uint8)
+
+
+def _lut(table: np.ndarray) -> np.ndarray:
+    """uint8 [256]: exponent -> code (15 for exponents not in the table)."""
+    lut = np.full(256, ESCAPE, np.uint8)
+    lut[table[:ESCAPE]] = np.arange(ESCAPE, dtype=np.uint8)
+    return lut
+
+
+def from_bf16(w: np.ndarray) -> X12:
+    """Encode bf16 bit patterns w uint16 [N, K] (or [K]: one row) into an :class:`X12`."""
+    w = np.asarray(w)
+    if w.dtype != np.uint16:
+        raise TypeError(f"x12 encodes bf16 bit patterns as uint16, got {w.dtype}")
+    if w.ndim == 1:
+        w = w[None, :]
+    if w.ndim != 2:
+        raise ValueError(f"x12 encodes a 2-D matrix, got shape {w.shape}")
+    n, k = w.shape
+    w = np.ascontiguousarray(w)
+    kp = k + (k & 1)
+    hist = _hist(w) if njit is not None else np.bincount((w >> 7 & 0xFF).ravel(), minlength=256)
+    table = _choose_table(hist)
+    lut = _lut(table)
+    nib = np.empty((n, kp // 2), np.uint8)
+    sm = np.zeros((n, kp), np.uint8)
+    counts = np.zeros(n, np.int64)
+    if njit is not None:
+        _encode_rows(w, lut, nib, sm, counts)
+    else:
+        codes = np.zeros((n, kp), np.uint8)
+        codes[:, :k] = lut[(w >> 7) & 0xFF]
+        nib[:] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        sm[:, :k] = ((w >> 8) & 0x80 | (w & 0x7F)).astype(np.uint8)
+        counts[:] = (codes[:, :k] == ESCAPE).sum(axis=1)
+    total = int(counts.sum())
+    row_ptr = np.zeros(n + 1, np.uint32 if total < (1 << 32) else np.int64)
+    row_ptr[1:] = np.cumsum(counts)
+    esc_col = np.empty(total, np.uint16 if k <= (1 << 16) else np.uint32)
+    esc_exp = np.empty(total, np.uint8)
+    if total:
+        if njit is not None:
+            _fill_escapes(w, lut, row_ptr, esc_col, esc_exp)
+        else:
+            rows, cols = np.nonzero(lut[(w >> 7) & 0xFF] == ESCAPE)
+            esc_col[:] = cols
+            esc_exp[:] = (w[rows, cols] >> 7) & 0xFF
+    return X12((n, k), nib, sm, table, row_ptr, esc_col, esc_exp)
+
+
+def to_bf16(x: X12) -> np.ndarray:
+    """Decode back to bf16 bit patterns uint16 [N, K] (a new array)."""
+    n, k = x.shape
+    kp = x.sm.shape[1]
+    out = np.empty((n, kp // 2), np.uint32)  # bf16 pairs, little endian
+    decode_into(x, out)
+    full = out.view(np.uint16).reshape(n, kp)
+    return full if kp == k else np.ascontiguousarray(full[:, :k])
+
+
+def decode_into(x: X12, out: np.ndarray) -> None:
+    """Decode into out uint32 [N, Kp/2] (bf16 pairs; numba, rows split over its threads)."""
+    n, kp = x.sm.shape
+    if out.dtype != np.uint32 or out.shape != (n, kp // 2) or not out.flags.c_contiguous:
+        raise ValueError(f"x12 decode needs a C-contiguous uint32 [{n}, {kp // 2}] output, got "
+                         f"{out.dtype} {out.shape}")
+    if njit is None:
+        _decode_numpy(x, out)
+        return
+    sm16 = x.sm.view(np.uint16)  # [N, Kp/2]: sm of element 2j in the low byte
+    _decode_rows(x.nibbles, sm16, x.table, x.kernel_base, x.row_ptr, x.esc_col, x.esc_exp, out)
+
+
+def _decode_numpy(x: X12, out: np.ndarray) -> None:
+    n, kp = x.sm.shape
+    codes = np.empty((n, kp), np.uint8)
+    codes[:, 0::2], codes[:, 1::2] = x.nibbles & 15, x.nibbles >> 4
+    exp = x.table[codes].astype(np.uint16)
+    rows = np.repeat(np.arange(n), np.diff(x.row_ptr.astype(np.int64)))
+    exp[rows, x.esc_col.astype(np.int64)] = x.esc_exp
+    s = x.sm.astype(np.uint16)
+    out.view(np.uint16).reshape(n, kp)[:] = (s & 0x80) << 8 | exp << 7 | (s & 0x7F)
+
+
+if njit is not None:
+    @njit(nogil=True, cache=True)
+    def _hist(w):  # w uint16 [N, K] -> int64 [256] exponent histogram
+        h = np.zeros(256, np.int64)
+        n, k = w.shape
+        for i in range(n):
+            for j in range(k):
+                h[(w[i, j] >> 7) & 0xFF] += 1
+        return h
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _encode_rows(w, lut, nib, sm, counts):  # -> nib [N, Kp/2], sm [N, Kp], counts [N] escapes per row
+        n, k = w.shape
+        for i in prange(n):
+            c = 0
+            for j in range(0, k - 1, 2):
+                a, b = w[i, j], w[i, j + 1]
+                ca, cb = lut[(a >> 7) & 0xFF], lut[(b >> 7) & 0xFF]
+                c += (ca == ESCAPE) + (cb == ESCAPE)
+                nib[i, j >> 1] = ca | (cb << 4)
+                sm[i, j] = ((a >> 8) & 0x80) | (a & 0x7F)
+                sm[i, j + 1] = ((b >> 8) & 0x80) | (b & 0x7F)
+            if k & 1:
+                a = w[i, k - 1]
+                ca = lut[(a >> 7) & 0xFF]
+                c += ca == ESCAPE
+                nib[i, k >> 1] = ca
+                sm[i, k - 1] = ((a >> 8) & 0x80) | (a & 0x7F)
+            counts[i] = c
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _fill_escapes(w, lut, row_ptr, esc_col, esc_exp):
+        n, k = w.shape
+        for i in prange(n):
+            t = row_ptr[i]
+            for j in range(k):
+                e = (w[i, j] >> 7) & 0xFF
+                if lut[e] == ESCAPE:
+                    esc_col[t] = j
+                    esc_exp[t] = e
+                    t += 1
+
+    @njit(inline="always", nogil=True)
+    def decode_row(nib, sm16, table, base, row_ptr, esc_col, esc_exp, i, dst):
+        """Row i of an X12 into dst uint32 [Kp/2] (bf16 pairs). base >= 0: contiguous table.
+
+        All arithmetic in uint32 (numba widens uint32 with an int literal to int64, which would halve
+        the vector width): every constant is a uint32."""
+        kh = nib.shape[1]
+        m7, m80, m8000, m7f00 = np.uint32(0x7F), np.uint32(0x80), np.uint32(0x8000), np.uint32(0x7F00)
+        m15, s4, s7, s8, s16, s23 = np.uint32(15), np.uint32(4), np.uint32(7), np.uint32(8), np.uint32(16), np.uint32(23)
+        if base >= 0:
+            b = np.uint32(base)
+            for j in range(kh):
+                s = np.uint32(sm16[i, j])
+                c = np.uint32(nib[i, j])
+                # a code 15 may carry into bit 15 / bit 31 (b + 15 = 256): the escape patch below
+                # rewrites that whole half-word, so nothing leaks into the other half
+                lo = ((s & m80) << s8) | ((b + (c & m15)) << s7) | (s & m7)
+                hi = ((s & m8000) << s16) | ((b + (c >> s4)) << s23) | ((s & m7f00) << s8)
+                dst[j] = lo | hi
+        else:
+            for j in range(kh):
+                s = np.uint32(sm16[i, j])
+                c = nib[i, j]
+                lo = ((s & m80) << s8) | (np.uint32(table[c & 15]) << s7) | (s & m7)
+                hi = ((s & m8000) << s16) | (np.uint32(table[c >> 4]) << s23) | ((s & m7f00) << s8)
+                dst[j] = lo | hi
+        for t in range(row_ptr[i], row_ptr[i + 1]):
+            col = np.int64(esc_col[t])
+            e = np.uint32(esc_exp[t])
+            j = col >> 1
+            s = np.uint32(sm16[i, j])
+            if col & 1:  # the high half: element 2j+1, its sm in the high byte of s
+                half = (s & m8000) | (e << s7) | ((s >> s8) & m7)
+                dst[j] = (dst[j] & np.uint32(0xFFFF)) | np.uint32(half << s16)
+            else:
+                half = ((s & m80) << s8) | (e << s7) | (s & m7)
+                dst[j] = (dst[j] & np.uint32(0xFFFF0000)) | half
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _decode_rows(nib, sm16, table, base, row_ptr, esc_col, esc_exp, out):  # out uint32 [N, Kp/2]
+        for i in prange(nib.shape[0]):
+            decode_row(nib, sm16, table, base, row_ptr, esc_col, esc_exp, i, out[i])
