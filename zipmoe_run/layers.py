@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MissingWeightError, UnsupportedModelError
+from . import kernels as _kernels
 from .kernels import linear
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ __all__ = [
     "RotaryEmbedding",
     "apply_rotary",
     "KVCache",
+    "RaggedKV",
+    "rowwise",
     "attention",
     "causal_mask",
     "ACTIVATIONS",
@@ -193,6 +196,37 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class RaggedKV:
+    """One decode step of N independent sequences (one token each), passed where a ``KVCache`` goes:
+    row i has its own cache ``caches[i]`` (batch 1) and its own position ``positions[i]``. The
+    attention core runs per row on that row's cache, with exactly the shapes of a step of that
+    sequence alone, so every row computes what it would alone."""
+
+    def __init__(self, caches: Sequence[KVCache], positions: Sequence[int]):
+        if len(caches) != len(positions):
+            raise ValueError(f"{len(caches)} caches for {len(positions)} positions")
+        self.caches, self.positions = list(caches), [int(p) for p in positions]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Sequence, layer: int,
+               scale: float) -> torch.Tensor:
+        """q [N, H, 1, D], k/v [N, Hkv, 1, D] (rotated) -> [N, 1, H, Dv]; row i's k/v go into its own cache."""
+        outs = []
+        for i, (cache, pos) in enumerate(zip(self.caches, self.positions)):
+            ki, vi = cache.update(layer, k[i:i + 1], v[i:i + 1], pos)  # [1, Hkv, pos+1, D]
+            outs.append(attention(q[i:i + 1], ki, vi, scale, masks[i]))  # [1, 1, H, Dv]
+        return torch.cat(outs)
+
+
+def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an element-wise function with transcendental math (silu, gelu): inside a batched
+    decode step (``kernels.decode_rows_scope``) applied one row at a time, because torch's vectorized and
+    scalar loops can differ in the last bit and which elements take which depends on the tensor's size."""
+    if not _kernels._decode_rows or x.dim() < 2 or x.numel() == x.shape[-1]:
+        return fn(x)
+    rows = x.reshape(-1, 1, x.shape[-1])  # [M, 1, I]
+    return torch.cat([fn(r) for r in rows]).view(x.shape)
+
+
 def causal_mask(t: int, start_pos: int, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor | None:
     """Additive mask [T, start_pos+T] (0 where visible, dtype min where not); None when nothing is masked."""
     s = start_pos + t
@@ -244,10 +278,10 @@ def swiglu_expert(x: torch.Tensor, w: dict[str, torch.Tensor], act: Callable = F
     dt = x.dtype
     if "gate_up_proj" in w:  # fused [2I, H]
         gate, up = linear(x, w["gate_up_proj"].to(dt)).chunk(2, dim=-1)
-        return linear(act(gate) * up, w["down_proj"].to(dt))
+        return linear(rowwise(act, gate) * up, w["down_proj"].to(dt))
     for g, u, d in _GATE_UP_DOWN:
         if g in w:
-            return linear(act(linear(x, w[g].to(dt))) * linear(x, w[u].to(dt)), w[d].to(dt))
+            return linear(rowwise(act, linear(x, w[g].to(dt))) * linear(x, w[u].to(dt)), w[d].to(dt))
     raise MissingWeightError(f"expert weights have no gated projections (got {sorted(w)})")
 
 

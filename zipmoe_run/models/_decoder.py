@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..kernels import single_row_scope
+from ..kernels import decode_rows_scope, single_row_scope
 from ..lookahead import link_lookahead
 from ..layers import (
     ACTIVATIONS,
     Embedding,
     KVCache,
     Linear,
+    RaggedKV,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
@@ -38,6 +39,7 @@ from ..layers import (
     moe_forward,
     rope_config,
     rope_inv_freq,
+    rowwise,
     swiglu_expert,
 )
 from ..source import WeightSource
@@ -92,8 +94,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, nH or nKV, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v = cache.update(layer, k, v, start_pos)  # [B, nKV, S, D]
-        o = attention(q, k, v, self.scale, mask)  # [B, T, nH, D]
+        if isinstance(cache, RaggedKV):  # a decode step of B sequences: each row on its own cache
+            o = cache.attend(q, k, v, mask, layer, self.scale)  # [B, 1, nH, D]
+        else:
+            k, v = cache.update(layer, k, v, start_pos)  # [B, nKV, S, D]
+            o = attention(q, k, v, self.scale, mask)  # [B, T, nH, D]
         return self.o_proj(o.reshape(b, t, -1))
 
 
@@ -108,7 +113,7 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(rowwise(self.act, self.gate_proj(x)) * self.up_proj(x))
 
 
 class RoutedMoE(nn.Module):
@@ -186,7 +191,10 @@ class MoEDecoderLayer(nn.Module):
         return masks
 
     def forward(self, x, cos, sin, masks, cache, start_pos):
-        mask = self.attention_mask(masks)
+        if isinstance(cache, RaggedKV):  # one mask per row (``DecoderLM.decode_step``)
+            mask = [self.attention_mask(m) for m in masks]
+        else:
+            mask = self.attention_mask(masks)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)  # [B, T, H]
         moe = self.moe
         if moe is None:
@@ -255,3 +263,43 @@ class DecoderLM(nn.Module):
                 h = layer(h, cos, sin, mask, cache, start_pos)
             h = self.model.norm(h[:, -1:] if last_only else h)
             return self.lm_head(h).float()  # [B, T, V]
+
+    # -- batched decoding of independent sequences (zipmoe_run.engine) ----------------------------------
+
+    def ragged_unsupported(self) -> str | None:
+        """Why :meth:`decode_step` cannot run this model (one line), or None when it can: it needs every
+        layer to attend through the shared ``Attention`` (DeepSeek's MLA does not)."""
+        if all(isinstance(layer.self_attn, Attention) for layer in self.model.layers):
+            return None
+        family = type(self).__module__.rpartition(".")[2]
+        return f"{family}: batched decoding is not supported for this family (its attention is its own)"
+
+    @torch.inference_mode()
+    def decode_step(self, token_ids, caches, positions) -> torch.Tensor:
+        """One decode step of N independent sequences: row i feeds ``token_ids[i]`` at ``positions[i]``
+        into its own cache ``caches[i]`` (a ``new_cache(1, ...)``) -> logits [N, V] float32.
+
+        Embeddings, projections, norms, routers, experts and lm_head run once over the N rows (each
+        layer fetches the union of the experts the rows route to, once); rotary tables, the KV update,
+        masks and the attention core are per row. Everything runs in ``kernels.decode_rows_scope``, so
+        every row computes bit for bit what a step of that sequence alone (N = 1) computes.
+        """
+        why = self.ragged_unsupported()
+        if why is not None:
+            raise UnsupportedModelError(why)
+        n = len(token_ids)
+        if not n == len(caches) == len(positions):
+            raise ValueError(f"decode_step: {n} tokens, {len(caches)} caches, {len(positions)} positions")
+        with decode_rows_scope(bf16=self.dtype is torch.bfloat16):
+            ids = torch.tensor([int(t) for t in token_ids], dtype=torch.long)[:, None]  # [N, 1]
+            h = self.model.embed_tokens(ids)  # [N, 1, H]
+            dt = self.rope_dtype or h.dtype
+            rows = [self.rope(torch.arange(p, p + 1), dt) for p in positions]  # per row, as alone: [1, D] each
+            cos = torch.stack([c for c, _ in rows])[:, None]  # [N, 1, 1, D]: broadcast over heads
+            sin = torch.stack([s for _, s in rows])[:, None]
+            masks = [self.masks(1, p, h.dtype) for p in positions]
+            kv = RaggedKV(caches, positions)
+            for layer in self.model.layers:
+                h = layer(h, cos, sin, masks, kv, None)
+            h = self.model.norm(h)
+            return self.lm_head(h)[:, -1].float()  # [N, V]

@@ -1,0 +1,361 @@
+"""Continuous batching: one engine thread owns the model and serves many requests at once.
+
+Requests wait in a bounded queue. At every token boundary, finished and cancelled sequences leave the
+running batch (their KV cache is dropped) and waiting ones join, up to ``max_batch``. Every engine
+iteration runs at most one prefill chunk (``prefill_chunk`` tokens of ONE request: prefill is never
+mixed with other requests' tokens) and then one decode step of every decoding sequence
+(``DecoderLM.decode_step``: one token per sequence, each on its own cache and position; each layer
+fetches the union of the experts the batch routes to, once). So a decoding stream waits at most one
+chunk between two of its steps.
+
+Batch invariance: a decode step computes each row exactly as a step of that sequence alone
+(``kernels.decode_rows_scope``), and a prefill depends only on its own prompt and the chunk size, so a
+request gives the same tokens alone or in any batch (greedy, or sampled with a seed: each request has
+its own ``torch.Generator``). See specs/runtime.md, "Batched decoding".
+
+    eng = Engine(load("model.zmoe"), max_batch=8)
+    eng.start()
+    h = eng.submit(ids, 32, Sampling())
+    ids, text, finish = h.result()
+    eng.shutdown()
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .engine_text import TextStream, check_stops
+from .errors import GenerationError, PromptTooLongError, UnsupportedModelError
+from .generate import Sampling, _is_int, peak_rss_bytes, sample_next
+
+__all__ = ["Engine", "EngineEvent", "Handle", "QueueFullError", "EngineClosedError", "DEFAULT_PREFILL_CHUNK"]
+
+log = logging.getLogger(__name__)
+
+#: prompt tokens per prefill chunk: on host C a torch bf16 GEMM over 32 rows streams weights at
+#: about a fifth of the one-row kernel's rate, so a 32-token chunk costs about one decode step of a
+#: batch of 4-8 (the multi-row kernel's cost grows with the rows); see specs/runtime.md
+DEFAULT_PREFILL_CHUNK = 32
+
+
+class QueueFullError(GenerationError):
+    """The waiting queue is full; ``retry_after_s`` estimates when a place frees."""
+
+    def __init__(self, msg: str, retry_after_s: float):
+        super().__init__(msg)
+        self.retry_after_s = float(retry_after_s)
+
+
+class EngineClosedError(GenerationError):
+    """The engine is shutting down or shut down: it takes no new requests."""
+
+
+@dataclass
+class EngineEvent:
+    request_id: str
+    token_id: int | None  # None only on a final event without a token (cancelled / error)
+    text: str  # newly released text ("" while held back)
+    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error" on the last event
+    prompt_tokens: int
+    completion_tokens: int  # so far, including this token
+    error: str | None = None  # one line when finish_reason == "error"
+
+
+class Handle:
+    """A submitted request: iterate it for its events, ``result()`` for the whole answer, ``cancel()``."""
+
+    def __init__(self, engine: "Engine", request_id: str, prompt_tokens: int,
+                 on_event: Callable[[EngineEvent], None] | None):
+        self.request_id, self.prompt_tokens = request_id, prompt_tokens
+        self._engine, self._on_event = engine, on_event
+        self._events: queue.SimpleQueue[EngineEvent] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancelled = False
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+
+    def cancel(self) -> None:
+        """Thread-safe; the slot and KV cache are freed at the next token boundary, then a final
+        "cancelled" event follows (nothing happens if the request has already finished)."""
+        self._cancelled = True
+        self._engine._wake()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        while True:
+            ev = self._events.get()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> tuple[list[int], str, str]:
+        """Block until the request ends: (token ids, text, finish_reason)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        return list(self.token_ids), self.text, self.finish_reason or "error"
+
+    def _emit(self, ev: EngineEvent) -> None:  # engine thread
+        if ev.token_id is not None:
+            self.token_ids.append(ev.token_id)
+        self.text += ev.text
+        if ev.finish_reason is not None:
+            self.finish_reason, self.error = ev.finish_reason, ev.error
+        if self._on_event is not None:
+            try:
+                self._on_event(ev)
+            except Exception:  # a broken callback must not stop the engine
+                log.exception("request %s: on_event callback failed", self.request_id)
+        self._events.put(ev)
+        if ev.finish_reason is not None:
+            self._done.set()
+
+
+class _Seq:
+    """A running request: its prompt, its KV cache, where it is, how it samples and releases text."""
+
+    def __init__(self, h: Handle, prompt: list[int], budget: int, sampling: Sampling, stream: TextStream):
+        self.h, self.prompt, self.budget, self.sampling, self.stream = h, prompt, budget, sampling, stream
+        self.gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.cache = None
+        self.prefilled = 0  # prompt tokens in the cache
+        self.pos = 0  # tokens in the cache
+        self.last = -1  # the token to feed next
+        self.completion = 0
+        self.t0 = time.perf_counter()
+        self.bytes0 = 0
+
+
+class Engine:
+    """Continuous batching over one ``zipmoe_run.api.Loaded`` model (see the module doc)."""
+
+    def __init__(self, lm, max_batch: int = 8, max_queue: int = 32, prefill_chunk: int | None = None):
+        for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+            if not _is_int(v) or v < lo:
+                raise GenerationError(f"{name} must be an integer >= {lo} (got {v!r})")
+        if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 0):
+            raise GenerationError(f"prefill_chunk must be an integer >= 0 (0: whole prompt; got {prefill_chunk!r})")
+        model = lm.model
+        family = (getattr(lm.source, "config", None) or {}).get("model_type", type(model).__module__)
+        why = model.ragged_unsupported() if hasattr(model, "ragged_unsupported") else \
+            f"{family}: batched decoding is not supported for this family"
+        if why is not None:
+            raise UnsupportedModelError(why)
+        self.lm, self.model = lm, model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk  # 0: whole prompt
+        self._eos = set(int(e) for e in lm.eos_token_ids)
+        self._cv = threading.Condition()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._counts = {"requests_done": 0, "tokens_generated": 0, "steps": 0, "prefill_chunks": 0,
+                        "errors": 0, "cancelled": 0}
+        self._req_s = 0.0  # moving average of a request's duration (for Retry-After)
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="zipmoe-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
+               stop: Sequence[str] = (), on_event: Callable[[EngineEvent], None] | None = None) -> Handle:
+        """Queue a request (validated here, in the caller's thread); its events follow on the engine thread."""
+        prompt = self._check_prompt(prompt_ids)
+        if not _is_int(max_tokens) or max_tokens < 1:
+            raise GenerationError(f"max_tokens must be an integer >= 1 (got {max_tokens!r})")
+        if not isinstance(sampling, Sampling):
+            raise GenerationError(f"sampling must be a zipmoe_run.generate.Sampling (got {type(sampling).__name__})")
+        stops = check_stops(stop, self.lm.tokenizer)
+        budget = min(max_tokens, self.model.max_context - len(prompt))  # clipped: finishes with "length"
+        with self._cv:
+            if self._closing:
+                raise EngineClosedError("the engine is shutting down; no new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the queue is full ({self.max_queue} waiting)", self._retry_after())
+            h = Handle(self, f"req-{next(self._ids)}", len(prompt), on_event)
+            self._waiting.append(_Seq(h, prompt, budget, sampling, TextStream(self.lm.tokenizer, stops)))
+            self._cv.notify_all()
+        return h
+
+    def stats(self) -> dict:
+        src = self.lm.source.stats()
+        with self._cv:
+            st = {"running": len(self._running), "waiting": len(self._waiting), "max_batch": self.max_batch,
+                  "max_queue": self.max_queue, "prefill_chunk": self.prefill_chunk, **self._counts}
+        st.update(source=src, expert_bytes_read=int(src.get("bytes_read", 0) or 0),
+                  memory_budget_bytes=src.get("budget_bytes"), peak_rss_bytes=peak_rss_bytes())
+        return st
+
+    def shutdown(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Refuse new requests; finish the accepted ones (``cancel=False``) or cancel them (each gets its
+        final event); join the engine thread (up to ``timeout`` s)."""
+        with self._cv:
+            self._closing = True
+            if cancel:
+                for s in (*self._waiting, *self._running):
+                    s.h._cancelled = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is None:  # never started: nothing runs the queue, end it here
+            with self._cv:
+                left, self._waiting = list(self._waiting), deque()
+            for s in left:
+                self._finish(s, None, "cancelled")
+            return
+        thread.join(timeout)
+
+    # -- engine thread --------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        try:
+            prompt = [int(t) for t in prompt_ids]
+            if any(isinstance(t, bool) or int(t) != t for t in prompt_ids):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise GenerationError("the prompt must be a list of integer token ids") from None
+        if not prompt:
+            raise GenerationError("empty prompt: give at least one token")
+        vocab = self.model.args.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise GenerationError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        ctx = self.model.max_context
+        if len(prompt) >= ctx:
+            raise PromptTooLongError(f"prompt has {len(prompt)} tokens; the model's context is {ctx} tokens")
+        return prompt
+
+    def _retry_after(self) -> float:
+        batches = (len(self._waiting) + len(self._running)) / self.max_batch
+        return round(max(1.0, batches * (self._req_s or 1.0)), 1)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._waiting and not self._running and not self._closing:
+                        self._cv.wait()
+                    if not self._waiting and not self._running:
+                        return
+                    joining = []
+                    while self._waiting and len(self._running) + len(joining) < self.max_batch:
+                        joining.append(self._waiting.popleft())
+                    cancelled = [s for s in self._waiting if s.h._cancelled]
+                    for s in cancelled:
+                        self._waiting.remove(s)
+                for s in cancelled:
+                    self._finish(s, None, "cancelled")
+                for s in joining:
+                    self._admit(s)
+                self._iteration()
+
+    def _admit(self, s: _Seq) -> None:
+        if s.h._cancelled:
+            self._finish(s, None, "cancelled")
+            return
+        s.t0, s.bytes0 = time.perf_counter(), self._bytes_read()
+        try:
+            s.cache = self.model.new_cache(1, len(s.prompt) + s.budget)
+        except Exception as exc:
+            self._fail([s], exc, "allocating the KV cache")
+            return
+        with self._cv:
+            self._running.append(s)
+
+    def _iteration(self) -> None:
+        """One token boundary: drop cancelled sequences, one prefill chunk, one decode step."""
+        for s in [s for s in self._running if s.h._cancelled]:
+            self._finish(s, None, "cancelled")
+        pre = next((s for s in self._running if s.prefilled < len(s.prompt)), None)
+        if pre is not None:
+            try:
+                self._prefill_chunk(pre)
+            except Exception as exc:
+                self._fail([pre], exc, "prefill")
+        rows = [s for s in self._running if s.prefilled == len(s.prompt) and s.h.finish_reason is None]
+        if rows:
+            try:
+                self._decode(rows)
+            except Exception as exc:
+                self._fail([s for s in rows if s.h.finish_reason is None], exc, "decode step")
+
+    def _prefill_chunk(self, s: _Seq) -> None:
+        a = s.prefilled
+        b = len(s.prompt) if self.prefill_chunk == 0 else min(len(s.prompt), a + self.prefill_chunk)
+        x = torch.tensor([s.prompt[a:b]], dtype=torch.long)  # [1, T]
+        logits = self.model(x, s.cache, a, last_only=True)[:, -1]  # [1, V]
+        s.prefilled = s.pos = b
+        self._counts["prefill_chunks"] += 1
+        if b == len(s.prompt):
+            self._accept(s, int(sample_next(logits, s.sampling, s.gen)[0]))
+
+    def _decode(self, rows: list[_Seq]) -> None:
+        logits = self.model.decode_step([s.last for s in rows], [s.cache for s in rows], [s.pos for s in rows])
+        self._counts["steps"] += 1
+        toks = [int(sample_next(logits[i:i + 1], s.sampling, s.gen)[0]) for i, s in enumerate(rows)]  # [1, V] each
+        for s, tok in zip(rows, toks):
+            s.pos += 1
+            self._accept(s, tok)
+
+    def _accept(self, s: _Seq, tok: int) -> None:
+        s.completion += 1
+        s.last = tok
+        self._counts["tokens_generated"] += 1
+        eos = tok in self._eos
+        final = eos or s.completion >= s.budget
+        text, stopped = s.stream.add(None if eos else tok, final)
+        finish = "stop" if (eos or stopped) else ("length" if final else None)
+        if finish is None:
+            s.h._emit(EngineEvent(s.h.request_id, tok, text, None, len(s.prompt), s.completion))
+        else:
+            self._finish(s, tok, finish, text)
+
+    def _finish(self, s: _Seq, tok: int | None, reason: str, text: str = "", error: str | None = None) -> None:
+        with self._cv:
+            if s in self._running:
+                self._running.remove(s)
+        s.cache = None  # the KV slot is freed here
+        dt = time.perf_counter() - s.t0
+        self._counts["requests_done"] += 1
+        self._counts["cancelled"] += reason == "cancelled"
+        self._counts["errors"] += reason == "error"
+        self._req_s = dt if not self._req_s else 0.8 * self._req_s + 0.2 * dt
+        gen_s = s.completion / dt if dt > 0 else 0.0
+        log.info("request %s: %d prompt tokens, %d completion tokens, %.1f tok/s, %d expert bytes read while it "
+                 "ran, finish %s", s.h.request_id, len(s.prompt), s.completion, gen_s,
+                 self._bytes_read() - s.bytes0 if s.bytes0 is not None else 0, reason)
+        s.h._emit(EngineEvent(s.h.request_id, tok, text, reason, len(s.prompt), s.completion, error))
+
+    def _fail(self, seqs: list[_Seq], exc: BaseException, where: str) -> None:
+        msg = f"{where} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        log.error("engine: %s (requests %s)", msg, ", ".join(s.h.request_id for s in seqs), exc_info=exc)
+        for s in seqs:
+            self._finish(s, None, "error", error=msg)
+
+    def _bytes_read(self) -> int:
+        try:
+            return int(self.lm.source.stats().get("bytes_read", 0) or 0)
+        except Exception:  # stats are for the log; never fail a request over them
+            return 0
