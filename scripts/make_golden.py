@@ -6,7 +6,9 @@
 
 The source checkpoint is built from a fixed integer recurrence (no RNG library whose stream could
 change), so the same bytes come out everywhere; only a different libzstd could code differently,
-which is why tiny.json records the zstd version the archive was made with.
+which is why tiny.json records the zstd version the archive was made with. The same source packed
+with the ``huf4x`` codec gives tiny-huf4x.zmoe / tiny-huf4x.json (decoding to the same
+tiny-decoded.bin); that codec depends on no library, so its archive must reproduce everywhere.
 """
 from __future__ import annotations
 
@@ -18,11 +20,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GOLDEN = ROOT / "formats" / "golden"
 CHUNK = 4096
+CODECS = ("zstd-lit", "huf4x")  # zstd-lit (the default) keeps the original names
+
+
+def prefix(codec: str) -> str:
+    return "tiny" if codec == "zstd-lit" else f"tiny-{codec}"
 
 
 def _lcg_u16(seed: int, n: int, lo: int, hi: int) -> bytes:
@@ -62,7 +71,7 @@ def build_source(d: Path) -> Path:
     return d
 
 
-def make(out_dir: Path) -> dict:
+def make(out_dir: Path, codec: str = "zstd-lit") -> dict:
     import zstandard
 
     from formats.decoder import ParallelDecoder
@@ -73,8 +82,8 @@ def make(out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         src = build_source(Path(tmp) / "src")
-        arc = out_dir / "tiny.zmoe"
-        pack(src, arc, PackOptions(threads=1, chunk_elements=CHUNK))
+        arc = out_dir / f"{prefix(codec)}.zmoe"
+        pack(src, arc, PackOptions(threads=1, chunk_elements=CHUNK, codec=codec))
         decoded, table = bytearray(), []
         with Archive(arc) as ar, ParallelDecoder(1) as dec:
             for f in ar.index.files:
@@ -83,11 +92,46 @@ def make(out_dir: Path) -> dict:
                               "sha256": hashlib.sha256(data).hexdigest()})
                 decoded += data
         (out_dir / "tiny-decoded.bin").write_bytes(bytes(decoded))
-        meta = {"archive": "tiny.zmoe", "decoded": "tiny-decoded.bin", "chunk_elements": CHUNK,
-                "zstd_version": zstandard.ZSTD_VERSION, "files": table,
-                "archive_sha256": hashlib.sha256(arc.read_bytes()).hexdigest()}
-        (out_dir / "tiny.json").write_text(json.dumps(meta, indent=2) + "\n")
+        meta = {"archive": arc.name, "decoded": "tiny-decoded.bin", "chunk_elements": CHUNK}
+        if codec != "zstd-lit":
+            meta["codec"] = codec
+        else:
+            meta["zstd_version"] = zstandard.ZSTD_VERSION
+        meta.update({"files": table, "archive_sha256": hashlib.sha256(arc.read_bytes()).hexdigest()})
+        (out_dir / f"{prefix(codec)}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _lcg_bytes(seed: int, n: int, mod: int) -> bytes:
+    out, x = bytearray(), seed
+    for _ in range(n):
+        x = (x * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+        out.append((x >> 33) % mod)
+    return bytes(out)
+
+
+def chunk_vectors() -> dict:
+    """huf4x-chunks.json: exponent chunks and their exact huf4x coding (specs/zmoe.md 3.3.1)."""
+    from formats.codec import ChunkEncoder
+
+    words = [int.from_bytes(_lcg_bytes(7 + i, 6, 256), "little") | 1 << 47 for i in range(3000)]
+    skewed = bytes(100 + ((w & -w).bit_length() - 1) for w in words)  # geometric: P(k) ~ 2^-(k+1)
+    cases = {
+        "empty": b"",
+        "one element": b"\x77",
+        "constant": b"\x7a" * 1000,
+        "two symbols, 33 elements": bytes(120 + (b & 1) for b in _lcg_bytes(3, 33, 256)),
+        "12 values 113..124, 5000 elements": bytes(113 + min(b, 11) for b in _lcg_bytes(5, 5000, 13)),
+        "all 256 values": _lcg_bytes(11, 2048, 256),
+        "skewed, codes limited to 11 bits": skewed,
+    }
+    enc = ChunkEncoder("huf4x")
+    return {"codec": "huf4x", "chunks": [{"name": k, "n": len(v), "exponents": v.hex(), "coded": enc.encode(
+        np.frombuffer(v, np.uint8)).hex()} for k, v in cases.items()]}
+
+
+def write_chunk_vectors(out_dir: Path) -> None:
+    (out_dir / "huf4x-chunks.json").write_text(json.dumps(chunk_vectors(), indent=1) + "\n")
 
 
 def main() -> int:
@@ -95,12 +139,19 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="compare with the committed vectors instead of writing")
     args = ap.parse_args()
     if not args.check:
-        make(GOLDEN)
+        for codec in CODECS:
+            make(GOLDEN, codec)
+        write_chunk_vectors(GOLDEN)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        make(Path(tmp))
-        diff = [n for n in ("tiny.zmoe", "tiny-decoded.bin", "tiny.json")
-                if (Path(tmp) / n).read_bytes() != (GOLDEN / n).read_bytes()]
+        diff = []
+        for codec in CODECS:
+            make(Path(tmp), codec)
+            diff += [n for n in (f"{prefix(codec)}.zmoe", "tiny-decoded.bin", f"{prefix(codec)}.json")
+                     if (Path(tmp) / n).read_bytes() != (GOLDEN / n).read_bytes()]
+        write_chunk_vectors(Path(tmp))
+        if (Path(tmp) / "huf4x-chunks.json").read_bytes() != (GOLDEN / "huf4x-chunks.json").read_bytes():
+            diff.append("huf4x-chunks.json")
     if diff:
         print(f"golden vectors differ: {', '.join(diff)}", file=sys.stderr)
         return 1
