@@ -12,8 +12,11 @@ this is the exponent cost for every peer), ratio vs BF16, pack MB/s of BF16 inpu
 (split + encode + xxh3 for ours), decode GB/s of BF16 output on 1 and 2 threads (entropy decode +
 recombination + checksum verification into a preallocated buffer; ZipNN through its own ``threads``
 and its own output allocation), speedup vs ZipNN, gap to the order-0 entropy bound, and the fraction
-of single-thread memcpy speed. Timings are medians of ``runs`` runs after one warm-up; every peer's
-output is compared byte for byte with the source (``RuntimeError`` otherwise).
+of single-thread memcpy speed. Decode runs alternate the peers run by run (issue 13: hosts drift, so
+a ratio must not depend on when each peer ran): run r decodes with every peer once per thread count,
+in an order rotated by r; speeds are medians over runs, the ratio to ZipNN is the median of per-run
+ratios with its min-max spread. Every peer's output is compared byte for byte with the source
+(``RuntimeError`` otherwise) at every thread count before the timed runs.
 
 Library code: logs, never prints. Not thread-safe (run one benchmark at a time).
 """
@@ -29,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import zstandard
 
+from formats import huf4x
 from formats.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_CODEC, ENCODER_PRESETS, CODECS, ChunkEncoder, checksum
 from formats.decoder import KIND_BF16_SPLIT, ChunkRef, ParallelDecoder, encode_bf16_refs
 from formats.planes import merge_bf16_le_bytes, split_bf16, warm_up
@@ -36,6 +40,8 @@ from zipmoe.bench.errors import BenchInputError
 from zipmoe_run.calibrate import report as host_report
 
 __all__ = ["DATASETS", "make_dataset", "run", "render_table"]
+
+HUF4X = huf4x.CODEC_ID
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +106,39 @@ def _pack_frames(src: np.ndarray, chunk: int, compress: Callable[[np.ndarray], b
     return refs
 
 
-def _measure_refs(peer: str, src: np.ndarray, pack: Callable[[], list], decode_with, runs: int) -> dict:
+class _Prepared:
+    """One peer, packed and ready: ``decode(threads)`` runs one timed decode, ``check(threads)`` one checked."""
+
+    def __init__(self, peer: str, src: np.ndarray, total_bytes: int, pack_s: float,
+                 decode: Callable[[int], object], output: Callable[[object], object], close=lambda: None):
+        self.peer, self.src, self.total_bytes, self.pack_s = peer, src, total_bytes, pack_s
+        self.decode, self._output, self.close = decode, output, close
+
+    def check(self, threads: int) -> None:
+        got = self.decode(threads)
+        _check_exact(self.peer, self._output(got), self.src)
+
+
+def _prepare_refs(peer: str, src: np.ndarray, pack: Callable[[], list], decode_with, runs: int) -> _Prepared:
     pack_s = _median_s(pack, runs)
     refs = pack()
     total = sum(len(r.data) + r.n for r in refs)
     out = np.zeros(2 * src.size, np.uint8)
-    res = {"total_bytes": total, "pack_s": pack_s}
-    for threads in THREADS:
-        with decode_with(threads) as dec:
-            res[f"decode_{threads}t_s"] = _median_s(lambda: dec.decode(refs, out), runs)
-        _check_exact(peer, out, src)
-        out[:] = 0
-    return res
+    decs = {t: decode_with(t) for t in THREADS}
+
+    def decode(t):
+        decs[t].decode(refs, out)
+        return out
+
+    def output(got):
+        res = got.copy()
+        got[:] = 0
+        return res
+
+    def close():
+        for d in decs.values():
+            d.__exit__(None, None, None)
+    return _Prepared(peer, src, total, pack_s, decode, output, close)
 
 
 class _Lz4Decoder:
@@ -143,7 +170,7 @@ class _Lz4Decoder:
             self._pool.shutdown()
 
 
-def _zipnn(src: np.ndarray, runs: int) -> dict:
+def _zipnn(src: np.ndarray, runs: int) -> _Prepared:
     from zipnn import ZipNN  # bench-only peer
 
     raw = src.astype("<u2").tobytes()
@@ -151,36 +178,56 @@ def _zipnn(src: np.ndarray, runs: int) -> dict:
     # ZipNN.compress rewrites its input in place: a fresh copy per run, made outside the timing
     pack_s = _median_s(comp[1].compress, runs, setup=lambda: bytearray(raw))
     coded = comp[1].compress(bytearray(raw))
-    res = {"total_bytes": len(coded), "pack_s": pack_s}
-    for t in THREADS:
-        res[f"decode_{t}t_s"] = _median_s(lambda: comp[t].decompress(coded), runs)
-        _check_exact("zipnn", comp[t].decompress(coded), src)
-    return res
+    return _Prepared("zipnn", src, len(coded), pack_s, lambda t: comp[t].decompress(coded), lambda got: got)
 
 
-def _peers(chunk: int) -> dict[str, Callable[[np.ndarray, int], dict]]:
-    peers: dict[str, Callable[[np.ndarray, int], dict]] = {}
+def _peers(chunk: int) -> dict[str, Callable[[np.ndarray, int], _Prepared]]:
+    peers: dict[str, Callable[[np.ndarray, int], _Prepared]] = {}
     default_preset = CODECS[DEFAULT_CODEC].default_preset
     presets = sorted(ENCODER_PRESETS[DEFAULT_CODEC], key=lambda p: p != default_preset)
     for preset in presets:
         def ours(src, runs, preset=preset):
             enc = ChunkEncoder(DEFAULT_CODEC, preset)
-            return _measure_refs(f"zipmoe/{preset}", src, lambda: encode_bf16_refs(src, chunk, encoder=enc),
+            return _prepare_refs(f"zipmoe/{preset}", src, lambda: encode_bf16_refs(src, chunk, encoder=enc),
                                  ParallelDecoder, runs)
         peers[f"ours {preset}"] = ours
+        if preset == default_preset:
+            def huf(src, runs):
+                enc = ChunkEncoder(HUF4X)
+                return _prepare_refs("zipmoe/huf4x", src,
+                                     lambda: encode_bf16_refs(src, chunk, HUF4X, encoder=enc), ParallelDecoder, runs)
+            peers[f"ours {HUF4X}"] = huf
 
     def zstd1(src, runs):
         cctx = zstandard.ZstdCompressor(level=1)
-        return _measure_refs("zstd-1", src, lambda: _pack_frames(src, chunk, cctx.compress), ParallelDecoder, runs)
+        return _prepare_refs("zstd-1", src, lambda: _pack_frames(src, chunk, cctx.compress), ParallelDecoder, runs)
     peers["zstd-1 exp"] = zstd1
 
     def lz4hc(src, runs):
         import lz4.block
         comp = lambda e: lz4.block.compress(e, mode="high_compression", compression=9, store_size=False)  # noqa: E731
-        return _measure_refs("lz4-hc", src, lambda: _pack_frames(src, chunk, comp), _Lz4Decoder, runs)
+        return _prepare_refs("lz4-hc", src, lambda: _pack_frames(src, chunk, comp), _Lz4Decoder, runs)
     peers["lz4hc-9 exp"] = lz4hc
     peers["zipnn"] = _zipnn
     return peers
+
+
+def _alternate(prepared: dict[str, _Prepared], runs: int) -> dict[str, dict[int, list[float]]]:
+    """Decode seconds per peer, thread count and run. Run r times every peer once per thread count, in an
+    order rotated by r, so that a host's drift lands on all peers alike rather than on whichever ran then."""
+    names = list(prepared)
+    times: dict[str, dict[int, list[float]]] = {p: {t: [] for t in THREADS} for p in names}
+    for p in names:  # warm-up, and the byte-for-byte check of every peer at every thread count
+        for t in THREADS:
+            prepared[p].check(t)
+    for r in range(runs):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for t in THREADS:
+            for p in order:
+                t0 = time.perf_counter()
+                prepared[p].decode(t)
+                times[p][t].append(time.perf_counter() - t0)
+    return times
 
 
 def _memcpy_gb_s(nbytes: int, runs: int) -> float:
@@ -198,6 +245,7 @@ def run(elements: int, runs: int = 5, datasets: Sequence[str] = DATASETS,
         if name not in DATASETS:
             raise BenchInputError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     warm_up()
+    huf4x.warm_up()
     memcpy = _memcpy_gb_s(2 * elements, runs)
     result = {
         "benchmark": "codec", "elements": elements, "runs": runs, "chunk_elements": chunk,
@@ -205,10 +253,13 @@ def run(elements: int, runs: int = 5, datasets: Sequence[str] = DATASETS,
         "memcpy_gb_s": memcpy,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "numpy": np.__version__, "zstd": ".".join(map(str, zstandard.ZSTD_VERSION))},
-        "notes": ["peers: ours <preset> = zstd-lit presets through ParallelDecoder; zstd-1 exp / lz4hc-9 exp = "
+        "notes": ["peers: ours <preset> = zstd-lit presets through ParallelDecoder; ours huf4x = the huf4x codec "
+                  "(canonical Huffman, 4 streams) through ParallelDecoder; zstd-1 exp / lz4hc-9 exp = "
                   "that compressor on the same exponent chunks, same split/merge/xxh3 path; zipnn = ZipNN 0.5.4 "
                   "bytearray_dtype=bfloat16", "decode GB/s are of BF16 output; ours include xxh3 verification and write into a "
-                  "preallocated buffer, ZipNN allocates its output", "medians after one warm-up run"],
+                  "preallocated buffer, ZipNN allocates its output", "decode runs alternate: run r times every peer once per thread "
+                  "count, in an order rotated by r; GB/s are medians over runs after one checked warm-up; /ZipNN is the "
+                  "median of per-run ratios (both timed in the same round) with its min-max over runs"],
         "datasets": {},
     }
     result.update(host_report())  # host, calibration, host_line
@@ -217,31 +268,46 @@ def run(elements: int, runs: int = 5, datasets: Sequence[str] = DATASETS,
         src = make_dataset(name, elements)
         h = _entropy_bits(src)
         rows: dict[str, dict] = {}
-        for peer, fn in peers.items():
-            log.info("bench codec: dataset %s, peer %s", name, peer)
-            try:
-                raw = fn(src, runs)
-            except ImportError as exc:
-                rows[peer] = {"skipped": f"not installed: {exc.name or exc}"}
-                continue
-            n = src.size
-            bits = 8.0 * raw["total_bytes"] / n - 8.0
+        prepared: dict[str, _Prepared] = {}
+        try:
+            for peer, fn in peers.items():
+                log.info("bench codec: dataset %s, packing with %s", name, peer)
+                try:
+                    prepared[peer] = fn(src, runs)
+                except ImportError as exc:
+                    rows[peer] = {"skipped": f"not installed: {exc.name or exc}"}
+            log.info("bench codec: dataset %s, %d alternating decode runs", name, runs)
+            times = _alternate(prepared, runs)
+        finally:
+            for p in prepared.values():
+                p.close()
+        n = src.size
+        for peer, prep in prepared.items():
+            bits = 8.0 * prep.total_bytes / n - 8.0
             row = {"bits_per_exponent": bits, "gap_to_entropy_bits": bits - h,
-                   "ratio": raw["total_bytes"] / (2 * n), "total_bytes": raw["total_bytes"],
-                   "pack_mb_s": 2 * n / raw["pack_s"] / 1e6}
+                   "ratio": prep.total_bytes / (2 * n), "total_bytes": prep.total_bytes,
+                   "pack_mb_s": 2 * n / prep.pack_s / 1e6}
             for t in THREADS:
-                row[f"decode_{t}t_gb_s"] = 2 * n / raw[f"decode_{t}t_s"] / 1e9
+                row[f"decode_{t}t_gb_s"] = 2 * n / float(np.median(times[peer][t])) / 1e9
             row["frac_memcpy_1t"] = row["decode_1t_gb_s"] / memcpy
             rows[peer] = row
-        ref = rows.get("zipnn", {})
-        for row in rows.values():
-            for t in THREADS:
-                key = f"decode_{t}t_gb_s"
-                if key in row and key in ref:
-                    row[f"speedup_vs_zipnn_{t}t"] = row[key] / ref[key]
-        result["datasets"][name] = {"entropy_bits": h, "entropy_bound_ratio": (8 + h) / 16, "peers": rows}
-        del src
+        if "zipnn" in prepared:
+            for peer in prepared:
+                for t in THREADS:  # per run: both peers timed in the same round
+                    per_run = [z / o for z, o in zip(times["zipnn"][t], times[peer][t])]
+                    rows[peer][f"speedup_vs_zipnn_{t}t"] = float(np.median(per_run))
+                    rows[peer][f"speedup_vs_zipnn_{t}t_range"] = [min(per_run), max(per_run)]
+        result["datasets"][name] = {"entropy_bits": h, "entropy_bound_ratio": (8 + h) / 16,
+                                    "peers": {p: rows[p] for p in peers if p in rows}}
+        del src, prepared
     return result
+
+
+def _speedup(row: dict, t: int) -> str:
+    med, rng = row.get(f"speedup_vs_zipnn_{t}t"), row.get(f"speedup_vs_zipnn_{t}t_range")
+    if med is None:
+        return "-"
+    return f"{med:.2f}x" if rng is None or rng[0] == rng[1] else f"{med:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})"
 
 
 def render_table(result: dict):
@@ -252,7 +318,7 @@ def render_table(result: dict):
                         f"{result['chunk_elements']:,}, median of {result['runs']} runs, memcpy "
                         f"{result['memcpy_gb_s']:.1f} GB/s", show_lines=False)
     cols = ["dataset", "peer", "bits/exp", "-H", "ratio", "pack MB/s", "dec 1T GB/s", "dec 2T GB/s",
-            "/ZipNN 1T", "/ZipNN 2T", "1T/memcpy"]
+            "/ZipNN 1T (min-max)", "/ZipNN 2T (min-max)", "1T/memcpy"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("dataset", "peer") else "right")
     def fmt(v, spec, suffix=""):
@@ -269,7 +335,7 @@ def render_table(result: dict):
             g = row.get
             table.add_row(label, peer, fmt(g("bits_per_exponent"), ".3f"), fmt(g("gap_to_entropy_bits"), "+.3f"),
                           fmt(g("ratio"), ".4f"), fmt(g("pack_mb_s"), ".0f"), fmt(g("decode_1t_gb_s"), ".2f"),
-                          fmt(g("decode_2t_gb_s"), ".2f"), fmt(g("speedup_vs_zipnn_1t"), ".2f", "x"),
-                          fmt(g("speedup_vs_zipnn_2t"), ".2f", "x"), fmt(g("frac_memcpy_1t"), ".0%"))
+                          fmt(g("decode_2t_gb_s"), ".2f"), _speedup(row, 1), _speedup(row, 2),
+                          fmt(g("frac_memcpy_1t"), ".0%"))
         table.add_section()
     return table
