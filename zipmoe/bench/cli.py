@@ -179,9 +179,10 @@ def run_cmd(
 @app.command("e2e")
 def e2e_cmd(
     budgets: str = typer.Option("15,30,60,100", "--budgets", help="Memory budgets, % of the routed-expert bytes."),
-    systems: str = typer.Option("zipmoe,zipmoe-lookahead,raw,hf-offload,resident", "--systems",
+    systems: str = typer.Option("zipmoe,zipmoe-lookahead,raw,hf-offload,llamacpp,resident", "--systems",
                                 help="Comma-separated: zipmoe, zipmoe-lookahead (router lookahead prefetch on), "
-                                     "raw, hf-offload, resident."),
+                                     "raw, hf-offload, llamacpp (skipped with a note when llama_cpp does not "
+                                     "import), resident."),
     prompt_tokens: int = typer.Option(16, "--prompt-tokens", min=1, help="Fixed prompt length (token ids)."),
     new_tokens: int = typer.Option(24, "--new-tokens", min=2, help="Greedy tokens to generate per pass."),
     threads: int = typer.Option(1, "--threads", callback=threads_option,

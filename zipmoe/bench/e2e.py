@@ -28,6 +28,12 @@ first):
 * ``hf-offload``: transformers + accelerate, the experts modules that do not fit the budget
   offloaded to disk (``device_map`` + ``offload_folder``; transformers' granularity is one layer's
   fused expert tensors);
+* ``llamacpp``: llama.cpp (llama-cpp-python, the ``llamacpp`` extra) on a BF16 GGUF of the same
+  checkpoint, run as users run it (mmap, greedy, EOS ignored; ``zipmoe.bench.llamacpp``), in a cap of
+  dense + budget + its own fixed overhead (its anonymous memory after loading and generating, with the
+  weights file-backed: measured once per run of the benchmark, uncapped; ``llamacpp.overhead`` in the
+  result), not the Python-sized slack the others get. Skipped, with the reason in the result, when
+  ``llama_cpp`` does not import;
 * ``resident``: this runtime with every expert decoded in memory before timing (the ceiling).
 
 At a budget of at least the experts' decoded size (100 %), ``zipmoe`` and ``raw`` preload (the
@@ -75,6 +81,7 @@ from pathlib import Path
 from .e2e_proc import MemCap, _drop, kv_cache_bytes, warm_up_runtime
 from .e2e_report import _row, plot, render_table, render_targets
 from .errors import BenchInputError
+from .llamacpp import e2e_prepare, e2e_targets
 
 __all__ = ["E2EConfig", "run", "render_table", "render_targets", "plot", "MemCap", "DIMS", "QUICK_DIMS",
            "SWITCH_DIMS", "SWITCH_QUICK_DIMS", "FAMILIES", "kv_cache_bytes", "SYSTEMS", "warm_up_runtime"]
@@ -91,7 +98,7 @@ SWITCH_DIMS = {"hidden": 1024, "intermediate": 4096, "experts": 128, "top_k": 1,
 SWITCH_QUICK_DIMS = {"hidden": 64, "intermediate": 128, "experts": 8, "top_k": 1, "layers": 4, "sparse_layers": 2,
                      "vocab": 512, "heads": 4, "head_dim": 16, "expert_capacity": 64}
 FAMILIES = ("qwen2_moe", "switch_transformers")
-SYSTEMS = ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload", "resident")
+SYSTEMS = ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload", "llamacpp", "resident")
 RUNTIME = ("zipmoe", "zipmoe-lookahead", "raw")  # the systems that read experts through the runtime's store
 HF_SKIP_SWITCH = ("hf-offload skipped for switch_transformers: the benchmark's accelerate device map and streamer "
                   "are written for decoder-only AutoModelForCausalLM; disk offload of the seq2seq model was not set up")
@@ -247,16 +254,17 @@ def _spawn(args: dict, timeout: float) -> tuple[dict, int, str]:
 def run_one(system: str, pct: float | None, prep: dict, cfg: E2EConfig, capped: bool, idx: int) -> dict:
     budget = None if pct is None else int(prep["expert_bytes"] * pct / 100)
     path = {"zipmoe": prep["archive"], "zipmoe-lookahead": prep["archive"], "raw": prep["raw_archive"],
-            "resident": prep["archive"], "hf-offload": prep["ckpt"]}[system]
+            "resident": prep["archive"], "hf-offload": prep["ckpt"], "llamacpp": prep.get("gguf")}[system]
     args = {"system": system, "path": path, "budget_bytes": budget, "threads": cfg.threads,
             "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens, "config": prep["config"],
             "dense_bytes": prep["dense_bytes"], "expert_bytes": prep["expert_bytes"],
             "offload_dir": str(Path(cfg.workdir) / "hf-offload"), "warm_pass": cfg.warm_pass,
+            "llama_overhead_bytes": prep.get("llama_overhead_bytes"), "llama_warmup_gguf": prep.get("llama_warmup_gguf"),
             "io_throttle_bps": cfg.io_throttle_bps if system in THROTTLED else None}
     cap, why = (None, "uncapped by request") if not capped else MemCap.create(f"zipmoe-bench-{os.getpid()}-{idx}")
     if cap is not None:
         args.update(cap_path=str(cap.path), cap_version=cap.version)
-    _drop([prep["archive"], prep["raw_archive"], prep["ckpt"]])
+    _drop([prep["archive"], prep["raw_archive"], prep["ckpt"]] + ([prep["gguf"]] if prep.get("gguf") else []))
     t0 = time.perf_counter()
     try:
         res, rc, _err = _spawn(args, cfg.timeout_s)
@@ -302,11 +310,14 @@ def run(cfg: E2EConfig) -> dict:
     hf_note = HF_SKIP_SWITCH if switch else None
     if switch and "hf-offload" in cfg.systems:
         log.warning(HF_SKIP_SWITCH)
+    llamacpp = e2e_prepare(cfg, prep)  # the GGUF and llama.cpp's own overhead, or why it is skipped
     rows: list[dict] = []
     i = 0
     for pct in cfg.budgets:
-        for system in ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload"):
+        for system in ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload", "llamacpp"):
             if system not in cfg.systems or (system == "hf-offload" and (storage["emulated"] or switch)):
+                continue
+            if system == "llamacpp" and llamacpp.get("skipped"):
                 continue
             r = run_median(system, pct, prep, cfg, cfg.cap, i)
             i += cfg.repeat
@@ -328,10 +339,11 @@ def run(cfg: E2EConfig) -> dict:
         "hf_offload": {"skipped": switch, "note": hf_note or ""},
         "cgroup": why_nocap or "capped runs join a child memory cgroup",
         "storage": storage,
+        "llamacpp": llamacpp,
         "rows": rows,
     }
     result.update(host)
-    result["targets"] = _targets(rows, cfg)
+    result["targets"] = _targets(rows, cfg) + e2e_targets(rows)
     result["total_s"] = time.perf_counter() - t0
     return result
 

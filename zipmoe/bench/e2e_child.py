@@ -181,7 +181,12 @@ def child_main(argv: list[str]) -> int:
     a = json.loads(argv[0])
     logging.basicConfig(level=logging.WARNING)
     try:
-        out = _child_hf(a) if a["system"] == "hf-offload" else _child_runtime(a)
+        if a["system"] == "llamacpp":
+            from .llamacpp import child_e2e
+
+            out = child_e2e(a)
+        else:
+            out = _child_hf(a) if a["system"] == "hf-offload" else _child_runtime(a)
         out["ok"] = True
     except MemoryError:
         out = {"ok": False, "error": "MemoryError"}

@@ -74,7 +74,8 @@ def render_targets(result: dict) -> list[str]:
     for tg in result["targets"]:
         v = tg.get("value")
         val = f"{v:.2f}x" if isinstance(v, float) else ""
-        mark = ("faster" if tg["met"] else "slower") if tg.get("info") else ("met" if tg["met"] else "MISSED")
+        mark = tg.get("mark") or (("faster" if tg["met"] else "slower") if tg.get("info")
+                                  else ("met" if tg["met"] else "MISSED"))
         lines.append(f"[{mark}] {tg['target']} {val} {tg.get('note') or ''}".rstrip())
     return lines
 
@@ -89,7 +90,7 @@ def plot(result: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload"):
+    for system in ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload", "llamacpp"):
         pts = sorted((r["budget_pct"], r["tok_s"]) for r in result["rows"]
                      if r["system"] == system and r.get("ok") and r["budget_pct"] is not None and r["capped"])
         if pts:
