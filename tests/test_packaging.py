@@ -13,7 +13,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 ROOT = Path(__file__).resolve().parents[1]
 PY = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SHIPPED = ("formats", "zipmoe", "zipmoe_cli", "zipmoe_pack", "zipmoe_run")
-IMPORT_TO_DIST = {"yaml": "pyyaml"}  # import name -> distribution name where they differ
+IMPORT_TO_DIST = {"yaml": "pyyaml", "llama_cpp": "llama-cpp-python"}  # import name -> distribution name where they differ
 
 
 def _dist(req: str) -> str:
@@ -61,7 +61,7 @@ def test_every_package_is_shipped():
 
 def test_every_runtime_import_is_declared():
     declared = {_dist(r) for r in PY["project"]["dependencies"]}
-    bench = declared | {_dist(r) for r in PY["project"]["optional-dependencies"]["bench"]}
+    bench = declared | {_dist(r) for x in ("bench", "llamacpp") for r in PY["project"]["optional-dependencies"][x]}
     serve = declared | {_dist(r) for r in PY["project"]["optional-dependencies"]["serve"]}
     for pkg in SHIPPED:
         for mod, where in _third_party_imports(pkg, skip="zipmoe/bench/").items():

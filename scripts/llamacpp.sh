@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The benchmarks' llama.cpp peer (the `llamacpp` extra): build llama-cpp-python 0.3.36 from its PyPI source
+# distribution once (CPU; 7-20 minutes on 2 cores), keep the wheel in the user's cache, and install it into
+# .venv with its small pure-Python dependencies and `gguf` (the benchmarks' GGUF exporter).
+# For users and benchmark machines; CI does not need it (the tests that use llama.cpp skip without it).
+#   bash scripts/llamacpp.sh            # build (once) and install
+#   ZIPMOE_CACHE=/path bash scripts/llamacpp.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version=0.3.36
+cache="${ZIPMOE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/zipmoe}/wheels"
+if [ ! -x .venv/bin/python ]; then
+  echo "error: no .venv here; run bash scripts/setup.sh first" >&2
+  exit 2
+fi
+. .venv/bin/activate
+mkdir -p "$cache"
+wheel=$(ls "$cache"/llama_cpp_python-$version-*.whl 2>/dev/null | head -n 1 || true)
+if [ -z "$wheel" ]; then
+  echo "building llama-cpp-python $version from source into $cache (CPU build; this takes a while) ..." >&2
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  # The default build is native (tuned to this CPU), as a user's own build is; CMAKE_ARGS from the
+  # environment is honoured (CMAKE_ARGS=-DGGML_NATIVE=OFF gives a portable wheel).
+  python -m pip wheel --no-deps --no-binary :all: "llama-cpp-python==$version" -w "$tmp"
+  mv "$tmp"/llama_cpp_python-$version-*.whl "$cache"/
+  wheel=$(ls "$cache"/llama_cpp_python-$version-*.whl | head -n 1)
+fi
+python -m pip install -q --no-deps "$wheel"
+python -m pip install -q "typing-extensions>=4.5" "numpy>=1.20" "diskcache>=5.6.1" "jinja2>=2.11.3" "gguf>=0.10"
+python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'installed from', '$wheel')"
