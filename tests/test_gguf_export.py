@@ -313,3 +313,35 @@ def test_bench_run_skips_llamacpp_with_a_reason(checkpoint_factory, monkeypatch)
     r = run(ckpt, runs=1, new_tokens=2, prompt_tokens=3, threads=1, dtype="float32", systems=("zipmoe", "llamacpp"),
             breakdown=False)
     assert r["systems"]["llamacpp"] == {"skipped": "runs a BF16 GGUF: --dtype bfloat16 only"}
+
+
+def test_e2e_llamacpp_rows(tmp_path):
+    """``zipmoe bench e2e --quick`` with llama.cpp: its rows run, in a cap of exactly dense + budget + its
+    measured overhead when a cgroup can be made, and its tokens are compared with the resident run's."""
+    _llama_cpp()
+    from zipmoe.bench.e2e import E2EConfig, run
+
+    cfg = E2EConfig(workdir=tmp_path, quick=True, budgets=(100.0,), systems=("llamacpp", "resident"),
+                    prompt_tokens=6, new_tokens=4, warm_pass=False)
+    r = run(cfg)
+    over = r["llamacpp"]["overhead"]["overhead_bytes"]
+    assert over == max(r["llamacpp"]["overhead"]["after_load_bytes"], r["llamacpp"]["overhead"]["after_generate_bytes"])
+    row = next(x for x in r["rows"] if x["system"] == "llamacpp")
+    assert row["ok"], row.get("error")
+    assert len(row["tokens"]) == 4 and row["io_mode"] == "mmap (page cache)"
+    if row["capped"]:
+        assert row["cap_limit_bytes"] == r["model"]["dense_bytes"] + row["budget_bytes"] + over
+    res = next(x for x in r["rows"] if x["system"] == "resident")
+    line = next(t for t in r["targets"] if t["target"] == "llamacpp greedy tokens equal resident's")
+    assert line["met"] == (row["tokens"] == res["tokens"])
+
+
+def test_e2e_llamacpp_skipped_with_a_reason(tmp_path, monkeypatch):
+    import zipmoe.bench.llamacpp as lc
+    from zipmoe.bench.e2e import E2EConfig
+
+    monkeypatch.setattr(lc, "available", lambda: "llama_cpp not importable (test)")
+    cfg = E2EConfig(workdir=tmp_path, quick=True, systems=("zipmoe", "llamacpp"))
+    assert lc.e2e_prepare(cfg, {}) == {"skipped": "llama_cpp not importable (test)"}
+    cfg = E2EConfig(workdir=tmp_path, quick=True, systems=("zipmoe",))
+    assert lc.e2e_prepare(cfg, {}) == {"skipped": "not requested"}
