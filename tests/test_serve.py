@@ -7,7 +7,6 @@ never exceeded); a client killed mid-stream must free its slot.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +19,8 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from zipmoe_run.api import load  # noqa: E402
-from zipmoe_run.errors import GenerationError, PromptTooLongError  # noqa: E402
-from zipmoe_run.generate import Sampling, stream_generate  # noqa: E402
+from zipmoe_run.engine import Engine  # noqa: E402
+from zipmoe_run.generate import Sampling  # noqa: E402
 from zipmoe_run.serve.app import ServeContext  # noqa: E402
 from zipmoe_run.serve.server import ServerThread  # noqa: E402
 
@@ -29,132 +28,6 @@ DIMS = {"experts": 8, "top_k": 2, "hidden": 128, "moe_intermediate": 128, "inter
         "heads": 4, "kv_heads": 2, "vocab": 512}
 CONTEXT = 96
 MODEL = "tiny"
-
-
-# ------------------------------------------------------------------------ a stand-in until engine.py lands
-class _QueueFull(GenerationError):
-    def __init__(self, msg, retry_after_s):
-        super().__init__(msg)
-        self.retry_after_s = retry_after_s
-
-
-_QueueFull.__name__ = "QueueFullError"
-
-
-@dataclass
-class _Event:
-    request_id: str
-    token_id: int | None
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-
-
-class _Handle:
-    def __init__(self, rid, job):
-        self.request_id, self._job = rid, job
-
-    def cancel(self):
-        self._job["cancel"] = True
-
-
-class FakeEngine:
-    """Serial stand-in with the interface of zipmoe_run.engine.Engine (one request at a time)."""
-
-    def __init__(self, lm, max_batch=8, max_queue=32, prefill_chunk=None):
-        self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
-        self.waiting: list = []
-        self.cv = threading.Condition()
-        self.running = 0
-        self.done = 0
-        self.tokens = 0
-        self.closed = False
-        self.n = 0
-
-    def start(self):
-        threading.Thread(target=self._loop, daemon=True).start()
-
-    def submit(self, prompt_ids, max_tokens, sampling, stop=(), on_event=None):
-        from zipmoe_run.generate import _check_prompts
-
-        if len(prompt_ids) >= self.lm.model.max_context:
-            raise PromptTooLongError("prompt too long")
-        _check_prompts(self.lm.model, [prompt_ids], max_tokens)
-        with self.cv:
-            if self.closed:
-                raise GenerationError("closed")
-            if len(self.waiting) >= self.max_queue:
-                raise _QueueFull("queue full", 1.5)
-            self.n += 1
-            job = {"ids": list(prompt_ids), "max": max_tokens, "s": sampling, "stop": list(stop), "cb": on_event,
-                   "cancel": False, "rid": str(self.n)}
-            self.waiting.append(job)
-            self.cv.notify()
-        return _Handle(job["rid"], job)
-
-    def _loop(self):
-        while True:
-            with self.cv:
-                while not self.waiting and not self.closed:
-                    self.cv.wait()
-                if not self.waiting:
-                    return
-                job = self.waiting.pop(0)
-                self.running = 1
-            try:
-                self._run(job)
-            finally:
-                with self.cv:
-                    self.running = 0
-                    self.done += 1
-
-    def _run(self, job):
-        lm, cb, stops = self.lm, job["cb"] or (lambda ev: None), job["stop"]
-        hold = max((len(s) for s in stops), default=1) - 1
-        text, sent, n, finish = "", 0, 0, None
-        for ev in stream_generate(lm.model, job["ids"], max_new_tokens=job["max"], sampling=job["s"],
-                                  eos_token_ids=lm.eos_token_ids, tokenizer=lm.tokenizer):
-            if job["cancel"]:
-                cb(_Event(job["rid"], None, "", "cancelled", len(job["ids"]), n))
-                return
-            n += 1
-            self.tokens += 1
-            text += ev.text
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
-            finish = "stop" if cut >= 0 or ev.finish_reason == "eos" else ev.finish_reason
-            if cut >= 0:
-                text = text[:cut]
-            upto = len(text) if finish else max(sent, len(text) - hold)
-            cb(_Event(job["rid"], ev.token_id, text[sent:upto], finish, len(job["ids"]), n))
-            sent = upto
-            if finish:
-                return
-
-    def stats(self):
-        from zipmoe_run.generate import peak_rss_bytes
-
-        src = self.lm.source.stats()
-        return {**src, "running": self.running, "waiting": len(self.waiting), "max_batch": self.max_batch,
-                "requests_done": self.done, "tokens_generated": self.tokens,
-                "memory_budget_bytes": src.get("budget_bytes"), "peak_rss_bytes": peak_rss_bytes()}
-
-    def shutdown(self, cancel=False, timeout=None):
-        with self.cv:
-            self.closed = True
-            if cancel:
-                for j in self.waiting:
-                    j["cancel"] = True
-            self.cv.notify()
-
-
-def _engine_class():
-    try:
-        from zipmoe_run.engine import Engine
-    except ImportError:
-        return FakeEngine
-    return Engine
 
 
 class Spy:
@@ -165,13 +38,16 @@ class Spy:
         self.finals: dict[str, object] = {}
         self.delay_s = 0.0
         self.gate: threading.Event | None = None  # while set to an unset Event, the engine thread waits in a callback
+        self.blocked = threading.Event()  # set once the engine thread waits at the gate
 
     def submit(self, prompt_ids, max_tokens, sampling, stop=(), on_event=None):
         def spy(ev):
             if ev.finish_reason is not None:
                 self.finals[ev.request_id] = ev
-            if self.gate is not None:
-                self.gate.wait(30)
+            gate = self.gate
+            if gate is not None:
+                self.blocked.set()
+                gate.wait(30)
             if self.delay_s:
                 time.sleep(self.delay_s)
             if on_event is not None:
@@ -210,7 +86,7 @@ def greedy(ref, ids, n):
 
 def start_server(archive, budget="50%", api_key=None, **engine_kw):
     lm = load(archive, memory_budget=budget)
-    eng = Spy(_engine_class()(lm, **engine_kw))
+    eng = Spy(Engine(lm, **engine_kw))
     eng.start()
     srv = ServerThread(ServeContext(eng, lm, MODEL, api_key=api_key)).start()
     return srv, eng, lm
@@ -345,7 +221,7 @@ def test_load_8_clients_32_requests(served, ref):
     assert {i: t for i, t in got} == want
     st = wait_idle(eng)
     assert st["requests_done"] - done0 == 32 and st["running"] == 0 and st["waiting"] == 0
-    assert st["budget_bytes"] > 0 and st["store_peak_bytes"] <= st["budget_bytes"]
+    assert st["memory_budget_bytes"] > 0 and st["source"]["store_peak_bytes"] <= st["memory_budget_bytes"]
 
 
 def test_client_killed_mid_stream_frees_slot(served, ref):

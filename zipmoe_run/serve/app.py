@@ -84,6 +84,10 @@ class ServeContext:
                            type="invalid_request_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
+    def check_open(self) -> None:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
     def source_bytes_read(self) -> int:
         try:
             return int(self.lm.source.stats().get("bytes_read", 0))
@@ -190,6 +194,7 @@ def _model_card(ctx: ServeContext) -> dict:
 
 async def _generate(ctx: ServeContext, request: Request, parse, prompt_param: str) -> Response:
     ctx.check_auth(request)
+    ctx.check_open()
     obj = parse_body(await request.body())
     try:
         req = parse(obj, ctx.lm, ctx.model_id)

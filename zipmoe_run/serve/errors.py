@@ -6,14 +6,20 @@ Every failure a client can cause is an :class:`APIError` (or an expected runtime
 from __future__ import annotations
 
 import logging
+import math
 
 from starlette.responses import JSONResponse
 
-from ..errors import GenerationError, PromptTooLongError, TokenizerError
+from ..engine import EngineClosedError, QueueFullError
+from ..errors import GenerationError, PromptTooLongError, RuntimeErrorBase, TokenizerError
 
-__all__ = ["APIError", "from_exception", "error_body"]
+__all__ = ["APIError", "ServeError", "from_exception", "error_body"]
 
 log = logging.getLogger(__name__)
+
+
+class ServeError(RuntimeErrorBase):
+    """The server cannot start (the address is taken or not allowed): one line for the CLI."""
 
 
 class APIError(Exception):
@@ -49,13 +55,11 @@ def from_exception(exc: BaseException, prompt_param: str = "prompt") -> APIError
     ``prompt_param`` names the field a too-long prompt came from (``messages`` or ``prompt``)."""
     if isinstance(exc, APIError):
         return exc
-    name = type(exc).__name__
-    retry = getattr(exc, "retry_after_s", None)
-    if name == "QueueFullError" or (retry is not None and isinstance(exc, GenerationError)):
-        secs = max(1, int(-(-float(retry or 1.0) // 1)))  # whole seconds, rounded up, at least 1
+    if isinstance(exc, QueueFullError):
+        secs = max(1, math.ceil(exc.retry_after_s))  # whole seconds, rounded up, at least 1
         return APIError(429, f"the server is busy: {exc}", type="rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(secs)})
-    if name == "EngineClosedError":
+    if isinstance(exc, EngineClosedError):
         return APIError(503, f"the server is shutting down: {exc}", type="server_error", code="shutting_down")
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")

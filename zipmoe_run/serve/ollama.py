@@ -98,6 +98,7 @@ def routes(ctx: ServeContext) -> list[Route]:
 
 async def _run(ctx: ServeContext, request: Request, chat: bool) -> Response:
     ctx.check_auth(request)
+    ctx.check_open()
     body = _openai_body(parse_body(await request.body()), chat, ctx.lm)
     req = (parse_chat if "messages" in body else parse_completion)(body, ctx.lm, ctx.model_id)
     bridge = EventBridge(asyncio.get_running_loop())

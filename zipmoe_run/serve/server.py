@@ -4,7 +4,8 @@
 Graceful shutdown: the first SIGINT/SIGTERM stops accepting connections, marks ``/health``
 ``shutting_down`` and lets the running and queued requests finish for up to ``grace_s`` seconds;
 then the engine cancels what is left, so every open stream ends with an error chunk and
-``data: [DONE]`` instead of a cut connection. A second signal exits at once.
+``data: [DONE]`` instead of a cut connection. A second SIGINT exits at once. The process then exits 0
+(the signal is not re-raised, so the engine and the model close normally).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 import uvicorn
 
 from .app import ServeContext, create_app
+from .errors import ServeError
 
 __all__ = ["GracefulServer", "ServerThread", "build_app", "drain"]
 
@@ -60,6 +62,7 @@ class GracefulServer(uvicorn.Server):
                                              daemon=True)
             self._drainer.start()
         super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # uvicorn would re-raise it at exit, killing us before the engine's cleanup
 
 
 def _config(app, host: str, port: int, grace_s: float) -> uvicorn.Config:
@@ -69,7 +72,7 @@ def _config(app, host: str, port: int, grace_s: float) -> uvicorn.Config:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (OSError names the address when it is taken or not allowed)."""
+    """A listening socket; ServeError names the address when it is taken or not allowed."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -78,7 +81,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
 
