@@ -213,16 +213,21 @@ def test_measure_decode_and_read_on_a_fake_clock(store_archive):
     from formats.reader import Archive
 
     res = calibrate.measure_decode([1, 2], chunk_elements=4096, chunks=4, runs=2, clock=Clock(0.5))
-    assert res == {"1": 4 * 2 * 4096 / 0.5, "2": 4 * 2 * 4096 / 0.5}
+    rate = 4 * 2 * 4096 / 0.5
+    assert res == {"1": rate, "2": rate, "1+compute": rate, "2+compute": rate}  # alone, then beside compute
     path, _ = store_archive(0)
     with Archive(path) as ar:
         spans = [(e.offset, e.length) for e in ar.index.experts]
-    r = calibrate.measure_read(path, spans, clock=Clock(0.25))
+    r = calibrate.measure_read(path, spans, clock=Clock(0.25), depths=(1,))
     assert r["read_method"] in ("O_DIRECT", "buffered+DONTNEED")
     assert sum(-(-n // 4096) * 4096 for _, n in spans) <= calibrate.READ_TARGET  # this archive: all of it is read
     assert sum(n for _, n in spans) <= r["bytes"] <= calibrate.READ_TARGET and r["reads"] == len(spans)
     assert r["read_bps"] == r["bytes"] / 0.25
     assert calibrate.measure_read(path, spans[:1]) is None or spans[0][1] >= calibrate.READ_MIN
+    deep = calibrate.measure_read(path, spans, clock=Clock(0.25), depths=(1, 2, 4))
+    # the pieces are split between the depths (other bytes each time); each depth's rate is its own
+    assert set(deep["depth_bps"]) in ({1, 2, 4}, {1}) and deep["read_bps"] == deep["depth_bps"][1]
+    assert deep["bytes"] < r["bytes"] or set(deep["depth_bps"]) == {1}
 
 
 def _seed_cache(path, threads: int) -> None:

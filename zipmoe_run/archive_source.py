@@ -42,6 +42,7 @@ from formats.preamble import xxh3
 from formats.reader import Archive
 
 from .calibrate import stats_fields, store_cost
+from .hostinfo import usable_cores
 from .errors import MissingWeightError
 from .source import SAFETENSORS_DTYPES
 
@@ -100,14 +101,16 @@ class ArchiveSource:
             except OSError as exc:
                 raise FormatError(f"{path}: cannot map the file ({exc.strerror})") from None
             self.dense_bytes = sum(t.nbytes for t in self.archive.index.tensors.values() if t.role == "dense")
-            self.decoder = ParallelDecoder(threads or os.cpu_count() or 1)
+            if cost is None:  # this host's calibration (cached per host; see zipmoe_run.calibrate)
+                cost = store_cost(self.archive, threads or usable_cores(), io_mode, io_throttle_bps)
+            self.cores = cost.extra.get("cores")  # the core budget (zipmoe_run.cores), None uncalibrated
+            self.decoder = ParallelDecoder(self.cores["decode_threads"] if self.cores else threads or usable_cores())
             try:
-                if cost is None:  # this host's calibration (cached per host; see zipmoe_run.calibrate)
-                    cost = store_cost(self.archive, self.decoder.threads, io_mode, io_throttle_bps)
                 self.calibration = cost.to_json()  # what the store starts from (stats: its estimates now)
                 self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,
                                          io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=self._weights,
-                                         dense_bytes=self.dense_bytes, cost=cost)
+                                         dense_bytes=self.dense_bytes, cost=cost,
+                                         read_depth=self.cores["read_depth"] if self.cores else 1)
                 if preload is True or (preload == "auto" and self.store.capacity is not None
                                        and self.store.capacity >= self.store.expert_bytes):
                     n = self.store.preload()

@@ -3,14 +3,18 @@ cost model starts from this machine's numbers rather than another's.
 
 What is measured (``calibrate_measure``; a few tens of ms, after the decoder's one-time kernel load):
 
-* decode: BF16 output bytes/s of ``formats.decoder.ParallelDecoder`` on 1 thread and on the pool's
-  thread count, over a small synthetic buffer (N(0, 0.02) BF16 chunks coded exactly as the packer
+* decode: BF16 output bytes/s of ``formats.decoder.ParallelDecoder`` on 1, 2, 4, ... threads up to the
+  usable cores, over a small synthetic buffer (N(0, 0.02) BF16 chunks coded exactly as the packer
   does; one coded chunk repeated, each chunk an independent stream); best of a few runs after a
-  warm-up (the decoder alone: what it does while compute runs is not measured here);
+  warm-up alone (key ``"t"``), and the median while a memory-bound compute thread runs beside it
+  (key ``"t+compute"``: what a decode step's products do to it);
 * read: bytes/s of the archive's file system through the store's own read path
   (``store.io.ExpertReader``: ``O_DIRECT`` where the file system allows it, else ``pread`` +
   ``POSIX_FADV_DONTNEED`` with the pages dropped first), a few MiB of expert extents of the archive
-  being opened, in the store's read pieces. Never the page cache where ``O_DIRECT`` works.
+  being opened, in the store's read pieces, with 1, 2 and 4 reads in flight (``read_bps``,
+  ``read_bps@2``, ``read_bps@4``). Never the page cache where ``O_DIRECT`` works.
+
+``zipmoe_run.cores`` turns these into the core budget: decoder threads and read queue depth.
 
 The cache (JSON, atomic writes, read with ``formats.jsonstrict``) lives in ``$ZIPMOE_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/zipmoe``, else ``~/.cache/zipmoe``, under ``hosts/``: one file per host key for decode
@@ -39,7 +43,8 @@ import time
 from pathlib import Path
 
 from formats.errors import ZmoeError
-from zipmoe_run.calibrate_measure import READ_MIN, READ_TARGET, fs_key, measure_decode, measure_read
+from zipmoe_run.calibrate_measure import READ_MIN, READ_TARGET, contended_key, fs_key, measure_decode, measure_read
+from zipmoe_run.cores import plan_cores
 from zipmoe_run.hostinfo import host_info
 from zipmoe_run.tiers import CostModel, load_calibration
 
@@ -54,7 +59,7 @@ DRIFT_RATIO = 2.0  # an online estimate this far (either way) from the calibrati
 DRIFT_MIN_OBS = 8  # observations of a rate before its drift is judged
 DRIFT_WEIGHT = 0.125  # of one observation in the drift watcher's (slow, geometric) average
 NOTES_KEPT = 8
-FORMAT = 1
+FORMAT = 2  # 2: contended decode rates and read rates per queue depth
 
 
 def cache_dir() -> Path:
@@ -133,10 +138,11 @@ class Calibrator:
             log.warning("cannot write calibration cache %s (%s)", p, exc)
 
     def decode(self, threads: int) -> dict:
-        """``{"rates": {"1": bps, str(threads): bps}, "file", "cached", "seconds"}``."""
+        """``{"rates": {"1": bps, ..., str(threads): bps, "1+compute": bps, ...}, "file", "cached",
+        "seconds"}``: 1, 2, 4, ... threads up to ``threads``, and ``threads`` itself."""
         p = self._file("decode", self.key)
         d = self._load(p, self.key)
-        want = sorted({1, int(threads)})
+        want = sorted({1 << i for i in range(int(threads).bit_length()) if 1 << i <= int(threads)} | {int(threads)})
         miss = [t for t in want if d is None or str(t) not in d["rates"]]
         if not miss:
             return {**d, "file": str(p), "cached": True, "seconds": 0.0}
@@ -149,8 +155,7 @@ class Calibrator:
              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._save(p, d)
         log.info("calibrated decode in %.0f ms: %s", dt * 1e3,
-                 ", ".join(f"{k}T {v / 1e9:.2f} GB/s" for k, v in sorted(d["rates"].items(), key=lambda kv: int(kv[0])))
-                 )
+                 ", ".join(f"{k}T {v / 1e9:.2f} GB/s" for k, v in sorted(d["rates"].items())))
         return {**d, "file": str(p), "cached": False}
 
     def read_key(self, path, io_mode: str) -> dict:
@@ -170,12 +175,14 @@ class Calibrator:
         if m is None:
             return None
         self.measured.append("read")
-        d = {"format": FORMAT, "key": key, "rates": {"read_bps": float(m["read_bps"])},
-             "measured": {"read_bps": float(m["read_bps"])}, "read_method": str(m.get("read_method", "?")),
+        rates = {"read_bps": float(m["read_bps"]),
+                 **{f"read_bps@{int(k)}": float(v) for k, v in (m.get("depth_bps") or {}).items() if int(k) > 1}}
+        d = {"format": FORMAT, "key": key, "rates": rates,
+             "measured": dict(rates), "read_method": str(m.get("read_method", "?")),
              "seconds": dt, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._save(p, d)
-        log.info("calibrated reads of %s in %.0f ms: %.2f GB/s (%s)", path, dt * 1e3, d["rates"]["read_bps"] / 1e9,
-                 d["read_method"])
+        log.info("calibrated reads of %s in %.0f ms: %s (%s)", path, dt * 1e3,
+                 ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in sorted(rates.items())), d["read_method"])
         return {**d, "file": str(p), "cached": False}
 
     def record(self, decode: dict | None = None, read_path=None, io_mode: str = "auto", read_bps: float | None = None,
@@ -278,9 +285,11 @@ def _off() -> bool:
 def current(path=None, spans=None, threads: int | None = None, io_mode: str = "auto",
             throttle_bps: float | None = None, calibrator: Calibrator | None = None) -> CostModel:
     """The calibration in use on this host: ``ZIPMOE_CALIBRATION``'s file, or the assumptions when
-    ``ZIPMOE_CALIBRATE=off``, else the cached (or now measured) decode speeds for ``threads`` (default:
-    usable cores) and, with ``path``, the read speed of its file system. ``compute_bps`` comes from a
-    ``zipmoe bench io`` file of this host if there is one (not measured here)."""
+    ``ZIPMOE_CALIBRATE=off``, else the cached (or now measured) decode speeds for up to ``threads``
+    decoder threads (default: usable cores) and, with ``path``, the read speed of its file system; the
+    core budget (``zipmoe_run.cores``) chosen from them is ``extra["cores"]`` and its decode and read
+    rates are the model's. ``compute_bps`` comes from a ``zipmoe bench io`` file of this host if there
+    is one (not measured here)."""
     from zipmoe_run.hostinfo import usable_cores
 
     threads = int(threads or usable_cores())
@@ -307,19 +316,27 @@ def current(path=None, spans=None, threads: int | None = None, io_mode: str = "a
     src = [f"self-calibration: decode {how(dec)}"]
     read_bps, method = (base.read_bps, f"{base.read_method} (bench io)") if ours else \
         (CostModel().read_bps, "assumed, not measured")
-    files = {"decode_bps": (dec["file"], str(threads)), "read_bps": (None, "read_bps")}
+    files = {"read_bps": (None, "read_bps")}
     if rd is not None:
         read_bps, method = rd["rates"]["read_bps"], rd["read_method"]
         src.append(f"read {how(rd)}")
         files["read_bps"] = (rd["file"], "read_bps")
     elif path is not None:
         src.append("read not measured (too few expert bytes)")
+    plan = plan_cores(threads, dec["rates"], rd["rates"] if rd is not None else None)
+    decode_key = next((k for k, v in dec["rates"].items() if v == plan.decode_bps
+                       and k in (str(plan.decode_threads), contended_key(plan.decode_threads))), str(threads))
+    files["decode_bps"] = (dec["file"], decode_key)
+    if rd is not None and plan.read_bps is not None:
+        read_bps = plan.read_bps
+        files["read_bps"] = (rd["file"], "read_bps" if plan.read_depth == 1 else f"read_bps@{plan.read_depth}")
     if throttle_bps is not None and throttle_bps < read_bps:
         read_bps, method = float(throttle_bps), f"{method}, throttled"
         files["read_bps"] = (None, "read_bps")
-    cost = CostModel(read_bps=read_bps, decode_bps=dec["rates"][str(threads)], decode_bps_per_core=dec["rates"]["1"],
-                     cores=threads, compute_bps=compute, read_method=method, source="; ".join(src),
-                     extra={"host_key": cal.key, "calibration_s": dec["seconds"] + (rd["seconds"] if rd else 0.0)})
+    cost = CostModel(read_bps=read_bps, decode_bps=dec["rates"][decode_key], decode_bps_per_core=dec["rates"]["1"],
+                     cores=plan.decode_threads, compute_bps=compute, read_method=method, source="; ".join(src),
+                     extra={"host_key": cal.key, "calibration_s": dec["seconds"] + (rd["seconds"] if rd else 0.0),
+                            "cores": plan.to_json()})
     cost.drift = Drift(cost, files, cal)
     return cost
 

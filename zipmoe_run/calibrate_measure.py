@@ -1,6 +1,8 @@
 """The measurements behind ``zipmoe_run.calibrate`` (see its docstring): decode throughput of
-``ParallelDecoder`` on a small synthetic coded buffer, and read throughput of an archive's file
-system through the store's own reader. Timed by an injectable ``clock``; library code, no printing.
+``ParallelDecoder`` on a small synthetic coded buffer (alone, and while a memory-bound compute thread
+runs beside it, as a decode step's matrix-vector products do), and read throughput of an archive's
+file system through the store's own reader at several queue depths. Timed by an injectable
+``clock``; library code, no printing.
 """
 from __future__ import annotations
 
@@ -10,10 +12,45 @@ import os
 import random
 import time
 
-__all__ = ["READ_TARGET", "READ_MIN", "fs_key", "measure_decode", "measure_read"]
+__all__ = ["READ_TARGET", "READ_MIN", "READ_DEPTHS", "fs_key", "measure_decode", "measure_read", "contended_key",
+           "Contender"]
 
 READ_TARGET = 8 << 20  # bytes read by the read measurement
 READ_MIN = 1 << 20  # below this (a tiny archive) the read speed is not measured
+READ_DEPTHS = (1, 2, 4)  # reads in flight at once that the read measurement tries
+
+
+def contended_key(threads: int) -> str:
+    """The rates key of the decode speed on ``threads`` threads while compute runs beside it."""
+    return f"{int(threads)}+compute"
+
+
+class Contender:
+    """A stand-in for a decode step's compute while it runs: one thread streaming two 32 MiB float32
+    arrays through ``numpy.add`` (memory-bound and GIL-free, as the matrix-vector products are)."""
+
+    def __init__(self, elements: int = 8 << 20):
+        import threading
+
+        import numpy as np
+
+        self._a, self._b = np.ones(elements, np.float32), np.ones(elements, np.float32)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="zmoe-calibrate-compute", daemon=True)
+
+    def _run(self) -> None:
+        import numpy as np
+
+        while not self._stop.is_set():
+            np.add(self._a, self._b, out=self._b)
+
+    def __enter__(self) -> "Contender":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
 
 
 def fs_key(path: str | os.PathLike) -> dict:
@@ -50,8 +87,10 @@ def _synthetic_chunk(elements: int):
 
 
 def measure_decode(threads, *, chunk_elements: int = 1 << 19, chunks: int = 8, runs: int = 4,
-                   clock=time.perf_counter) -> dict:
-    """BF16 output bytes/s of ``ParallelDecoder(t)`` for each ``t`` in ``threads`` (best of ``runs``)."""
+                   clock=time.perf_counter, contended: bool = True) -> dict:
+    """BF16 output bytes/s of ``ParallelDecoder(t)`` for each ``t`` in ``threads`` (best of ``runs``):
+    under ``str(t)`` alone and, with ``contended``, under :func:`contended_key` while a
+    :class:`Contender` runs (the median of ``runs`` there: contention is noisy)."""
     import dataclasses
 
     import numpy as np
@@ -65,21 +104,33 @@ def measure_decode(threads, *, chunk_elements: int = 1 << 19, chunks: int = 8, r
     res = {}
     for t in sorted(set(threads)):
         with ParallelDecoder(t) as dec:
-            best = math.inf
+            times = []
             for i in range(runs + 1):
                 t0 = clock()
                 dec.decode(refs, out)
                 if i:
-                    best = min(best, clock() - t0)
-        res[str(t)] = out.nbytes / max(best, 1e-9)
+                    times.append(clock() - t0)
+            res[str(t)] = out.nbytes / max(min(times), 1e-9)
+            if contended:
+                times = []
+                with Contender():
+                    for i in range(runs + 1):
+                        t0 = clock()
+                        dec.decode(refs, out)
+                        if i:
+                            times.append(clock() - t0)
+                res[contended_key(t)] = out.nbytes / max(sorted(times)[len(times) // 2], 1e-9)
     return res
 
 
-def measure_read(path, spans, io_mode: str = "auto", *, clock=time.perf_counter) -> dict | None:
+def measure_read(path, spans, io_mode: str = "auto", *, clock=time.perf_counter,
+                 depths=READ_DEPTHS) -> dict | None:
     """Bytes/s of ``ExpertReader(path, io_mode)`` over up to :data:`READ_TARGET` bytes of ``spans``
-    ((offset, length), 4 KiB-aligned offsets), read in the store's pieces; None when the spans hold
-    less than :data:`READ_MIN` bytes."""
-    from zipmoe_run.store.io import Buffer, ExpertReader, drop_pages
+    ((offset, length), 4 KiB-aligned offsets), read in the store's pieces, once per queue depth in
+    ``depths`` (that many reads in flight, as the store's reader issues them; other pieces each time,
+    so the device holds none of them); None when the spans hold less than :data:`READ_MIN` bytes.
+    ``read_bps`` is the rate at depth 1, ``depth_bps`` {depth: rate}."""
+    from zipmoe_run.store.io import ExpertReader, drop_pages
     from zipmoe_run.store.worker import READ_PIECE
 
     spans = sorted(spans)
@@ -88,31 +139,57 @@ def measure_read(path, spans, io_mode: str = "auto", *, clock=time.perf_counter)
     k = random.randrange(len(spans))  # another part of a large archive each time: no device-side cache
     spans = spans[k:] + spans[:k]
     step = max(1, len(spans) // max(1, READ_TARGET // max(1, min(READ_PIECE, max(n for _, n in spans)))))
+    depths = sorted({int(d) for d in depths} | {1})
+    target = READ_TARGET * len(depths)
     pieces, seen, total = [], set(), 0
     for off, length in spans[::step] + spans:  # spread over the file first, then fill up
         for lo in range(0, length, READ_PIECE):
             n = min(READ_PIECE, length - lo)
-            if total < READ_TARGET and (off + lo, n) not in seen:
+            if total < target and (off + lo, n) not in seen:
                 seen.add((off + lo, n))
                 pieces.append((off + lo, n))
                 total += n
-        if total >= READ_TARGET:
+        if total >= target:
             break
+    per = max(1, len(pieces) // len(depths))
+    if len(pieces) < 2 * len(depths):  # too few pieces to split: depth 1 only
+        depths, per = [1], len(pieces)
     reader = ExpertReader(path, io_mode)
     try:
         if reader.mode != "O_DIRECT":  # drop what the page cache holds of these bytes (advisory)
             for off, n in pieces:
                 drop_pages(reader._fd, off, n)
-        buf = Buffer(max(n for _, n in pieces) + 4096)
-        try:
-            got = 0
-            t0 = clock()
-            for off, n in pieces:
-                got += reader.read(buf, off, n, f"calibration read at {off}")
-            dt = clock() - t0
-        finally:
-            buf.close()
-        return {"read_bps": got / max(dt, 1e-9), "bytes": got, "reads": len(pieces),
+        rates, got1, reads1 = {}, 0, 0
+        for i, d in enumerate(depths):
+            part = pieces[i * per:(i + 1) * per]
+            got, dt = _timed_reads(reader, part, d, clock)
+            rates[d] = got / max(dt, 1e-9)
+            if d == 1:
+                got1, reads1 = got, len(part)
+        return {"read_bps": rates[1], "depth_bps": rates, "bytes": got1, "reads": reads1,
                 "read_method": reader.mode}
     finally:
         reader.close()
+
+
+def _timed_reads(reader, pieces, depth: int, clock) -> tuple[int, float]:
+    """Read ``pieces`` with ``depth`` of them in flight; (bytes, seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zipmoe_run.store.io import Buffer
+
+    bufs = [Buffer(max(n for _, n in pieces) + 4096) for _ in range(depth)]
+    try:
+        if depth == 1:
+            t0 = clock()
+            got = sum(reader.read(bufs[0], off, n, f"calibration read at {off}") for off, n in pieces)
+            return got, clock() - t0
+        with ThreadPoolExecutor(depth, thread_name_prefix="zmoe-calibrate-read") as ex:
+            t0 = clock()
+            futs = [ex.submit(reader.read, bufs[i % depth], off, n, f"calibration read at {off}")
+                    for i, (off, n) in enumerate(pieces)]
+            got = sum(f.result() for f in futs)
+            return got, clock() - t0
+    finally:
+        for b in bufs:
+            b.close()

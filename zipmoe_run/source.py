@@ -238,7 +238,8 @@ class DirectorySource:
                                io_throttle_bps)
             self.calibration = cost.to_json()
             self.store = ExpertStore(None, self.decoder, budget=memory_budget, policy=policy, wrap=self._weights,
-                                     dense_bytes=self.dense_bytes, cost=cost, source=source)
+                                     dense_bytes=self.dense_bytes, cost=cost, source=source,
+                                     read_depth=(cost.extra.get("cores") or {}).get("read_depth", 1))
             self.budget = self.store.budget
             self.prefetch = self.store.prefetch  # models announce what comes next (layers.announce)
             if preload is True or (preload == "auto" and self.store.capacity is not None

@@ -26,6 +26,16 @@ def _baseline(a: dict) -> tuple[dict, int, int | None, int]:
     return {"base_rss_bytes": _rss(), "kv_bytes": kv}, _rss_anon(), a["budget_bytes"], kv
 
 
+def _disk_util(before: dict, st: dict) -> float | None:
+    """Bytes read over the time reads were in flight, against the calibrated disk speed (specs/runtime.md
+    section 13); None where nothing was read or the source has no calibration."""
+    busy = st.get("read_busy_s", 0) - before.get("read_busy_s", 0)
+    disk = (st.get("calibration") or {}).get("disk_bps")
+    if not busy or not disk:
+        return None
+    return (st["bytes_read"] - before.get("bytes_read", 0)) / busy / disk
+
+
 def _child_runtime(a: dict) -> dict:
     from zipmoe_run.api import load
     from zipmoe_run.generate import Sampling
@@ -43,6 +53,10 @@ def _child_runtime(a: dict) -> dict:
     prefetch = "lookahead" if a["system"] == "zipmoe-lookahead" else "off"
     lm = load(a["path"], dtype="bfloat16", threads=None, memory_budget=budget, prefetch=prefetch, **opts)
     src = lm.source
+    if a.get("routing_plan"):  # zipmoe.bench.routing: every system routes by the same replayed plan
+        from .routing import install_for_child
+
+        out.update(install_for_child(lm.model, a["routing_plan"]))
     if a["system"] == "resident":  # every expert decoded before timing
         layers = sorted({(e.stack, e.layer) for e in src.archive.index.experts})
         for stack, layer in layers:
@@ -55,19 +69,24 @@ def _child_runtime(a: dict) -> dict:
         before = src.stats()
         io0 = _io_read_bytes()
         stats: dict = {}
-        toks = [ev.token_id for ev in lm.stream(ids, max_new_tokens=a["new_tokens"], sampling=Sampling(greedy=True),
-                                                stats=stats)]
+        toks, after_first = [], None
+        for ev in lm.stream(ids, max_new_tokens=a["new_tokens"], sampling=Sampling(greedy=True), stats=stats):
+            if after_first is None:  # bytes read by the prefill: the decode steps' reads are the rest
+                after_first = src.stats().get("bytes_read", 0)
+            toks.append(ev.token_id)
         st = src.stats()
         io1 = _io_read_bytes()
         out.update({
             "tokens" + tag: toks, "ttft_s" + tag: stats["ttft_s"], "tok_s" + tag: stats["gen_tok_s"],
             "tpot_s" + tag: stats["decode_s"] / max(1, stats["decode_steps"]), "prefill_s" + tag: stats["prefill_s"],
             "decode_s" + tag: stats["decode_s"], "bytes_read" + tag: st["bytes_read"] - before.get("bytes_read", 0),
+            "bytes_read_decode" + tag: st["bytes_read"] - (after_first if after_first is not None else st["bytes_read"]),
             "proc_read_bytes" + tag: (io1 - io0) if io0 is not None and io1 is not None else None,
             "hits" + tag: {t: st[f"hits_{t}"] - before.get(f"hits_{t}", 0)
                            for t in ("full", "comp", "sm", "cold", "prefetch")},
             "prefetch_predicted" + tag: st["prefetch_predicted"] - before.get("prefetch_predicted", 0),
             "prefetch_correct" + tag: st["prefetch_correct"] - before.get("prefetch_correct", 0),
+            "disk_util" + tag: _disk_util(before, st),
         })
     io_mode = st["io_mode"]
     if st.get("io_throttle_bps"):

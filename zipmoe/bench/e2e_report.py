@@ -46,7 +46,8 @@ def render_table(result: dict):
     if (result.get("hf_offload") or {}).get("skipped"):
         title += f". {result['hf_offload']['note']}"
     t = Table(title=title)
-    cols = ["budget", "system", "cap", "load s", "tok/s", "TTFT s", "TPOT ms", "GB read", "hits full/comp/sm/cold/prefetched",
+    cols = ["budget", "system", "cap", "load s", "tok/s", "TTFT s", "TPOT ms", "GB read", "disk util",
+            "hits full/comp/sm/cold/prefetched",
             "tok/s warm", "GB read warm", "peak RSS GB", "cap peak GB", "io", "note"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("budget", "system", "io", "note", "cap") else "right")
@@ -54,7 +55,7 @@ def render_table(result: dict):
         b = "unlimited" if r["budget_pct"] is None else f"{r['budget_pct']:g}% ({_gb(r['budget_bytes'])} GB)"
         cap = "cgroup" if r["capped"] else "none"
         if not r.get("ok"):
-            t.add_row(b, r["system"], cap, "-", "-", "-", "-", "-", "-", "-", "-", "-", _gb(r.get("cap_peak_bytes")), "-",
+            t.add_row(b, r["system"], cap, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", _gb(r.get("cap_peak_bytes")), "-",
                       str(r.get("error")))
             continue
         h = r.get("hits")
@@ -64,7 +65,8 @@ def render_table(result: dict):
         warm = f"{r['tok_s_warm']:.2f}" if r.get("tok_s_warm") is not None else "-"
         load_s = f"{r['load_s']:.2f}" if r.get("load_s") is not None else "-"
         t.add_row(b, r["system"], cap, load_s, f"{r['tok_s']:.2f}", f"{r['ttft_s']:.2f}" if r.get("ttft_s") is not None else "-",
-                  f"{r['tpot_s'] * 1e3:.0f}", _gb(read), hits, warm, _gb(rw), _gb(r.get("peak_rss_bytes")),
+                  f"{r['tpot_s'] * 1e3:.0f}", _gb(read),
+                  f"{r['disk_util']:.0%}" if r.get("disk_util") is not None else "-", hits, warm, _gb(rw), _gb(r.get("peak_rss_bytes")),
                   _gb(r.get("cap_peak_bytes")), str(r.get("io_mode") or "-"), r.get("cap_note") or "")
     return t
 

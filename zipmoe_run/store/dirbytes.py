@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +243,7 @@ class ShardReaders:
         self.throttle = Throttle(throttle_bps, clock, sleep) if throttle_bps is not None else None
         self.bytes_read = self.reads = 0
         self.read_s = 0.0
+        self._count = threading.Lock()  # reads may run on several threads (the store's read depth)
 
     @property
     def throttle_bps(self) -> float | None:
@@ -267,9 +269,10 @@ class ShardReaders:
         got = self.files[shard].read(buf, offset, need, at, what)
         if self.throttle is not None:
             self.throttle.after(c0, got)
-        self.read_s += time.perf_counter() - t0
-        self.bytes_read += got
-        self.reads += 1
+        with self._count:
+            self.read_s += time.perf_counter() - t0
+            self.bytes_read += got
+            self.reads += 1
         return got
 
     def close(self) -> None:

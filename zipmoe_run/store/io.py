@@ -199,6 +199,7 @@ class ExpertReader:
         self.bytes_read = 0
         self.reads = 0
         self.read_s = 0.0
+        self._count = threading.Lock()  # reads may run on several threads (the store's read depth)
 
     def file_size(self) -> int:
         return os.fstat(self._fd).st_size
@@ -230,12 +231,14 @@ class ExpertReader:
             drop_pages(self._fd, offset, n)
         if self.throttle is not None:
             self.throttle.after(c0, got)
-        self.read_s += time.perf_counter() - t0
+        with self._count:
+            self.read_s += time.perf_counter() - t0
         if got < length:
             raise FormatError(f"{self.path}: archive truncated: {what} needs bytes [{offset}, {offset + length}) "
                               f"but the file ends at {offset + got}")
-        self.bytes_read += got
-        self.reads += 1
+        with self._count:
+            self.bytes_read += got
+            self.reads += 1
         return got
 
     @property

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from formats.decoder import ParallelDecoder
+from zipmoe_run.cores import compression_verdict
 from zipmoe_run.policies.protocol import Policy, make_policy
 from zipmoe_run.tiers import CostModel, Tier, info_from_extent
 
@@ -67,7 +68,8 @@ class ExpertStore:
     def __init__(self, archive, decoder: ParallelDecoder, *, budget: Budget | str | int | None = None,
                  policy: str | Policy | None = None, io_mode: str = "auto", io_throttle_bps: float | None = None,
                  wrap: Callable[[object, np.ndarray], object] | None = None, dense_bytes: int = 0,
-                 cost: CostModel | None = None, page_size: int | None = None, source: ExpertBytes | None = None):
+                 cost: CostModel | None = None, page_size: int | None = None, source: ExpertBytes | None = None,
+                 read_depth: int = 1):
         self.archive, self.decoder = archive, decoder
         self.wrap = wrap if wrap is not None else (lambda ext, arr: arr)
         self.page = page_size or PAGE
@@ -90,14 +92,25 @@ class ExpertStore:
                                self.source.scratch_elements)
         self.prefetcher = Prefetcher(self.table, self.counters, self.cond, self.wrap)
         self.worker = IOWorker(self.source, decoder, self.memory, self.table, self.cost, self.counters, self.cond,
-                               self.prefetcher, self._on_decoded)
+                               self.prefetcher, self._on_decoded, read_depth=read_depth)
         self.prefetcher.worker = self.worker
         self.worker.on_exit = self._free
         self.persistent = self.capacity is None  # no budget: yielded dicts are the resident ones
         self._active: Job | None = None
         self._closed = False
         self._freed = False
-        log.info("expert store: budget %s; io %s; policy %s", self.budget.how, self.reader.mode, self.policy.name)
+        log.info("expert store: budget %s; io %s, %d read(s) in flight; %d decoder thread(s); policy %s",
+                 self.budget.how, self.reader.mode, self.worker.read_depth, self.decoder.threads, self.policy.name)
+        self.read_bps_calibrated = self.cost.read_bps
+        self.compression = self._verdict()
+        if self.compression is not None:
+            (log.info if self.compression["pays"] else log.warning)("%s", self.compression["why"])
+
+    def _verdict(self) -> dict | None:
+        """``cores.compression_verdict`` for the average expert at the cost model's current rates."""
+        cold = sum(i.read_cold for i in self.infos.values())
+        decoded = sum(i.decoded for i in self.infos.values())
+        return compression_verdict(self.cost.read_bps, self.cost.decode_bps, cold, decoded)
 
     def _size(self, budget, dense_bytes: int) -> None:
         """Byte facts, the minimum budget and the budget itself (refused below the minimum)."""
@@ -368,7 +381,13 @@ class ExpertStore:
             fixed_bytes=led["fixed"], resident_experts=tiers,
             read_bps_est=self.cost.read_bps, decode_bps_est=self.cost.decode_bps, read_share=self.cost.read_share,
             expert_bytes=self.expert_bytes, extent_bytes=self.extent_bytes,
+            read_depth=self.worker.read_depth, decode_threads=self.decoder.threads,
+            compression=self.compression, compression_now=self._verdict(),
         )
+        st.setdefault("read_busy_s", 0)
+        # disk utilisation: the rate while reads were in flight against the calibrated disk speed
+        st["disk_utilisation"] = (st["bytes_read"] / st["read_busy_s"] / self.read_bps_calibrated
+                                  if st["read_busy_s"] > 0 else None)
         return st
 
     def close(self) -> None:

@@ -6,8 +6,11 @@ task the thread
 1. **admits** it: reserves its read and decode buffers in ``Memory`` (reuse a pooled buffer,
    allocate, shrink the pool, demote the policy's victim through the ``TierTable``, or wait for the
    consumer to hand buffers back; a speculative job never waits);
-2. **reads** what its tier lacks from the ``ExpertBytes`` source in aligned pieces, submitting each
-   chunk to the ``ParallelDecoder`` as soon as the bytes it needs are in memory;
+2. **reads** what its tier lacks from the ``ExpertBytes`` source in aligned pieces, ``read_depth`` of
+   them in flight at once (a small pool of read threads that sleep in the kernel: the device's queue
+   stays full while this thread admits and submits; the depth comes from calibration,
+   ``zipmoe_run.cores``), submitting each chunk to the ``ParallelDecoder`` as soon as the bytes it
+   needs are in memory, in file order;
 3. when the read and every decode batch are done, **completes** it: runs the job's ``on_decoded``
    hook (preload keeps it decoded), then hands it to the consumer (``job.ready``).
 
@@ -21,7 +24,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from zipmoe_run.tiers import CostModel, Tier
@@ -44,8 +49,13 @@ class IOWorker:
     only touched under it); ``prefetch`` supplies ``reap()``, ``held`` and ``release_held()``."""
 
     def __init__(self, source, decoder, memory: Memory, table: TierTable, cost: CostModel, stats: Stats,
-                 cond: threading.Condition, prefetch, on_decoded: Callable[[Job, Task], None]):
+                 cond: threading.Condition, prefetch, on_decoded: Callable[[Job, Task], None], read_depth: int = 1):
         self.source, self.decoder = source, decoder
+        self.read_depth = max(1, int(read_depth))
+        self._readers = (ThreadPoolExecutor(self.read_depth, thread_name_prefix="zmoe-read")
+                         if self.read_depth > 1 else None)
+        self._busy_lock = threading.Lock()
+        self._busy = [0, 0.0, 0]  # reads in flight, start of the busy period, bytes read in it
         self.memory, self.table, self.cost, self.stats = memory, table, cost, stats
         self.cond, self.prefetch, self.on_decoded = cond, prefetch, on_decoded
         self.closing = False
@@ -80,6 +90,8 @@ class IOWorker:
                         job.reader_done = True
                         job.cond.notify_all()
         finally:
+            if self._readers is not None:  # no read is in flight here: each task drains its own
+                self._readers.shutdown(wait=True)
             if self.on_exit is not None:
                 self.on_exit()
 
@@ -122,8 +134,9 @@ class IOWorker:
         task.t_submit = time.perf_counter()
         task.state = "submitted"
         ok = True
+        inflight: deque = deque()  # (bytes, future) of reads in flight, in file order
         try:
-            done = k = batch = 0
+            done = k = batch = issued = 0
             while True:
                 j = k
                 while j < len(order) and ends[order[j]] <= done:
@@ -139,8 +152,17 @@ class IOWorker:
                     break
                 if job.cancelled or self.closing or task.cancel:
                     raise Cancelled
-                n = min(READ_PIECE, length - done)
-                self._read(task, done, n)
+                if self._readers is None:
+                    n = min(READ_PIECE, length - done)
+                    self._read(task, done, n)
+                    done += n
+                    continue
+                while len(inflight) < self.read_depth and issued < length:
+                    n = min(READ_PIECE, length - issued)
+                    inflight.append((n, self._readers.submit(self._read, task, issued, n)))
+                    issued += n
+                n, fut = inflight.popleft()
+                fut.result()
                 done += n
             task.read_done = True
         except Cancelled:
@@ -150,19 +172,40 @@ class IOWorker:
             task.read_error = detach(exc)
             ok = False
         finally:
+            for _, fut in inflight:  # nothing may still write into the buffers once the task lets go
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - the task has already failed or been cancelled
+                    pass
             del refs, out
             self._release_hold(job, task)
         return ok
 
     def _read(self, task: Task, lo: int, n: int) -> None:
+        """One piece (on this thread, or a read thread with ``read_depth`` > 1). ``read_s`` sums the
+        reads' own durations; ``read_busy_s`` is the time at least one read was in flight, and the
+        read-rate estimate is the bytes of each busy period over its length."""
         t0 = time.perf_counter()
-        got = self.source.read(task.ext, task.rbuf, lo, n, task.what)
-        dt = time.perf_counter() - t0
-        self.stats.add("bytes_read", got)
-        self.stats.add("reads")
-        self.stats.add("read_s", dt)
-        if got >= 1 << 20 and dt > 0:
-            self.cost.observe("read_bps", got / dt, EWMA)
+        with self._busy_lock:
+            if self._busy[0] == 0:
+                self._busy[1], self._busy[2] = t0, 0
+            self._busy[0] += 1
+        got = 0
+        try:
+            got = self.source.read(task.ext, task.rbuf, lo, n, task.what)
+        finally:
+            t1 = time.perf_counter()
+            with self._busy_lock:
+                self._busy[0] -= 1
+                self._busy[2] += got
+                period = (t1 - self._busy[1], self._busy[2]) if self._busy[0] == 0 else None
+            self.stats.add("bytes_read", got)
+            self.stats.add("reads")
+            self.stats.add("read_s", t1 - t0)
+            if period is not None:
+                self.stats.add("read_busy_s", period[0])
+                if period[1] >= 1 << 20 and period[0] > 0:
+                    self.cost.observe("read_bps", period[1] / period[0], EWMA)
 
     def _decode(self, job: Job, task: Task, refs, out, batch: int, last: bool) -> None:
         with job.cond:

@@ -1,0 +1,128 @@
+"""One core budget (zipmoe_run.cores) from injected calibration rates, and the store running with it:
+decoder threads and read queue depth chosen by measurement, reads in flight bit-exact."""
+import numpy as np
+import pytest
+
+from zipmoe_run import calibrate
+from zipmoe_run.cores import CorePlan, plan_cores
+
+GB = 1e9
+
+
+def test_fewest_decoder_threads_within_the_margin_beside_compute():
+    # alone 2 threads gain 40 %; beside compute they gain 5 %: the contended rates decide -> 1 thread
+    dec = {"1": 0.9 * GB, "2": 1.26 * GB, "1+compute": 0.80 * GB, "2+compute": 0.84 * GB}
+    p = plan_cores(2, dec, None)
+    assert (p.decode_threads, p.decode_bps, p.read_depth, p.read_bps) == (1, 0.80 * GB, 1, None)
+    assert "beside compute" in p.why and "not calibrated" in p.why
+
+
+def test_scaling_decoder_gets_the_cores_and_alone_rates_serve_without_contended():
+    p = plan_cores(4, {"1": 1 * GB, "2": 1.9 * GB, "4": 3.6 * GB}, None)
+    assert (p.decode_threads, p.decode_bps) == (4, 3.6 * GB) and "measured alone" in p.why
+    # a rate measured for more threads than the budget allows is not used
+    p = plan_cores(2, {"1": 1 * GB, "2": 1.9 * GB, "4": 3.6 * GB}, None)
+    assert p.decode_threads == 2
+
+
+def test_read_depth_is_the_fewest_within_the_margin():
+    rd = {"read_bps": 1.0 * GB, "read_bps@2": 1.6 * GB, "read_bps@4": 1.7 * GB}
+    p = plan_cores(2, {"1": GB}, rd)
+    assert (p.read_depth, p.read_bps) == (2, 1.6 * GB)  # 4 is within 10 % of... 1.7 * 0.9 = 1.53 <= 1.6
+    p = plan_cores(2, {"1": GB}, {"read_bps": 1.0 * GB, "read_bps@2": 1.05 * GB})
+    assert p.read_depth == 1
+
+
+def test_no_calibration_means_every_core_decodes():
+    p = plan_cores(3, None, None)
+    assert (p.decode_threads, p.read_depth) == (3, 1) and isinstance(p, CorePlan)
+    assert p.to_json()["decode_threads"] == 3
+
+
+class _Fake:
+    def decode(self, threads):
+        r = {1: 1.0 * GB, 2: 1.3 * GB}
+        out = {str(t): r[t] for t in threads}
+        out.update({f"{t}+compute": 0.8 * GB for t in threads})
+        return out
+
+    def read(self, path, spans, io_mode):
+        return {"read_bps": 0.7 * GB, "depth_bps": {1: 0.7 * GB, 2: 1.2 * GB, 4: 1.25 * GB}, "read_method": "O_DIRECT"}
+
+
+def test_current_carries_the_core_budget(tmp_path, store_archive):
+    from formats.reader import Archive
+
+    path, _ = store_archive(0)
+    cal = calibrate.Calibrator(tmp_path / "c", decode_fn=_Fake().decode, read_fn=_Fake().read, version="t")
+    with Archive(path) as ar:
+        spans = [(e.offset, e.length) for e in ar.index.experts]
+    cost = calibrate.current(path, spans, 2, calibrator=cal)
+    plan = cost.extra["cores"]
+    assert (plan["decode_threads"], plan["read_depth"]) == (1, 2)
+    assert (cost.decode_bps, cost.read_bps, cost.cores) == (0.8 * GB, 1.2 * GB, 1)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_store_reads_with_depth_are_bit_exact_and_counted(store_archive, monkeypatch, depth):
+    """Several reads in flight (pieces of 8 KiB here, so each expert is many) fill the same bytes as one
+    at a time; the busy time is counted once, not once per read."""
+    from formats.decoder import ParallelDecoder
+    from formats.reader import Archive
+    from zipmoe_run.store import worker
+    from zipmoe_run.store.store import ExpertStore
+    from zipmoe_run.tiers import CostModel
+
+    monkeypatch.setattr(worker, "READ_PIECE", 8192)
+    path, ref = store_archive(0)
+    got = {}
+    with Archive(path) as ar, ParallelDecoder(2) as dec:
+        store = ExpertStore(ar, dec, budget=None, cost=CostModel(frozen=True), read_depth=depth)
+        try:
+            for stack, layer in sorted({k[:2] for k in ref}, key=str):
+                experts = sorted(k[2] for k in ref if k[:2] == (stack, layer))
+                for e, arr in store.fetch(layer, experts, stack):
+                    got[(stack, layer, e)] = np.asarray(arr).view(np.uint8).reshape(-1).copy()
+            st = store.stats()
+        finally:
+            store.close()
+    assert set(got) == set(ref)
+    for k, want in ref.items():
+        assert got[k][:want.nbytes].tobytes() == want.view(np.uint8).tobytes(), k
+    assert st["reads"] > len(ref)  # many pieces per expert
+    assert 0 < st["read_busy_s"] <= st["read_s"] * (1 + 1e-9)
+
+
+def test_compression_verdict_from_rates():
+    from zipmoe_run.cores import compression_verdict
+
+    # 100 MB decoded, 66 MB read: at 1 GB/s disk and 3 GB/s decode a miss is 66 ms against 100 ms raw
+    v = compression_verdict(1e9, 3e9, 66_000_000, 100_000_000)
+    assert v["pays"] and v["cold_miss_ms"] == 66.0 and v["raw_read_ms"] == 100.0 and "pays" in v["why"]
+    # decode at 0.8 GB/s: 125 ms of decode against 100 ms of raw read
+    v = compression_verdict(1e9, 0.8e9, 66_000_000, 100_000_000)
+    assert not v["pays"] and v["speed_vs_raw"] == 0.8 and "does not pay" in v["why"] and "34%" in v["why"]
+    assert compression_verdict(1e9, 1e9, 100_000_000, 100_000_000) is None  # not compressed
+
+
+def test_store_says_when_compression_does_not_pay(store_archive, caplog):
+    from formats.decoder import ParallelDecoder
+    from formats.reader import Archive
+    from zipmoe_run.store.store import ExpertStore
+    from zipmoe_run.tiers import CostModel
+
+    path, _ = store_archive(0)
+    with Archive(path) as ar, ParallelDecoder(1) as dec:
+        for decode_bps, pays in ((5e9, True), (0.2e9, False)):
+            caplog.clear()
+            with caplog.at_level("INFO", logger="zipmoe_run.store.store"):
+                store = ExpertStore(ar, dec, budget=None, cost=CostModel(read_bps=1e9, decode_bps=decode_bps,
+                                                                         frozen=True))
+            try:
+                st = store.stats()
+            finally:
+                store.close()
+            assert st["compression"]["pays"] is pays and st["compression_now"] == st["compression"]
+            rec = [r for r in caplog.records if "compression" in r.getMessage()]
+            assert len(rec) == 1 and rec[0].levelname == ("INFO" if pays else "WARNING")
+            assert st["decode_threads"] == 1 and st["read_depth"] == 1 and st["disk_utilisation"] is None
