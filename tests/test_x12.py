@@ -171,6 +171,26 @@ def test_gemv_with_a_lookup_table_and_all_patterns():
 
 
 @needs_numba
+def test_a_stale_compiled_kernel_is_caught_and_recompiled(monkeypatch, caplog):
+    real = xk._x12_gemv
+
+    class Stale:  # what a stale on-disk cache entry would be: the right source, a wrong compiled result
+        py_func = staticmethod(real.py_func)
+
+        def __call__(self, *args):
+            args[-2][:] = 0.0
+
+    monkeypatch.setattr(xk, "_x12_gemv", Stale())
+    monkeypatch.setattr(xk, "_checked", [])
+    assert xk.available()
+    assert "recompiling without numba's cache" in caplog.text
+    assert xk._x12_gemv is not real and not isinstance(xk._x12_gemv, Stale)
+    w = _gauss(9, 66)
+    x = np.linspace(-1, 1, 66, dtype=np.float32)
+    assert _same(xk.gemv(x12.from_bf16(w), x), _bf16_gemv(w, x))
+
+
+@needs_numba
 def test_gemv_refuses_an_odd_k():
     with pytest.raises(ValueError, match="even K"):
         xk.gemv(x12.from_bf16(_gauss(2, 5)), np.zeros(5, np.float32))

@@ -40,8 +40,13 @@ __all__ = ["X12", "from_bf16", "to_bf16", "decode_into", "ESCAPE"]
 
 ESCAPE = 15  # the code of an exponent not in the table
 
+PAIRS = 16  # bf16 pairs (uint32 words) decoded per vector step: 32 weights, one block of the GEMV's order
+
 try:
-    from numba import njit, prange
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - numba is a dependency
     njit = None
 
@@ -229,32 +234,87 @@ if njit is not None:
                     esc_exp[t] = e
                     t += 1
 
+    from llvmlite import binding as _llvm
+
+    _PREFETCH = "llvm.prefetch.p0" if _llvm.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"  # opaque pointers
+
+    @intrinsic
+    def _pairs_vec(typingctx, nib, sm16, i, bword, dst, nv, pf):
+        """Pairs 0 .. nv*PAIRS-1 of row i (contiguous table) into dst uint32 [>= nv*PAIRS], PAIRS per step.
+
+        LLVM vector IR in 32-bit lanes (numba's scalar typing widens integer arithmetic to 64 bits, which
+        halves the vector width and adds packing): for pair j with code byte c and sm bytes s0, s1,
+        word = ((c & 15) << 7 | (c >> 4) << 23) + bword | (sext16(s0) & 0x807F | (sext16(s1) & 0x807F) << 16),
+        with bword = base << 7 | base << 23. Plain IR, no target intrinsics: one step is a 512-bit vector
+        of AVX-512, two of AVX2, four of SSE or NEON. Each step also prefetches the same columns of row
+        ``pf`` (the next row: it keeps the memory streams ahead while this row computes; a hint only,
+        ``llvm.prefetch``, dropped on targets without one)."""
+        sig = types.void(nib, sm16, i, bword, dst, nv, pf)
+
+        def codegen(context, builder, signature, args):
+            na = context.make_array(signature.args[0])(context, builder, value=args[0])
+            sa = context.make_array(signature.args[1])(context, builder, value=args[1])
+            da = context.make_array(signature.args[4])(context, builder, value=args[4])
+            i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+            p = PAIRS
+            vb, vs, vh, vw = ir.VectorType(i8, p), ir.VectorType(i8, 2 * p), ir.VectorType(i16, 2 * p), \
+                ir.VectorType(i32, p)
+
+            def row_ptr(arr, vt, row):
+                off = builder.mul(row, cgutils.unpack_tuple(builder, arr.strides, 2)[0])  # bytes
+                return builder.bitcast(builder.gep(builder.bitcast(arr.data, i8.as_pointer()), [off]), vt.as_pointer())
+
+            npv, spv = row_ptr(na, vb, args[2]), row_ptr(sa, vs, args[2])
+            npf, spf = row_ptr(na, vb, args[6]), row_ptr(sa, vs, args[6])
+            pfn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
+                i8.as_pointer(), i32, i32, i32]), _PREFETCH)
+            rd, loc, dcache = ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)
+            dpv = builder.bitcast(da.data, vw.as_pointer())
+            bw = builder.insert_element(ir.Constant(vw, ir.Undefined), args[3], ir.Constant(i32, 0))
+            bw = builder.shuffle_vector(bw, ir.Constant(vw, ir.Undefined), ir.Constant(vw, [0] * p))  # splat
+
+            def splat(t, v):
+                return ir.Constant(t, [v] * t.count)
+
+            with cgutils.for_range(builder, args[5]) as loop:
+                v = loop.index
+                for q in (npf, spf):
+                    builder.call(pfn, [builder.bitcast(builder.gep(q, [v]), i8.as_pointer()), rd, loc, dcache])
+                c = builder.zext(builder.load(builder.gep(npv, [v]), align=1), vw)  # [16] code bytes
+                codes = builder.or_(builder.and_(builder.shl(c, splat(vw, 7)), splat(vw, 0x780)),
+                                    builder.and_(builder.shl(c, splat(vw, 19)), splat(vw, 0x07800000)))
+                sm = builder.sext(builder.load(builder.gep(spv, [v]), align=1), vh)  # [32] sign-extended
+                sm = builder.bitcast(builder.and_(sm, splat(vh, 0x807F)), vw)  # sign << 15 | mantissa, per half
+                builder.store(builder.or_(builder.add(codes, bw), sm), builder.gep(dpv, [v]), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     @njit(inline="always", nogil=True)
     def decode_row(nib, sm16, table, base, row_ptr, esc_col, esc_exp, i, dst):
-        """Row i of an X12 into dst uint32 [Kp/2] (bf16 pairs). base >= 0: contiguous table.
-
-        All arithmetic in uint32 (numba widens uint32 with an int literal to int64, which would halve
-        the vector width): every constant is a uint32."""
+        """Row i of an X12 into dst uint32 [Kp/2] (bf16 pairs). base >= 0: contiguous table."""
         kh = nib.shape[1]
         m7, m80, m8000, m7f00 = np.uint32(0x7F), np.uint32(0x80), np.uint32(0x8000), np.uint32(0x7F00)
         m15, s4, s7, s8, s16, s23 = np.uint32(15), np.uint32(4), np.uint32(7), np.uint32(8), np.uint32(16), np.uint32(23)
         if base >= 0:
             b = np.uint32(base)
-            for j in range(kh):
+            nv = kh // PAIRS
+            _pairs_vec(nib, sm16, i, np.uint32((b << s7) | (b << s23)), dst, nv, min(i + 1, nib.shape[0] - 1))
+            for j in range(nv * PAIRS, kh):  # the pairs after the last whole vector
                 s = np.uint32(sm16[i, j])
                 c = np.uint32(nib[i, j])
                 # a code 15 may carry into bit 15 / bit 31 (b + 15 = 256): the escape patch below
                 # rewrites that whole half-word, so nothing leaks into the other half
                 lo = ((s & m80) << s8) | ((b + (c & m15)) << s7) | (s & m7)
                 hi = ((s & m8000) << s16) | ((b + (c >> s4)) << s23) | ((s & m7f00) << s8)
-                dst[j] = lo | hi
+                dst[j] = np.uint32(lo | hi)
         else:
             for j in range(kh):
                 s = np.uint32(sm16[i, j])
                 c = nib[i, j]
                 lo = ((s & m80) << s8) | (np.uint32(table[c & 15]) << s7) | (s & m7)
                 hi = ((s & m8000) << s16) | (np.uint32(table[c >> 4]) << s23) | ((s & m7f00) << s8)
-                dst[j] = lo | hi
+                dst[j] = np.uint32(lo | hi)
         for t in range(row_ptr[i], row_ptr[i + 1]):
             col = np.int64(esc_col[t])
             e = np.uint32(esc_exp[t])
@@ -265,7 +325,7 @@ if njit is not None:
                 dst[j] = (dst[j] & np.uint32(0xFFFF)) | np.uint32(half << s16)
             else:
                 half = ((s & m80) << s8) | (e << s7) | (s & m7)
-                dst[j] = (dst[j] & np.uint32(0xFFFF0000)) | half
+                dst[j] = (dst[j] & np.uint32(0xFFFF0000)) | np.uint32(half)
 
     @njit(parallel=True, nogil=True, cache=True)
     def _decode_rows(nib, sm16, table, base, row_ptr, esc_col, esc_exp, out):  # out uint32 [N, Kp/2]

@@ -13,12 +13,16 @@ even (as for the bf16 GEMV). Threads: numba's pool (``kernels.set_threads``).
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from . import kernels as K
 from .x12 import X12, decode_row
 
 __all__ = ["gemv", "available", "ROWS_PER_TASK"]
+
+log = logging.getLogger(__name__)
 
 ROWS_PER_TASK = 16  # rows per parallel task: one scratch allocation each, enough tasks to balance threads
 
@@ -28,8 +32,42 @@ except ImportError:  # pragma: no cover
     njit = None
 
 
+_checked: list[bool] = []  # [ok] once the self-check ran
+
+
 def available() -> bool:
-    return njit is not None and K.njit is not None and K.enabled()
+    """The kernel can run here (numba present, the bf16 kernels enabled) and passed its self-check."""
+    if not _checked:
+        _checked.append(njit is not None and K.njit is not None and K.enabled() and _self_check())
+    return _checked[0]
+
+
+def _self_check() -> bool:
+    """Compare with the bf16 GEMV on a small matrix with escapes and a tail, bit for bit.
+
+    numba's on-disk cache keys a compiled function on its own source file only, while this kernel
+    inlines code from ``kernels`` (the summation order) and ``x12`` (the decode): after an edit there a
+    cached copy could be stale. On a mismatch the kernel is compiled again without the cache; if it
+    still differs the kernel is unavailable (callers decode to bf16 instead)."""
+    global _x12_gemv
+    from .x12 import from_bf16
+
+    rng = np.random.default_rng(12)
+    n, k = 37, 3 * 2 * WORDS + 6
+    w = (rng.integers(0, 1 << 16, size=(n, k)) & 0x807F | rng.integers(118, 133, size=(n, k)) << 7).astype(np.uint16)
+    w[np.arange(n), np.arange(n) % k] = 0x0005  # an escape (subnormal) in every row
+    x = rng.standard_normal(k).astype(np.float32)
+    ref = np.empty(n, np.float32)
+    K._gemv_kernel(w.view(np.uint32).reshape(n, k // 2), np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2]),
+                   ref)
+    enc = from_bf16(w)
+    for attempt in range(2):
+        if np.array_equal(gemv(enc, x).view(np.uint32), ref.view(np.uint32)):
+            return True
+        log.warning("x12 GEMV differs from the bf16 GEMV%s", " (recompiling without numba's cache)" if not attempt
+                    else "; x12 products decode to bf16 instead")
+        _x12_gemv = njit(parallel=True, nogil=True)(_x12_gemv.py_func)
+    return False
 
 
 if njit is not None and K.njit is not None:

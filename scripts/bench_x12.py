@@ -1,0 +1,138 @@
+"""Benchmark the 12-bit form (x12) against bf16: one-row products and the decode to bf16.
+
+    python scripts/bench_x12.py [--threads 1,2] [--mats 64] [--reps 7] [--shapes 1408x2048,...] [--out FILE.json]
+
+For each shape (out x in) it makes ``--mats`` distinct copies of one N(0, 0.02) bf16 matrix (distinct
+memory, so each product streams its weights from DRAM as a decode step does; more than the last-level
+cache in all) and their x12 encodings, then times, alternating the kernels pass by pass:
+
+* ``x12``: ``resident.x12_linear`` (the x12 GEMV, bf16 in, bf16 out);
+* ``numba``: the bf16 numba GEMV (``kernels.run_kernel("numba")``);
+* ``torch``: ``torch.nn.functional.linear`` (``kernels.run_kernel("torch")``, torch's threads);
+* ``decode``: x12 -> bf16 of the whole matrix (``x12.decode_into``), the cost of an x12 tier that is
+  expanded to bf16 before use.
+
+All under ``kernels.single_row_scope`` (as a decode step runs). A pass runs every matrix once; the
+figure is the median over ``--reps`` passes of the time per product and its bf16-equivalent GB/s
+(bf16 bytes of the matrix / time: the same work for every kernel), plus the bytes actually moved per
+second (x12: its exact bytes). Prints the host line (``zipmoe_run.calibrate.report``), the load average
+before and after, a table, and writes JSON with ``--out``. ``NUMBA_CPU_NAME=haswell`` (with
+``ATEN_CPU_CAPABILITY=avx2``) in the environment emulates the AVX2 instruction set on an AVX-512 host
+(not its microarchitecture); the JSON records those variables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zipmoe_run import kernels as K  # noqa: E402
+from zipmoe_run import x12 as X  # noqa: E402
+from zipmoe_run.resident import x12_linear  # noqa: E402
+
+SHAPES = "1408x2048,2048x1408,5632x2048,2048x5632,2048x2048"
+ENV_KEYS = ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "ATEN_CPU_CAPABILITY")
+
+
+def _matrix(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02).bfloat16()
+
+
+def bench_shape(n: int, k: int, threads: int, mats: int, reps: int) -> dict:
+    base = _matrix(n, k)
+    ws = [base.clone() for _ in range(mats)]  # [N, K] bf16, distinct memory
+    enc = X.from_bf16(base.view(torch.int16).numpy().view(np.uint16))
+    xs = [X.X12(enc.shape, *(a.copy() for a in (enc.nibbles, enc.sm, enc.table, enc.row_ptr, enc.esc_col,
+                                                  enc.esc_exp))) for _ in range(mats)]
+    outs = [w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2) for w in ws]  # decode targets
+    x = _matrix(1, k, seed=1)  # [1, K]
+    ref = K.run_kernel("numba", x, ws[0])
+    assert torch.equal(x12_linear(x, xs[0]).view(torch.int16), ref.view(torch.int16)), "x12 != bf16 GEMV"
+    runs = {
+        "x12": lambda i: x12_linear(x, xs[i]),
+        "numba": lambda i: K.run_kernel("numba", x, ws[i]),
+        "torch": lambda i: K.run_kernel("torch", x, ws[i]),
+        "decode": lambda i: X.decode_into(xs[i], outs[i]),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for f in runs.values():
+        f(0)  # warm-up (compile, first touch)
+    for rep in range(reps):
+        order = list(runs) if rep % 2 == 0 else list(reversed(runs))  # alternate who runs first
+        for name in order:
+            f = runs[name]
+            t0 = time.perf_counter()
+            for i in range(mats):
+                f(i)
+            times[name].append((time.perf_counter() - t0) / mats)
+    assert all(np.array_equal(o, outs[0]) for o in outs) and np.array_equal(outs[0].view(np.uint16).reshape(n, k),
+                                                                           base.view(torch.int16).numpy().view(np.uint16))
+    bf16 = 2 * n * k
+    res = {"shape": f"{n}x{k}", "threads": threads, "mats": mats, "reps": reps, "bf16_bytes": bf16,
+           "x12_bytes": enc.nbytes, "x12_ratio": round(enc.ratio, 4), "escapes": enc.escapes, "kernels": {}}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        moved = enc.nbytes + (bf16 if name == "decode" else 0) if name in ("x12", "decode") else bf16
+        res["kernels"][name] = {"us": round(med * 1e6, 1), "us_all": [round(t * 1e6, 1) for t in ts],
+                                "gbps_bf16_equiv": round(bf16 / med / 1e9, 2), "gbps_moved": round(moved / med / 1e9, 2)}
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--mats", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    if not K.enabled():
+        print("error: the numba kernels are unavailable", file=sys.stderr)
+        return 2
+    from zipmoe_run.calibrate import report as host_report
+
+    host = host_report(threads=max(int(t) for t in a.threads.split(",")))
+    print(host["host_line"])
+    env = {k: os.environ[k] for k in ENV_KEYS if os.environ.get(k)}
+    if env:
+        print("emulated instruction set (not the microarchitecture): " + " ".join(f"{k}={v}" for k, v in env.items()))
+    load0 = os.getloadavg()
+    results = []
+    print(f"{'shape':>10} {'thr':>3} | {'x12 us':>8} {'GB/s':>6} | {'numba us':>8} {'GB/s':>6} | {'torch us':>8} "
+          f"{'GB/s':>6} | {'x12/numba':>9} {'x12/torch':>9} | {'decode GB/s out':>15}")
+    for t in (int(s) for s in a.threads.split(",")):
+        torch.set_num_threads(t)
+        with K.single_row_scope(True):
+            for shape in a.shapes.split(","):
+                n, k = (int(v) for v in shape.lower().split("x"))
+                r = bench_shape(n, k, t, a.mats, a.reps)
+                results.append(r)
+                kk = r["kernels"]
+                print(f"{r['shape']:>10} {t:>3} | {kk['x12']['us']:>8.0f} {kk['x12']['gbps_bf16_equiv']:>6.2f} | "
+                      f"{kk['numba']['us']:>8.0f} {kk['numba']['gbps_bf16_equiv']:>6.2f} | {kk['torch']['us']:>8.0f} "
+                      f"{kk['torch']['gbps_bf16_equiv']:>6.2f} | {kk['numba']['us'] / kk['x12']['us']:>9.2f} "
+                      f"{kk['torch']['us'] / kk['x12']['us']:>9.2f} | {kk['decode']['gbps_bf16_equiv']:>15.2f}",
+                      flush=True)
+    load1 = os.getloadavg()
+    print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (cores: {os.cpu_count()}); "
+          "GB/s = bf16 bytes of the matrix per second (the same work for every kernel); medians of "
+          f"{a.reps} passes over {a.mats} distinct matrices")
+    out = {"benchmark": "x12", **host, "codegen_env": env, "loadavg_before": load0, "loadavg_after": load1,
+           "results": results}
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
