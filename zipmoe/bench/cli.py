@@ -256,6 +256,41 @@ def e2e_cmd(
         console.print(f"no memory cap: {result['cgroup']} (figures are uncapped)", highlight=False, markup=False)
 
 
+@app.command("serve")
+def serve_cmd(
+    model: Path = typer.Argument(..., help="A .zmoe archive or a checkpoint folder."),
+    budgets: str = typer.Option("30%,100%", "--budgets", help="Memory budgets (comma-separated: 30%, 3GiB, none)."),
+    streams: str = typer.Option("1,2,4,8", "--streams", help="Concurrent clients (1, the sequential baseline, "
+                                "is always run)."),
+    requests: int = typer.Option(16, "--requests", "-n", min=1, max=10000, help="Requests per stream count."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, max=100000, help="Greedy tokens per request at most."),
+    threads: Optional[int] = typer.Option(None, "--threads", callback=threads_option, help="Compute threads."),
+    llamacpp: bool = typer.Option(False, "--llamacpp", help="Also llama.cpp's server (skipped, saying why, when "
+                                  "llama_cpp or its server does not import)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
+    debug: bool = typer.Option(False, "--debug", help="Log progress."),
+) -> None:
+    """zipmoe serve: aggregate tok/s, TTFT and bytes read per token at 1-8 concurrent streams, per budget."""
+    from rich.console import Console
+
+    from zipmoe.bench.serve import render_table, run
+
+    _logging(debug)
+    try:
+        stream_list = [int(s) for s in streams.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--streams: expected comma-separated integers, got {streams!r}", 2)
+    budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
+    if not budget_list or not stream_list:
+        fail("--budgets and --streams need at least one value each", 2)
+    with guarded(debug, 2):
+        result = run(model, budgets=budget_list, streams=stream_list, requests=requests, max_tokens=max_tokens,
+                     threads=threads, llamacpp=llamacpp)
+    if not _emit(result, as_json, out):
+        Console(width=200).print(render_table(result))
+
+
 @app.callback()
 def _bench() -> None:
     """Benchmarks."""

@@ -1,0 +1,252 @@
+"""Serving benchmark: ``zipmoe serve``'s aggregate throughput at 1, 2, 4, 8 concurrent streams, per budget.
+
+For every memory budget the model is loaded afresh (cold store), a batched engine (``max_batch`` = the
+largest stream count) is served by uvicorn on a free local port, and the same ``requests`` greedy
+completions (token-id prompts of mixed lengths, ``max_tokens`` each, streamed with usage) are sent by
+``streams`` concurrent HTTP clients. ``streams = 1`` is the baseline: the same requests one after
+another. Per row: aggregate generated tokens/s over the wall time, time to first token (median, p90:
+from sending a request to its first text chunk, queueing included), expert bytes read per generated
+token (the engine's source counters), the store's peak against its budget and the process's peak RSS.
+A short untimed warm-up runs first at each budget.
+
+Peers: ``--llamacpp`` asks for llama.cpp's server on the same model (``PEERS``); the row says why it is
+skipped when ``llama_cpp`` or its server module does not import. Any OpenAI-compatible server can be
+measured with :func:`drive`.
+
+Library code: logs, never prints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from zipmoe.bench.errors import BenchInputError
+
+__all__ = ["run", "drive", "make_prompts", "render_table", "PEERS"]
+
+log = logging.getLogger(__name__)
+
+
+def make_prompts(n: int, vocab: int, context: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """``n`` token-id prompts of mixed lengths (4 .. 64, bounded by the context), deterministic."""
+    import random
+
+    rng = random.Random(seed)
+    longest = max(1, min(64, context - max_tokens - 1))
+    lo = min(4, longest)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, longest))] for _ in range(n)]
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _one(client, url: str, model: str, prompt: list[int], max_tokens: int, headers: dict) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = None
+    tokens = None
+    text = []
+    with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:200]}"}
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                return {"error": obj["error"].get("message", "error")}
+            if obj.get("choices") and obj["choices"][0].get("text"):
+                if first is None:
+                    first = time.perf_counter() - t0
+                text.append(obj["choices"][0]["text"])
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+    return {"ttft_s": first, "tokens": tokens or 0, "s": time.perf_counter() - t0, "text": "".join(text)}
+
+
+def drive(url: str, model: str, prompts: list[list[int]], max_tokens: int, streams: int, *,
+          api_key: str | None = None, timeout: float = 600.0) -> dict:
+    """Send every prompt (greedy, streamed) to the OpenAI-compatible server at ``url`` from ``streams``
+    concurrent clients; aggregate tokens/s, TTFT median and p90, per-request results."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    local = threading.local()
+
+    def work(i: int) -> dict:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=timeout)
+        return _one(local.client, url, model, prompts[i], max_tokens, headers)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        res = list(pool.map(work, range(len(prompts))))
+    wall = time.perf_counter() - t0
+    errors = [r["error"] for r in res if "error" in r]
+    ok = [r for r in res if "error" not in r]
+    ttfts = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"streams": streams, "requests": len(prompts), "completed": len(ok), "errors": errors[:3],
+            "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall if wall > 0 else 0.0,
+            "ttft_median_s": statistics.median(ttfts) if ttfts else None, "ttft_p90_s": _pct(ttfts, 0.9),
+            "texts": [r.get("text") for r in res]}
+
+
+# --------------------------------------------------------------------------------------------- peers
+def _llamacpp(model: Path, **_) -> dict:
+    """llama.cpp's OpenAI-compatible server (``llama-cpp-python[server]``) on the same model: not wired yet.
+
+    Hook for the llama.cpp row: return ``{"url": ..., "model": ..., "stop": callable}`` for a started
+    server (the GGUF from ``zipmoe.bench.gguf_export.export``, the same cap), and ``run`` measures it
+    with :func:`drive` at every stream count; or ``{"skipped": reason}``.
+    """
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reason to skip
+        return {"skipped": f"llama_cpp does not import ({type(exc).__name__}: {exc})"}
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return {"skipped": f"llama.cpp's server does not import (pip install 'llama-cpp-python[server]'): {exc}"}
+    return {"skipped": "the llama.cpp server peer is not wired into bench serve yet"}
+
+
+PEERS: dict[str, Callable[..., dict]] = {"llamacpp": _llamacpp}
+
+
+# ----------------------------------------------------------------------------------------------- run
+def _zipmoe_rows(model: Path, budget: str, streams: list[int], prompts: list[list[int]], max_tokens: int,
+                 threads: int | None) -> tuple[list[dict], dict]:
+    from zipmoe_run.api import load
+    from zipmoe_run.engine import Engine
+    from zipmoe_run.serve import model_id_for
+    from zipmoe_run.serve.app import ServeContext
+    from zipmoe_run.serve.server import ServerThread
+
+    t = time.perf_counter()
+    lm = load(model, memory_budget=None if budget in ("none", "uncapped") else budget, threads=threads)
+    load_s = time.perf_counter() - t
+    eng = Engine(lm, max_batch=max(streams), max_queue=max(64, len(prompts)))
+    eng.start()
+    srv = None
+    rows: list[dict] = []
+    try:
+        ctx = ServeContext(eng, lm, model_id_for(model))
+        srv = ServerThread(ctx).start()
+        drive(srv.url, ctx.model_id, prompts[:2], min(max_tokens, 8), 1)  # warm-up, untimed
+        for n in streams:
+            st0 = eng.stats()
+            row = drive(srv.url, ctx.model_id, prompts, max_tokens, n)
+            st1 = eng.stats()
+            gen = st1["tokens_generated"] - st0["tokens_generated"]
+            read = st1["expert_bytes_read"] - st0["expert_bytes_read"]
+            src = st1.get("source", {})
+            row.update(system="zipmoe", budget=budget, budget_bytes=st1.get("memory_budget_bytes"),
+                       bytes_read=read, bytes_per_token=read / gen if gen else None,
+                       store_peak_bytes=src.get("store_peak_bytes"), peak_rss_bytes=st1.get("peak_rss_bytes"),
+                       load_s=load_s)
+            log.info("zipmoe %s, %d streams: %.2f tok/s", budget, n, row["tok_s"])
+            rows.append(row)
+        info = {"io_mode": eng.stats().get("source", {}).get("io_mode")}
+    finally:
+        if srv is not None:
+            srv.stop()
+        eng.shutdown(cancel=True, timeout=30)
+        lm.close()
+    return rows, info
+
+
+def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), streams: list[int] = (1, 2, 4, 8),
+        requests: int = 16, max_tokens: int = 32, threads: int | None = None, llamacpp: bool = False,
+        seed: int = 0) -> dict:
+    """Measure (see the module docstring); returns the JSON-able result with the host line."""
+    from zipmoe_run.api import open_source
+    from zipmoe_run.calibrate import report as host_report
+
+    model = Path(model)
+    if not model.exists():
+        raise BenchInputError(f"{model}: no such archive or checkpoint folder")
+    if requests < 1 or max_tokens < 1:
+        raise BenchInputError("--requests and --max-tokens must be at least 1")
+    streams = sorted(set([1, *streams]))  # 1 stream = the same requests one after another: the baseline
+    if any(s < 1 or s > 256 for s in streams):
+        raise BenchInputError(f"--streams must be in 1..256, got {streams}")
+    src = open_source(model)
+    try:
+        cfg = src.config
+    finally:
+        src.close()
+    vocab = int(cfg.get("vocab_size") or 0)
+    context = int(cfg.get("max_position_embeddings") or 2048)
+    if vocab < 8 or context <= max_tokens + 4:
+        raise BenchInputError(f"{model}: vocabulary {vocab} / context {context} too small for --max-tokens {max_tokens}")
+    prompts = make_prompts(requests, vocab, context, max_tokens, seed)
+    result: dict = {"bench": "serve", "model": str(model), "model_type": cfg.get("model_type"),
+                    "requests": requests, "max_tokens": max_tokens, "streams": streams, "budgets": list(budgets),
+                    "threads": threads, "prompt_tokens": [len(p) for p in prompts], "rows": []}
+    result.update(host_report(model if model.suffix == ".zmoe" else None, threads=threads))
+    for b in budgets:
+        rows, info = _zipmoe_rows(model, b, streams, prompts, max_tokens, threads)
+        base = next(r for r in rows if r["streams"] == 1)
+        base_texts = base["texts"]
+        for r in rows:  # greedy answers must not depend on the batch (batch invariance)
+            r["x_sequential"] = r["tok_s"] / base["tok_s"] if base["tok_s"] else None
+            r["same_text_as_sequential"] = r.pop("texts") == base_texts
+        result["rows"].extend(rows)
+        result.setdefault("io_mode", info.get("io_mode"))
+    if llamacpp:
+        peer = PEERS["llamacpp"](model, threads=threads, max_tokens=max_tokens)
+        if "skipped" in peer:
+            result["llamacpp"] = {"skipped": peer["skipped"]}
+        else:
+            try:
+                for n in streams:
+                    row = drive(peer["url"], peer["model"], prompts, max_tokens, n)
+                    row.pop("texts")
+                    result["rows"].append({**row, "system": "llamacpp", "budget": peer.get("budget", "-")})
+            finally:
+                peer["stop"]()
+    return result
+
+
+def render_table(result: dict):
+    """A rich Table of :func:`run`'s result."""
+    from rich.table import Table
+
+    from zipmoe_cli import human
+
+    table = Table(title=f"serve: {result['model']} ({result['model_type']}), {result['requests']} greedy requests "
+                        f"of <= {result['max_tokens']} tokens, prompts {min(result['prompt_tokens'])}-"
+                        f"{max(result['prompt_tokens'])} tokens; streams = concurrent clients (1: one after another)")
+    for c in ("system", "budget", "streams", "tok/s", "x 1 stream", "TTFT median s", "TTFT p90 s", "read/token",
+              "store peak / budget", "peak RSS", "done"):
+        table.add_column(c, justify="left" if c in ("system", "budget") else "right")
+    for r in result["rows"]:
+        bpt = r.get("bytes_per_token")
+        store = (f"{human(r['store_peak_bytes'])} / {human(r['budget_bytes'])}"
+                 if r.get("budget_bytes") and r.get("store_peak_bytes") is not None else "-")
+        table.add_row(r["system"], str(r["budget"]), str(r["streams"]), f"{r['tok_s']:.2f}",
+                      f"{r['x_sequential']:.2f}x" if r.get("x_sequential") else "-",
+                      f"{r['ttft_median_s']:.3f}" if r.get("ttft_median_s") is not None else "-",
+                      f"{r['ttft_p90_s']:.3f}" if r.get("ttft_p90_s") is not None else "-",
+                      human(bpt) if bpt is not None else "-", store,
+                      human(r["peak_rss_bytes"]) if r.get("peak_rss_bytes") else "-",
+                      f"{r['completed']}/{r['requests']}" + ("" if r.get("same_text_as_sequential", True)
+                                                             else " (text differs!)"))
+    if "llamacpp" in result:
+        from rich.markup import escape
+
+        table.caption = escape(f"llama.cpp server: skipped: {result['llamacpp']['skipped']}")
+    return table
