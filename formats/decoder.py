@@ -2,15 +2,17 @@
 
 A :class:`ChunkRef` describes one independently decodable piece of a tensor: either a
 ``bf16-split`` chunk (entropy-coded exponent plane + raw sign+mantissa plane, ``n`` elements,
-``2 * n`` output bytes) or a ``raw`` chunk (``n`` plain bytes: dense, FP8 or stored-raw tensors).
+``2 * n`` output bytes; the exponent codec, ``zstd-lit`` or ``huf4x``, is the ref's ``codec``, on
+which :meth:`~formats.codec.ChunkDecoder.decode_exp` dispatches) or a ``raw`` chunk (``n`` plain
+bytes: dense, FP8 or stored-raw tensors).
 
 :func:`decode_chunk` verifies the stored xxh3 checksums first, then decodes the exponents into the
 decoder's per-thread scratch buffer and merges them with the sm plane straight into the output
 slice: no full-size intermediate copies.
 
-:class:`ParallelDecoder` fans the chunks out over a thread pool (zstd, xxh3 and the numba merge all
-release the GIL). Each output byte is written by exactly one chunk, so the result does not depend on
-the thread count or on timing.
+:class:`ParallelDecoder` fans the chunks out over a thread pool (zstd, the huf4x kernel, xxh3 and
+the numba merge all release the GIL). Each output byte is written by exactly one chunk, so the result
+does not depend on the thread count or on timing.
 
 Thread safety: :func:`decode_chunk` is safe to call from several threads as long as each uses its
 own :class:`~formats.codec.ChunkDecoder` and the output ranges are disjoint. :class:`ParallelDecoder`

@@ -161,4 +161,6 @@ def warm_up() -> None:
     """Compile (or load from the numba cache) the kernels."""
     exp = (np.arange(64) % 3).astype(np.uint8)
     out = np.empty(64, np.uint8)
-    decode(encode(exp), 64, out)
+    coded = np.frombuffer(encode(exp), np.uint8)
+    decode(coded, 64, out)  # read-only input (bytes, a read-only map)
+    decode(coded.copy(), 64, out)  # writeable input (a read buffer)
