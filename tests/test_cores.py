@@ -126,3 +126,29 @@ def test_store_says_when_compression_does_not_pay(store_archive, caplog):
             rec = [r for r in caplog.records if "compression" in r.getMessage()]
             assert len(rec) == 1 and rec[0].levelname == ("INFO" if pays else "WARNING")
             assert st["decode_threads"] == 1 and st["read_depth"] == 1 and st["disk_utilisation"] is None
+
+
+def test_a_drift_makes_the_store_plan_again(store_archive, tmp_path):
+    """The zipmoe policy plans its tier split at each new request; a calibration drift in between asks
+    for a plan at the next placement."""
+    from formats.decoder import ParallelDecoder
+    from formats.reader import Archive
+    from zipmoe_run.calibrate import Drift
+    from zipmoe_run.store.store import ExpertStore
+    from zipmoe_run.tiers import CostModel
+
+    path, _ = store_archive(0)
+    cost = CostModel(read_bps=1e9, decode_bps=3e9)
+    cost.drift = Drift(cost, {"read_bps": (None, "read_bps")}, None)
+    with Archive(path) as ar, ParallelDecoder(1) as dec:
+        store = ExpertStore(ar, dec, budget="50%", policy="zipmoe", cost=cost)
+        try:
+            store.policy._need_plan = False
+            for _ in range(7):  # within the first observations: no drift judged yet
+                cost.observe("read_bps", 0.2e9, 0.25)
+            assert not store.policy._need_plan
+            for _ in range(10):  # five times slower than calibrated: a drift
+                cost.observe("read_bps", 0.2e9, 0.25)
+            assert cost.drift.events == 1 and store.policy._need_plan
+        finally:
+            store.close()

@@ -243,6 +243,7 @@ class Drift:
         self.notes: list[dict] = []
         self.events = 0
         self.lock = threading.Lock()
+        self.listeners: list = []  # called with the rate's name after each drift (the store re-plans)
 
     def check(self, cost: CostModel, name: str, rate: float) -> None:
         if name not in self.base or not _positive(rate):
@@ -263,6 +264,8 @@ class Drift:
                  now / 1e9, now / base, base / 1e9, file or "nothing (not a cached calibration)")
         if file and self.calibrator is not None:
             self.calibrator.update(file, key, now)
+        for fn in list(self.listeners):
+            fn(name)
 
 
 class CalibrationError(ZmoeError):

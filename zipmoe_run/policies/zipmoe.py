@@ -152,6 +152,10 @@ class ZipMoEPolicy:
         self._need_plan = True
         self._need_sync = True
 
+    def replan_soon(self) -> None:
+        """The cost model's rates moved (a calibration drift): plan the split again at the next placement."""
+        self._need_plan = True
+
     def on_access(self, key, tier, now: int) -> None:
         if now != self._now:  # a new fetch call
             self._end_fetch()

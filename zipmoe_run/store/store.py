@@ -101,6 +101,8 @@ class ExpertStore:
         self._freed = False
         log.info("expert store: budget %s; io %s, %d read(s) in flight; %d decoder thread(s); policy %s",
                  self.budget.how, self.reader.mode, self.worker.read_depth, self.decoder.threads, self.policy.name)
+        if hasattr(self.policy, "replan_soon") and hasattr(self.cost.drift, "listeners"):  # re-plan on a drift
+            self.cost.drift.listeners.append(lambda _name: self.policy.replan_soon())
         self.read_bps_calibrated = self.cost.read_bps
         self.compression = self._verdict()
         if self.compression is not None:
