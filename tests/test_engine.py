@@ -264,3 +264,37 @@ def test_budget_kept_and_batching_reads_fewer_expert_bytes_per_token(store_archi
     lines = [r.getMessage() for r in caplog.records if "completion tokens" in r.getMessage()]
     assert len(lines) == 12 and all("expert bytes read" in x and "finish " in x for x in lines)
     assert run("30%", 6)[0] == seq_ids
+
+
+class _PieceTokenizer:
+    """decode(ids) joins fixed pieces: enough for IncrementalDecoder."""
+
+    PIECES = ["x", "a", "b", "c", "ab", "yz"]
+
+    def decode(self, ids):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+@pytest.mark.parametrize("tokens,stops,released,stopped", [
+    ([0, 1, 2, 0], ("ab",), ["x", "", "", ""], True),  # "a" held back until "b" completes the stop string
+    ([0, 1, 3, 0], ("ab",), ["x", "", "ac", "x"], False),  # "a" released once "c" rules the stop out
+    ([0, 4, 0], ("xa", "b"), ["", ""], True),  # the earliest of two stop strings wins: nothing released
+    ([0, 4, 0], ("q", "b"), ["x", "a"], True),  # "b" inside a token: the text before it is released
+    ([5, 0, 1], ("zx", "q"), ["y", "", ""], True),  # a stop string across two tokens
+    ([1, 1], ("ab",), ["", "aa"], False),  # the last token flushes what was held back
+])
+def test_text_stream_holds_back_possible_stop_prefixes(tokens, stops, released, stopped):
+    from zipmoe_run.engine_text import TextStream
+
+    ts = TextStream(_PieceTokenizer(), stops)
+    got = []
+    for i, t in enumerate(tokens):
+        text, hit = ts.add(t, final=i == len(tokens) - 1)
+        got.append(text)
+        if hit:
+            break
+    assert got == released[:len(got)] and hit == stopped
+    full = "".join(_PieceTokenizer.PIECES[t] for t in tokens)
+    assert not any(s in "".join(got) for s in stops)
+    if not stopped:
+        assert "".join(got) == full
