@@ -256,3 +256,19 @@ def test_ollama_generate_and_chat(served, ref):
         lines = [json.loads(x) for x in r.iter_lines() if x]
     assert lines[-1]["done"] is True and lines[-1]["eval_count"] == len(greedy(ref, cids, 6)[0])
     assert "".join(x["message"]["content"] for x in lines) == cwant
+
+
+def test_bench_serve_rows(archive):
+    """`zipmoe bench serve`: a row per stream count (1 always: the sequential baseline), every request
+    answered, greedy texts equal across stream counts, bytes per token from the engine's counters."""
+    from zipmoe.bench.serve import render_table, run
+
+    res = run(archive, budgets=["50%"], streams=[2], requests=3, max_tokens=3, llamacpp=True)
+    assert [r["streams"] for r in res["rows"]] == [1, 2] and res["host_line"].startswith("host:")
+    for r in res["rows"]:
+        assert r["completed"] == 3 and not r["errors"] and r["same_text_as_sequential"] is True
+        assert r["tokens"] >= 3 and r["bytes_per_token"] is not None and r["ttft_p90_s"] >= r["ttft_median_s"]
+        assert r["store_peak_bytes"] <= r["budget_bytes"]
+    assert res["rows"][0]["x_sequential"] == 1.0
+    assert "llamacpp" not in res or res["llamacpp"]["skipped"]
+    assert render_table(res).row_count == 2

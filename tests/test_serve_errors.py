@@ -256,3 +256,9 @@ def test_cli_serves_and_stops_on_sigterm(archive):  # noqa: F811
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_bench_serve_usage_errors(archive, tmp_path):  # noqa: F811
+    assert_one_line_error(zipmoe("bench", "serve", archive, "--streams", "1,x"), "--streams")
+    assert_one_line_error(zipmoe("bench", "serve", archive, "--streams", "0"), "--streams")
+    assert_one_line_error(zipmoe("bench", "serve", tmp_path / "none.zmoe"), "none.zmoe")
