@@ -179,10 +179,16 @@ def run_cmd(
 @app.command("e2e")
 def e2e_cmd(
     budgets: str = typer.Option("15,30,60,100", "--budgets", help="Memory budgets, % of the routed-expert bytes."),
-    systems: str = typer.Option("zipmoe,zipmoe-lookahead,raw,hf-offload,llamacpp,resident", "--systems",
+    systems: Optional[str] = typer.Option(None, "--systems",
                                 help="Comma-separated: zipmoe, zipmoe-lookahead (router lookahead prefetch on), "
-                                     "raw, hf-offload, llamacpp (skipped with a note when llama_cpp does not "
-                                     "import), resident."),
+                                     "raw, dir (the checkpoint folder under the budget), hf-offload, llamacpp "
+                                     "(skipped with a note when llama_cpp does not import), resident. Default: all but dir (--depth 2); zipmoe,dir (--depth full)."),
+    depth: str = typer.Option("2", "--depth", help="2: the 2-layer model with Qwen1.5-MoE-A2.7B's dims; full: its "
+                              "exact config, 24 layers, 28.6 GB (generated once into --workdir, needs ~50 GB "
+                              "free), zipmoe and dir only, cold pass only."),
+    routing: Optional[str] = typer.Option(None, "--routing", help="replay:FILE.npy: route by a real trace "
+                                          "(e.g. ../shared/traces/qwen1.5-moe-a2.7b.npy) instead of the "
+                                          "routers, the same choices for every system."),
     prompt_tokens: int = typer.Option(16, "--prompt-tokens", min=1, help="Fixed prompt length (token ids)."),
     new_tokens: int = typer.Option(24, "--new-tokens", min=2, help="Greedy tokens to generate per pass."),
     threads: int = typer.Option(1, "--threads", callback=threads_option,
@@ -220,6 +226,10 @@ def e2e_cmd(
         fail(f"--budgets: expected comma-separated percentages, got {budgets!r}", 2)
     if not pcts or not all(0 < p < float("inf") for p in pcts):
         fail(f"--budgets: expected percentages above 0, got {budgets!r}", 2)
+    if depth not in ("2", "full"):
+        fail(f"--depth: expected 2 or full, got {depth!r}", 2)
+    if systems is None:
+        systems = "zipmoe,dir" if depth == "full" else "zipmoe,zipmoe-lookahead,raw,hf-offload,llamacpp,resident"
     names = tuple(x.strip() for x in systems.split(",") if x.strip())
     bad = [n for n in names if n not in SYSTEMS]
     if bad or not names:
@@ -234,18 +244,37 @@ def e2e_cmd(
         fail(f"--family: expected one of {', '.join(FAMILIES)}, got {family!r}", 2)
     cfg = E2EConfig(workdir=workdir, budgets=pcts, systems=names, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, threads=threads, cap=not no_cap,
-                    warm_pass=not no_warm, storage=storage, family=family, repeat=repeat)
+                    warm_pass=not no_warm and depth != "full", storage=storage, family=family, repeat=repeat,
+                    depth=depth, routing=routing)
+    if depth == "full" and (quick or family != "qwen2_moe"):
+        fail("--depth full: builds Qwen1.5-MoE-A2.7B (qwen2_moe); --quick and --family do not apply", 2)
+    if depth == "full" and budgets == "15,30,60,100":
+        cfg.budgets = (15.0, 30.0, 60.0)
     if quick:
         cfg.quick, cfg.prompt_tokens, cfg.new_tokens = True, min(prompt_tokens, 6), min(new_tokens, 4)
         cfg.budgets = pcts if budgets != "15,30,60,100" else (30.0, 100.0)
     with guarded(debug, 2):
+        from zipmoe.bench.routing import parse_routing
+
+        parse_routing(routing)  # a bad --routing is refused before anything is generated
         result = run(cfg)
     if plot_path is not None and not plot(result, plot_path):
         err.print("matplotlib is not installed: no plot written (pip install 'zipmoe[bench]')", markup=False)
     if _emit(result, as_json, out):
         return
     console = Console(width=240)
-    console.print(render_table(result))
+    if result["model"].get("depth") == "full":
+        from zipmoe.bench.e2e_full import render_full
+
+        for table in render_full(result):
+            console.print(table)
+    else:
+        table = render_table(result)
+        if result.get("routing"):
+            table.title = f"{table.title} ROUTING: {result['routing']['label']} ({result['routing']['trace']})"
+        console.print(table)
+    for s, why in (result.get("routing_skipped") or {}).items():
+        console.print(f"{s} skipped ({result['routing']['label']}): {why}", highlight=False, markup=False)
     for line in render_targets(result):
         console.print(line, highlight=False, markup=False)
     if result["storage"]["emulated"]:

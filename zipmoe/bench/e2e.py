@@ -98,8 +98,9 @@ SWITCH_DIMS = {"hidden": 1024, "intermediate": 4096, "experts": 128, "top_k": 1,
 SWITCH_QUICK_DIMS = {"hidden": 64, "intermediate": 128, "experts": 8, "top_k": 1, "layers": 4, "sparse_layers": 2,
                      "vocab": 512, "heads": 4, "head_dim": 16, "expert_capacity": 64}
 FAMILIES = ("qwen2_moe", "switch_transformers")
-SYSTEMS = ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload", "llamacpp", "resident")
-RUNTIME = ("zipmoe", "zipmoe-lookahead", "raw")  # the systems that read experts through the runtime's store
+SYSTEMS = ("zipmoe", "zipmoe-lookahead", "raw", "dir", "hf-offload", "llamacpp", "resident")
+# the systems that read experts through the runtime's store (``dir``: the checkpoint folder, budgeted)
+RUNTIME = ("zipmoe", "zipmoe-lookahead", "raw", "dir")
 HF_SKIP_SWITCH = ("hf-offload skipped for switch_transformers: the benchmark's accelerate device map and streamer "
                   "are written for decoder-only AutoModelForCausalLM; disk offload of the seq2seq model was not set up")
 
@@ -121,6 +122,9 @@ class E2EConfig:
     storage: str | None = None  # emulated storage: "emmc", "ufs" or bytes/s; None: the real disk
     family: str = "qwen2_moe"  # or "switch_transformers" (the Switch row)
     repeat: int = 1  # runs per system and budget; the row is the run with the median cold tokens/s
+    depth: str = "2"  # "full": Qwen1.5-MoE-A2.7B at its real depth and size (zipmoe.bench.e2e_full)
+    routing: str | None = None  # "replay:FILE.npy": routers replaced by a real trace (zipmoe.bench.routing)
+    full: dict | None = None  # --depth full options: {"source": dir, "scale": float} (tests)
 
     @property
     def dims(self) -> dict:
@@ -254,17 +258,19 @@ def _spawn(args: dict, timeout: float) -> tuple[dict, int, str]:
 def run_one(system: str, pct: float | None, prep: dict, cfg: E2EConfig, capped: bool, idx: int) -> dict:
     budget = None if pct is None else int(prep["expert_bytes"] * pct / 100)
     path = {"zipmoe": prep["archive"], "zipmoe-lookahead": prep["archive"], "raw": prep["raw_archive"],
-            "resident": prep["archive"], "hf-offload": prep["ckpt"], "llamacpp": prep.get("gguf")}[system]
+            "dir": prep["ckpt"], "resident": prep["archive"], "hf-offload": prep["ckpt"],
+            "llamacpp": prep.get("gguf")}[system]
     args = {"system": system, "path": path, "budget_bytes": budget, "threads": cfg.threads,
             "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens, "config": prep["config"],
             "dense_bytes": prep["dense_bytes"], "expert_bytes": prep["expert_bytes"],
             "offload_dir": str(Path(cfg.workdir) / "hf-offload"), "warm_pass": cfg.warm_pass,
             "llama_overhead_bytes": prep.get("llama_overhead_bytes"), "llama_warmup_gguf": prep.get("llama_warmup_gguf"),
-            "io_throttle_bps": cfg.io_throttle_bps if system in THROTTLED else None}
+            "io_throttle_bps": cfg.io_throttle_bps if system in THROTTLED else None,
+            "routing_plan": prep.get("routing_plan")}  # zipmoe.bench.routing: replayed routing
     cap, why = (None, "uncapped by request") if not capped else MemCap.create(f"zipmoe-bench-{os.getpid()}-{idx}")
     if cap is not None:
         args.update(cap_path=str(cap.path), cap_version=cap.version)
-    _drop([prep["archive"], prep["raw_archive"], prep["ckpt"]] + ([prep["gguf"]] if prep.get("gguf") else []))
+    _drop([p for p in (prep["archive"], prep.get("raw_archive"), prep["ckpt"], prep.get("gguf")) if p])
     t0 = time.perf_counter()
     try:
         res, rc, _err = _spawn(args, cfg.timeout_s)
@@ -294,6 +300,12 @@ def run_median(system: str, pct: float | None, prep: dict, cfg: E2EConfig, cappe
 
 
 def run(cfg: E2EConfig) -> dict:
+    if cfg.depth == "full":  # Qwen1.5-MoE-A2.7B at full size, bigger than memory
+        from .e2e_full import run_full
+
+        return run_full(cfg)
+    from .routing import prepare_routing, skipped_systems
+
     t0 = time.perf_counter()
     prep = prepare(cfg)
     from zipmoe_run.calibrate import report as host_report
@@ -311,10 +323,14 @@ def run(cfg: E2EConfig) -> dict:
     if switch and "hf-offload" in cfg.systems:
         log.warning(HF_SKIP_SWITCH)
     llamacpp = e2e_prepare(cfg, prep)  # the GGUF and llama.cpp's own overhead, or why it is skipped
+    routing = prepare_routing(cfg, prep)  # None, or the replayed plan (the same for every system)
+    replay_skip = skipped_systems(cfg, routing)
     rows: list[dict] = []
     i = 0
     for pct in cfg.budgets:
-        for system in ("zipmoe", "zipmoe-lookahead", "raw", "hf-offload", "llamacpp"):
+        for system in ("zipmoe", "zipmoe-lookahead", "raw", "dir", "hf-offload", "llamacpp"):
+            if system in replay_skip:
+                continue
             if system not in cfg.systems or (system == "hf-offload" and (storage["emulated"] or switch)):
                 continue
             if system == "llamacpp" and llamacpp.get("skipped"):
@@ -340,6 +356,7 @@ def run(cfg: E2EConfig) -> dict:
         "cgroup": why_nocap or "capped runs join a child memory cgroup",
         "storage": storage,
         "llamacpp": llamacpp,
+        "routing": routing, "routing_skipped": replay_skip,
         "rows": rows,
     }
     result.update(host)

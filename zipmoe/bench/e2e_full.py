@@ -1,0 +1,457 @@
+"""``zipmoe bench e2e --depth full``: Qwen1.5-MoE-A2.7B at its real size, bigger than this machine's memory.
+
+Checkpoint: the exact ``config.json`` of ``../shared/models/qwen1.5-moe-a2.7b-chat`` (24 layers, 60 routed
+experts of 1408 plus a shared expert of 5632, top-4, hidden 2048, vocabulary 151,936; 14.3 B parameters,
+28.6 GB of BF16), written as hub-style shards with the real index's shard names, tensor order and
+assignment, and the real tokenizer files (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
+``generation_config.json``) copied next to them. Values are N(0, 0.02) in BF16 but generated fast
+(:func:`write_checkpoint`): one pool of ``POOL_ELEMENTS`` Gaussian BF16 values per seed (round to nearest
+even, like ``zipmoe_pack.synth``), and every 1 Mi-element chunk of a large N(0, 0.02) tensor is a slice of
+the pool at its own offset ``(g * OFFSET_STEP + base) mod (POOL_ELEMENTS - CHUNK)`` (``g`` counts chunks
+over the whole checkpoint). Each chunk is therefore a contiguous run of iid Gaussian values (its exponent
+statistics are Gaussian), and no two chunks of the first ``POOL_ELEMENTS - CHUNK`` (about 31 million, far
+more than the 14,000 of the checkpoint) start at the same pool offset, so no chunk repeats another byte for
+byte. Small tensors and those with another distribution (norms: 1 + N(0, 0.05); routers: the generator's
+peaky std) come from ``zipmoe_pack.synth``'s per-tensor seeded generator.
+
+Steps (each one's disk space, time and MB/s in ``result["full"]["steps"]``):
+
+1. free space: before anything is written, the bytes every step still to run needs (source + archive
+   estimate + ``WORK_BYTES`` working space) are compared with what the work folder's file system has
+   free; short of it, one line naming both (``BenchInputError``; the CLI exits 2) and nothing is written;
+2. generate the checkpoint (skipped when the manifest says the one on disk has this config and seed);
+3. pack it (skipped likewise); no ``--raw`` archive: the directory run (``dir``: ``zipmoe-run MODEL_DIR
+   --memory-budget``, experts read from the shards) is the uncompressed baseline;
+4. open the archive cold (page cache dropped) and time it;
+5. the runs: ``zipmoe`` (the archive) and ``dir`` (the directory) at each budget (default 15 / 30 / 60 %), in
+   the memory cgroups of ``zipmoe.bench.e2e``, every run a fresh process with its files dropped from the
+   page cache, cold pass only. Next to each run: bytes read per decoded token (reads after the first token
+   over the decode steps) and the I/O-bound limit, the calibrated disk speed over those bytes (tokens/s
+   that system could not exceed if reading were all it did).
+
+The manifest ``WORKDIR/qwen15moe-full.json`` records the config, seed, scale and generator version of the
+checkpoint and the archive's size; a second invocation with the same ones reuses the files. Library code:
+logs, never prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BenchInputError
+
+__all__ = ["FULL_SOURCE", "POOL_ELEMENTS", "CHUNK", "WORK_BYTES", "FULL_SYSTEMS", "full_spec", "disk_need",
+           "write_checkpoint", "prepare_full", "run_full", "io_limits", "render_full", "full_targets"]
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+FULL_SOURCE = REPO.parent / "shared" / "models" / "qwen1.5-moe-a2.7b-chat"
+POOL_ELEMENTS = 1 << 25  # 32 Mi BF16 values (64 MiB)
+CHUNK = 1 << 20  # elements per written chunk (the packer's default chunk)
+OFFSET_STEP = 1_000_003  # prime, coprime to POOL_ELEMENTS - CHUNK = 31 * 2**20: offsets distinct over a window
+WORK_BYTES = 2 << 30  # working space on top of source and archive (temporary files, logs, plan files)
+ARCHIVE_RATIO_BOUND = 0.68  # routed experts' archive bytes / BF16 bytes, with margin (measured 0.663 on N(0, 0.02))
+GENERATOR_VERSION = 1
+FULL_SYSTEMS = ("zipmoe", "zipmoe-lookahead", "dir")
+TAG = "qwen15moe-full"
+WEIGHT_STD = 0.02
+
+
+# -- the checkpoint's description ----------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    from formats.jsonstrict import JSONRejected, loads
+
+    try:
+        obj = loads(path.read_bytes())
+    except FileNotFoundError:
+        raise BenchInputError(f"{path}: missing (--depth full needs the real config and index)") from None
+    except (OSError, JSONRejected) as e:
+        raise BenchInputError(f"{path}: cannot read ({e})") from None
+    if not isinstance(obj, dict):
+        raise BenchInputError(f"{path}: not a JSON object")
+    return obj
+
+
+def full_spec(source: Path, scale: float = 1.0, seed: int = 0) -> dict:
+    """The checkpoint to generate: ``{"config", "shards": [(file, [TensorSpec])], "files": [names to copy],
+    "source_bytes", "expert_bytes", "dense_bytes", "key"}``. ``scale`` < 1 shrinks every dimension but the
+    vocabulary (``zipmoe_pack.synth``'s rule; tests), 1 is the exact config."""
+    from zipmoe_pack.synth import _scale_config
+    from zipmoe_pack.synth_families import tensor_specs
+
+    source = Path(source)
+    cfg = _read_json(source / "config.json")
+    index = _read_json(source / "model.safetensors.index.json")
+    wmap = index.get("weight_map")
+    if not isinstance(wmap, dict) or not wmap:
+        raise BenchInputError(f"{source}/model.safetensors.index.json: no weight_map")
+    if cfg.get("model_type") != "qwen2_moe":
+        raise BenchInputError(f"{source}/config.json: model_type {cfg.get('model_type')!r}, --depth full builds qwen2_moe")
+    if not 0 < scale <= 1:
+        raise BenchInputError(f"full-depth scale must be in (0, 1], not {scale}")
+    new_cfg = cfg if scale == 1 else _scale_config("qwen2_moe", cfg, scale, None)
+    specs = {s.name: s for s in tensor_specs("qwen2_moe", new_cfg, layout="per-expert", dtype="bfloat16")}
+    unknown = [n for n in wmap if n not in specs]
+    missing = [n for n in specs if n not in wmap]
+    if unknown or missing:
+        raise BenchInputError(f"{source}: index and config disagree: {len(unknown)} unexpected tensors "
+                              f"(e.g. {unknown[:2]}), {len(missing)} missing (e.g. {missing[:2]})")
+    shards: dict[str, list] = {}
+    for n in wmap:  # the index's order per shard (the generator of zipmoe_pack.synth.make_from_index)
+        shards.setdefault(wmap[n], []).append(specs[n])
+    nbytes = {n: s.numel * 2 for n, s in specs.items()}
+    expert = sum(b for n, b in nbytes.items() if ".experts." in n)
+    files = sorted(f.name for f in source.iterdir() if f.is_file() and f.name not in
+                   ("config.json", "model.safetensors.index.json") and not f.name.endswith(".safetensors"))
+    key = {"config": new_cfg, "seed": seed, "scale": scale, "generator": GENERATOR_VERSION,
+           "shards": {f: len(v) for f, v in shards.items()}}
+    return {"config": new_cfg, "shards": sorted(shards.items()), "files": files, "source": str(source),
+            "source_bytes": sum(nbytes.values()), "expert_bytes": expert, "dense_bytes": sum(nbytes.values()) - expert,
+            "key": key}
+
+
+def disk_need(spec: dict, have_source: bool, have_archive: bool) -> dict:
+    """Bytes each remaining step needs on the work folder's file system."""
+    src = 0 if have_source else spec["source_bytes"] + (1 << 20) * len(spec["shards"])  # + headers
+    arc = 0 if have_archive else int(spec["expert_bytes"] * ARCHIVE_RATIO_BOUND) + spec["dense_bytes"] + (64 << 20)
+    return {"source": src, "archive": arc, "work": WORK_BYTES, "total": src + arc + WORK_BYTES}
+
+
+def free_space(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+# -- fast generation --------------------------------------------------------------------------------
+
+
+def _pool(seed: int) -> np.ndarray:
+    """POOL_ELEMENTS N(0, 0.02) values as BF16 bits (round to nearest even), from a seeded PCG64."""
+    from zipmoe_pack.synth import _encode
+
+    rng = np.random.Generator(np.random.PCG64([int(seed), 0x5EED]))
+    x = rng.standard_normal(POOL_ELEMENTS, dtype=np.float32)
+    x *= np.float32(WEIGHT_STD)
+    return _encode(x, "bfloat16")
+
+
+def _pooled(spec) -> bool:
+    return spec.dtype == "bfloat16" and spec.std == WEIGHT_STD and not spec.mean and spec.numel >= CHUNK
+
+
+class _Offsets:
+    """Pool offsets of successive chunks: distinct for the first POOL_ELEMENTS - CHUNK chunks."""
+
+    def __init__(self, seed: int):
+        self.span = POOL_ELEMENTS - CHUNK
+        self.base = int.from_bytes(hashlib.sha256(f"pool/{seed}".encode()).digest()[:8], "little") % self.span
+        self.g = 0
+
+    def next(self) -> int:
+        off = (self.g * OFFSET_STEP + self.base) % self.span
+        self.g += 1
+        return off
+
+
+def _write_shard(path: Path, specs: list, seed: int, pool: np.ndarray, offs: _Offsets) -> int:
+    """One safetensors shard (header as zipmoe_pack.synth writes it); returns its size."""
+    from zipmoe_pack.synth import _ST_DTYPE, _tensor_chunks
+
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for s in specs:
+        n = s.numel * 2
+        header[s.name] = {"dtype": _ST_DTYPE[s.dtype], "shape": list(s.shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        written = 0
+        for s in specs:
+            if _pooled(s):
+                for start in range(0, s.numel, CHUNK):
+                    m = min(CHUNK, s.numel - start)
+                    o = offs.next()
+                    f.write(pool[o:o + m].data)  # [m] bf16 bits, a slice of the pool
+            else:
+                for chunk in _tensor_chunks(s, seed):
+                    f.write(chunk.data)
+            written += s.numel * 2
+            if written >= 1 << 30:  # keep the page cache from filling with a 28 GB write
+                f.flush()
+                os.fdatasync(f.fileno())
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                written = 0
+        f.flush()
+        os.fdatasync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return f.tell()
+
+
+def write_checkpoint(spec: dict, out: Path, seed: int = 0) -> dict:
+    """Write ``spec`` (``full_spec``) into ``out`` (absent or empty; built in a sibling folder and moved into
+    place); returns ``{"bytes", "seconds", "mb_s"}``."""
+    from zipmoe_pack.synth import _staging, _write_json
+
+    t0 = time.perf_counter()
+    pool = _pool(seed)
+    offs = _Offsets(seed)
+    total = 0
+    with _staging(out) as tmp:
+        _write_json(tmp / "config.json", spec["config"])
+        wmap, size = {}, 0
+        for fname, specs in spec["shards"]:
+            total += _write_shard(tmp / fname, specs, seed, pool, offs)
+            size += sum(s.numel * 2 for s in specs)
+            wmap.update({s.name: fname for s in specs})
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(wmap.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name in spec["files"]:
+            shutil.copyfile(Path(spec["source"]) / name, tmp / name)
+    dt = time.perf_counter() - t0
+    log.info("%s: generated %.2f GB in %.1f s (%.0f MB/s), %d pooled chunks", out, total / 1e9, dt,
+             total / dt / 1e6, offs.g)
+    return {"bytes": total, "seconds": dt, "mb_s": total / dt / 1e6, "pooled_chunks": offs.g}
+
+
+# -- preparation ----------------------------------------------------------------------------------
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def prepare_full(cfg, *, free_bytes=free_space, source: Path | None = None, scale: float | None = None) -> dict:
+    """Generate (once) the full-depth checkpoint and its archive under ``cfg.workdir``; the ``prep`` dict
+    ``zipmoe.bench.e2e.run_one`` takes, plus ``steps`` (disk space, times, throughputs). ``free_bytes(path)``
+    is the free-space probe (tests inject one); ``source`` and ``scale`` default to ``cfg.full``'s."""
+    from formats.reader import Archive
+    from zipmoe_pack.pack import PackOptions, pack
+
+    opts = getattr(cfg, "full", None) or {}
+    source = Path(source or opts.get("source") or FULL_SOURCE)
+    scale = float(scale if scale is not None else opts.get("scale", 1.0))
+    wd = Path(cfg.workdir)
+    spec = full_spec(source, scale, cfg.seed)
+    tag = TAG if scale == 1 else f"{TAG}-scale{scale:g}"
+    ckpt, arc, manifest = wd / f"{tag}-ckpt", wd / f"{tag}.zmoe", wd / f"{tag}.json"
+    old = {}
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text())
+        except ValueError:
+            old = {}
+    have_src = old.get("key") == json.loads(json.dumps(spec["key"])) and ckpt.is_dir() \
+        and _dir_bytes(ckpt) == old.get("source_bytes")
+    have_arc = have_src and arc.is_file() and arc.stat().st_size == old.get("archive_bytes")
+    need = disk_need(spec, have_src, have_arc)
+    probe = wd if wd.is_dir() else next((p for p in wd.parents if p.is_dir()), Path("/"))
+    free0 = free_bytes(probe)
+    # what a stale checkpoint or archive of ours would give back when replaced
+    reclaim = (0 if have_src else _dir_bytes(ckpt)) + (0 if have_arc else (arc.stat().st_size if arc.is_file() else 0))
+    if free0 + reclaim < need["total"]:
+        raise BenchInputError(
+            f"--depth full needs {need['total'] / 1e9:.1f} GB free in {probe} (source {need['source'] / 1e9:.1f} GB "
+            f"+ archive {need['archive'] / 1e9:.1f} GB + working space {need['work'] / 1e9:.1f} GB), "
+            f"{free0 / 1e9:.1f} GB free")
+    steps: dict = {"disk": {"free_before_bytes": free0, "need_bytes": need, "reused_source": have_src,
+                            "reused_archive": have_arc}}
+    wd.mkdir(parents=True, exist_ok=True)
+    if not have_src:
+        for p in (manifest, arc):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        gen = write_checkpoint(spec, ckpt, cfg.seed)
+        old = {"key": spec["key"], "source_bytes": _dir_bytes(ckpt), "generate": gen}
+        manifest.write_text(json.dumps(old, indent=1))
+    steps["generate"] = {**old.get("generate", {}), "reused": have_src, "bytes_on_disk": _dir_bytes(ckpt),
+                         "free_after_bytes": free_bytes(probe)}
+    if not have_arc:
+        arc.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        pack(ckpt, arc, PackOptions(threads=os.cpu_count() or 1))
+        dt = time.perf_counter() - t0
+        old.update(archive_bytes=arc.stat().st_size,
+                   pack={"seconds": dt, "mb_s": spec["source_bytes"] / dt / 1e6, "bytes_in": spec["source_bytes"]})
+        manifest.write_text(json.dumps(old, indent=1))
+    steps["pack"] = {**old.get("pack", {}), "reused": have_arc, "bytes_on_disk": arc.stat().st_size,
+                     "free_after_bytes": free_bytes(probe)}
+    from .e2e_proc import _drop
+
+    _drop([arc])
+    t0 = time.perf_counter()
+    with Archive(arc) as a:
+        open_s = time.perf_counter() - t0
+        expert_bytes = sum(e.decoded_nbytes for e in a.index.experts)
+        extent_bytes = sum(e.length for e in a.index.experts)
+        dense_bytes = sum(t.nbytes for t in a.index.tensors.values() if t.role == "dense")
+        config = json.loads(a.file_bytes("config.json"))
+    steps["open"] = {"seconds": open_s, "note": "formats.reader.Archive on a cold archive (preamble, index, checks)"}
+    return {"ckpt": str(ckpt), "archive": str(arc), "raw_archive": None, "expert_bytes": expert_bytes,
+            "extent_bytes": extent_bytes, "dense_bytes": dense_bytes, "config": config, "steps": steps,
+            "manifest": str(manifest), "source": str(source), "scale": scale}
+
+
+# -- the runs -----------------------------------------------------------------------------------------
+
+
+def io_limits(rows: list[dict], disk_bps: float | None) -> None:
+    """Add to every successful row: ``bytes_per_token`` (reads after the first token over the decode
+    steps) and ``io_limit_tok_s`` (``disk_bps`` over it) and ``io_limit_frac`` (tokens/s over that)."""
+    for r in rows:
+        if not r.get("ok"):
+            continue
+        steps = max(1, len(r.get("tokens") or []) - 1)
+        b = r.get("bytes_read_decode")
+        if b is None:
+            continue
+        r["bytes_per_token"] = b / steps
+        if disk_bps and b:
+            r["io_limit_tok_s"] = disk_bps / r["bytes_per_token"]
+            r["io_limit_frac"] = r["tok_s"] / r["io_limit_tok_s"]
+
+
+def full_targets(rows: list[dict]) -> list[dict]:
+    from .e2e_report import _row
+
+    out = []
+    z, d = _row(rows, "zipmoe", 30.0), _row(rows, "dir", 30.0)
+    if z and d:
+        ratio = z["tok_s"] / d["tok_s"] if d["tok_s"] else None
+        out.append({"target": "full depth, 30% budget: zipmoe tokens/s >= 1.3x the directory run", "value": ratio,
+                    "met": ratio is not None and ratio >= 1.3, "note": "cold pass, both capped" if z["capped"] else "cold pass"})
+    if z and z.get("io_limit_tok_s"):
+        ratio = z["io_limit_tok_s"] / z["tok_s"] if z["tok_s"] else None
+        out.append({"target": "full depth, 30% budget: zipmoe within 1.5x of its I/O-bound limit", "value": ratio,
+                    "met": ratio is not None and ratio <= 1.5,
+                    "note": f"limit {z['io_limit_tok_s']:.2f} tok/s = disk speed / {z['bytes_per_token'] / 1e6:.0f} MB per token"})
+    ok = [r for r in rows if r.get("ok")]
+    if len({r["system"] for r in ok}) > 1:
+        by = {}
+        for r in ok:
+            by.setdefault(r["budget_pct"], []).append(r["tokens"])
+        same = all(all(t == ts[0] for t in ts) for ts in by.values())
+        out.append({"target": "identical tokens: archive and directory at every budget", "met": same, "value": None,
+                    "note": ""})
+    return out
+
+
+def run_full(cfg, *, free_bytes=free_space) -> dict:
+    """The full-depth benchmark (module doc); the result has the shape of ``zipmoe.bench.e2e.run``'s plus
+    ``full`` (the steps) and per-row I/O limits."""
+    from zipmoe_run.calibrate import report as host_report
+
+    from .e2e import run_median, storage_info
+    from .e2e_proc import MemCap
+    from .routing import prepare_routing, skipped_systems
+
+    bad = [s for s in cfg.systems if s not in FULL_SYSTEMS]
+    if bad:
+        raise BenchInputError(f"--systems: {', '.join(bad)} not offered at --depth full (offered: "
+                              f"{', '.join(FULL_SYSTEMS)}; resident and hf-offload need the whole model in memory, "
+                              "raw a second 28.6 GB copy)")
+    t0 = time.perf_counter()
+    prep = prepare_full(cfg, free_bytes=free_bytes)
+    host = host_report(prep["archive"])
+    log.info("%s", host["host_line"])
+    _, _, why_nocap = MemCap.parent()
+    routing = prepare_routing(cfg, prep)
+    skip = skipped_systems(cfg, routing)
+    rows: list[dict] = []
+    i = 0
+    for pct in cfg.budgets:
+        for system in FULL_SYSTEMS:
+            if system not in cfg.systems or system in skip:
+                continue
+            rows.append(run_median(system, pct, prep, cfg, cfg.cap, i))
+            i += cfg.repeat
+    disk_bps = (host.get("calibration") or {}).get("disk_bps")
+    io_limits(rows, disk_bps)
+    d = prep["config"]
+    dims = {"hidden": d["hidden_size"], "moe_intermediate": d["moe_intermediate_size"], "experts": d["num_experts"],
+            "top_k": d["num_experts_per_tok"], "layers": d["num_hidden_layers"], "vocab": d["vocab_size"],
+            "shared_intermediate": d["shared_expert_intermediate_size"]}
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "machine": {"cpus": os.cpu_count(), "compute_threads": cfg.threads, "decode_threads": os.cpu_count(),
+                    "platform": platform.platform(), "python": platform.python_version(),
+                    "note": "shared machine: timings are noisy (several agents share the cores)"},
+        "model": {"family": "qwen2_moe", "dims": dims, "expert_bytes": prep["expert_bytes"],
+                  "extent_bytes": prep["extent_bytes"], "dense_bytes": prep["dense_bytes"], "depth": "full",
+                  "source": prep["source"], "scale": prep["scale"]},
+        "full": {"steps": prep["steps"], "manifest": prep["manifest"], "disk_bps": disk_bps},
+        "hf_offload": {"skipped": True, "note": "not run at --depth full"},
+        "cgroup": why_nocap or "capped runs join a child memory cgroup",
+        "storage": storage_info(cfg),
+        "routing": routing, "routing_skipped": skip,
+        "rows": rows,
+    }
+    result.update(host)
+    result["targets"] = full_targets(rows)
+    result["total_s"] = time.perf_counter() - t0
+    return result
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+
+def _gb(n):
+    return "-" if n is None else f"{n / 1e9:.2f}"
+
+
+def render_full(result: dict):
+    """Two rich tables: the preparation steps, and the runs with their I/O-bound limits."""
+    from rich.table import Table
+
+    st = result["full"]["steps"]
+    m = result["model"]
+    label = f"; {result['routing']['label']}" if result.get("routing") else "; the generator's random routers"
+    t1 = Table(title=f"full depth: qwen2_moe {m['dims']['layers']} layers x {m['dims']['experts']} experts, "
+                     f"{m['expert_bytes'] / 1e9:.2f} GB routed experts, dense {m['dense_bytes'] / 1e9:.2f} GB: "
+                     "preparation")
+    for c in ("step", "time s", "MB/s", "on disk GB", "free after GB", "note"):
+        t1.add_column(c, justify="left" if c in ("step", "note") else "right")
+    disk = st["disk"]
+    need = disk["need_bytes"]
+    t1.add_row("disk check", "-", "-", "-", _gb(disk["free_before_bytes"]),
+               f"needed {need['total'] / 1e9:.1f} GB (source {need['source'] / 1e9:.1f} + archive "
+               f"{need['archive'] / 1e9:.1f} + work {need['work'] / 1e9:.1f})")
+    for name in ("generate", "pack"):
+        s = st[name]
+        t1.add_row(name, f"{s['seconds']:.1f}" if "seconds" in s else "-", f"{s['mb_s']:.0f}" if "mb_s" in s else "-",
+                   _gb(s.get("bytes_on_disk")), _gb(s.get("free_after_bytes")),
+                   "reused (manifest matches); time of the run that made it" if s.get("reused") else "")
+    t1.add_row("open archive", f"{st['open']['seconds']:.3f}", "-", "-", "-", "cold")
+    t2 = Table(title=f"full depth runs: greedy, {result['config']['prompt_tokens']} prompt + "
+                     f"{result['config']['new_tokens']} new tokens, cold, one process per run{label}; "
+                     f"disk {_gb(result['full'].get('disk_bps'))} GB/s calibrated. {result['machine']['note']}")
+    for c in ("budget", "system", "cap", "load s", "tok/s", "I/O limit tok/s", "of limit", "MB read/token", "GB read",
+              "peak RSS GB", "cap peak GB", "note"):
+        t2.add_column(c, justify="left" if c in ("budget", "system", "cap", "note") else "right")
+    for r in result["rows"]:
+        b = f"{r['budget_pct']:g}% ({_gb(r['budget_bytes'])} GB)"
+        cap = "cgroup" if r["capped"] else "none"
+        if not r.get("ok"):
+            t2.add_row(b, r["system"], cap, *["-"] * 8, str(r.get("error")))
+            continue
+        t2.add_row(b, r["system"], cap, f"{r['load_s']:.2f}", f"{r['tok_s']:.2f}",
+                   f"{r['io_limit_tok_s']:.2f}" if r.get("io_limit_tok_s") else "-",
+                   f"{r['io_limit_frac']:.0%}" if r.get("io_limit_frac") else "-",
+                   f"{r['bytes_per_token'] / 1e6:.0f}" if r.get("bytes_per_token") is not None else "-",
+                   _gb(r.get("bytes_read")), _gb(r.get("peak_rss_bytes")), _gb(r.get("cap_peak_bytes")),
+                   r.get("cap_note") or "")
+    return t1, t2
