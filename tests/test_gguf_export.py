@@ -345,3 +345,32 @@ def test_e2e_llamacpp_skipped_with_a_reason(tmp_path, monkeypatch):
     assert lc.e2e_prepare(cfg, {}) == {"skipped": "llama_cpp not importable (test)"}
     cfg = E2EConfig(workdir=tmp_path, quick=True, systems=("zipmoe",))
     assert lc.e2e_prepare(cfg, {}) == {"skipped": "not requested"}
+
+
+def test_llamacpp_peer_ignores_eos(checkpoint_factory, tmp_path):
+    """The peer's greedy run does not stop at EOS: with the GGUF's EOS set to the second greedy token, it
+    still returns all ``n`` tokens, the same ones."""
+    _llama_cpp()
+    import shutil
+
+    from zipmoe.bench.llamacpp import LlamaCppPeer, ensure_gguf
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_factory("mixtral", dims=DIMS, seed=3, shards=2), ckpt)
+
+    def tokens():
+        out = ensure_gguf(ckpt, tmp_path / "m.gguf")["path"]
+        peer = LlamaCppPeer(out, 1, 256, drop=False)
+        try:
+            return peer.generate(PROMPT, NEW)["tokens"]
+        finally:
+            peer.close()
+
+    first = tokens()
+    vocab = json.loads((ckpt / "tokenizer.json").read_text())["model"]["vocab"]
+    eos = next(t for t, i in vocab.items() if i == first[1])
+    tc = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**tc, "eos_token": eos}))
+    r = gguf.GGUFReader(ensure_gguf(ckpt, tmp_path / "m.gguf")["path"])
+    assert r.fields["tokenizer.ggml.eos_token_id"].contents() == first[1]
+    assert tokens() == first and len(first) == NEW
