@@ -25,7 +25,7 @@ import numpy as np
 
 from formats.errors import CodecError
 from formats.huf4x_kernels import STREAMS, TABLE_BITS, build_tables, canonical_codes, decode_streams, \
-    encode_streams
+    encode_streams, histograms
 
 __all__ = ["CODEC_ID", "HEADER_BYTES", "MAX_CODE_LENGTH", "code_lengths", "decode", "encode", "parse_header"]
 
@@ -70,22 +70,26 @@ def code_lengths(counts: np.ndarray, limit: int = MAX_CODE_LENGTH) -> np.ndarray
 def encode(exp: np.ndarray) -> bytes:
     """Code one chunk of exponent bytes (contiguous 1-D uint8)."""
     n = exp.shape[0]
-    counts = np.bincount(exp, minlength=256)
+    segs = _segments(n)
+    hist = histograms(exp, segs)  # [4, 256]
+    counts = hist.sum(axis=0)
     present = np.flatnonzero(counts)
     if present.size <= 1:
         return bytes([MODE_CONSTANT, int(present[0]) if present.size else 0])
     lens = code_lengths(counts)
     if int((np.int64(1) << (MAX_CODE_LENGTH - lens[present])).sum()) != 1 << MAX_CODE_LENGTH:
         raise AssertionError("package-merge gave an incomplete code")  # pragma: no cover
-    codes = canonical_codes(lens)
-    segs = _segments(n)
-    cap = HEADER_BYTES + (int(counts @ lens) + 7) // 8 + STREAMS + 8
-    out = np.zeros(cap, np.uint8)
-    sizes = encode_streams(exp, segs, lens, codes, out, HEADER_BYTES)
+    sizes = (hist @ lens + 7) // 8  # exact stream sizes
+    starts = HEADER_BYTES + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    total = HEADER_BYTES + int(sizes.sum())
+    out = np.empty(total, np.uint8)
+    got = encode_streams(exp, segs, lens, canonical_codes(lens), out, starts)
+    if not np.array_equal(got, sizes):
+        raise AssertionError("huf4x stream sizes disagree with the histogram")  # pragma: no cover
     out[0] = MODE_HUFFMAN
     out[1:1 + _LEN_BYTES] = (lens[0::2] | (lens[1::2] << 4)).astype(np.uint8)
     out[1 + _LEN_BYTES:HEADER_BYTES] = np.frombuffer(sizes.astype("<u4").tobytes(), np.uint8)
-    return out[:HEADER_BYTES + int(sizes.sum())].tobytes()
+    return out[:total].tobytes()
 
 
 def parse_header(buf: np.ndarray) -> tuple[int, np.ndarray | int, list[int]]:
