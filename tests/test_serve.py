@@ -242,6 +242,29 @@ def test_client_killed_mid_stream_frees_slot(served, ref):
     assert len(new) == 1 and new[0].finish_reason == "cancelled" and new[0].completion_tokens < 80
 
 
+def test_client_gone_before_a_non_streaming_answer_frees_slot(served):
+    """A non-streaming client that closes its connection is noticed while its answer is generated."""
+    import socket
+
+    srv, eng = served
+    body = json.dumps({"model": MODEL, "prompt": [9, 8, 7], "max_tokens": 80, "temperature": 0}).encode()
+    eng.delay_s = 0.02
+    try:
+        before = set(eng.finals)
+        with socket.create_connection((srv.host, srv.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 30
+            while not eng.stats()["running"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+        st = wait_idle(eng)
+    finally:
+        eng.delay_s = 0.0
+    new = [eng.finals[k] for k in set(eng.finals) - before]
+    assert st["running"] == 0 and len(new) == 1
+    assert new[0].finish_reason == "cancelled" and new[0].completion_tokens < 80
+
+
 def test_ollama_generate_and_chat(served, ref):
     url = served[0].url
     ids = ref.tokenizer.encode("hello world")

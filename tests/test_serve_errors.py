@@ -92,6 +92,8 @@ _C = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     ("/v1/completions", {**_P, "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", {**_P, "logprobs": 2}, "logprobs"),
     ("/v1/completions", {**_P, "echo": True}, "echo"),
+    ("/v1/chat/completions", {**_C, "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {**_C, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/completions", {**_P, "presence_penalty": 0.5}, "presence_penalty"),
     ("/v1/completions", {**_P, "prompt": ""}, "prompt"),
     ("/v1/completions", {**_P, "prompt": []}, "prompt"),
@@ -109,6 +111,19 @@ _C = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 ])
 def test_bad_fields_are_400_naming_the_field(served, path, body, param):
     _error(_post(served[0], path, body), 400, param=param)
+
+
+def test_body_over_the_limit_is_413_before_reading(served):
+    from zipmoe_run.serve.protocol import MAX_BODY
+
+    import socket
+
+    srv = served[0]
+    with socket.create_connection((srv.host, srv.port), timeout=30) as s:  # the body is never sent
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (KEY.encode(), MAX_BODY + 1))
+        head = s.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413") and "over the limit" in head
 
 
 def test_prompt_longer_than_context_is_400(served):

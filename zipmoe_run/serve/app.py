@@ -23,11 +23,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import APIError, error_body, from_exception
-from .protocol import GenRequest, chunk, parse_body, parse_chat, parse_completion, response, usage_chunk
+from .protocol import MAX_BODY, GenRequest, chunk, parse_body, parse_chat, parse_completion, response, usage_chunk
 
-__all__ = ["ServeContext", "create_app", "EventBridge"]
+__all__ = ["ServeContext", "create_app", "EventBridge", "RequestLog", "read_body"]
 
 log = logging.getLogger("zipmoe_run.serve")
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 class EventBridge:
@@ -192,10 +193,18 @@ def _model_card(ctx: ServeContext) -> dict:
             "max_context": int(ctx.lm.model.max_context)}
 
 
+async def read_body(request: Request) -> dict:
+    """The request's JSON object; 413 from Content-Length before reading a body over the limit."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > MAX_BODY:
+        raise APIError(413, f"request body of {size} bytes is over the limit of {MAX_BODY}")
+    return parse_body(await request.body())
+
+
 async def _generate(ctx: ServeContext, request: Request, parse, prompt_param: str) -> Response:
     ctx.check_auth(request)
     ctx.check_open()
-    obj = parse_body(await request.body())
+    obj = await read_body(request)
     try:
         req = parse(obj, ctx.lm, ctx.model_id)
     except Exception as exc:
@@ -218,12 +227,15 @@ async def _generate(ctx: ServeContext, request: Request, parse, prompt_param: st
 async def _complete(request: Request, req: GenRequest, rid: str, h, bridge: EventBridge, rlog: RequestLog) -> Response:
     parts: list[str] = []
     ev = None
+    checked = time.monotonic()
     try:
         while True:
-            ev = await bridge.next(timeout=0.5)
-            if ev is None:
+            ev = await bridge.next(timeout=DISCONNECT_POLL_S)
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return Response(status_code=499)  # nobody reads it; the handle is cancelled below
+            if ev is None:
                 continue
             if ev.token_id is not None:
                 rlog.token()

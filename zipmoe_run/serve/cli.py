@@ -33,7 +33,7 @@ def serve_cmd(
     memory_budget: str = typer.Option(None, "--memory-budget", "-m", callback=_budget,
                                       help="Memory for routed experts: bytes (3GiB), a percentage (30%) or auto."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, max=256, help="Sequences decoded together at most."),
-    max_queue: int = typer.Option(32, "--max-queue", min=0, max=100000,
+    max_queue: int = typer.Option(32, "--max-queue", min=1, max=100000,
                                   help="Requests waiting for a slot at most; more are answered 429."),
     api_key: str = typer.Option(None, "--api-key", envvar="ZIPMOE_API_KEY",
                                 help="Require 'Authorization: Bearer KEY' (also $ZIPMOE_API_KEY)."),

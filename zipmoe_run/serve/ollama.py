@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from .app import EventBridge, RequestLog, ServeContext, _ended
+from .app import EventBridge, RequestLog, ServeContext, _ended, read_body
 from .errors import APIError, bad_request, from_exception
-from .protocol import parse_body, parse_chat, parse_completion
+from .protocol import parse_chat, parse_completion
 
 __all__ = ["routes"]
 
@@ -99,7 +99,7 @@ def routes(ctx: ServeContext) -> list[Route]:
 async def _run(ctx: ServeContext, request: Request, chat: bool) -> Response:
     ctx.check_auth(request)
     ctx.check_open()
-    body = _openai_body(parse_body(await request.body()), chat, ctx.lm)
+    body = _openai_body(await read_body(request), chat, ctx.lm)
     req = (parse_chat if "messages" in body else parse_completion)(body, ctx.lm, ctx.model_id)
     bridge = EventBridge(asyncio.get_running_loop())
     h = ctx.submit(req, bridge)

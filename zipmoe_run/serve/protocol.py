@@ -115,10 +115,11 @@ def _refuse_unsupported(obj: dict) -> None:
     best_of = obj.get("best_of")
     if best_of is not None and (best_of != 1 or isinstance(best_of, bool)):
         raise bad_request(f"'best_of' must be 1, got {best_of!r}", "best_of")
-    for key in ("logprobs", "top_logprobs"):
-        v = obj.get(key)
-        if v not in (None, False) and not (key == "top_logprobs" and v == 0 and not isinstance(v, bool)):
-            raise bad_request(f"'{key}' is not supported by this server", key)
+    if obj.get("logprobs") not in (None, False):
+        raise bad_request("'logprobs' is not supported by this server", "logprobs")
+    top = obj.get("top_logprobs")
+    if top is not None and (not _is_int(top) or top != 0):
+        raise bad_request("'top_logprobs' is not supported by this server (only 0)", "top_logprobs")
     if obj.get("echo") not in (None, False):
         raise bad_request("'echo' is not supported by this server", "echo")
     if obj.get("suffix") not in (None, ""):
