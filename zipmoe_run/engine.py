@@ -135,7 +135,7 @@ class _Seq:
         self.last = -1  # the token to feed next
         self.completion = 0
         self.t0 = time.perf_counter()
-        self.bytes0 = 0
+        self.bytes0: int | None = None  # the source's bytes_read when it joined the batch
 
 
 class Engine:
