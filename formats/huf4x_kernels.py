@@ -135,7 +135,12 @@ def histograms(exp, segs):  # pragma: no cover - compiled
         while i < end:
             h[s, 0, exp[i]] += 1
             i += 1
-    return h.sum(axis=1)
+    out = np.zeros((STREAMS, 256), np.int64)
+    for s in range(STREAMS):
+        for k in range(4):
+            for v in range(256):
+                out[s, v] += h[s, k, v]
+    return out
 
 
 @njit(nogil=True, cache=True)
