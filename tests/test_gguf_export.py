@@ -374,3 +374,51 @@ def test_llamacpp_peer_ignores_eos(checkpoint_factory, tmp_path):
     r = gguf.GGUFReader(ensure_gguf(ckpt, tmp_path / "m.gguf")["path"])
     assert r.fields["tokenizer.ggml.eos_token_id"].contents() == first[1]
     assert tokens() == first and len(first) == NEW
+
+
+def test_vocab_from_slow_tokenizer_files(tmp_path):
+    """Qwen1.5's hub folders ship vocab.json + merges.txt (no tokenizer.json): the real ones from
+    ../shared become a 151,936-entry gpt2 vocabulary with the qwen2 pre-tokenizer and <|im_end|> as EOS."""
+    import shutil
+
+    from zipmoe.bench.gguf_vocab import write_vocab
+
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "qwen1.5-moe-a2.7b-chat")
+    if not os.path.isfile(os.path.join(src, "vocab.json")):
+        pytest.skip("../shared/models/qwen1.5-moe-a2.7b-chat is not here")
+    for f in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    w = gguf.GGUFWriter(tmp_path / "v.gguf", "qwen2moe")
+    write_vocab(w, tmp_path, cfg)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    r = gguf.GGUFReader(tmp_path / "v.gguf")
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == cfg["vocab_size"] == 151936
+    assert r.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert tokens[151645] == "<|im_end|>" and r.fields["tokenizer.ggml.eos_token_id"].contents() == 151645
+    assert types[151643:151646] == [gguf.TokenType.CONTROL] * 3
+    assert tokens[151700] == "[PAD151700]" and types[151700] == gguf.TokenType.UNUSED
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    assert all(tokens[i] == t for t, i in list(vocab.items())[::997])
+    lines = [ln for ln in (tmp_path / "merges.txt").read_text().splitlines() if ln and not ln.startswith("#version")]
+    assert r.fields["tokenizer.ggml.merges"].contents() == lines  # merges such as "# #" kept
+
+
+def test_pre_tokenizer_names():
+    from zipmoe.bench.gguf_vocab import pre_name
+
+    qwen = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
+         "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert pre_name({"pre_tokenizer": qwen}, "qwen2_moe") == "qwen2"
+    assert pre_name({"pre_tokenizer": byte_level}, "qwen2_moe") == "gpt-2"
+    assert pre_name({"pre_tokenizer": byte_level}, "olmoe") == "olmo"
+    assert pre_name({}, "qwen2_moe", "Qwen2Tokenizer") == "qwen2"
+    assert pre_name({"pre_tokenizer": {"type": "Metaspace"}}, "mixtral") == "default"

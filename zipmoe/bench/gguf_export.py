@@ -13,12 +13,9 @@ script's ``LlamaModel.permute`` does (llama.cpp's rope pairs adjacent dimensions
 Families: ``qwen2_moe`` (arch ``qwen2moe``), ``mixtral`` (``llama``), ``olmoe`` (``olmoe``), with
 per-expert tensors or transformers 5's fused ``mlp.experts.gate_up_proj`` / ``down_proj``.
 
-Tokenizer: ``tokenizer.json`` with a byte-level BPE model becomes ``tokenizer.ggml.model = gpt2`` with its
-tokens, types and merges (special ids from tokenizer_config.json / config.json, the chat template). The
-pre-tokenizer name is guessed from ``pre_tokenizer`` (Qwen's split regex -> ``qwen2``, OLMoE -> ``olmo``,
-plain byte-level -> ``gpt-2``) rather than by the script's hash of a reference encoding; it only matters
-for text prompts, and the benchmarks feed token ids. SentencePiece-style tokenizers (byte fallback) are
-refused with one line.
+Tokenizer (:mod:`zipmoe.bench.gguf_vocab`): a byte-level BPE (``tokenizer.json``, or ``vocab.json`` +
+``merges.txt``) as ``tokenizer.ggml.model = gpt2`` with its tokens, types, merges, special ids and chat
+template. SentencePiece-style tokenizers (byte fallback) are refused with one line.
 
 The GGUF is written to a temporary file next to the destination and renamed when complete. ``gguf`` is
 imported lazily (the ``llamacpp`` extra). Library code: logs, never prints.
@@ -85,7 +82,7 @@ class Planned:
         return math.prod(self.shape) * (4 if self.gtype == "F32" else 2)
 
 
-def _json(path: Path):
+def _json(path: Path):  # also used by gguf_vocab
     try:
         return loads(path.read_bytes())
     except JSONRejected as e:
@@ -273,75 +270,14 @@ def _metadata(w, cfg: dict, arch: str, name: str) -> None:
     w.add_quantization_version(2)  # gguf.GGML_QUANT_VERSION, written by the script's prepare_metadata
 
 
-def _pre_name(tok: dict, model_type: str) -> str:
-    pre = tok.get("pre_tokenizer") or {}
-    text = repr(pre)
-    if "Split" in text and r"\p{N}|" in text.replace("\\\\", "\\"):
-        return "qwen2"
-    if pre.get("type") == "ByteLevel" or "ByteLevel" in text:
-        return "olmo" if model_type == "olmoe" else "gpt-2"
-    return "default"
-
-
-def _vocab(w, d: Path, cfg: dict) -> None:
-    import gguf
-
-    tok = _json(d / "tokenizer.json")
-    model = tok.get("model") if isinstance(tok, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise GGUFExportError(f"{d / 'tokenizer.json'}: only byte-level BPE tokenizers are supported by the GGUF exporter")
-    if model.get("byte_fallback"):
-        raise GGUFExportError(f"{d / 'tokenizer.json'}: SentencePiece-style BPE (byte_fallback) is not supported "
-                              "by the GGUF exporter")
-    vocab: dict[int, str] = {}
-    for t, i in model["vocab"].items():
-        if not isinstance(i, int) or i < 0:
-            raise GGUFExportError(f"{d / 'tokenizer.json'}: token {t!r} has id {i!r}")
-        vocab[i] = t
-    kinds: dict[int, int] = {}
-    for a in tok.get("added_tokens") or []:
-        i = a.get("id")
-        if not isinstance(i, int) or i < 0 or not isinstance(a.get("content"), str):
-            raise GGUFExportError(f"{d / 'tokenizer.json'}: bad added token {a!r}")
-        vocab[i] = a["content"]
-        kinds[i] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
-    n = int(cfg.get("vocab_size") or (max(vocab) + 1))
-    if max(vocab) >= n:
-        raise GGUFExportError(f"{d / 'tokenizer.json'}: token id {max(vocab)} >= vocab_size {n}")
-    tokens = [vocab.get(i, f"[PAD{i}]") for i in range(n)]
-    types = [kinds.get(i, gguf.TokenType.NORMAL if i in vocab else gguf.TokenType.UNUSED) for i in range(n)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_name(tok, cfg.get("model_type", "")))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    tc = _json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
-    ids = {t: i for i, t in vocab.items()}
-    for role, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
-                      ("pad", w.add_pad_token_id)):
-        v = tc.get(f"{role}_token") if isinstance(tc, dict) else None
-        if isinstance(v, dict):
-            v = v.get("content")
-        i = ids.get(v) if isinstance(v, str) else cfg.get(f"{role}_token_id")
-        if isinstance(i, int) and 0 <= i < n:
-            add(i)
-    post = repr(tok.get("post_processor") or {})
-    bos = tc.get("bos_token") if isinstance(tc, dict) else None
-    add_bos = tc.get("add_bos_token") if isinstance(tc, dict) else None
-    if add_bos is None:
-        add_bos = bool(isinstance(bos, str) and "TemplateProcessing" in post and bos in post)
-    w.add_add_bos_token(bool(add_bos))
-    if isinstance(tc, dict) and isinstance(tc.get("chat_template"), str):
-        w.add_chat_template(tc["chat_template"])
-
-
 # -- writing -----------------------------------------------------------------------------------------------
 
 
 def export(model_dir, out_path, *, name: str | None = None) -> dict:
     """Write ``model_dir`` as a GGUF at ``out_path`` (atomically); returns a summary dict."""
     import gguf
+
+    from .gguf_vocab import write_vocab
 
     d, out = Path(model_dir), Path(out_path)
     cfg, planned = plan(d)
@@ -350,7 +286,7 @@ def export(model_dir, out_path, *, name: str | None = None) -> dict:
     w = gguf.GGUFWriter(tmp, arch)
     try:
         _metadata(w, cfg, arch, name or d.name)
-        _vocab(w, d, cfg)
+        write_vocab(w, d, cfg)
         np_of = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
         for p in planned:
             raw = gguf.GGMLQuantizationType.BF16 if p.gtype == "BF16" else None

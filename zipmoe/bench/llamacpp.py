@@ -286,7 +286,11 @@ def peer_for_run(model_dir, dtype: str, threads: int, gguf_dir, tokens: int):
     if why:
         return None, why, {}
     exp = ensure_gguf(model_dir, Path(gguf_dir) / f"{Path(model_dir).name}.bf16.gguf")
-    return LlamaCppPeer(exp["path"], threads, _n_ctx(tokens)), None, exp
+    try:
+        return LlamaCppPeer(exp["path"], threads, _n_ctx(tokens)), None, exp
+    except RuntimeError as e:  # llama.cpp refused the file: the row says why, the other systems still run
+        log.warning("%s", e)
+        return None, f"failed: {e}", exp
 
 
 class LlamaCppPeer:
