@@ -42,6 +42,7 @@ from zipmoe_run.calibrate import report as host_report
 __all__ = ["DATASETS", "make_dataset", "run", "render_table"]
 
 HUF4X = huf4x.CODEC_ID
+ZSTD_LIT = "zstd-lit"  # the zstd-frame peers, whatever the default codec is
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _pack_frames(src: np.ndarray, chunk: int, compress: Callable[[np.ndarray], b
         sm = np.empty(k, np.uint8)
         split_bf16(src[start:start + k], exp[:k], sm)
         coded = compress(exp[:k])
-        refs.append(ChunkRef(KIND_BF16_SPLIT, DEFAULT_CODEC, coded, sm, k, checksum(coded), checksum(sm),
+        refs.append(ChunkRef(KIND_BF16_SPLIT, ZSTD_LIT, coded, sm, k, checksum(coded), checksum(sm),
                              2 * start, f"bench chunk {j}"))
     return refs
 
@@ -182,14 +183,14 @@ def _zipnn(src: np.ndarray, runs: int) -> _Prepared:
 
 
 def _peers(chunk: int) -> dict[str, Callable[[np.ndarray, int], _Prepared]]:
-    peers: dict[str, Callable[[np.ndarray, int], _Prepared]] = {}
-    default_preset = CODECS[DEFAULT_CODEC].default_preset
-    presets = sorted(ENCODER_PRESETS[DEFAULT_CODEC], key=lambda p: p != default_preset)
+    peers: dict[str, Callable[[np.ndarray, int], _Prepared]] = {}  # zstd frames: codec id zstd-lit
+    default_preset = CODECS[ZSTD_LIT].default_preset
+    presets = sorted(ENCODER_PRESETS[ZSTD_LIT], key=lambda p: p != default_preset)
     for preset in presets:
         def ours(src, runs, preset=preset):
-            enc = ChunkEncoder(DEFAULT_CODEC, preset)
-            return _prepare_refs(f"zipmoe/{preset}", src, lambda: encode_bf16_refs(src, chunk, encoder=enc),
-                                 ParallelDecoder, runs)
+            enc = ChunkEncoder(ZSTD_LIT, preset)
+            return _prepare_refs(f"zipmoe/{preset}", src,
+                                 lambda: encode_bf16_refs(src, chunk, ZSTD_LIT, encoder=enc), ParallelDecoder, runs)
         peers[f"ours {preset}"] = ours
         if preset == default_preset:
             def huf(src, runs):
