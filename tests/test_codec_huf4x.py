@@ -346,3 +346,44 @@ def test_golden_archive_decodes_and_reproduces(tmp_path):
     make_golden.make(tmp_path, "huf4x")  # huf4x depends on no library version: always byte-identical
     assert (tmp_path / "tiny-huf4x.zmoe").read_bytes() == (GOLDEN / "tiny-huf4x.zmoe").read_bytes()
     assert (tmp_path / "tiny-decoded.bin").read_bytes() == decoded
+
+
+# --- zipmoe bench codec ---------------------------------------------------------------------------------------
+
+def test_bench_alternates_peers_run_by_run():
+    from zipmoe.bench import codec as bc
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def check(self, t):
+            calls.append(("check", self.name, t))
+
+        def decode(self, t):
+            calls.append(("run", self.name, t))
+
+    times = bc._alternate({p: Fake(p) for p in "abc"}, runs=3)
+    runs = [c[1:] for c in calls if c[0] == "run"]
+    assert [c[1:] for c in calls if c[0] == "check"] == [(p, t) for p in "abc" for t in bc.THREADS]
+    per_run = len(runs) // 3
+    firsts = [runs[r * per_run][0] for r in range(3)]
+    assert firsts == ["a", "b", "c"]  # the order rotates run by run
+    assert sorted(runs) == sorted((p, t) for p in "abc" for t in bc.THREADS for _ in range(3))
+    assert all(len(times[p][t]) == 3 for p in "abc" for t in bc.THREADS)
+
+
+def test_bench_has_a_huf4x_row_with_ratio_spread():
+    from zipmoe.bench.codec import render_table, run
+
+    result = run(5000, runs=2, datasets=["gaussian"], chunk=2048)
+    peers = result["datasets"]["gaussian"]["peers"]
+    row = peers["ours huf4x"]
+    assert row["ratio"] < 0.75 and {"decode_1t_gb_s", "decode_2t_gb_s"} <= set(row)
+    if "ratio" in peers.get("zipnn", {}):
+        for t in (1, 2):
+            lo, hi = row[f"speedup_vs_zipnn_{t}t_range"]
+            assert lo <= row[f"speedup_vs_zipnn_{t}t"] <= hi
+    assert render_table(result).row_count == len(peers)
