@@ -150,9 +150,11 @@ def test_gemv_with_escapes_in_every_position_equals_the_bf16_gemv(n, k):
     assert (per_row[:-1] == 2).all() and per_row[-1] == k
     assert sorted(set(enc.esc_col.tolist())) == list(range(k))
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(1)).bfloat16().float().numpy()
-    y = xk.gemv(enc, x)
+    y = xk.gemv(enc, x)  # two input rows
     for r in range(2):
-        assert _same(y[r], _bf16_gemv(w, x[r]))
+        ref = _bf16_gemv(w, x[r])
+        assert _same(y[r], ref)
+        assert _same(xk.gemv(enc, x[r]), ref)  # one input row
 
 
 @needs_numba
@@ -188,6 +190,25 @@ def test_a_stale_compiled_kernel_is_caught_and_recompiled(monkeypatch, caplog):
     w = _gauss(9, 66)
     x = np.linspace(-1, 1, 66, dtype=np.float32)
     assert _same(xk.gemv(x12.from_bf16(w), x), _bf16_gemv(w, x))
+
+
+@needs_numba
+def test_a_kernel_that_stays_wrong_is_not_used(monkeypatch, caplog):
+    from zipmoe_run.resident import X12Linear
+
+    def wrong(*args):  # writes zeros where the sums go
+        args[-2][:] = 0.0
+
+    wrong.py_func = wrong
+    monkeypatch.setattr(xk, "_x12_gemv", wrong)
+    monkeypatch.setattr(xk, "njit", lambda **kw: (lambda f: wrong))  # recompiling gives the same wrong kernel
+    monkeypatch.setattr(xk, "_checked", [])
+    assert not xk.available()
+    assert "x12 products decode to bf16 instead" in caplog.text
+    w = torch.randn(9, 66, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x = torch.randn(1, 66, generator=torch.Generator().manual_seed(4)).bfloat16()
+    lin = X12Linear(x12.from_bf16(w.view(torch.int16).numpy().view(np.uint16)))
+    assert torch.equal(lin(x).view(torch.int16), kernels.linear(x, w).view(torch.int16))
 
 
 @needs_numba

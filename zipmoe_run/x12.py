@@ -244,7 +244,7 @@ if njit is not None:
 
         LLVM vector IR in 32-bit lanes (numba's scalar typing widens integer arithmetic to 64 bits, which
         halves the vector width and adds packing): for pair j with code byte c and sm bytes s0, s1,
-        word = ((c & 15) << 7 | (c >> 4) << 23) + bword | (sext16(s0) & 0x807F | (sext16(s1) & 0x807F) << 16),
+        word = ((c * 0x80080) & 0x07800780) + bword | (sext16(s0) & 0x807F | (sext16(s1) & 0x807F) << 16),
         with bword = base << 7 | base << 23. Plain IR, no target intrinsics: one step is a 512-bit vector
         of AVX-512, two of AVX2, four of SSE or NEON. Each step also prefetches the same columns of row
         ``pf`` (the next row: it keeps the memory streams ahead while this row computes; a hint only,
@@ -281,8 +281,8 @@ if njit is not None:
                 for q in (npf, spf):
                     builder.call(pfn, [builder.bitcast(builder.gep(q, [v]), i8.as_pointer()), rd, loc, dcache])
                 c = builder.zext(builder.load(builder.gep(npv, [v]), align=1), vw)  # [16] code bytes
-                codes = builder.or_(builder.and_(builder.shl(c, splat(vw, 7)), splat(vw, 0x780)),
-                                    builder.and_(builder.shl(c, splat(vw, 19)), splat(vw, 0x07800000)))
+                # c * (1 << 7 | 1 << 19) holds c << 7 and c << 19; the mask keeps low nibble << 7 and high << 23
+                codes = builder.and_(builder.mul(c, splat(vw, 0x80080)), splat(vw, 0x07800780))
                 sm = builder.sext(builder.load(builder.gep(spv, [v]), align=1), vh)  # [32] sign-extended
                 sm = builder.bitcast(builder.and_(sm, splat(vh, 0x807F)), vw)  # sign << 15 | mantissa, per half
                 builder.store(builder.or_(builder.add(codes, bw), sm), builder.gep(dpv, [v]), align=4)
@@ -291,41 +291,55 @@ if njit is not None:
         return sig, codegen
 
     @njit(inline="always", nogil=True)
+    def _word(s, lo_exp, hi_exp):
+        """The bf16 pair (uint32) of sm bytes s (uint16: element 2j low) and the two exponents (uint32)."""
+        return np.uint32(((s & np.uint32(0x80)) << np.uint32(8)) | (lo_exp << np.uint32(7)) | (s & np.uint32(0x7F))
+                         | ((s & np.uint32(0x8000)) << np.uint32(16)) | (hi_exp << np.uint32(23))
+                         | ((s & np.uint32(0x7F00)) << np.uint32(8)))
+
+    @njit(inline="always", nogil=True)
+    def _patch(dst, j, s, col, e):
+        """Overwrite the half of dst[j] holding element col (2j or 2j+1) with exponent e and its sm byte."""
+        if col & 1:  # the high half: element 2j+1, its sm in the high byte of s
+            half = (s & np.uint32(0x8000)) | (e << np.uint32(7)) | ((s >> np.uint32(8)) & np.uint32(0x7F))
+            dst[j] = (dst[j] & np.uint32(0xFFFF)) | np.uint32(half << np.uint32(16))
+        else:
+            half = ((s & np.uint32(0x80)) << np.uint32(8)) | (e << np.uint32(7)) | (s & np.uint32(0x7F))
+            dst[j] = (dst[j] & np.uint32(0xFFFF0000)) | np.uint32(half)
+
+    @njit(inline="always", nogil=True)
+    def decode_pairs(nib, sm16, b, esc_col, esc_exp, i, j0, j1, t, tend, dst):
+        """Pairs j0..j1-1 of row i (contiguous table from exponent b, uint32) into dst[j0:j1], scalar; then
+        the row's escapes t.. that fall in them (t: the first with a column >= 2*j0; tend: the row's end).
+        Returns the first escape after them. A code 15 may carry into bit 15 / bit 31 (b + 15 = 256):
+        the patch rewrites that whole half-word, so nothing leaks into the other half."""
+        for j in range(j0, j1):
+            c = np.uint32(nib[i, j])
+            dst[j] = _word(np.uint32(sm16[i, j]), np.uint32(b + (c & np.uint32(15))), np.uint32(b + (c >> np.uint32(4))))
+        while t < tend and np.int64(esc_col[t]) < 2 * j1:
+            col = np.int64(esc_col[t])
+            _patch(dst, col >> 1, np.uint32(sm16[i, col >> 1]), col, np.uint32(esc_exp[t]))
+            t += 1
+        return t
+
+    @njit(inline="always", nogil=True)
     def decode_row(nib, sm16, table, base, row_ptr, esc_col, esc_exp, i, dst):
         """Row i of an X12 into dst uint32 [Kp/2] (bf16 pairs). base >= 0: contiguous table."""
         kh = nib.shape[1]
-        m7, m80, m8000, m7f00 = np.uint32(0x7F), np.uint32(0x80), np.uint32(0x8000), np.uint32(0x7F00)
-        m15, s4, s7, s8, s16, s23 = np.uint32(15), np.uint32(4), np.uint32(7), np.uint32(8), np.uint32(16), np.uint32(23)
+        t, tend = row_ptr[i], row_ptr[i + 1]
         if base >= 0:
             b = np.uint32(base)
             nv = kh // PAIRS
-            _pairs_vec(nib, sm16, i, np.uint32((b << s7) | (b << s23)), dst, nv, min(i + 1, nib.shape[0] - 1))
-            for j in range(nv * PAIRS, kh):  # the pairs after the last whole vector
-                s = np.uint32(sm16[i, j])
-                c = np.uint32(nib[i, j])
-                # a code 15 may carry into bit 15 / bit 31 (b + 15 = 256): the escape patch below
-                # rewrites that whole half-word, so nothing leaks into the other half
-                lo = ((s & m80) << s8) | ((b + (c & m15)) << s7) | (s & m7)
-                hi = ((s & m8000) << s16) | ((b + (c >> s4)) << s23) | ((s & m7f00) << s8)
-                dst[j] = np.uint32(lo | hi)
+            _pairs_vec(nib, sm16, i, np.uint32((b << np.uint32(7)) | (b << np.uint32(23))), dst, nv,
+                       min(i + 1, nib.shape[0] - 1))
+            decode_pairs(nib, sm16, b, esc_col, esc_exp, i, nv * PAIRS, kh, tend, tend, dst)  # the last pairs
         else:
             for j in range(kh):
-                s = np.uint32(sm16[i, j])
                 c = nib[i, j]
-                lo = ((s & m80) << s8) | (np.uint32(table[c & 15]) << s7) | (s & m7)
-                hi = ((s & m8000) << s16) | (np.uint32(table[c >> 4]) << s23) | ((s & m7f00) << s8)
-                dst[j] = np.uint32(lo | hi)
-        for t in range(row_ptr[i], row_ptr[i + 1]):
+                dst[j] = _word(np.uint32(sm16[i, j]), np.uint32(table[c & 15]), np.uint32(table[c >> 4]))
+        for t in range(t, tend):
             col = np.int64(esc_col[t])
-            e = np.uint32(esc_exp[t])
-            j = col >> 1
-            s = np.uint32(sm16[i, j])
-            if col & 1:  # the high half: element 2j+1, its sm in the high byte of s
-                half = (s & m8000) | (e << s7) | ((s >> s8) & m7)
-                dst[j] = (dst[j] & np.uint32(0xFFFF)) | np.uint32(half << s16)
-            else:
-                half = ((s & m80) << s8) | (e << s7) | (s & m7)
-                dst[j] = (dst[j] & np.uint32(0xFFFF0000)) | np.uint32(half)
+            _patch(dst, col >> 1, np.uint32(sm16[i, col >> 1]), col, np.uint32(esc_exp[t]))
 
     @njit(parallel=True, nogil=True, cache=True)
     def _decode_rows(nib, sm16, table, base, row_ptr, esc_col, esc_exp, out):  # out uint32 [N, Kp/2]
