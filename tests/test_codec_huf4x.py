@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from formats import huf4x
@@ -387,3 +387,35 @@ def test_bench_has_a_huf4x_row_with_ratio_spread():
             lo, hi = row[f"speedup_vs_zipnn_{t}t_range"]
             assert lo <= row[f"speedup_vs_zipnn_{t}t"] <= hi
     assert render_table(result).row_count == len(peers)
+
+
+# --- hostile archives: a corrupt huf4x chunk with a matching checksum reaches the decoder ------------------------
+
+@settings(max_examples=60, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_corrupt_chunk_in_archive_is_one_error_naming_it(tmp_path_factory, data):
+    from formats.errors import ZmoeError
+    from formats.preamble import xxh3
+    from tests.archive_mut import dumps, split, with_index
+
+    buf = bytearray((GOLDEN / "tiny-huf4x.zmoe").read_bytes())
+    doc, _ = split(bytes(buf))
+    chunks = [(p, c) for e in doc["experts"] for p in e["parts"] for c in p.get("exp_chunks", [])]
+    part, chunk = data.draw(st.sampled_from(chunks))
+    off, length = chunk[0], chunk[1]
+    before = bytes(buf[off:off + length])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = off + data.draw(st.integers(0, length - 1))
+        buf[i] ^= 1 << data.draw(st.integers(0, 7))
+    assume(bytes(buf[off:off + length]) != before)  # flips that cancel out leave a valid archive
+    chunk[2] = format(xxh3(bytes(buf[off:off + length])), "016x")
+    path = tmp_path_factory.mktemp("hostile") / "m.zmoe"
+    path.write_bytes(with_index(bytes(buf), dumps(doc)))
+    with pytest.raises(ZmoeError) as ei:
+        with Archive(path) as ar, ParallelDecoder(2) as dec:
+            verify(ar, dec)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    if isinstance(ei.value, CodecError):
+        assert part["tensor"] in msg and "huf4x" in msg
