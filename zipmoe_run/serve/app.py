@@ -25,7 +25,7 @@ from starlette.routing import Route
 from .errors import APIError, error_body, from_exception
 from .protocol import MAX_BODY, GenRequest, chunk, parse_body, parse_chat, parse_completion, response, usage_chunk
 
-__all__ = ["ServeContext", "create_app", "EventBridge", "RequestLog", "read_body"]
+__all__ = ["ServeContext", "create_app", "EventBridge", "RequestLog", "read_body", "collect"]
 
 log = logging.getLogger("zipmoe_run.serve")
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -224,33 +224,40 @@ async def _generate(ctx: ServeContext, request: Request, parse, prompt_param: st
     return await _complete(request, req, rid, h, bridge, rlog)
 
 
-async def _complete(request: Request, req: GenRequest, rid: str, h, bridge: EventBridge, rlog: RequestLog) -> Response:
+async def collect(request: Request, h, bridge: EventBridge, rlog: RequestLog) -> tuple[str, object] | None:
+    """The whole answer's text and last event; None when the client left first (its handle is cancelled:
+    checked every ``DISCONNECT_POLL_S`` while tokens come)."""
     parts: list[str] = []
     ev = None
     checked = time.monotonic()
     try:
         while True:
             ev = await bridge.next(timeout=DISCONNECT_POLL_S)
+            if ev is not None:
+                if ev.token_id is not None:
+                    rlog.token()
+                parts.append(ev.text)
+                if ev.finish_reason is not None:
+                    return "".join(parts), ev
             if time.monotonic() - checked >= DISCONNECT_POLL_S:
                 checked = time.monotonic()
                 if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody reads it; the handle is cancelled below
-            if ev is None:
-                continue
-            if ev.token_id is not None:
-                rlog.token()
-            parts.append(ev.text)
-            if ev.finish_reason is not None:
-                break
+                    return None
     finally:
         bridge.close()
         if not bridge.finished:
             h.cancel()
-            rlog.done(ev.completion_tokens if ev is not None else 0, None)
-    rlog.done(ev.completion_tokens, ev.finish_reason)
+        rlog.done(ev.completion_tokens if ev is not None else 0, ev.finish_reason if bridge.finished else None)
+
+
+async def _complete(request: Request, req: GenRequest, rid: str, h, bridge: EventBridge, rlog: RequestLog) -> Response:
+    got = await collect(request, h, bridge, rlog)
+    if got is None:
+        return Response(status_code=499)  # nobody reads it
+    text, ev = got
     if ev.finish_reason in ("cancelled", "error"):
         raise _ended(ev)
-    return JSONResponse(response(req, rid, "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens))
+    return JSONResponse(response(req, rid, text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens))
 
 
 def _ended(ev) -> APIError:

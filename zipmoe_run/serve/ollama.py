@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from .app import EventBridge, RequestLog, ServeContext, _ended, read_body
+from .app import EventBridge, RequestLog, ServeContext, _ended, collect, read_body
 from .errors import APIError, bad_request, from_exception
 from .protocol import parse_chat, parse_completion
 
@@ -141,12 +141,10 @@ async def _run(ctx: ServeContext, request: Request, chat: bool) -> Response:
 
     if req.stream:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
-    parts, last = [], None
-    async for line in lines():
-        o = json.loads(line)
-        if "error" in o:
-            raise APIError(503, o["error"], type="server_error")
-        parts.append(o["message"]["content"] if chat else o["response"])
-        last = o
-    last.update({"message": {"role": "assistant", "content": "".join(parts)}} if chat else {"response": "".join(parts)})
-    return Response(json.dumps(last), media_type="application/json")
+    got = await collect(request, h, bridge, rlog)
+    if got is None:
+        return Response(status_code=499)  # the client left
+    text, ev = got
+    if ev.finish_reason in ("cancelled", "error"):
+        raise _ended(ev)
+    return Response(json.dumps(obj(text, ev)), media_type="application/json")
