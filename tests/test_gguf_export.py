@@ -207,6 +207,18 @@ def test_bad_input(checkpoint_factory, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))
 
 
+def test_not_enough_disk_is_refused_before_writing(checkpoint_factory, tmp_path, monkeypatch):
+    import collections
+
+    import zipmoe.bench.gguf_export as ge
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(ge.shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, 1 << 20))
+    with pytest.raises(ge.GGUFExportError, match=r"needs \d+\.\d+ GB, 0\.00 GB free"):
+        ge.export(checkpoint_factory("qwen2_moe", dims=DIMS, seed=3, shards=2), tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
+
+
 def test_ensure_gguf_reuses_until_the_source_changes(checkpoint_factory, tmp_path):
     import shutil
 

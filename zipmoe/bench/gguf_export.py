@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,6 +283,10 @@ def export(model_dir, out_path, *, name: str | None = None) -> dict:
     d, out = Path(model_dir), Path(out_path)
     cfg, planned = plan(d)
     arch = ARCH[cfg["model_type"]]
+    need = sum(p.nbytes + _ALIGN for p in planned) + (64 << 20)  # tensors + padding + header room
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise GGUFExportError(f"{out.parent}: the GGUF needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     w = gguf.GGUFWriter(tmp, arch)
     try:
