@@ -70,7 +70,7 @@ class X12:
     @cached_property
     def contiguous(self) -> bool:
         """Codes 0..14 are the exponents base..base+14 (decoded by an add rather than a lookup)."""
-        return bool(np.array_equal(self.table[:ESCAPE].astype(np.int32), self.base + np.arange(ESCAPE)))
+        return _contiguous(self.table)
 
     @cached_property
     def kernel_base(self) -> int:
@@ -110,6 +110,10 @@ def _choose_table(hist: np.ndarray) -> np.ndarray:
     return np.array(vals + [0], np.uint8)
 
 
+def _contiguous(table: np.ndarray) -> bool:
+    return bool(np.array_equal(table[:ESCAPE].astype(np.int32), int(table[0]) + np.arange(ESCAPE)))
+
+
 def _lut(table: np.ndarray) -> np.ndarray:
     """uint8 [256]: exponent -> code (15 for exponents not in the table)."""
     lut = np.full(256, ESCAPE, np.uint8)
@@ -129,13 +133,18 @@ def from_bf16(w: np.ndarray) -> X12:
     n, k = w.shape
     w = np.ascontiguousarray(w)
     kp = k + (k & 1)
-    hist = _hist(w) if njit is not None else np.bincount((w >> 7 & 0xFF).ravel(), minlength=256)
+    if njit is None:
+        hist = np.bincount((w >> 7 & 0xFF).ravel(), minlength=256)
+    else:
+        hist = _hist_pairs(w.view(np.uint32)) if k % 2 == 0 else _hist(w)
     table = _choose_table(hist)
     lut = _lut(table)
     nib = np.empty((n, kp // 2), np.uint8)
     sm = np.zeros((n, kp), np.uint8)
     counts = np.zeros(n, np.int64)
-    if njit is not None:
+    if njit is not None and k % 2 == 0 and _contiguous(table):  # every trained matrix: arithmetic codes
+        _encode_pairs(w.view(np.uint32), int(table[0]), nib, sm.view(np.uint16), counts)
+    elif njit is not None:
         _encode_rows(w, lut, nib, sm, counts)
     else:
         codes = np.zeros((n, kp), np.uint8)
@@ -150,7 +159,7 @@ def from_bf16(w: np.ndarray) -> X12:
     esc_exp = np.empty(total, np.uint8)
     if total:
         if njit is not None:
-            _fill_escapes(w, lut, row_ptr, esc_col, esc_exp)
+            _fill_escapes(w, lut, row_ptr, esc_col, esc_exp)  # scans only the rows that have escapes
         else:
             rows, cols = np.nonzero(lut[(w >> 7) & 0xFF] == ESCAPE)
             esc_col[:] = cols
@@ -193,14 +202,54 @@ def _decode_numpy(x: X12, out: np.ndarray) -> None:
 
 
 if njit is not None:
-    @njit(nogil=True, cache=True)
+    @njit(parallel=True, nogil=True, cache=True)
     def _hist(w):  # w uint16 [N, K] -> int64 [256] exponent histogram
-        h = np.zeros(256, np.int64)
         n, k = w.shape
-        for i in range(n):
-            for j in range(k):
-                h[(w[i, j] >> 7) & 0xFF] += 1
-        return h
+        rows = 64
+        tasks = (n + rows - 1) // rows
+        hs = np.zeros((tasks, 256), np.int64)
+        for c in prange(tasks):
+            h = np.zeros(256, np.int64)
+            for i in range(c * rows, min(n, (c + 1) * rows)):
+                for j in range(k):
+                    h[(np.uint32(w[i, j]) >> np.uint32(7)) & np.uint32(0xFF)] += 1
+            hs[c] = h
+        return hs.sum(axis=0)
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _hist_pairs(w32):  # w32 uint32 [N, K/2] (bf16 pairs) -> int64 [256]; two tables: no store-forwarding chain
+        n, kh = w32.shape
+        rows = 64
+        tasks = (n + rows - 1) // rows
+        hs = np.zeros((tasks, 512), np.int64)
+        for c in prange(tasks):
+            h = np.zeros(512, np.int64)
+            for i in range(c * rows, min(n, (c + 1) * rows)):
+                for j in range(kh):
+                    u = w32[i, j]
+                    h[(u >> np.uint32(7)) & np.uint32(0xFF)] += 1
+                    h[256 + ((u >> np.uint32(23)) & np.uint32(0xFF))] += 1
+            hs[c] = h
+        t = hs.sum(axis=0)
+        return t[:256] + t[256:]
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _encode_pairs(w32, base, nib, sm16, counts):
+        """Even K, contiguous table: w32 uint32 [N, K/2] (bf16 pairs) -> nib, sm16 uint16 [N, K/2], escapes
+        per row. Codes by arithmetic (exponent - base, 15 when outside 0..14), which vectorizes."""
+        n, kh = w32.shape
+        b = np.uint32(base)
+        for i in prange(n):
+            c = 0
+            for j in range(kh):
+                u = w32[i, j]
+                ca = min(np.uint32(((u >> np.uint32(7)) - b) & np.uint32(0xFF)), np.uint32(15))
+                cb = min(np.uint32(((u >> np.uint32(23)) - b) & np.uint32(0xFF)), np.uint32(15))
+                c += np.int64(ca == 15) + np.int64(cb == 15)
+                nib[i, j] = np.uint8(ca | (cb << np.uint32(4)))
+                sm16[i, j] = np.uint16(((u >> np.uint32(8)) & np.uint32(0x80)) | (u & np.uint32(0x7F))
+                                       | ((u >> np.uint32(16)) & np.uint32(0x8000)) | ((u >> np.uint32(8)) & np.uint32(0x7F00)))
+            counts[i] = c
 
     @njit(parallel=True, nogil=True, cache=True)
     def _encode_rows(w, lut, nib, sm, counts):  # -> nib [N, Kp/2], sm [N, Kp], counts [N] escapes per row
@@ -227,6 +276,8 @@ if njit is not None:
         n, k = w.shape
         for i in prange(n):
             t = row_ptr[i]
+            if t == row_ptr[i + 1]:
+                continue
             for j in range(k):
                 e = (w[i, j] >> 7) & 0xFF
                 if lut[e] == ESCAPE:
