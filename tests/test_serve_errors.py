@@ -235,6 +235,7 @@ def test_cli_errors_are_one_line(archive, tmp_path):  # noqa: F811
     assert_one_line_error(zipmoe("serve", tmp_path / "none.zmoe", "--port", "0"), "none.zmoe")
     assert_one_line_error(zipmoe("serve", archive, "--port", "70000"), "--port")
     assert_one_line_error(zipmoe("serve", archive, "--max-batch", "0"), "--max-batch")
+    assert_one_line_error(zipmoe("serve", archive, "--max-queue", "0"), "--max-queue")
     assert_one_line_error(zipmoe("serve", archive, "--memory-budget", "lots"), "--memory-budget")
     import socket
 
@@ -267,10 +268,18 @@ def test_cli_serves_and_stops_on_sigterm(archive):  # noqa: F811
         assert h["status"] == "ok" and h["memory_budget_bytes"] > 0
         r = httpx.post(url + "/v1/completions", json={**_P, "max_tokens": 3, "temperature": 0}, timeout=60)
         assert r.status_code == 200
-        p.send_signal(signal.SIGTERM)
+        # a stream in flight when SIGTERM arrives finishes within the grace period, then the process exits 0
+        body = {**_P, "prompt": [5, 6, 7], "max_tokens": 40, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as s:
+            lines = s.iter_lines()
+            assert next(x for x in lines if x.startswith("data: {"))
+            p.send_signal(signal.SIGTERM)
+            rest_of_stream = [x for x in lines if x]
+        assert rest_of_stream[-1] == "data: [DONE]"
+        assert json.loads(rest_of_stream[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop")
         rest = p.stderr.read()
         assert p.wait(30) == 0, rest
-        assert "cmpl-" in rest and "tok/s" in rest and "served 1 requests" in rest, rest
+        assert "cmpl-" in rest and "tok/s" in rest and "served 2 requests" in rest, rest
         assert "Traceback" not in rest
     finally:
         if p.poll() is None:
