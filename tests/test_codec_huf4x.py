@@ -365,14 +365,14 @@ def test_bench_alternates_peers_run_by_run():
         def decode(self, t):
             calls.append(("run", self.name, t))
 
-    times = bc._alternate({p: Fake(p) for p in "abc"}, runs=3)
+    times, cpu = bc._alternate({p: Fake(p) for p in "abc"}, runs=3)
     runs = [c[1:] for c in calls if c[0] == "run"]
     assert [c[1:] for c in calls if c[0] == "check"] == [(p, t) for p in "abc" for t in bc.THREADS]
     per_run = len(runs) // 3
     firsts = [runs[r * per_run][0] for r in range(3)]
     assert firsts == ["a", "b", "c"]  # the order rotates run by run
     assert sorted(runs) == sorted((p, t) for p in "abc" for t in bc.THREADS for _ in range(3))
-    assert all(len(times[p][t]) == 3 for p in "abc" for t in bc.THREADS)
+    assert all(len(times[p][t]) == len(cpu[p][t]) == 3 for p in "abc" for t in bc.THREADS)
 
 
 def test_bench_has_a_huf4x_row_with_ratio_spread():
@@ -386,6 +386,8 @@ def test_bench_has_a_huf4x_row_with_ratio_spread():
         for t in (1, 2):
             lo, hi = row[f"speedup_vs_zipnn_{t}t_range"]
             assert lo <= row[f"speedup_vs_zipnn_{t}t"] <= hi
+        lo, hi = row["cpu_speedup_vs_zipnn_1t_range"]
+        assert lo <= row["cpu_speedup_vs_zipnn_1t"] <= hi
     assert render_table(result).row_count == len(peers)
 
 
