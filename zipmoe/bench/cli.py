@@ -293,6 +293,7 @@ def serve_cmd(
                                 "is always run)."),
     requests: int = typer.Option(16, "--requests", "-n", min=1, max=10000, help="Requests per stream count."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1, max=100000, help="Greedy tokens per request at most."),
+    repeat: int = typer.Option(1, "--repeat", "-r", min=1, max=100, help="Runs per stream count (medians)."),
     threads: Optional[int] = typer.Option(None, "--threads", callback=threads_option, help="Compute threads."),
     llamacpp: bool = typer.Option(False, "--llamacpp", help="Also llama.cpp's server (skipped, saying why, when "
                                   "llama_cpp or its server does not import)."),
@@ -315,7 +316,7 @@ def serve_cmd(
         fail("--budgets and --streams need at least one value each", 2)
     with guarded(debug, 2):
         result = run(model, budgets=budget_list, streams=stream_list, requests=requests, max_tokens=max_tokens,
-                     threads=threads, llamacpp=llamacpp)
+                     threads=threads, llamacpp=llamacpp, repeat=repeat)
     if not _emit(result, as_json, out):
         Console(width=200).print(render_table(result))
 

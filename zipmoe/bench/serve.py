@@ -7,7 +7,8 @@ completions (token-id prompts of mixed lengths, ``max_tokens`` each, streamed wi
 another. Per row: aggregate generated tokens/s over the wall time, time to first token (median, p90:
 from sending a request to its first text chunk, queueing included), expert bytes read per generated
 token (the engine's source counters), the store's peak against its budget and the process's peak RSS.
-A short untimed warm-up runs first at each budget.
+A short untimed warm-up runs first at each budget; with ``repeat`` the stream counts are measured
+in turn that many times and the rows hold medians.
 
 Peers: ``--llamacpp`` asks for llama.cpp's server on the same model (``PEERS``); the row says why it is
 skipped when ``llama_cpp`` or its server module does not import. Any OpenAI-compatible server can be
@@ -127,8 +128,22 @@ PEERS: dict[str, Callable[..., dict]] = {"llamacpp": _llamacpp}
 
 
 # ----------------------------------------------------------------------------------------------- run
+def _median_row(runs: list[dict]) -> dict:
+    """One row from ``runs`` of the same (budget, streams): medians of the timings, the first run's rest."""
+    row = dict(runs[0])
+    for k in ("tok_s", "wall_s", "ttft_median_s", "ttft_p90_s", "bytes_per_token"):
+        xs = [r[k] for r in runs if r.get(k) is not None]
+        row[k] = statistics.median(xs) if xs else None
+    row["runs"] = len(runs)
+    row["tok_s_runs"] = [r["tok_s"] for r in runs]
+    row["completed"] = min(r["completed"] for r in runs)
+    row["errors"] = [e for r in runs for e in r["errors"]][:3]
+    row["texts_stable"] = all(r["texts"] == runs[0]["texts"] for r in runs)
+    return row
+
+
 def _zipmoe_rows(model: Path, budget: str, streams: list[int], prompts: list[list[int]], max_tokens: int,
-                 threads: int | None) -> tuple[list[dict], dict]:
+                 threads: int | None, repeat: int = 1) -> tuple[list[dict], dict]:
     from zipmoe_run.api import load
     from zipmoe_run.engine import Engine
     from zipmoe_run.serve import model_id_for
@@ -141,36 +156,37 @@ def _zipmoe_rows(model: Path, budget: str, streams: list[int], prompts: list[lis
     eng = Engine(lm, max_batch=max(streams), max_queue=max(64, len(prompts)))
     eng.start()
     srv = None
-    rows: list[dict] = []
+    runs: dict[int, list[dict]] = {n: [] for n in streams}
     try:
         ctx = ServeContext(eng, lm, model_id_for(model))
         srv = ServerThread(ctx).start()
         drive(srv.url, ctx.model_id, prompts[:2], min(max_tokens, 8), 1)  # warm-up, untimed
-        for n in streams:
-            st0 = eng.stats()
-            row = drive(srv.url, ctx.model_id, prompts, max_tokens, n)
-            st1 = eng.stats()
-            gen = st1["tokens_generated"] - st0["tokens_generated"]
-            read = st1["expert_bytes_read"] - st0["expert_bytes_read"]
-            src = st1.get("source", {})
-            row.update(system="zipmoe", budget=budget, budget_bytes=st1.get("memory_budget_bytes"),
-                       bytes_read=read, bytes_per_token=read / gen if gen else None,
-                       store_peak_bytes=src.get("store_peak_bytes"), peak_rss_bytes=st1.get("peak_rss_bytes"),
-                       load_s=load_s)
-            log.info("zipmoe %s, %d streams: %.2f tok/s", budget, n, row["tok_s"])
-            rows.append(row)
+        for _ in range(repeat):  # stream counts interleaved, so drifting load hits them alike
+            for n in streams:
+                st0 = eng.stats()
+                row = drive(srv.url, ctx.model_id, prompts, max_tokens, n)
+                st1 = eng.stats()
+                gen = st1["tokens_generated"] - st0["tokens_generated"]
+                read = st1["expert_bytes_read"] - st0["expert_bytes_read"]
+                src = st1.get("source", {})
+                row.update(system="zipmoe", budget=budget, budget_bytes=st1.get("memory_budget_bytes"),
+                           bytes_read=read, bytes_per_token=read / gen if gen else None,
+                           store_peak_bytes=src.get("store_peak_bytes"), peak_rss_bytes=st1.get("peak_rss_bytes"),
+                           load_s=load_s)
+                log.info("zipmoe %s, %d streams: %.2f tok/s", budget, n, row["tok_s"])
+                runs[n].append(row)
         info = {"io_mode": eng.stats().get("source", {}).get("io_mode")}
     finally:
         if srv is not None:
             srv.stop()
         eng.shutdown(cancel=True, timeout=30)
         lm.close()
-    return rows, info
+    return [_median_row(runs[n]) for n in streams], info
 
 
 def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), streams: list[int] = (1, 2, 4, 8),
         requests: int = 16, max_tokens: int = 32, threads: int | None = None, llamacpp: bool = False,
-        seed: int = 0) -> dict:
+        seed: int = 0, repeat: int = 1) -> dict:
     """Measure (see the module docstring); returns the JSON-able result with the host line."""
     from zipmoe_run.api import open_source
     from zipmoe_run.calibrate import report as host_report
@@ -178,8 +194,8 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
     model = Path(model)
     if not model.exists():
         raise BenchInputError(f"{model}: no such archive or checkpoint folder")
-    if requests < 1 or max_tokens < 1:
-        raise BenchInputError("--requests and --max-tokens must be at least 1")
+    if requests < 1 or max_tokens < 1 or repeat < 1:
+        raise BenchInputError("--requests, --max-tokens and --repeat must be at least 1")
     streams = sorted(set([1, *streams]))  # 1 stream = the same requests one after another: the baseline
     if any(s < 1 or s > 256 for s in streams):
         raise BenchInputError(f"--streams must be in 1..256, got {streams}")
@@ -195,15 +211,16 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
     prompts = make_prompts(requests, vocab, context, max_tokens, seed)
     result: dict = {"bench": "serve", "model": str(model), "model_type": cfg.get("model_type"),
                     "requests": requests, "max_tokens": max_tokens, "streams": streams, "budgets": list(budgets),
-                    "threads": threads, "prompt_tokens": [len(p) for p in prompts], "rows": []}
+                    "threads": threads, "repeat": repeat, "prompt_tokens": [len(p) for p in prompts], "rows": []}
     result.update(host_report(model if model.suffix == ".zmoe" else None, threads=threads))
     for b in budgets:
-        rows, info = _zipmoe_rows(model, b, streams, prompts, max_tokens, threads)
+        rows, info = _zipmoe_rows(model, b, streams, prompts, max_tokens, threads, repeat)
         base = next(r for r in rows if r["streams"] == 1)
         base_texts = base["texts"]
         for r in rows:  # greedy answers must not depend on the batch (batch invariance)
             r["x_sequential"] = r["tok_s"] / base["tok_s"] if base["tok_s"] else None
-            r["same_text_as_sequential"] = r.pop("texts") == base_texts
+            stable = r.pop("texts_stable")
+            r["same_text_as_sequential"] = r.pop("texts") == base_texts and stable
         result["rows"].extend(rows)
         result.setdefault("io_mode", info.get("io_mode"))
     if llamacpp:
@@ -215,6 +232,7 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
                 for n in streams:
                     row = drive(peer["url"], peer["model"], prompts, max_tokens, n)
                     row.pop("texts")
+                    row["runs"] = 1
                     result["rows"].append({**row, "system": "llamacpp", "budget": peer.get("budget", "-")})
             finally:
                 peer["stop"]()
@@ -229,7 +247,8 @@ def render_table(result: dict):
 
     table = Table(title=f"serve: {result['model']} ({result['model_type']}), {result['requests']} greedy requests "
                         f"of <= {result['max_tokens']} tokens, prompts {min(result['prompt_tokens'])}-"
-                        f"{max(result['prompt_tokens'])} tokens; streams = concurrent clients (1: one after another)")
+                        f"{max(result['prompt_tokens'])} tokens; streams = concurrent clients (1: one after another); "
+                        f"median of {result.get('repeat', 1)} run(s)")
     for c in ("system", "budget", "streams", "tok/s", "x 1 stream", "TTFT median s", "TTFT p90 s", "read/token",
               "store peak / budget", "peak RSS", "done"):
         table.add_column(c, justify="left" if c in ("system", "budget") else "right")
