@@ -354,9 +354,13 @@ def test_e2e_llamacpp_skipped_with_a_reason(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lc, "available", lambda: "llama_cpp not importable (test)")
     cfg = E2EConfig(workdir=tmp_path, quick=True, systems=("zipmoe", "llamacpp"))
-    assert lc.e2e_prepare(cfg, {}) == {"skipped": "llama_cpp not importable (test)"}
+    prepared = lc.e2e_prepare(cfg, {})
+    assert prepared == {"skipped": "llama_cpp not importable (test)"}
+    assert lc.e2e_targets([], prepared) == [{"target": "llamacpp rows", "value": None, "met": False,
+                                             "mark": "skipped", "note": "llama_cpp not importable (test)"}]
     cfg = E2EConfig(workdir=tmp_path, quick=True, systems=("zipmoe",))
     assert lc.e2e_prepare(cfg, {}) == {"skipped": "not requested"}
+    assert lc.e2e_targets([], {"skipped": "not requested"}) == []
 
 
 def test_llamacpp_peer_ignores_eos(checkpoint_factory, tmp_path):

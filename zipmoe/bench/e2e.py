@@ -360,7 +360,7 @@ def run(cfg: E2EConfig) -> dict:
         "rows": rows,
     }
     result.update(host)
-    result["targets"] = _targets(rows, cfg) + e2e_targets(rows)
+    result["targets"] = _targets(rows, cfg) + e2e_targets(rows, llamacpp)
     result["total_s"] = time.perf_counter() - t0
     return result
 

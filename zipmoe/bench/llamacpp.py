@@ -252,12 +252,16 @@ def _warmup_gguf(wd: Path, family: str) -> str:
     return ensure_gguf(ckpt, wd / f"llamacpp-warmup-{family}.gguf")["path"]
 
 
-def e2e_targets(rows: list[dict]) -> list[dict]:
-    """zipmoe against llama.cpp at 30 % (issue 14: >= 3x under the same cap), and llama.cpp's greedy tokens
-    against the resident run's (the same checkpoint; another engine's numerics, so information only)."""
+def e2e_targets(rows: list[dict], prepared: dict | None = None) -> list[dict]:
+    """zipmoe against llama.cpp at 30 % (issue 14: >= 3x under the same cap), llama.cpp's greedy tokens
+    against the resident run's (the same checkpoint; another engine's numerics, so information only), and
+    why its rows are missing when it was asked for but skipped (``prepared``: :func:`e2e_prepare`'s result)."""
     from .e2e_report import _row
 
     out = []
+    why = (prepared or {}).get("skipped")
+    if why and why != "not requested":
+        out.append({"target": "llamacpp rows", "value": None, "met": False, "mark": "skipped", "note": why})
     z, ll = _row(rows, "zipmoe", 30.0), _row(rows, "llamacpp", 30.0)
     if z is not None and ll is not None and ll.get("tok_s"):
         out.append({"target": "30% budget: zipmoe tokens/s >= 3x llamacpp", "value": z["tok_s"] / ll["tok_s"],
