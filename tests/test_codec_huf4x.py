@@ -421,3 +421,13 @@ def test_corrupt_chunk_in_archive_is_one_error_naming_it(tmp_path_factory, data)
     assert "\n" not in msg
     if isinstance(ei.value, CodecError):
         assert part["tensor"] in msg and "huf4x" in msg
+
+
+def test_spec_example():
+    """The worked example of specs/zmoe.md 3.3.1, byte for byte."""
+    exp = np.array([0x78, 0x78, 0x79, 0x7A, 0x78, 0x79, 0x78, 0x78, 0x7B], np.uint8)
+    lens = bytearray(128)
+    lens[60], lens[61] = 0x21, 0x33
+    want = b"\x01" + bytes(lens) + bytes.fromhex("01000000" "01000000" "01000000" "00000000") + b"\x04\x13\x1c"
+    assert ChunkEncoder("huf4x").encode(exp) == want
+    assert _decode(want, 9).tobytes() == exp.tobytes()
