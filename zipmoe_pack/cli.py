@@ -18,7 +18,7 @@ def pack_cmd(
     chunk_elements: int = typer.Option(1 << 20, help="exponent chunk size in elements (power of two)"),
     codec: str = typer.Option("zstd-lit", "--codec",
                               help="exponent codec: zstd-lit (default, any zstd reads it) or huf4x "
-                                   "(Huffman, 4 streams: ~1.5x faster decode, slightly smaller)"),
+                                   "(Huffman, 4 streams: faster decode, slightly smaller; specs/zmoe.md 3.3.1)"),
     raw: bool = typer.Option(False, "--raw", help="store BF16 experts uncompressed (baseline for benchmarks)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
