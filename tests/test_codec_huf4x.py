@@ -431,3 +431,15 @@ def test_spec_example():
     want = b"\x01" + bytes(lens) + bytes.fromhex("01000000" "01000000" "01000000" "00000000") + b"\x04\x13\x1c"
     assert ChunkEncoder("huf4x").encode(exp) == want
     assert _decode(want, 9).tobytes() == exp.tobytes()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_mixed_codecs_in_one_parallel_decode(threads):
+    src = make_dataset("student-t", 5 * 4096 + 77, seed=4)
+    half = 2 * 4096
+    refs = encode_bf16_refs(src[:half], 4096, "zstd-lit", name="a") + \
+        encode_bf16_refs(src[half:], 4096, "huf4x", out_offset=2 * half, name="b")
+    out = np.zeros(2 * src.size, np.uint8)
+    with ParallelDecoder(threads) as dec:
+        dec.decode(refs, out)
+    assert out.tobytes() == src.astype("<u2").tobytes()
