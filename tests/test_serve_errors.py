@@ -280,6 +280,7 @@ def test_cli_serves_and_stops_on_sigterm(archive):  # noqa: F811
         rest = p.stderr.read()
         assert p.wait(30) == 0, rest
         assert "cmpl-" in rest and "tok/s" in rest and "served 2 requests" in rest, rest
+        assert "MiB budget, peak RSS" in rest  # the request log line reports the budget and peak RSS
         assert "Traceback" not in rest
     finally:
         if p.poll() is None:

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..generate import peak_rss_bytes
 from .errors import APIError, error_body, from_exception
 from .protocol import MAX_BODY, GenRequest, chunk, parse_body, parse_chat, parse_completion, response, usage_chunk
 
@@ -89,10 +90,16 @@ class ServeContext:
         if self.closing:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
 
+    def source_stats(self) -> dict:
+        try:
+            return self.lm.source.stats()
+        except Exception:  # noqa: BLE001 - log figures only
+            return {}
+
     def source_bytes_read(self) -> int:
         try:
-            return int(self.lm.source.stats().get("bytes_read", 0))
-        except Exception:  # noqa: BLE001 - a log figure only
+            return int(self.source_stats().get("bytes_read", 0) or 0)
+        except (TypeError, ValueError):
             return 0
 
     def submit(self, req: GenRequest, bridge: EventBridge):
@@ -117,11 +124,16 @@ class RequestLog:
             return
         dt = time.perf_counter() - self.t0
         rate = completion_tokens / dt if dt > 0 else 0.0
-        mib = (self.ctx.source_bytes_read() - self.read0) / (1 << 20)
+        st = self.ctx.source_stats()
+        mib = (int(st.get("bytes_read", 0) or 0) - self.read0) / (1 << 20)
         ttft = f"{self.ttft:.3f} s" if self.ttft is not None else "-"
+        mem = f"peak RSS {peak_rss_bytes() / (1 << 20):.0f} MiB"
+        if st.get("budget_bytes"):
+            mem = (f"store {int(st.get('store_bytes', 0) or 0) / (1 << 20):.1f} of {st['budget_bytes'] / (1 << 20):.1f} "
+                   f"MiB budget, {mem}")
         log.info("%s %s: prompt %d tok, %d tok in %.2f s (%.2f tok/s), TTFT %s, finish %s, experts read %.1f MiB "
-                 "(whole batch, while it ran)", self.rid, self.kind, self.prompt_tokens, completion_tokens, dt, rate,
-                 ttft, finish or "disconnected", mib)
+                 "(whole batch, while it ran), %s", self.rid, self.kind, self.prompt_tokens, completion_tokens, dt, rate,
+                 ttft, finish or "disconnected", mib, mem)
 
 
 def _json(obj: dict, status: int = 200, headers: dict | None = None) -> Response:
