@@ -250,6 +250,7 @@ def test_budget_kept_and_batching_reads_fewer_expert_bytes_per_token(store_archi
             hs = [eng.submit(p, 8, Sampling()) for p in prompts]
             res = [h.result(120) for h in hs]
             eng.shutdown()
+            assert [h.error for h in hs] == [None] * len(hs), f"{budget}, batch {max_batch}: a step failed"
             lmb.source.store.drain_prefetch()
             st = lmb.source.stats()
         assert st["budget_bytes"] and st["store_peak_bytes"] <= st["budget_bytes"], st
