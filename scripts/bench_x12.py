@@ -47,7 +47,7 @@ def _matrix(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02).bfloat16()
 
 
-def bench_shape(n: int, k: int, threads: int, mats: int, reps: int) -> dict:
+def bench_shape(n: int, k: int, threads: int, mats: int, reps: int, clock=time.perf_counter) -> dict:
     base = _matrix(n, k)
     ws = [base.clone() for _ in range(mats)]  # [N, K] bf16, distinct memory
     bits = base.view(torch.int16).numpy().view(np.uint16)
@@ -76,16 +76,19 @@ def bench_shape(n: int, k: int, threads: int, mats: int, reps: int) -> dict:
         order = list(runs) if rep % 2 == 0 else list(reversed(runs))  # alternate who runs first
         for name in order:
             f = runs[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for i in range(mats):
                 f(i)
-            times[name].append((time.perf_counter() - t0) / mats)
+            times[name].append((clock() - t0) / mats)
     assert all(np.array_equal(o, outs[0]) for o in outs) and np.array_equal(outs[0].view(np.uint16).reshape(n, k),
                                                                            base.view(torch.int16).numpy().view(np.uint16))
     bf16 = 2 * n * k
     res = {"shape": f"{n}x{k}", "threads": threads, "mats": mats, "reps": reps, "bf16_bytes": bf16,
            "x12_bytes": enc.nbytes, "x12_ratio": round(enc.ratio, 4), "escapes": enc.escapes,
            "encode_gbps_bf16_in": round(2 * n * k / min(enc_s) / 1e9, 3), "kernels": {}}
+    # adjacent passes (the same rep) paired: slow drifts of a shared host cancel in the ratio
+    res["paired_numba_over_x12"] = round(statistics.median(b / a for a, b in zip(times["x12"], times["numba"])), 3)
+    res["paired_torch_over_x12"] = round(statistics.median(b / a for a, b in zip(times["x12"], times["torch"])), 3)
     for name, ts in times.items():
         med = statistics.median(ts)
         moved = enc.nbytes + (bf16 if name == "decode" else 0) if name in ("x12", "decode") else bf16
@@ -102,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this thread's CPU time (1 thread only: every kernel then runs on the calling "
+                         "thread), which leaves out the time other processes hold the core on a shared host")
     a = ap.parse_args(argv)
     if not K.enabled():
         print("error: the numba kernels are unavailable", file=sys.stderr)
@@ -113,29 +119,35 @@ def main(argv=None) -> int:
     env = {k: os.environ[k] for k in ENV_KEYS if os.environ.get(k)}
     if env:
         print("emulated instruction set (not the microarchitecture): " + " ".join(f"{k}={v}" for k, v in env.items()))
+    if a.clock == "cpu" and a.threads.strip() != "1":
+        print("error: --clock cpu measures one thread (use --threads 1)", file=sys.stderr)
+        return 2
+    clock = time.thread_time if a.clock == "cpu" else time.perf_counter
     load0 = os.getloadavg()
     results = []
     print(f"{'shape':>10} {'thr':>3} | {'x12 us':>8} {'GB/s':>6} | {'numba us':>8} {'GB/s':>6} | {'torch us':>8} "
-          f"{'GB/s':>6} | {'x12/numba':>9} {'best':>5} {'x12/torch':>9} | {'decode GB/s':>11}")
+          f"{'GB/s':>6} | {'x12/numba':>9} {'best':>5} {'paired':>6} {'x12/torch':>9} | {'decode GB/s':>11}")
     for t in (int(s) for s in a.threads.split(",")):
         torch.set_num_threads(t)
         with K.single_row_scope(True):
             for shape in a.shapes.split(","):
                 n, k = (int(v) for v in shape.lower().split("x"))
-                r = bench_shape(n, k, t, a.mats, a.reps)
+                r = bench_shape(n, k, t, a.mats, a.reps, clock)
                 results.append(r)
                 kk = r["kernels"]
                 print(f"{r['shape']:>10} {t:>3} | {kk['x12']['us']:>8.0f} {kk['x12']['gbps_bf16_equiv']:>6.2f} | "
                       f"{kk['numba']['us']:>8.0f} {kk['numba']['gbps_bf16_equiv']:>6.2f} | {kk['torch']['us']:>8.0f} "
                       f"{kk['torch']['gbps_bf16_equiv']:>6.2f} | {kk['numba']['us'] / kk['x12']['us']:>9.2f} "
-                      f"{kk['numba']['us_best'] / kk['x12']['us_best']:>5.2f} {kk['torch']['us'] / kk['x12']['us']:>9.2f} | {kk['decode']['gbps_bf16_equiv']:>11.2f}",
+                      f"{kk['numba']['us_best'] / kk['x12']['us_best']:>5.2f} {r['paired_numba_over_x12']:>6.2f} "
+                      f"{kk['torch']['us'] / kk['x12']['us']:>9.2f} | {kk['decode']['gbps_bf16_equiv']:>11.2f}",
                       flush=True)
     load1 = os.getloadavg()
     print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (cores: {os.cpu_count()}); "
           "GB/s = bf16 bytes of the matrix per second (the same work for every kernel); medians of "
-          f"{a.reps} passes over {a.mats} distinct matrices; 'best': the ratio of the fastest passes; decode: "
+          f"{a.reps} passes over {a.mats} distinct matrices ({a.clock} clock); 'best': the ratio of the fastest passes; 'paired': median "
+          "of the ratios of adjacent passes; x12/numba > 1: x12 is faster; decode: "
           "bf16 bytes written per second")
-    out = {"benchmark": "x12", **host, "codegen_env": env, "loadavg_before": load0, "loadavg_after": load1,
+    out = {"benchmark": "x12", **host, "codegen_env": env, "clock": a.clock, "loadavg_before": load0, "loadavg_after": load1,
            "results": results}
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
