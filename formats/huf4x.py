@@ -2,11 +2,11 @@
 
 Coded chunk layout (normative text: specs/zmoe.md 3.3.1), all integers little-endian::
 
-    mode 0 (constant): [0x00][symbol]                      exactly 2 bytes; every element == symbol
-    mode 1 (huffman):  [0x01][128 B code lengths][4 x u32 stream sizes][stream 0][1][2][3]
+    mode 0 (constant): [0x00][u32 n][symbol]                     exactly 6 bytes; every element == symbol
+    mode 1 (huffman):  [0x01][u32 n][128 B code lengths][4 x u32 stream sizes][stream 0][1][2][3]
 
-Code lengths are 256 nibbles (symbol 2k in the low nibble of byte k), each 0 (absent) to 11; at least
-two symbols are present and the code is complete (Kraft sum exactly 1). Stream s codes elements
+n is the chunk's element count (it MUST equal the index's). Code lengths are 256 nibbles (symbol 2k
+in the low nibble of byte k), each 0 (absent) to 11; at least two symbols are present and the code is complete (Kraft sum exactly 1). Stream s codes elements
 ``[s*q, min((s+1)*q, n))`` with ``q = ceil(n/4)``, LSB-first, canonical codes in deflate order; its
 size is exactly the bytes its bits need and the padding bits of its last byte are zero.
 
@@ -28,13 +28,15 @@ from formats.errors import CodecError
 from formats.huf4x_kernels import STREAMS, TABLE_BITS, build_tables, canonical_codes, decode_streams, \
     encode_streams, histograms
 
-__all__ = ["CODEC_ID", "HEADER_BYTES", "MAX_CODE_LENGTH", "code_lengths", "decode", "encode", "parse_header"]
+__all__ = ["CODEC_ID", "CONSTANT_BYTES", "HEADER_BYTES", "MAX_CODE_LENGTH", "code_lengths", "decode", "encode", "parse_header"]
 
 CODEC_ID = "huf4x"
 MAX_CODE_LENGTH = TABLE_BITS
 MODE_CONSTANT, MODE_HUFFMAN = 0, 1
-_LEN_BYTES = 128
-HEADER_BYTES = 1 + _LEN_BYTES + 4 * STREAMS  # 145
+_N_AT, _LEN_AT, _LEN_BYTES = 1, 5, 128  # mode byte, u32 element count, code length nibbles
+_SIZES_AT = _LEN_AT + _LEN_BYTES
+HEADER_BYTES = _SIZES_AT + 4 * STREAMS  # 149
+CONSTANT_BYTES = 6
 
 
 def _segments(n: int) -> np.ndarray:
@@ -71,12 +73,15 @@ def code_lengths(counts: np.ndarray, limit: int = MAX_CODE_LENGTH) -> np.ndarray
 def encode(exp: np.ndarray) -> bytes:
     """Code one chunk of exponent bytes (contiguous 1-D uint8)."""
     n = exp.shape[0]
+    if n >= 1 << 32:
+        raise CodecError(f"{CODEC_ID}: a chunk holds at most 2**32 - 1 elements, not {n}")
+    head = bytes([MODE_CONSTANT]) + n.to_bytes(4, "little")
     segs = _segments(n)
     hist = histograms(exp, segs)  # [4, 256]
     counts = hist.sum(axis=0)
     present = np.flatnonzero(counts)
     if present.size <= 1:
-        return bytes([MODE_CONSTANT, int(present[0]) if present.size else 0])
+        return head + bytes([int(present[0]) if present.size else 0])
     lens = code_lengths(counts)
     if int((np.int64(1) << (MAX_CODE_LENGTH - lens[present])).sum()) != 1 << MAX_CODE_LENGTH:
         raise AssertionError("package-merge gave an incomplete code")  # pragma: no cover
@@ -88,26 +93,33 @@ def encode(exp: np.ndarray) -> bytes:
     if not np.array_equal(got, sizes):
         raise AssertionError("huf4x stream sizes disagree with the histogram")  # pragma: no cover
     out[0] = MODE_HUFFMAN
-    out[1:1 + _LEN_BYTES] = (lens[0::2] | (lens[1::2] << 4)).astype(np.uint8)
-    out[1 + _LEN_BYTES:HEADER_BYTES] = np.frombuffer(sizes.astype("<u4").tobytes(), np.uint8)
+    out[_N_AT:_LEN_AT] = np.frombuffer(head[_N_AT:], np.uint8)
+    out[_LEN_AT:_SIZES_AT] = (lens[0::2] | (lens[1::2] << 4)).astype(np.uint8)
+    out[_SIZES_AT:HEADER_BYTES] = np.frombuffer(sizes.astype("<u4").tobytes(), np.uint8)
     return out[:total].tobytes()
 
 
-def parse_header(buf: np.ndarray) -> tuple[int, np.ndarray | int, list[int]]:
-    """Check a coded chunk's header: (mode, symbol or code lengths, stream sizes). CodecError if bad."""
+def parse_header(buf: np.ndarray, n: int) -> tuple[int, np.ndarray | int, list[int]]:
+    """Check a coded chunk's header against the expected element count ``n``: (mode, symbol or code
+    lengths, stream sizes). CodecError if anything is wrong."""
     size = buf.shape[0]
     if size < 1:
         raise CodecError(f"{CODEC_ID}: empty coded chunk")
     mode = int(buf[0])
-    if mode == MODE_CONSTANT:
-        if size != 2:
-            raise CodecError(f"{CODEC_ID}: constant chunk is {size} bytes, expected 2")
-        return mode, int(buf[1]), []
-    if mode != MODE_HUFFMAN:
+    if mode not in (MODE_CONSTANT, MODE_HUFFMAN):
         raise CodecError(f"{CODEC_ID}: unknown chunk mode {mode}")
+    if size < _LEN_AT:
+        raise CodecError(f"{CODEC_ID}: coded chunk of {size} bytes is too short for its header")
+    recorded = int.from_bytes(buf[_N_AT:_LEN_AT].tobytes(), "little")
+    if recorded != n:
+        raise CodecError(f"{CODEC_ID}: chunk records {recorded} elements, expected {n}")
+    if mode == MODE_CONSTANT:
+        if size != CONSTANT_BYTES:
+            raise CodecError(f"{CODEC_ID}: constant chunk is {size} bytes, expected {CONSTANT_BYTES}")
+        return mode, int(buf[_LEN_AT]), []
     if size < HEADER_BYTES:
         raise CodecError(f"{CODEC_ID}: coded chunk of {size} bytes is shorter than its {HEADER_BYTES}-byte header")
-    packed = buf[1:1 + _LEN_BYTES].astype(np.int64)
+    packed = buf[_LEN_AT:_SIZES_AT].astype(np.int64)
     lens = np.empty(256, np.int64)
     lens[0::2] = packed & 15
     lens[1::2] = packed >> 4
@@ -121,7 +133,7 @@ def parse_header(buf: np.ndarray) -> tuple[int, np.ndarray | int, list[int]]:
     if kraft != 1 << MAX_CODE_LENGTH:
         what = "over-subscribed" if kraft > 1 << MAX_CODE_LENGTH else "incomplete"
         raise CodecError(f"{CODEC_ID}: Huffman table is {what} (Kraft sum {kraft}/{1 << MAX_CODE_LENGTH})")
-    sizes = [int.from_bytes(buf[1 + _LEN_BYTES + 4 * s:5 + _LEN_BYTES + 4 * s].tobytes(), "little")
+    sizes = [int.from_bytes(buf[_SIZES_AT + 4 * s:_SIZES_AT + 4 * s + 4].tobytes(), "little")
              for s in range(STREAMS)]
     if HEADER_BYTES + sum(sizes) != size:  # Python ints: no overflow
         raise CodecError(f"{CODEC_ID}: stream sizes {sizes} plus the {HEADER_BYTES}-byte header make "
@@ -142,7 +154,7 @@ def decode(coded, n: int, out: np.ndarray) -> None:
     if buf.flags.writeable:  # one compiled kernel variant (read-only input) for every caller
         buf = buf.view()
         buf.flags.writeable = False
-    mode, table, sizes = parse_header(buf)
+    mode, table, sizes = parse_header(buf, n)
     if mode == MODE_CONSTANT:
         out[:n] = table
         return

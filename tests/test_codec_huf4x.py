@@ -72,9 +72,9 @@ def test_roundtrip_full_chunk_and_registry():
     assert codec_params("huf4x")["huffman"]["max_code_length"] == 11
 
 
-def test_constant_and_empty_chunks_use_two_bytes():
-    assert ChunkEncoder("huf4x").encode(np.full(1000, 7, np.uint8)) == b"\x00\x07"
-    assert ChunkEncoder("huf4x").encode(np.empty(0, np.uint8)) == b"\x00\x00"
+def test_constant_and_empty_chunks_use_six_bytes():
+    assert ChunkEncoder("huf4x").encode(np.full(1000, 7, np.uint8)) == b"\x00" + (1000).to_bytes(4, "little") + b"\x07"
+    assert ChunkEncoder("huf4x").encode(np.empty(0, np.uint8)) == b"\x00" + bytes(4) + b"\x00"
 
 
 def _huffman_bits(counts) -> int:
@@ -127,13 +127,13 @@ def _decode(coded, n: int) -> np.ndarray:
 
 def _set_len(coded: bytes, sym: int, length: int) -> bytes:
     b = bytearray(coded)
-    k = 1 + sym // 2
+    k = 5 + sym // 2
     b[k] = (b[k] & 0xF0) | length if sym % 2 == 0 else (b[k] & 0x0F) | (length << 4)
     return bytes(b)
 
 
 def _lens(coded: bytes) -> np.ndarray:
-    return huf4x.parse_header(np.frombuffer(coded, np.uint8))[1]
+    return huf4x.parse_header(np.frombuffer(coded, np.uint8), int.from_bytes(coded[1:5], "little"))[1]
 
 
 def test_every_truncation_is_one_codec_error():
@@ -148,7 +148,8 @@ def _mutants():
     lens = _lens(coded)
     sym = int(np.argmin(np.where(lens > 0, lens, 99)))  # the shortest code: lengthening it leaves a gap
     absent = int(np.flatnonzero(_lens(coded) == 0)[0])
-    sizes_at = 1 + 128
+    sizes_at = 5 + 128
+    nb = n.to_bytes(4, "little")
     b = bytearray(coded)
     b[sizes_at] ^= 1  # stream 0 one byte longer or shorter
     yield "stream size", bytes(b), n, "stream sizes"
@@ -158,10 +159,14 @@ def _mutants():
     yield "length 15", _set_len(coded, sym, 15), n, "exceeds 11"
     yield "over-subscribed", _set_len(coded, absent, 1), n, "over-subscribed"
     yield "incomplete", _set_len(coded, sym, int(_lens(coded)[sym]) + 1), n, "incomplete"
-    yield "one symbol", b"\x01" + bytes([1]) + bytes(127) + bytes(16), n, "at least 2"
-    yield "constant too long", b"\x00\x07\x00", n, "expected 2"
-    yield "n too large", coded, n + 1, "stream"
-    yield "n too small", coded, n - 1, "stream"
+    yield "one symbol", b"\x01" + nb + bytes([1]) + bytes(127) + bytes(16), n, "at least 2"
+    yield "constant too long", b"\x00" + nb + b"\x07\x00", n, "expected 6"
+    yield "constant, other n", b"\x00" + nb + b"\x07", n + 1, f"records {n} elements, expected {n + 1}"
+    yield "n too large", coded, n + 1, "records"
+    yield "n too small", coded, n - 1, "records"
+    b = bytearray(coded)
+    b[1] ^= 4
+    yield "recorded n", bytes(b), n, "records"
     yield "empty", b"", n, "empty"
     zeroed = bytearray(coded)
     zeroed[huf4x.HEADER_BYTES:] = bytes(len(coded) - huf4x.HEADER_BYTES)  # all-zero bits: stream length wrong
@@ -428,7 +433,7 @@ def test_spec_example():
     exp = np.array([0x78, 0x78, 0x79, 0x7A, 0x78, 0x79, 0x78, 0x78, 0x7B], np.uint8)
     lens = bytearray(128)
     lens[60], lens[61] = 0x21, 0x33
-    want = b"\x01" + bytes(lens) + bytes.fromhex("01000000" "01000000" "01000000" "00000000") + b"\x04\x13\x1c"
+    want = b"\x01\x09\x00\x00\x00" + bytes(lens) + bytes.fromhex("01000000" "01000000" "01000000" "00000000") + b"\x04\x13\x1c"
     assert ChunkEncoder("huf4x").encode(exp) == want
     assert _decode(want, 9).tobytes() == exp.tobytes()
 
