@@ -125,12 +125,31 @@ def test_greedy_tokens_alone_or_in_any_batch(lm):
     assert [r[1] for r in batched] == [r[1] for r in alone]
     assert all(r[2] == "length" and len(r[0]) == n for r, n in zip(batched, MAX_TOKENS))
     assert st["steps"] < sum(MAX_TOKENS) - len(PROMPTS)  # some steps really carried several sequences
-    assert st["prefill_chunks"] == sum(-(-len(p) // 4) for p in PROMPTS)
-    # against generate: whole-prompt prefill (prefill_chunk=0) always; chunked when the prompt fits a chunk
+    chunks = [-(-len(p) // 4) - (len(p) % 4 == 1 and len(p) > 1) for p in PROMPTS]  # no last chunk of 1 token
+    assert st["prefill_chunks"] == sum(chunks) == 12
+    # against generate (one whole-prompt prefill): with prefill_chunk=0, and chunked as well (torch's bf16
+    # GEMM gives each row the same bits for any number of rows >= 2 on this host; see specs/runtime.md)
     whole, _ = _run_staggered(lm, greedy, max_batch=4, prefill_chunk=0)
     ref = [lm.generate(p, max_new_tokens=n).token_ids[0] for p, n in zip(PROMPTS, MAX_TOKENS)]
     assert [r[0] for r in whole] == ref
-    assert all(b[0] == g for b, g, p in zip(batched, ref, PROMPTS) if len(p) <= 4)
+    assert [r[0] for r in batched] == ref
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_chunked_prefill_logits_equal_whole_prompt_prefill(family, checkpoint_factory):
+    """Prefill in chunks of >= 2 tokens gives the last position's logits of one whole-prompt forward, bit
+    for bit (a last chunk of 1 token would not: it takes the one-row kernels, hence the engine merges it)."""
+    m = load(checkpoint_factory(family, seed=6, dims=DIMS)).model
+    for t, chunk in [(17, 4), (33, 16), (40, 16), (9, 2)]:
+        ids = torch.randint(0, m.args.vocab_size, (1, t), generator=torch.Generator().manual_seed(t))
+        whole = m(ids, m.new_cache(1, t), 0, last_only=True)
+        cache, a = m.new_cache(1, t), 0
+        while a < t:
+            b = min(t, a + chunk)
+            b = t if t - b == 1 else b
+            last = m(ids[:, a:b], cache, a, last_only=True)
+            a = b
+        assert torch.equal(whole.view(torch.int32), last.view(torch.int32)), (family, t, chunk)
 
 
 def test_seeded_sampling_alone_or_batched(lm):
