@@ -246,6 +246,7 @@ class ChunkDecoder:
     def __init__(self) -> None:
         self._dctx = zstandard.ZstdDecompressor(max_window_size=self.MAX_STREAMING_WINDOW)
         self._scratch = np.empty(0, dtype=np.uint8)
+        self._huf_tables = huf4x.TableCache()
 
     def scratch(self, n: int) -> np.ndarray:
         """A reusable ``n``-byte exponent buffer owned by this decoder (grown on demand, never shrunk)."""
@@ -269,7 +270,7 @@ class ChunkDecoder:
         if out.shape[0] < n:
             raise CodecError(f"out holds {out.shape[0]} bytes, {n} needed")
         if codec_id == huf4x.CODEC_ID:
-            huf4x.decode(coded, n, out)
+            huf4x.decode(coded, n, out, self._huf_tables)
             return
         sized = zstd_frame_check(coded, n)
         try:

@@ -25,10 +25,11 @@ import sys
 import numpy as np
 
 from formats.errors import CodecError
-from formats.huf4x_kernels import STREAMS, TABLE_BITS, build_tables, canonical_codes, decode_streams, \
-    encode_streams, histograms
+from formats.huf4x_kernels import STREAMS, TABLE_BITS, canonical_codes, decode_streams, encode_streams, \
+    histograms, tables_from_lengths
 
-__all__ = ["CODEC_ID", "CONSTANT_BYTES", "HEADER_BYTES", "MAX_CODE_LENGTH", "code_lengths", "decode", "encode", "parse_header"]
+__all__ = ["CODEC_ID", "CONSTANT_BYTES", "HEADER_BYTES", "MAX_CODE_LENGTH", "TableCache", "code_lengths", "decode",
+           "encode", "parse_header"]
 
 CODEC_ID = "huf4x"
 MAX_CODE_LENGTH = TABLE_BITS
@@ -99,9 +100,8 @@ def encode(exp: np.ndarray) -> bytes:
     return out[:total].tobytes()
 
 
-def parse_header(buf: np.ndarray, n: int) -> tuple[int, np.ndarray | int, list[int]]:
-    """Check a coded chunk's header against the expected element count ``n``: (mode, symbol or code
-    lengths, stream sizes). CodecError if anything is wrong."""
+def _fixed_fields(buf: np.ndarray, n: int) -> tuple[int, int, bytes, list[int]]:
+    """Mode, N and (mode 1) stream sizes checked: (mode, constant symbol, length bytes, stream sizes)."""
     size = buf.shape[0]
     if size < 1:
         raise CodecError(f"{CODEC_ID}: empty coded chunk")
@@ -110,39 +110,77 @@ def parse_header(buf: np.ndarray, n: int) -> tuple[int, np.ndarray | int, list[i
         raise CodecError(f"{CODEC_ID}: unknown chunk mode {mode}")
     if size < _LEN_AT:
         raise CodecError(f"{CODEC_ID}: coded chunk of {size} bytes is too short for its header")
-    recorded = int.from_bytes(buf[_N_AT:_LEN_AT].tobytes(), "little")
+    head = buf[:min(size, HEADER_BYTES)].tobytes()
+    recorded = int.from_bytes(head[_N_AT:_LEN_AT], "little")
     if recorded != n:
         raise CodecError(f"{CODEC_ID}: chunk records {recorded} elements, expected {n}")
     if mode == MODE_CONSTANT:
         if size != CONSTANT_BYTES:
             raise CodecError(f"{CODEC_ID}: constant chunk is {size} bytes, expected {CONSTANT_BYTES}")
-        return mode, int(buf[_LEN_AT]), []
+        return mode, head[_LEN_AT], b"", []
     if size < HEADER_BYTES:
         raise CodecError(f"{CODEC_ID}: coded chunk of {size} bytes is shorter than its {HEADER_BYTES}-byte header")
-    packed = buf[_LEN_AT:_SIZES_AT].astype(np.int64)
-    lens = np.empty(256, np.int64)
-    lens[0::2] = packed & 15
-    lens[1::2] = packed >> 4
-    if int(lens.max()) > MAX_CODE_LENGTH:
-        s = int(np.argmax(lens))
-        raise CodecError(f"{CODEC_ID}: code length {int(lens[s])} of symbol {s} exceeds {MAX_CODE_LENGTH}")
-    present = lens[lens > 0]
-    if present.size < 2:
-        raise CodecError(f"{CODEC_ID}: Huffman table has {present.size} symbol(s), at least 2 needed")
-    kraft = int((np.int64(1) << (MAX_CODE_LENGTH - present)).sum())
-    if kraft != 1 << MAX_CODE_LENGTH:
-        what = "over-subscribed" if kraft > 1 << MAX_CODE_LENGTH else "incomplete"
-        raise CodecError(f"{CODEC_ID}: Huffman table is {what} (Kraft sum {kraft}/{1 << MAX_CODE_LENGTH})")
-    sizes = [int.from_bytes(buf[_SIZES_AT + 4 * s:_SIZES_AT + 4 * s + 4].tobytes(), "little")
-             for s in range(STREAMS)]
+    sizes = [int.from_bytes(head[_SIZES_AT + 4 * s:_SIZES_AT + 4 * s + 4], "little") for s in range(STREAMS)]
     if HEADER_BYTES + sum(sizes) != size:  # Python ints: no overflow
         raise CodecError(f"{CODEC_ID}: stream sizes {sizes} plus the {HEADER_BYTES}-byte header make "
                          f"{HEADER_BYTES + sum(sizes)} bytes, the chunk has {size}")
-    return mode, lens, sizes
+    if n == 0 and sum(sizes):
+        raise CodecError(f"{CODEC_ID}: chunk of 0 elements has {sum(sizes)} stream bytes")
+    return mode, 0, head[_LEN_AT:_SIZES_AT], sizes
 
 
-def decode(coded, n: int, out: np.ndarray) -> None:
-    """Decode ``coded`` (a buffer) into ``out[:n]`` (``out`` a writeable contiguous uint8 array)."""
+def _check(status: int, detail: int, kraft: int, packed: bytes) -> None:
+    if status == 1:
+        length = packed[detail // 2] >> (4 * (detail % 2)) & 15
+        raise CodecError(f"{CODEC_ID}: code length {length} of symbol {detail} exceeds {MAX_CODE_LENGTH}")
+    if status == 2:
+        raise CodecError(f"{CODEC_ID}: Huffman table has {detail} symbol(s), at least 2 needed")
+    if status == 3:
+        what = "over-subscribed" if kraft > 1 << MAX_CODE_LENGTH else "incomplete"
+        raise CodecError(f"{CODEC_ID}: Huffman table is {what} (Kraft sum {kraft}/{1 << MAX_CODE_LENGTH})")
+
+
+def _lengths(packed: bytes) -> np.ndarray:
+    """The 256 code lengths of the 128 length bytes, checked: each <= 11, >= 2 present, complete."""
+    status, detail, kraft, _m, _s = tables_from_lengths(np.frombuffer(packed, np.uint8))
+    _check(status, detail, kraft, packed)
+    arr = np.frombuffer(packed, np.uint8).astype(np.int64)
+    lens = np.empty(256, np.int64)
+    lens[0::2] = arr & 15
+    lens[1::2] = arr >> 4
+    return lens
+
+
+def parse_header(buf: np.ndarray, n: int) -> tuple[int, np.ndarray | int, list[int]]:
+    """Check a coded chunk's header against the expected element count ``n``: (mode, symbol or code
+    lengths, stream sizes). CodecError if anything is wrong."""
+    mode, sym, packed, sizes = _fixed_fields(buf, n)
+    return (mode, sym, sizes) if mode == MODE_CONSTANT else (mode, _lengths(packed), sizes)
+
+
+class TableCache:
+    """Decode tables by their 128 code-length bytes (chunks of one tensor often share a code), so a
+    repeated code skips its checks and table build. Small and FIFO; NOT thread-safe (one per thread)."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._size = size
+        self._tables: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, packed: bytes) -> tuple[np.ndarray, np.ndarray]:
+        tables = self._tables.get(packed)
+        if tables is None:
+            status, detail, kraft, multi, single = tables_from_lengths(np.frombuffer(packed, np.uint8))
+            _check(status, detail, kraft, packed)  # only checked lengths enter the cache
+            tables = (multi, single)
+            if len(self._tables) >= self._size:
+                del self._tables[next(iter(self._tables))]
+            self._tables[packed] = tables
+        return tables
+
+
+def decode(coded, n: int, out: np.ndarray, cache: TableCache | None = None) -> None:
+    """Decode ``coded`` (a buffer) into ``out[:n]`` (``out`` a writeable contiguous uint8 array).
+    ``cache``: reuse decode tables across calls of one thread."""
     if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
         raise CodecError(f"{CODEC_ID}: decoding needs a little-endian host")
     try:
@@ -154,13 +192,11 @@ def decode(coded, n: int, out: np.ndarray) -> None:
     if buf.flags.writeable:  # one compiled kernel variant (read-only input) for every caller
         buf = buf.view()
         buf.flags.writeable = False
-    mode, table, sizes = parse_header(buf, n)
+    mode, sym, packed, sizes = _fixed_fields(buf, n)
     if mode == MODE_CONSTANT:
-        out[:n] = table
+        out[:n] = sym
         return
-    lens = table
-    if n == 0 and sum(sizes):
-        raise CodecError(f"{CODEC_ID}: chunk of 0 elements has {sum(sizes)} stream bytes")
+    multi, single = (cache if cache is not None else TableCache(1)).get(packed)
     starts = np.empty(STREAMS, np.int64)
     ends = np.empty(STREAMS, np.int64)
     pos = HEADER_BYTES
@@ -168,7 +204,6 @@ def decode(coded, n: int, out: np.ndarray) -> None:
         starts[s] = pos
         pos += sizes[s]
         ends[s] = pos
-    multi, single = build_tables(lens, canonical_codes(lens))
     rc = decode_streams(buf, starts, ends, multi, single, out[:n], _segments(n))
     if rc:
         s = (rc - 1) % STREAMS

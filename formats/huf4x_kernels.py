@@ -120,6 +120,33 @@ def build_tables(lens, codes):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def tables_from_lengths(packed):  # pragma: no cover - compiled
+    """Check 128 packed length bytes and build the decode tables in one call.
+
+    Returns (status, detail, kraft, multi, single): status 0 = valid; 1 = symbol ``detail`` has a
+    length over TABLE_BITS; 2 = fewer than 2 symbols (``detail`` of them); 3 = Kraft sum ``kraft``
+    is not 2**TABLE_BITS (over-subscribed or incomplete). Tables are empty unless status is 0."""
+    lens = np.zeros(256, np.int64)
+    present = 0
+    kraft = 0
+    for k in range(128):
+        lens[2 * k] = packed[k] & 15
+        lens[2 * k + 1] = packed[k] >> 4
+    for sym in range(256):
+        if lens[sym] > TABLE_BITS:
+            return 1, sym, 0, np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        if lens[sym]:
+            present += 1
+            kraft += 1 << (TABLE_BITS - lens[sym])
+    if present < 2:
+        return 2, present, 0, np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    if kraft != 1 << TABLE_BITS:
+        return 3, 0, kraft, np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    multi, single = build_tables(lens, canonical_codes(lens))
+    return 0, 0, kraft, multi, single
+
+
+@njit(nogil=True, cache=True)
 def histograms(exp, segs):  # pragma: no cover - compiled
     """Symbol counts of each stream's elements: int64[STREAMS, 256] (4 partial counts for speed)."""
     h = np.zeros((STREAMS, 4, 256), np.int64)

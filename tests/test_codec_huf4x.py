@@ -448,3 +448,19 @@ def test_mixed_codecs_in_one_parallel_decode(threads):
     with ParallelDecoder(threads) as dec:
         dec.decode(refs, out)
     assert out.tobytes() == src.astype("<u2").tobytes()
+
+
+def test_one_decoder_many_codes_and_a_bad_table_between():
+    """A decoder's table cache: shared codes, more codes than it holds, and a bad table among them."""
+    dec = ChunkDecoder()
+    chunks = [_exp(d, 3000 + 7 * i, seed=i) for i in range(20) for d in ("gaussian", "two", "geometric")]
+    coded = [ChunkEncoder("huf4x").encode(e) for e in chunks]
+    bad = bytearray(coded[0])
+    bad[5] = 0xFF  # lengths 15 for symbols 0 and 1
+    for rnd in range(2):
+        for e, c in zip(chunks, coded):
+            out = np.empty(e.size, np.uint8)
+            dec.decode_exp("huf4x", c, e.size, out)
+            assert out.tobytes() == e.tobytes()
+        with pytest.raises(CodecError, match="exceeds 11"):
+            dec.decode_exp("huf4x", bytes(bad), chunks[0].size, np.empty(chunks[0].size, np.uint8))
