@@ -93,3 +93,23 @@ def test_scope_restores_threads_and_flag():
     with kernels.decode_rows_scope():
         assert kernels._decode_rows
     assert not kernels._decode_rows and torch.get_num_threads() == n
+
+
+def test_rows_follow_the_kernel_chosen_for_the_shape(monkeypatch):
+    """Torch chosen for a shape: inside the scope each row is that one-row torch product, bit for bit."""
+    from zipmoe_run import kernel_select
+
+    monkeypatch.setenv(kernel_select.ENV, "torch")
+    kernel_select.reset()
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(512, 1024, generator=g) * torch.logspace(-3, 3, 1024)).bfloat16()  # magnitudes that round
+    x = torch.randn(5, 1, 1024, generator=g).bfloat16()
+    with kernels.single_row_scope(True):
+        alone = [kernels.linear(x[i:i + 1], w) for i in range(5)]  # the one-row path: torch
+    with kernels.decode_rows_scope():
+        batch = kernels.linear(x, w)
+    assert kernels.CHOICE[(512, 1024, torch.get_num_threads())] == "torch"
+    numba_rows = torch.from_numpy(kernels.gemm_rows(x.view(5, 1024), w)).bfloat16()
+    assert not torch.equal(numba_rows.view(torch.int16), torch.cat(alone).view(5, 512).view(torch.int16))
+    for i in range(5):  # the numba sums would differ somewhere; the rows follow torch's one-row product
+        assert torch.equal(batch[i:i + 1].view(torch.int16), alone[i].view(torch.int16))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zipmoe_pack.pack import PackOptions, pack
-from zipmoe_run import kernel_select
+from zipmoe_run import kernel_select, kernels
 from zipmoe_run.api import load
 from zipmoe_run.engine import Engine, EngineClosedError, QueueFullError
 from zipmoe_run.errors import GenerationError, PromptTooLongError, UnsupportedModelError
@@ -133,6 +133,22 @@ def test_greedy_tokens_alone_or_in_any_batch(lm):
     ref = [lm.generate(p, max_new_tokens=n).token_ids[0] for p, n in zip(PROMPTS, MAX_TOKENS)]
     assert [r[0] for r in whole] == ref
     assert [r[0] for r in batched] == ref
+
+
+def test_engine_follows_the_kernel_chosen_per_shape(lm, monkeypatch):
+    """With torch chosen for every shape (as a host may choose), batched steps run one torch product per
+    row, so tokens still equal the lone run's and ``generate``'s."""
+    monkeypatch.setenv(kernel_select.ENV, "torch")
+    kernel_select.reset()
+    try:
+        greedy = [Sampling()] * len(PROMPTS)
+        batched, _ = _run_staggered(lm, greedy, max_batch=6, prefill_chunk=0)
+        ref = [lm.generate(p, max_new_tokens=n).token_ids[0] for p, n in zip(PROMPTS, MAX_TOKENS)]
+        assert [r[0] for r in batched] == ref
+        assert set(kernels.CHOICE.values()) == {"torch"}
+    finally:
+        monkeypatch.setenv(kernel_select.ENV, "numba")
+        kernel_select.reset()
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])

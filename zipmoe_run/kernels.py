@@ -16,13 +16,14 @@ even + odd. ``gemv_reference`` is that order in numpy. Results can differ from t
 in the last bit. Only bf16 weights with a bf16 single-row input take this path; every
 other case (float32 runs, prefill) is ``torch.nn.functional.linear``.
 
-Batched decode (``decode_rows_scope``, the engine's steps of several sequences): every bf16 product
-of M rows goes through ``_gemm_kernel``, which computes each output row in exactly the order above
-(the same ``_row_blocks`` and tail), so row m of a batch equals the one-row result bit for bit, for
-any M and any thread count; each weight row is read once and applied to all M inputs while it is
-in cache. Inside that scope the numba kernel is used for every bf16 shape, whatever ``CHOICE`` says
-(a row must not depend on how many rows share the step); products the kernel cannot take (float32,
-odd K, non-contiguous weights) run one row at a time through ``F.linear``.
+Batched decode (``decode_rows_scope``, the engine's steps of several sequences): every row of a
+product gets exactly what ``linear`` gives that row alone. Where that is this GEMV (the kernel
+chosen for the shape), the M rows go through ``_gemm_kernel``, which computes each output row in
+exactly the order above (the same ``_row_blocks`` and tail; 4 inputs per pass over a weight row),
+so row m of a batch equals the one-row result bit for bit, for any M and any thread count, and each
+weight row is read once for all M inputs. Where torch was chosen for the shape (on host C the tiny
+router shapes), or the kernel cannot take the product (float32, odd K, non-contiguous weights), the
+rows run one at a time through the same one-row call, reading the weights once per row.
 
 Which kernel a shape uses (this one or torch's) is chosen per host by measurement: see
 ``kernel_select`` (``CHOICE`` holds the choices; ``ZIPMOE_KERNEL`` forces one). Set
@@ -369,9 +370,29 @@ def run_kernel(kernel: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` (x [..., K], w [N, K], b [N]); one bf16 input row goes through the kernel chosen for
     this shape on this host (``kernel_select``): this module's GEMV or torch's."""
-    k = x.shape[-1]
     if _decode_rows:
         return _rows_linear(x, w, b)
+    return _linear1(x, w, b)
+
+
+def _one_row_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
+    """What ``linear`` runs for one row x [..., K] of this product: "numba", "torch" or "plain"."""
+    k = x.shape[-1]
+    if (x.dtype is not torch.bfloat16 or w.dtype is not torch.bfloat16 or k % 2
+            or not w.is_contiguous() or w.storage_offset() % 2 or w.dim() != 2):
+        return "plain"
+    n = w.shape[0]
+    t = _scope_threads or torch.get_num_threads()
+    kern = CHOICE.get((n, k, t))
+    if kern is None:
+        from .kernel_select import kernel_for
+
+        kern = kernel_for(n, k, t)
+    return "numba" if kern == "numba" and enabled() else "torch"
+
+
+def _linear1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    k = x.shape[-1]
     if (x.dtype is not torch.bfloat16 or w.dtype is not torch.bfloat16 or x.numel() != k or k % 2
             or not w.is_contiguous() or w.storage_offset() % 2 or w.dim() != 2):
         return F.linear(x, w, b)
@@ -399,11 +420,6 @@ def _gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
     return y.to(torch.bfloat16).view(*x.shape[:-1], n)
 
 
-def _gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and w.dim() == 2 and w.shape[1] == x.shape[-1]
-            and x.shape[-1] % 2 == 0 and w.is_contiguous() and w.storage_offset() % 2 == 0 and enabled())
-
-
 def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
     """float32 row sums [M, N] of x [M, K] bf16 by w [N, K] bf16, each row in the one-row kernel's order."""
     n, k = w.shape
@@ -415,15 +431,19 @@ def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
 
 
 def _rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """A product inside ``decode_rows_scope``: row-invariant (x [..., K] -> [..., N])."""
-    k = x.shape[-1]
-    n = w.shape[0]
-    if x.numel() == 0:
-        return F.linear(x, w, b)
-    if _gemm_ok(x, w):
-        y = torch.from_numpy(gemm_rows(x, w))  # [M, N] float32
+    """A product inside ``decode_rows_scope`` (x [..., K] -> [..., N]): every row gets exactly what
+    ``linear`` gives that row alone (x of shape [1, ..., 1, K]). Where that is the numba GEMV (the
+    kernel chosen for this shape, section 11 of specs/runtime.md) all rows go through the multi-row
+    kernel, one pass over the weights; otherwise (torch chosen for the shape, float32, odd K) one
+    product per row."""
+    k, n = x.shape[-1], w.shape[0]
+    m = x.numel() // k if k else 0
+    if m <= 1:
+        return _linear1(x, w, b)
+    if _one_row_kernel(x, w) == "numba":
+        y = torch.from_numpy(gemm_rows(x, w))  # [M, N] float32, each row as _gemv_linear sums it
         if b is not None:
             y += b.float()
         return y.to(torch.bfloat16).view(*x.shape[:-1], n)
-    rows = x.reshape(-1, 1, k)  # [M, 1, K]: one F.linear per row, as a step of one sequence computes it
-    return torch.cat([_torch_linear(r, w, b) for r in rows]).view(*x.shape[:-1], n)
+    one = (1,) * (x.dim() - 1) + (k,)
+    return torch.cat([_linear1(r.view(one), w, b).reshape(1, n) for r in x.reshape(m, k)]).view(*x.shape[:-1], n)
