@@ -22,8 +22,8 @@ DIMS = {"hidden": 128, "moe_intermediate": 128, "experts": 8, "top_k": 2, "layer
 
 @pytest.fixture(autouse=True, scope="module")
 def _numba_forced():
-    """Decode steps in the engine always use the numba row kernel; forcing it for the whole module makes
-    the comparisons with ``generate`` (whose one-row kernel is chosen per host) independent of the host."""
+    """The numba kernel for every shape, so the multi-row kernel is what these tests exercise on any host
+    (auto could choose torch for some shapes; one test forces torch)."""
     mp = pytest.MonkeyPatch()
     mp.setenv(kernel_select.ENV, "numba")
     kernel_select.reset()
