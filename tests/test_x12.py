@@ -220,6 +220,21 @@ def test_gemv_refuses_an_odd_k():
 # -- resident x12 -----------------------------------------------------------------------------------
 
 
+def test_to_x12_converts_only_the_selected_modules(checkpoint_factory):
+    from zipmoe_run.layers import Linear
+    from zipmoe_run.models import build_model
+    from zipmoe_run.resident import X12Linear, to_x12
+    from zipmoe_run.source import DirectorySource
+
+    model = build_model(DirectorySource(checkpoint_factory("qwen2_moe", seed=3, dims={"experts": 4, "top_k": 2})),
+                        torch.bfloat16)
+    before = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, Linear)}
+    stats = to_x12(model, select=lambda name, n, k: name.endswith("o_proj"))
+    after = {n for n, m in model.named_modules() if isinstance(m, X12Linear)}
+    assert after == {n for n in before if n.endswith("o_proj")} and stats["modules"] == len(after) > 0
+    assert all(isinstance(model.get_submodule(n), Linear) for n in before if n not in after)
+
+
 def test_resident_mode_names_a_bad_value(monkeypatch):
     from zipmoe_run.resident import resident_mode
 

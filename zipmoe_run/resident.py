@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -97,10 +98,11 @@ class X12Linear(nn.Module):
         return K.linear(x, _bf16(self.x12), self.bias)  # exactly the bf16 model's path
 
 
-def to_x12(model: nn.Module) -> dict:
+def to_x12(model: nn.Module, select: Callable[[str, int, int], bool] | None = None) -> dict:
     """Replace the model's bf16 ``layers.Linear`` modules (2-D weight, even in-features) by
-    :class:`X12Linear`; returns ``{"modules", "bf16_bytes", "x12_bytes", "escapes"}``. A weight shared
-    with another module (a tied lm_head) is converted too; the other module keeps its bf16 tensor."""
+    :class:`X12Linear`; returns ``{"modules", "bf16_bytes", "x12_bytes", "escapes"}``. ``select(name,
+    out, in)``, when given, picks the modules (e.g. only the shapes where x12 measured faster). A weight
+    shared with another module (a tied lm_head) is converted too; the other module keeps its bf16 tensor."""
     from .layers import Linear
 
     if not XK.available():
@@ -108,7 +110,7 @@ def to_x12(model: nn.Module) -> dict:
         return {"modules": 0, "bf16_bytes": 0, "x12_bytes": 0, "escapes": 0}
     todo = [(name, mod) for name, mod in model.named_modules()
             if isinstance(mod, Linear) and mod.weight.dtype is torch.bfloat16 and mod.weight.dim() == 2
-            and mod.weight.shape[1] % 2 == 0]
+            and mod.weight.shape[1] % 2 == 0 and (select is None or select(name, *mod.weight.shape))]
     stats = {"modules": 0, "bf16_bytes": 0, "x12_bytes": 0, "escapes": 0}
     for name, mod in todo:
         new = X12Linear.from_linear(mod)
