@@ -220,6 +220,27 @@ def test_gemv_refuses_an_odd_k():
 # -- resident x12 -----------------------------------------------------------------------------------
 
 
+@needs_numba
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_x12_linear_equals_the_bf16_linear_one_row_and_batched(kernel, monkeypatch):
+    from zipmoe_run import kernel_select
+    from zipmoe_run.resident import X12Linear
+
+    monkeypatch.setenv(kernel_select.ENV, kernel)  # the shape's one-row kernel: numba (x12 GEMV) or torch
+    kernel_select.reset()
+    g = torch.Generator().manual_seed(8)
+    w = (torch.randn(48, 98, generator=g) * 0.05).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16()
+    lin = X12Linear(x12.from_bf16(w.view(torch.int16).numpy().view(np.uint16)), b)
+    assert torch.equal(lin.weight.view(torch.int16), w.view(torch.int16))
+    for shape in [(1, 98), (1, 1, 98), (3, 1, 98), (5, 98)]:
+        x = torch.randn(*shape, generator=g).bfloat16()
+        assert torch.equal(lin(x).view(torch.int16), kernels.linear(x, w, b).view(torch.int16)), shape
+        with kernels.decode_rows_scope():  # batched decode: every row as if alone
+            assert torch.equal(lin(x).view(torch.int16), kernels.linear(x, w, b).view(torch.int16)), shape
+    kernel_select.reset()
+
+
 def test_to_x12_converts_only_the_selected_modules(checkpoint_factory):
     from zipmoe_run.layers import Linear
     from zipmoe_run.models import build_model
@@ -233,6 +254,22 @@ def test_to_x12_converts_only_the_selected_modules(checkpoint_factory):
     after = {n for n, m in model.named_modules() if isinstance(m, X12Linear)}
     assert after == {n for n in before if n.endswith("o_proj")} and stats["modules"] == len(after) > 0
     assert all(isinstance(model.get_submodule(n), Linear) for n in before if n not in after)
+
+
+@needs_numba
+def test_to_x12_by_default_skips_shapes_where_torch_is_chosen(checkpoint_factory, monkeypatch):
+    from zipmoe_run import kernel_select
+    from zipmoe_run.models import build_model
+    from zipmoe_run.resident import to_x12
+    from zipmoe_run.source import DirectorySource
+
+    ckpt = checkpoint_factory("qwen2_moe", seed=3, dims={"experts": 4, "top_k": 2})
+    for kernel, converted in (("torch", False), ("numba", True)):
+        monkeypatch.setenv(kernel_select.ENV, kernel)
+        kernel_select.reset()
+        stats = to_x12(build_model(DirectorySource(ckpt), torch.bfloat16))
+        assert (stats["modules"] > 0) is converted
+    kernel_select.reset()
 
 
 def test_resident_mode_names_a_bad_value(monkeypatch):

@@ -5,15 +5,17 @@ MLPs, lm_head) by an :class:`X12Linear` holding the same weight in the 12-bit fo
 the bytes, exactly invertible), by module name; nothing is monkeypatched. The routed experts are the
 store's and stay as they are.
 
-What each product computes (so that results stay bit-identical to the bf16 model's):
+What each product computes (so that results stay bit-identical to the bf16 model's, on every host):
 
-* one bf16 input row (a decode step): ``x12_kernel.gemv``, which reads the 12-bit form directly and
-  sums every row in the fixed order of the numba bf16 GEMV (``kernels``): bit for bit what the bf16
-  model computes where its kernel choice for that shape is the numba GEMV (always under
-  ``ZIPMOE_KERNEL=numba``). Where this host's bf16 choice is torch's kernel, the x12 run keeps its own
-  order (the numba one): the weights are exact, the last bits of a sum can differ, as between hosts.
-* anything else (prefill, batched rows, float32 inputs): the weight is decoded to a temporary bf16
-  tensor and handed to ``kernels.linear``, i.e. exactly the bf16 model's path.
+* where the bf16 model would run the numba GEMV (the kernel chosen for this shape on this host,
+  ``kernel_select``): one bf16 input row, or the M rows of a ``kernels.decode_rows_scope`` (batched
+  decode), go through ``x12_kernel.gemv``, which reads the 12-bit form directly and sums every row in
+  the numba GEMV's fixed order: bit for bit the bf16 model's result (M rows rebuild each weight row
+  once);
+* anything else (prefill, shapes where torch's kernel was chosen, float32 inputs): the weight is
+  decoded to a temporary bf16 tensor and handed to ``kernels.linear``, i.e. exactly the bf16 model's
+  path (correct, but it pays a decode per product: :func:`to_x12` therefore converts by default only
+  the modules whose shape uses the numba GEMV).
 
 ``load(path, resident="x12")`` is ``api.load`` followed by :func:`to_x12`; ``ZIPMOE_RESIDENT=x12``
 asks for the same through :func:`resident_mode` (read by whoever wires it into ``api.load``).
@@ -59,14 +61,26 @@ def _bf16(x12: X.X12) -> torch.Tensor:
 
 
 def x12_linear(x: torch.Tensor, w: X.X12, b: torch.Tensor | None = None) -> torch.Tensor:
-    """One bf16 row x [..., K] (numel K) times w [N, K] in x12 (+ b [N]) -> bf16 [..., N], as
-    ``kernels._gemv_linear`` does with the bf16 weight (same float32 sum, bias and rounding)."""
+    """bf16 rows x [..., K] times w [N, K] in x12 (+ b [N]) -> bf16 [..., N], each row as
+    ``kernels._gemv_linear`` computes it with the bf16 weight (same float32 sum, bias, rounding)."""
     n, k = w.shape
-    xf = x.reshape(1, k).float().numpy()  # [1, K]
-    y = torch.from_numpy(XK.gemv(w, xf)[0])  # [N] float32
+    xf = x.reshape(-1, k).float().numpy()  # [M, K]
+    y = torch.from_numpy(XK.gemv(w, xf))  # [M, N] float32
     if b is not None:
         y += b.float()
     return y.to(torch.bfloat16).view(*x.shape[:-1], n)
+
+
+def numba_chosen(n: int, k: int) -> bool:
+    """Whether the bf16 model's one-row product of an [n, k] weight is the numba GEMV here (the kernel
+    chosen for this shape at this thread count; chosen now if it has not been)."""
+    t = K._scope_threads or torch.get_num_threads()
+    kern = K.CHOICE.get((n, k, t))
+    if kern is None:
+        from .kernel_select import kernel_for
+
+        kern = kernel_for(n, k, t)
+    return kern == "numba" and K.enabled()
 
 
 class X12Linear(nn.Module):
@@ -93,7 +107,8 @@ class X12Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         k = self.in_features
-        if x.dtype is torch.bfloat16 and x.numel() == k and k % 2 == 0 and XK.available():
+        if (x.dtype is torch.bfloat16 and k % 2 == 0 and (x.numel() == k or (K._decode_rows and x.numel() > 0))
+                and XK.available() and numba_chosen(self.out_features, k)):
             return x12_linear(x, self.x12, self.bias)
         return K.linear(x, _bf16(self.x12), self.bias)  # exactly the bf16 model's path
 
@@ -101,16 +116,21 @@ class X12Linear(nn.Module):
 def to_x12(model: nn.Module, select: Callable[[str, int, int], bool] | None = None) -> dict:
     """Replace the model's bf16 ``layers.Linear`` modules (2-D weight, even in-features) by
     :class:`X12Linear`; returns ``{"modules", "bf16_bytes", "x12_bytes", "escapes"}``. ``select(name,
-    out, in)``, when given, picks the modules (e.g. only the shapes where x12 measured faster). A weight
-    shared with another module (a tied lm_head) is converted too; the other module keeps its bf16 tensor."""
+    out, in)`` picks the modules; the default picks those whose shape uses the numba GEMV on this host
+    (:func:`numba_chosen`; elsewhere x12 would cost a decode per product). A weight shared with another
+    module (a tied lm_head) is converted too; the other module keeps its bf16 tensor."""
     from .layers import Linear
 
     if not XK.available():
         log.warning("resident x12: the numba kernels are unavailable; weights stay bf16")
         return {"modules": 0, "bf16_bytes": 0, "x12_bytes": 0, "escapes": 0}
+    if select is None:
+        def select(name: str, n: int, k: int) -> bool:
+            return numba_chosen(n, k)
+
     todo = [(name, mod) for name, mod in model.named_modules()
             if isinstance(mod, Linear) and mod.weight.dtype is torch.bfloat16 and mod.weight.dim() == 2
-            and mod.weight.shape[1] % 2 == 0 and (select is None or select(name, *mod.weight.shape))]
+            and mod.weight.shape[1] % 2 == 0 and select(name, *mod.weight.shape)]
     stats = {"modules": 0, "bf16_bytes": 0, "x12_bytes": 0, "escapes": 0}
     for name, mod in todo:
         new = X12Linear.from_linear(mod)
