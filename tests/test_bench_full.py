@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from zipmoe.bench.cli import app
 from zipmoe.bench.e2e import E2EConfig, QUICK_DIMS, run
-from zipmoe.bench.e2e_full import CHUNK, POOL_ELEMENTS, _Offsets, _pool, full_spec, prepare_full
+from zipmoe.bench.e2e_full import prepare_full
+from zipmoe.bench.e2e_full_gen import CHUNK, POOL_ELEMENTS, _Offsets, _pool, full_spec
 from zipmoe.bench.errors import BenchInputError
 from zipmoe.bench.routing import LABEL, build_plan
 from zipmoe_run.api import load
@@ -89,6 +90,10 @@ def test_manifest_reuse(tiny_source, tmp_path):
         f.truncate(arc.stat().st_size - 4096)
     p4 = prepare_full(cfg)
     assert p4["steps"]["generate"]["reused"] and not p4["steps"]["pack"]["reused"]
+    # a damaged manifest (ours, but read as untrusted JSON) means: make everything again
+    (tmp_path / "qwen15moe-full.json").write_text('{"key": 1, "key": 2}')
+    p5 = prepare_full(cfg)
+    assert not p5["steps"]["generate"]["reused"] and not p5["steps"]["pack"]["reused"]
 
 
 def test_generated_checkpoint_matches_source_layout(tiny_source, tmp_path):
