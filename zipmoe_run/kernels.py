@@ -21,7 +21,7 @@ product gets exactly what ``linear`` gives that row alone. Where that is this GE
 chosen for the shape), the M rows go through ``_gemm_kernel``, which computes each output row in
 exactly the order above (the same ``_row_blocks`` and tail; 4 inputs per pass over a weight row),
 so row m of a batch equals the one-row result bit for bit, for any M and any thread count, and each
-weight row is read once for all M inputs. Where torch was chosen for the shape (on host C the tiny
+weight row is read once for all M inputs (``kernels_rows``). Where torch was chosen for the shape (on host C the tiny
 router shapes), or the kernel cannot take the product (float32, odd K, non-contiguous weights), the
 rows run one at a time through the same one-row call, reading the weights once per row.
 
@@ -135,77 +135,6 @@ if njit is not None:
 
         return sig, codegen
 
-    ROWS = 4  # inputs that share one pass over a weight row in the multi-row kernel
-
-    @intrinsic
-    def _rows_blocks(typingctx, w, i, xe, xo, m0, nb):
-        """``_row_blocks`` of row i for the ROWS inputs m0..m0+ROWS-1 of xe/xo [M, K/2] in one pass:
-        each weight vector is loaded once and used for every input; each input keeps its own
-        accumulators, updated in exactly ``_row_blocks``' order (so its sums are bit-identical), and the
-        ROWS independent chains keep the core busy where one input's dependency chain would stall it.
-        Returns (even_0, odd_0, even_1, odd_1, ...)."""
-        sig = types.UniTuple(types.float32, 2 * ROWS)(w, i, xe, xo, m0, nb)
-
-        def codegen(context, builder, signature, args):
-            wa = context.make_array(signature.args[0])(context, builder, value=args[0])
-            xea = context.make_array(signature.args[2])(context, builder, value=args[2])
-            xoa = context.make_array(signature.args[3])(context, builder, value=args[3])
-            i64, i32, f32, i8p = ir.IntType(64), ir.IntType(32), ir.FloatType(), ir.IntType(8).as_pointer()
-            vi, vf = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
-            row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
-            wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, i8p), [row]), vi.as_pointer())
-            xs = []
-            for arr in (xea, xoa):
-                stride = cgutils.unpack_tuple(builder, arr.strides, 2)[0]  # bytes per input row
-                base = builder.bitcast(arr.data, i8p)
-                xs.append([builder.bitcast(builder.gep(base, [builder.mul(builder.add(
-                    args[4], ir.Constant(i64, r)), stride)]), vf.as_pointer()) for r in range(ROWS)])
-            shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
-            zero, nvec = ir.Constant(vf, [0.0] * LANES), WORDS // LANES
-            entry = builder.block
-            loop, done = builder.append_basic_block("rblocks"), builder.append_basic_block("rblocks_done")
-            builder.cbranch(builder.icmp_signed(">", args[5], ir.Constant(i64, 0)), loop, done)
-            builder.position_at_end(loop)
-            b = builder.phi(i64)
-            acc = [builder.phi(vf) for _ in range(ROWS * 2 * nvec)]  # per input: even vectors, then odd
-            nxt = list(acc)
-            for v in range(nvec):
-                k = builder.add(builder.mul(b, ir.Constant(i64, nvec)), ir.Constant(i64, v))
-                u = builder.load(builder.gep(wv, [k]), align=4)  # [LANES] bf16 pairs, loaded once
-                lo = builder.bitcast(builder.shl(u, shift), vf)
-                hi = builder.bitcast(builder.and_(u, mask), vf)
-                for r in range(ROWS):
-                    a = r * 2 * nvec
-                    xe_r = builder.load(builder.gep(xs[0][r], [k]), align=4)
-                    xo_r = builder.load(builder.gep(xs[1][r], [k]), align=4)
-                    nxt[a + v] = builder.fadd(acc[a + v], builder.fmul(lo, xe_r))
-                    nxt[a + nvec + v] = builder.fadd(acc[a + nvec + v], builder.fmul(hi, xo_r))
-            b1, end = builder.add(b, ir.Constant(i64, 1)), builder.block
-            b.add_incoming(ir.Constant(i64, 0), entry)
-            b.add_incoming(b1, end)
-            for p, q in zip(acc, nxt):
-                p.add_incoming(zero, entry)
-                p.add_incoming(q, end)
-            builder.cbranch(builder.icmp_signed("<", b1, args[5]), loop, done)
-            builder.position_at_end(done)
-            fin = []
-            for q in nxt:
-                p = builder.phi(vf)
-                p.add_incoming(zero, entry)
-                p.add_incoming(q, end)
-                fin.append(p)
-            sums = []
-            for r in range(ROWS):
-                a = r * 2 * nvec
-                for half in (fin[a:a + nvec], fin[a + nvec:a + 2 * nvec]):
-                    s = [builder.extract_element(v, ir.Constant(i32, lane)) for v in half for lane in range(LANES)]
-                    while len(s) > 1:  # pairwise, as _row_blocks
-                        s = [builder.fadd(s[2 * m], s[2 * m + 1]) for m in range(len(s) // 2)]
-                    sums.append(s[0])
-            return context.make_tuple(builder, signature.return_type, sums)
-
-        return sig, codegen
-
     @njit(parallel=True, nogil=True, cache=True)  # no fastmath: IEEE float32, the order written here
     def _gemv_kernel(w, xe, xo, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xe, xo f32 [K/2]; out f32 [N]
         n, kh = w.shape
@@ -219,34 +148,6 @@ if njit is not None:
                 se += _u32_as_f32(np.uint32(u << sh)) * xe[j]
                 so += _u32_as_f32(np.uint32(u & hi)) * xo[j]
             out[i] = se + so
-
-    @njit(parallel=True, nogil=True, cache=True)  # the one-row order above, for each of M rows
-    def _gemm_kernel(w, xe, xo, out):  # w uint32 [N, K/2]; xe, xo f32 [M, K/2] C-contiguous; out f32 [M, N]
-        n, kh = w.shape
-        m_rows = xe.shape[0]
-        hi = np.uint32(0xFFFF0000)
-        sh = np.uint32(16)
-        nb = kh // WORDS
-        full = m_rows - m_rows % ROWS
-        for i in prange(n):  # weight row i is read from memory once, then stays in cache for all M
-            for m0 in range(0, full, ROWS):
-                sums = _rows_blocks(w, i, xe, xo, m0, nb)
-                for r in range(ROWS):
-                    se, so = sums[2 * r], sums[2 * r + 1]
-                    for j in range(nb * WORDS, kh):  # the tail, in sequence
-                        u = w[i, j]
-                        se += _u32_as_f32(np.uint32(u << sh)) * xe[m0 + r, j]
-                        so += _u32_as_f32(np.uint32(u & hi)) * xo[m0 + r, j]
-                    out[m0 + r, i] = se + so
-            for m in range(full, m_rows):
-                xem, xom = xe[m], xo[m]
-                se, so = _row_blocks(w, i, xem, xom, nb)
-                for j in range(nb * WORDS, kh):
-                    u = w[i, j]
-                    se += _u32_as_f32(np.uint32(u << sh)) * xem[j]
-                    so += _u32_as_f32(np.uint32(u & hi)) * xom[j]
-                out[m, i] = se + so
-
 
 def gemv_reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The kernel's summation order in plain numpy (for tests): w uint32 [N, K/2], x float32 [K] -> [N]."""
@@ -272,11 +173,10 @@ def _build():
     return _gemv_kernel
 
 
-_gemm = None
 
 
 def enabled() -> bool:
-    global _ENABLED, _gemv, _gemm
+    global _ENABLED, _gemv
     if _ENABLED and _gemv is None:
         n = torch.get_num_threads()
         try:
@@ -285,7 +185,6 @@ def enabled() -> bool:
             # OpenMP thread count, which torch shares, so put torch's back right after.
             _gemv(np.zeros((1, 1), np.uint32), np.zeros(1, np.float32), np.zeros(1, np.float32),
                   np.empty(1, np.float32))
-            _gemm = _gemm_kernel
         except Exception as exc:  # numba missing or broken: torch only
             log.warning("bf16 decode kernel unavailable (%s); using torch", exc)
             _ENABLED = False
@@ -421,13 +320,11 @@ def _gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
 
 
 def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
-    """float32 row sums [M, N] of x [M, K] bf16 by w [N, K] bf16, each row in the one-row kernel's order."""
-    n, k = w.shape
-    xf = x.reshape(-1, k).float().numpy()  # [M, K]
-    xe, xo = np.ascontiguousarray(xf[:, 0::2]), np.ascontiguousarray(xf[:, 1::2])  # [M, K/2] each
-    out = np.empty((xf.shape[0], n), dtype=np.float32)
-    _gemm(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), xe, xo, out)
-    return out
+    """float32 row sums [M, N] of x [M, K] bf16 by w [N, K] bf16, each row in the one-row kernel's order
+    (``kernels_rows``)."""
+    from .kernels_rows import gemm_rows as rows
+
+    return rows(x, w)
 
 
 def _rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
