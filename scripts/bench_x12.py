@@ -1,6 +1,6 @@
 """Benchmark the 12-bit form (x12) against bf16: one-row products and the decode to bf16.
 
-    python scripts/bench_x12.py [--threads 1,2] [--mats 64] [--reps 7] [--shapes 1408x2048,...] [--out FILE.json]
+    python scripts/bench_x12.py [--threads 1,2] [--rows 1] [--mats 64] [--reps 7] [--clock wall|cpu] [--shapes 1408x2048,...] [--out FILE.json]
 
 For each shape (out x in) it makes ``--mats`` distinct copies of one N(0, 0.02) bf16 matrix (distinct
 memory, so each product streams its weights from DRAM as a decode step does; more than the last-level
@@ -11,6 +11,10 @@ cache in all) and their x12 encodings, then times, alternating the kernels pass 
 * ``torch``: ``torch.nn.functional.linear`` (``kernels.run_kernel("torch")``, torch's threads);
 * ``decode``: x12 -> bf16 of the whole matrix (``x12.decode_into``), the cost of an x12 tier that is
   expanded to bf16 before use.
+
+With ``--rows M`` (> 1: batched decode) each product has M input rows: ``numba`` is then the bf16
+multi-row kernel (``kernels.gemm_rows``) and ``torch`` ``F.linear`` of the M rows (x12 is checked bit for
+bit against the multi-row kernel first).
 
 All under ``kernels.single_row_scope`` (as a decode step runs). A pass runs every matrix once; the
 figure is the median over ``--reps`` passes of the time per product and its bf16-equivalent GB/s
@@ -47,7 +51,16 @@ def _matrix(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02).bfloat16()
 
 
-def bench_shape(n: int, k: int, threads: int, mats: int, reps: int, clock=time.perf_counter) -> dict:
+def _bf16_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """M rows through the bf16 multi-row kernel (``kernels.gemm_rows``, each row in the one-row order)."""
+    return torch.from_numpy(K.gemm_rows(x, w)).to(torch.bfloat16)
+
+
+def _torch_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return K._torch_linear(x, w)
+
+
+def bench_shape(n: int, k: int, threads: int, mats: int, reps: int, clock=time.perf_counter, rows: int = 1) -> dict:
     base = _matrix(n, k)
     ws = [base.clone() for _ in range(mats)]  # [N, K] bf16, distinct memory
     bits = base.view(torch.int16).numpy().view(np.uint16)
@@ -60,13 +73,15 @@ def bench_shape(n: int, k: int, threads: int, mats: int, reps: int, clock=time.p
     xs = [X.X12(enc.shape, *(a.copy() for a in (enc.nibbles, enc.sm, enc.table, enc.row_ptr, enc.esc_col,
                                                   enc.esc_exp))) for _ in range(mats)]
     outs = [w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2) for w in ws]  # decode targets
-    x = _matrix(1, k, seed=1)  # [1, K]
-    ref = K.run_kernel("numba", x, ws[0])
-    assert torch.equal(x12_linear(x, xs[0]).view(torch.int16), ref.view(torch.int16)), "x12 != bf16 GEMV"
+    x = _matrix(rows, k, seed=1)  # [M, K]
+    one = rows == 1
+    numba_f = (lambda i: K.run_kernel("numba", x, ws[i])) if one else (lambda i: _bf16_rows(x, ws[i]))
+    torch_f = (lambda i: K.run_kernel("torch", x, ws[i])) if one else (lambda i: _torch_rows(x, ws[i]))
+    assert torch.equal(x12_linear(x, xs[0]).view(torch.int16), numba_f(0).view(torch.int16)), "x12 != bf16 kernel"
     runs = {
         "x12": lambda i: x12_linear(x, xs[i]),
-        "numba": lambda i: K.run_kernel("numba", x, ws[i]),
-        "torch": lambda i: K.run_kernel("torch", x, ws[i]),
+        "numba": numba_f,
+        "torch": torch_f,
         "decode": lambda i: X.decode_into(xs[i], outs[i]),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -83,7 +98,7 @@ def bench_shape(n: int, k: int, threads: int, mats: int, reps: int, clock=time.p
     assert all(np.array_equal(o, outs[0]) for o in outs) and np.array_equal(outs[0].view(np.uint16).reshape(n, k),
                                                                            base.view(torch.int16).numpy().view(np.uint16))
     bf16 = 2 * n * k
-    res = {"shape": f"{n}x{k}", "threads": threads, "mats": mats, "reps": reps, "bf16_bytes": bf16,
+    res = {"shape": f"{n}x{k}", "threads": threads, "rows": rows, "mats": mats, "reps": reps, "bf16_bytes": bf16,
            "x12_bytes": enc.nbytes, "x12_ratio": round(enc.ratio, 4), "escapes": enc.escapes,
            "encode_gbps_bf16_in": round(2 * n * k / min(enc_s) / 1e9, 3), "kernels": {}}
     # adjacent passes (the same rep) paired: slow drifts of a shared host cancel in the ratio
@@ -104,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mats", type=int, default=64)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--rows", type=int, default=1,
+                    help="input rows per product (batched decode): >1 compares with the bf16 multi-row kernel "
+                         "(kernels.gemm_rows) and F.linear on M rows")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time (1 thread only: every kernel then runs on the calling "
@@ -125,6 +143,9 @@ def main(argv=None) -> int:
     clock = time.thread_time if a.clock == "cpu" else time.perf_counter
     load0 = os.getloadavg()
     results = []
+    if a.rows > 1:
+        print(f"{a.rows} input rows per product: numba = the bf16 multi-row kernel, torch = F.linear; GB/s per "
+              "product (the weights are read once)")
     print(f"{'shape':>10} {'thr':>3} | {'x12 us':>8} {'GB/s':>6} | {'numba us':>8} {'GB/s':>6} | {'torch us':>8} "
           f"{'GB/s':>6} | {'x12/numba':>9} {'best':>5} {'paired':>6} {'x12/torch':>9} | {'decode GB/s':>11}")
     for t in (int(s) for s in a.threads.split(",")):
@@ -132,7 +153,7 @@ def main(argv=None) -> int:
         with K.single_row_scope(True):
             for shape in a.shapes.split(","):
                 n, k = (int(v) for v in shape.lower().split("x"))
-                r = bench_shape(n, k, t, a.mats, a.reps, clock)
+                r = bench_shape(n, k, t, a.mats, a.reps, clock, a.rows)
                 results.append(r)
                 kk = r["kernels"]
                 print(f"{r['shape']:>10} {t:>3} | {kk['x12']['us']:>8.0f} {kk['x12']['gbps_bf16_equiv']:>6.2f} | "
@@ -147,7 +168,7 @@ def main(argv=None) -> int:
           f"{a.reps} passes over {a.mats} distinct matrices ({a.clock} clock); 'best': the ratio of the fastest passes; 'paired': median "
           "of the ratios of adjacent passes; x12/numba > 1: x12 is faster; decode: "
           "bf16 bytes written per second")
-    out = {"benchmark": "x12", **host, "codegen_env": env, "clock": a.clock, "loadavg_before": load0, "loadavg_after": load1,
+    out = {"benchmark": "x12", **host, "codegen_env": env, "clock": a.clock, "rows": a.rows, "loadavg_before": load0, "loadavg_after": load1,
            "results": results}
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
