@@ -65,6 +65,17 @@ def test_disk_refusal_writes_nothing(tiny_source, tmp_path):
     assert not wd.exists()  # nothing written, not even the folder
 
 
+def test_trace_refused_before_anything_is_written(tiny_source, tmp_path):
+    from zipmoe.bench.e2e_full import run_full
+
+    trace = _trace(tmp_path / "t.npy", layers=1)  # the model has 2 layers
+    cfg = E2EConfig(workdir=tmp_path / "wd", depth="full", full={"source": str(tiny_source)}, systems=("zipmoe",),
+                    routing=f"replay:{trace}")
+    with pytest.raises(BenchInputError, match="the model has 2 MoE layers, the trace only 1"):
+        run_full(cfg)
+    assert not (tmp_path / "wd").exists()
+
+
 def test_manifest_reuse(tiny_source, tmp_path):
     cfg = E2EConfig(workdir=tmp_path, depth="full", full={"source": str(tiny_source)}, seed=5)
     p1 = prepare_full(cfg)

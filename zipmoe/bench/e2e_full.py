@@ -181,7 +181,7 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
 
     from .e2e import run_median, storage_info
     from .e2e_proc import MemCap
-    from .routing import prepare_routing, skipped_systems
+    from .routing import plan_for, save_plan, skipped_systems
 
     bad = [s for s in cfg.systems if s not in FULL_SYSTEMS]
     if bad:
@@ -189,11 +189,14 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
                               f"{', '.join(FULL_SYSTEMS)}; resident and hf-offload need the whole model in memory, "
                               "raw a second 28.6 GB copy)")
     t0 = time.perf_counter()
+    opts = cfg.full or {}
+    # a trace that does not fit the model is refused before anything is generated or written
+    made = plan_for(cfg, full_spec(Path(opts.get("source") or FULL_SOURCE), float(opts.get("scale", 1.0)))["config"])
     prep = prepare_full(cfg, free_bytes=free_bytes)
     host = host_report(prep["archive"])
     log.info("%s", host["host_line"])
     _, _, why_nocap = MemCap.parent()
-    routing = prepare_routing(cfg, prep)
+    routing = save_plan(cfg, made, prep)
     skip = skipped_systems(cfg, routing)
     rows: list[dict] = []
     i = 0

@@ -31,8 +31,8 @@ import numpy as np
 
 from .errors import BenchInputError
 
-__all__ = ["parse_routing", "build_plan", "prepare_routing", "skipped_systems", "install_for_child", "REPLAY_SYSTEMS",
-           "LABEL"]
+__all__ = ["parse_routing", "build_plan", "plan_for", "save_plan", "prepare_routing", "skipped_systems",
+           "install_for_child", "REPLAY_SYSTEMS", "LABEL"]
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +91,38 @@ def build_plan(trace_path: Path, positions: int, *, layers: int, experts: int, t
     return np.ascontiguousarray(plan.astype(np.int16)), info
 
 
-def prepare_routing(cfg, prep: dict) -> dict | None:
-    """Build and save the plan for ``cfg.routing`` (None: routers); sets ``prep["routing_plan"]``."""
+def plan_for(cfg, config: dict) -> tuple[np.ndarray, dict] | None:
+    """The plan for ``cfg.routing`` on a model of ``config`` (None: the routers); refusals come from here,
+    before anything is written."""
     trace = parse_routing(getattr(cfg, "routing", None))
     if trace is None:
         return None
-    c = prep["config"]
-    if c.get("is_encoder_decoder"):
+    if config.get("is_encoder_decoder"):
         raise BenchInputError("--routing replay: only decoder-only models (qwen2_moe) are replayed")
-    plan, info = build_plan(trace, cfg.prompt_tokens + cfg.new_tokens, layers=int(c["num_hidden_layers"]),
-                            experts=int(c.get("num_experts") or 0), top_k=int(c["num_experts_per_tok"]), seed=cfg.seed)
+    return build_plan(trace, cfg.prompt_tokens + cfg.new_tokens, layers=int(config["num_hidden_layers"]),
+                      experts=int(config.get("num_experts") or 0), top_k=int(config["num_experts_per_tok"]),
+                      seed=cfg.seed)
+
+
+def save_plan(cfg, made: tuple[np.ndarray, dict] | None, prep: dict) -> dict | None:
+    """Write ``plan_for``'s plan as ``WORKDIR/replay-<sha>.npy``, set ``prep["routing_plan"]``; the info."""
+    if made is None:
+        return None
+    plan, info = made
     sha = hashlib.sha256(plan.tobytes() + str(plan.shape).encode()).hexdigest()[:16]
     path = Path(cfg.workdir) / f"replay-{sha}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, plan, allow_pickle=False)
-    info.update(plan_path=str(path), plan_sha256_16=sha)
+    info = {**info, "plan_path": str(path), "plan_sha256_16": sha}
     prep["routing_plan"] = str(path)
-    log.info("%s: %s, %d positions from %d prompts of the trace, the same for every system", LABEL, trace,
+    log.info("%s: %s, %d positions from %d prompts of the trace, the same for every system", LABEL, info["trace"],
              info["positions"], info["prompts_used"])
     return info
+
+
+def prepare_routing(cfg, prep: dict) -> dict | None:
+    """Build and save the plan for ``cfg.routing`` on the model of ``prep["config"]`` (None: routers)."""
+    return save_plan(cfg, plan_for(cfg, prep["config"]), prep)
 
 
 def skipped_systems(cfg, routing: dict | None) -> dict[str, str]:
