@@ -1,6 +1,7 @@
 """Benchmark the 12-bit form (x12) against bf16: one-row products and the decode to bf16.
 
-    python scripts/bench_x12.py [--threads 1,2] [--rows 1] [--mats 64] [--reps 7] [--clock wall|cpu] [--shapes 1408x2048,...] [--out FILE.json]
+    python scripts/bench_x12.py [--threads 1,2] [--rows 1] [--mats 64] [--reps 7] [--clock wall|cpu]
+                                [--shapes 1408x2048,...] [--out FILE.json]
 
 For each shape (out x in) it makes ``--mats`` distinct copies of one N(0, 0.02) bf16 matrix (distinct
 memory, so each product streams its weights from DRAM as a decode step does; more than the last-level
@@ -95,8 +96,8 @@ def bench_shape(n: int, k: int, threads: int, mats: int, reps: int, clock=time.p
             for i in range(mats):
                 f(i)
             times[name].append((clock() - t0) / mats)
-    assert all(np.array_equal(o, outs[0]) for o in outs) and np.array_equal(outs[0].view(np.uint16).reshape(n, k),
-                                                                           base.view(torch.int16).numpy().view(np.uint16))
+    assert all(np.array_equal(o, outs[0]) for o in outs)
+    assert np.array_equal(outs[0].view(np.uint16).reshape(n, k), bits)  # the decode gave the weights back
     bf16 = 2 * n * k
     res = {"shape": f"{n}x{k}", "threads": threads, "rows": rows, "mats": mats, "reps": reps, "bf16_bytes": bf16,
            "x12_bytes": enc.nbytes, "x12_ratio": round(enc.ratio, 4), "escapes": enc.escapes,
@@ -109,7 +110,8 @@ def bench_shape(n: int, k: int, threads: int, mats: int, reps: int, clock=time.p
         moved = enc.nbytes + (bf16 if name == "decode" else 0) if name in ("x12", "decode") else bf16
         res["kernels"][name] = {"us": round(med * 1e6, 1), "us_best": round(min(ts) * 1e6, 1),
                                 "us_all": [round(t * 1e6, 1) for t in ts],
-                                "gbps_bf16_equiv": round(bf16 / med / 1e9, 2), "gbps_moved": round(moved / med / 1e9, 2)}
+                                "gbps_bf16_equiv": round(bf16 / med / 1e9, 2),
+                                "gbps_moved": round(moved / med / 1e9, 2)}
     return res
 
 
@@ -165,11 +167,11 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (cores: {os.cpu_count()}); "
           "GB/s = bf16 bytes of the matrix per second (the same work for every kernel); medians of "
-          f"{a.reps} passes over {a.mats} distinct matrices ({a.clock} clock); 'best': the ratio of the fastest passes; 'paired': median "
-          "of the ratios of adjacent passes; x12/numba > 1: x12 is faster; decode: "
+          f"{a.reps} passes over {a.mats} distinct matrices ({a.clock} clock); 'best': the ratio of the "
+          "fastest passes; 'paired': median of the ratios of adjacent passes; x12/numba > 1: x12 is faster; decode: "
           "bf16 bytes written per second")
-    out = {"benchmark": "x12", **host, "codegen_env": env, "clock": a.clock, "rows": a.rows, "loadavg_before": load0, "loadavg_after": load1,
-           "results": results}
+    out = {"benchmark": "x12", **host, "codegen_env": env, "clock": a.clock, "rows": a.rows,
+           "loadavg_before": load0, "loadavg_after": load1, "results": results}
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -161,7 +161,8 @@ def test_gemv_with_escapes_in_every_position_equals_the_bf16_gemv(n, k):
 def test_gemv_with_a_lookup_table_and_all_patterns():
     rng = np.random.default_rng(5)
     w = rng.permutation(ALL)  # [65536]
-    top = np.repeat(np.arange(0, 255, 17, dtype=np.uint16), 300) << 7 | rng.integers(0, 1 << 16, 4500, np.uint16) & 0x807F
+    exps = np.repeat(np.arange(0, 255, 17, dtype=np.uint16), 300)  # [4500]
+    top = exps << 7 | rng.integers(0, 1 << 16, exps.size, np.uint16) & 0x807F
     w[rng.choice(w.size, top.size, replace=False)] = top  # exponents 0, 17, .., 238 the most frequent
     w = w.reshape(128, 512)
     enc = x12.from_bf16(w)
@@ -298,7 +299,8 @@ def test_x12_resident_model_logits_equal_the_bf16_model(family, checkpoint_facto
         model = build_model(DirectorySource(ckpt), torch.bfloat16).eval()
         if form == "x12":
             stats = to_x12(model)
-            assert stats["modules"] > 0 and stats["x12_bytes"] < 0.8 * stats["bf16_bytes"]  # tiny matrices: row offsets weigh more
+            # tiny matrices: the row offsets weigh more than in real ones (0.7512)
+            assert stats["modules"] > 0 and stats["x12_bytes"] < 0.8 * stats["bf16_bytes"]
             assert any(isinstance(m, X12Linear) for m in model.modules())
         prompt = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(4))
         cache = model.new_cache(1, 12)

@@ -247,8 +247,9 @@ if njit is not None:
                 cb = min(np.uint32(((u >> np.uint32(23)) - b) & np.uint32(0xFF)), np.uint32(15))
                 c += np.int64(ca == 15) + np.int64(cb == 15)
                 nib[i, j] = np.uint8(ca | (cb << np.uint32(4)))
-                sm16[i, j] = np.uint16(((u >> np.uint32(8)) & np.uint32(0x80)) | (u & np.uint32(0x7F))
-                                       | ((u >> np.uint32(16)) & np.uint32(0x8000)) | ((u >> np.uint32(8)) & np.uint32(0x7F00)))
+                lo = ((u >> np.uint32(8)) & np.uint32(0x80)) | (u & np.uint32(0x7F))  # sm of element 2j
+                hi = ((u >> np.uint32(16)) & np.uint32(0x8000)) | ((u >> np.uint32(8)) & np.uint32(0x7F00))  # 2j+1
+                sm16[i, j] = np.uint16(lo | hi)
             counts[i] = c
 
     @njit(parallel=True, nogil=True, cache=True)
@@ -306,7 +307,7 @@ if njit is not None:
             na = context.make_array(signature.args[0])(context, builder, value=args[0])
             sa = context.make_array(signature.args[1])(context, builder, value=args[1])
             da = context.make_array(signature.args[4])(context, builder, value=args[4])
-            i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+            i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
             p = PAIRS
             vb, vs, vh, vw = ir.VectorType(i8, p), ir.VectorType(i8, 2 * p), ir.VectorType(i16, 2 * p), \
                 ir.VectorType(i32, p)
@@ -366,7 +367,8 @@ if njit is not None:
         the patch rewrites that whole half-word, so nothing leaks into the other half."""
         for j in range(j0, j1):
             c = np.uint32(nib[i, j])
-            dst[j] = _word(np.uint32(sm16[i, j]), np.uint32(b + (c & np.uint32(15))), np.uint32(b + (c >> np.uint32(4))))
+            dst[j] = _word(np.uint32(sm16[i, j]), np.uint32(b + (c & np.uint32(15))),
+                           np.uint32(b + (c >> np.uint32(4))))
         while t < tend and np.int64(esc_col[t]) < 2 * j1:
             col = np.int64(esc_col[t])
             _patch(dst, col >> 1, np.uint32(sm16[i, col >> 1]), col, np.uint32(esc_exp[t]))
