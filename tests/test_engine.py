@@ -334,3 +334,30 @@ def test_text_stream_holds_back_possible_stop_prefixes(tokens, stops, released, 
     assert not any(s in "".join(got) for s in stops)
     if not stopped:
         assert "".join(got) == full
+
+
+def test_prefill_chunks_interleave_with_decode_steps(lm):
+    """A long prompt is prefilled one chunk per token boundary: a running stream gets a token between
+    every two chunks of it, never waiting more than one chunk."""
+    eng = Engine(lm, max_batch=2, prefill_chunk=4)
+    log: list[str] = []
+    real = eng._prefill_chunk
+
+    def chunk(s):
+        log.append(f"chunk {s.h.request_id}")
+        real(s)
+
+    eng._prefill_chunk = chunk
+    started = threading.Event()
+    a = eng.submit([5, 6], 40, Sampling(), on_event=lambda ev: (log.append("token a"), started.set()))
+    eng.start()
+    assert started.wait(30)
+    b = eng.submit(list(range(3, 43)), 2, Sampling())  # 40 tokens: 10 chunks of 4
+    b.result(60)
+    a.cancel()
+    a.result(60)
+    eng.shutdown()
+    seq = log[log.index(f"chunk {b.request_id}"):]
+    b_chunks = [i for i, x in enumerate(seq) if x == f"chunk {b.request_id}"]
+    assert len(b_chunks) == 10
+    assert all("token a" in seq[i + 1:j] for i, j in zip(b_chunks, b_chunks[1:]))
