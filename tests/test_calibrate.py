@@ -89,8 +89,22 @@ def test_version_change_measures_again(tmp_path):
     assert cal(tmp_path, fake, version="1.1").decode(2)["cached"]
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"format": 1, "key": {}, "rates": {"1": 1}}',
-                                     b'{"format": 1, "key": null, "rates": {"1": -5}}', b"[]", b"\xff\xfe"])
+def test_an_older_cache_format_is_measured_again_without_a_warning(tmp_path, caplog):
+    fake = Fake()
+    d = cal(tmp_path, fake).decode(2)
+    old = json.loads(open(d["file"]).read())
+    old["format"] = calibrate.FORMAT - 1
+    open(d["file"], "w").write(json.dumps(old))
+    with caplog.at_level(logging.INFO, logger="zipmoe_run.calibrate"):
+        again = cal(tmp_path, fake).decode(2)
+    assert not again["cached"] and len(fake.decode_calls) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("measuring again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"format": 2, "key": {}, "rates": {"1": 1}}',
+                                     b'{"format": 2, "key": null, "rates": {"1": -5}}', b'{"format": 9}', b"[]",
+                                     b"\xff\xfe"])
 def test_corrupt_cache_file_is_ignored_and_measured_again(tmp_path, caplog, content):
     fake = Fake()
     d = cal(tmp_path, fake).decode(2)

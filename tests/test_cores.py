@@ -152,3 +152,23 @@ def test_a_drift_makes_the_store_plan_again(store_archive, tmp_path):
             assert cost.drift.events == 1 and store.policy._need_plan
         finally:
             store.close()
+
+
+def test_decode_is_calibrated_with_the_archive_codec(tmp_path):
+    """A huf4x archive is planned with huf4x's decode speed, cached apart from the default codec's."""
+    calls = []
+
+    def decode(threads, codec=None):
+        calls.append((tuple(threads), codec))
+        return {str(t): (2e9 if codec == "huf4x" else 1e9) for t in threads}
+
+    cal = calibrate.Calibrator(tmp_path / "c", decode_fn=decode, read_fn=lambda *a: None, version="t")
+    assert cal.decode(1)["rates"]["1"] == 1e9 and cal.decode(1, "huf4x")["rates"]["1"] == 2e9
+    assert cal.decode(1, "huf4x")["cached"] and calls == [((1,), None), ((1,), "huf4x")]
+    c = calibrate.current(threads=1, calibrator=cal, codec="huf4x")
+    assert c.decode_bps == 2e9
+
+
+def test_real_decode_measurement_takes_the_codec():
+    rates = calibrate.measure_decode([1], chunk_elements=4096, chunks=2, runs=1, contended=False, codec="huf4x")
+    assert set(rates) == {"1"} and rates["1"] > 0

@@ -40,6 +40,7 @@ import math
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from formats.errors import ZmoeError
@@ -112,14 +113,19 @@ class Calibrator:
         h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return self.dir / "hosts" / f"{kind}-{h}.json"
 
-    def _load(self, p: Path, key: dict) -> dict | None:
+    def _load(self, p: Path, key: dict, fmt: int = FORMAT) -> dict | None:
+        """The cache entry at ``p`` for ``key`` in format ``fmt``; None (measure again) when absent, forced,
+        of an older format (logged at INFO: an upgrade) or unusable (logged as a warning)."""
         from formats.jsonstrict import loads
 
         if self.force or not p.exists():
             return None
         try:
             d = loads(p.read_bytes())
-            if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("key") != key:
+            if isinstance(d, dict) and isinstance(d.get("format"), int) and d["format"] < fmt:
+                log.info("calibration cache %s is of format %d (now %d); measuring again", p, d["format"], fmt)
+                return None
+            if not isinstance(d, dict) or d.get("format") != fmt or d.get("key") != key:
                 raise ValueError("not a calibration entry for this host")
             if not isinstance(d.get("rates"), dict) or not d["rates"] or not all(map(_positive, d["rates"].values())):
                 raise ValueError("rates are not positive numbers")
@@ -137,20 +143,29 @@ class Calibrator:
         except OSError as exc:  # a read-only home: the calibration still serves this process
             log.warning("cannot write calibration cache %s (%s)", p, exc)
 
-    def decode(self, threads: int) -> dict:
+    def decode_key(self, codec: str | None) -> dict:
+        """The cache key of decode rates: the host's, plus the codec unless it is the packer's default
+        (so entries written before codecs were told apart stay valid)."""
+        from formats.codec import DEFAULT_CODEC
+
+        return self.key if codec in (None, DEFAULT_CODEC) else {**self.key, "codec": codec}
+
+    def decode(self, threads: int, codec: str | None = None) -> dict:
         """``{"rates": {"1": bps, ..., str(threads): bps, "1+compute": bps, ...}, "file", "cached",
         "seconds"}``: 1, 2, 4, ... threads up to ``threads``, and ``threads`` itself."""
-        p = self._file("decode", self.key)
-        d = self._load(p, self.key)
+        key = self.decode_key(codec)
+        p = self._file("decode", key)
+        d = self._load(p, key)
         want = sorted({1 << i for i in range(int(threads).bit_length()) if 1 << i <= int(threads)} | {int(threads)})
         miss = [t for t in want if d is None or str(t) not in d["rates"]]
         if not miss:
             return {**d, "file": str(p), "cached": True, "seconds": 0.0}
         t0 = self.clock()
-        got = {str(k): float(v) for k, v in self.decode_fn(miss).items()}
+        got = {str(k): float(v) for k, v in (self.decode_fn(miss, codec=codec) if key is not self.key
+                                             else self.decode_fn(miss)).items()}
         dt = self.clock() - t0
         self.measured.append("decode")
-        d = {"format": FORMAT, "key": self.key, "rates": {**(d["rates"] if d else {}), **got},
+        d = {"format": FORMAT, "key": key, "rates": {**(d["rates"] if d else {}), **got},
              "measured": {**(d.get("measured", {}) if d else {}), **got}, "seconds": dt,
              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._save(p, d)
@@ -286,7 +301,8 @@ def _off() -> bool:
 
 
 def current(path=None, spans=None, threads: int | None = None, io_mode: str = "auto",
-            throttle_bps: float | None = None, calibrator: Calibrator | None = None) -> CostModel:
+            throttle_bps: float | None = None, calibrator: Calibrator | None = None,
+            codec: str | None = None) -> CostModel:
     """The calibration in use on this host: ``ZIPMOE_CALIBRATION``'s file, or the assumptions when
     ``ZIPMOE_CALIBRATE=off``, else the cached (or now measured) decode speeds for up to ``threads``
     decoder threads (default: usable cores) and, with ``path``, the read speed of its file system; the
@@ -306,7 +322,7 @@ def current(path=None, spans=None, threads: int | None = None, io_mode: str = "a
         base.source = f"{base.source}; self-calibration off ({ENV_MODE})"
         return base
     cal = calibrator or Calibrator()
-    dec = cal.decode(threads)
+    dec = cal.decode(threads, codec)
     rd = None
     if path is not None and spans is not None:
         try:
@@ -347,7 +363,9 @@ def current(path=None, spans=None, threads: int | None = None, io_mode: str = "a
 def store_cost(archive, threads: int, io_mode: str = "auto", throttle_bps: float | None = None) -> CostModel:
     """:func:`current` for the experts of an open ``formats.reader.Archive`` read with ``io_mode``."""
     spans = [(e.offset, e.length) for e in archive.index.experts if e.length > 0]
-    return current(archive.path, spans, threads, io_mode, throttle_bps)
+    codecs = Counter(p.codec for e in archive.index.experts for p in e.parts if p.codec)
+    codec = codecs.most_common(1)[0][0] if codecs else None  # the decode speed of the archive's own codec
+    return current(archive.path, spans, threads, io_mode, throttle_bps, codec=codec)
 
 
 def stats_fields(calibration: dict, live: CostModel) -> dict:

@@ -70,7 +70,7 @@ def fs_key(path: str | os.PathLike) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _synthetic_chunk(elements: int):
+def _synthetic_chunk(elements: int, codec: str | None = None):
     import numpy as np
 
     from formats.codec import DEFAULT_CODEC, ChunkEncoder, checksum
@@ -81,23 +81,25 @@ def _synthetic_chunk(elements: int):
     src = (x.view(np.uint32) >> 16).astype(np.uint16)  # truncated to BF16: the exponents are what matter
     exp, sm = np.empty(elements, np.uint8), np.empty(elements, np.uint8)
     split_bf16_numpy(src, exp, sm)  # (the packer's split is a JIT kernel: compiling it costs more than this)
-    coded = ChunkEncoder(DEFAULT_CODEC).encode(exp)
-    return ChunkRef(KIND_BF16_SPLIT, DEFAULT_CODEC, coded, sm, elements, checksum(coded), checksum(sm), 0,
+    codec = codec or DEFAULT_CODEC
+    coded = ChunkEncoder(codec).encode(exp)
+    return ChunkRef(KIND_BF16_SPLIT, codec, coded, sm, elements, checksum(coded), checksum(sm), 0,
                     "calibration chunk")
 
 
 def measure_decode(threads, *, chunk_elements: int = 1 << 19, chunks: int = 8, runs: int = 4,
-                   clock=time.perf_counter, contended: bool = True) -> dict:
+                   clock=time.perf_counter, contended: bool = True, codec: str | None = None) -> dict:
     """BF16 output bytes/s of ``ParallelDecoder(t)`` for each ``t`` in ``threads`` (best of ``runs``):
     under ``str(t)`` alone and, with ``contended``, under :func:`contended_key` while a
-    :class:`Contender` runs (the median of ``runs`` there: contention is noisy)."""
+    :class:`Contender` runs (the median of ``runs`` there: contention is noisy); chunks coded with
+    ``codec`` (default: the packer's default codec)."""
     import dataclasses
 
     import numpy as np
 
     from formats.decoder import ParallelDecoder
 
-    ref = _synthetic_chunk(int(chunk_elements))
+    ref = _synthetic_chunk(int(chunk_elements), codec)
     n = max(int(chunks), 2 * max(threads))
     refs = [dataclasses.replace(ref, out_offset=i * 2 * ref.n) for i in range(n)]
     out = np.empty(2 * ref.n * n, np.uint8)

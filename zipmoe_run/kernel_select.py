@@ -47,6 +47,7 @@ KERNELS = ("numba", "torch")  # in order of preference on a tie
 SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory
 MAX_MATS = 16
 REPS = 5
+CACHE_FORMAT = 1  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels")
 MARGIN = 1.10  # another kernel must be this much faster than the first of KERNELS to be chosen
 
 _lock = threading.RLock()
@@ -150,7 +151,7 @@ def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=No
             calibrator = Calibrator()
         cal, key = calibrator, cache_key(calibrator)
         path = cal._file("kernels", key)
-        d = cal._load(path, key)
+        d = cal._load(path, key, fmt=CACHE_FORMAT)
         rates = dict(d["rates"]) if d else {}
         miss = [s for s in todo if any(f"{_name(*s, threads)}:{kn}" not in rates for kn in avail)]
         if miss:
@@ -159,7 +160,7 @@ def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=No
                 for kn, bps in per.items():
                     if isinstance(bps, (int, float)) and math.isfinite(bps) and bps > 0:
                         rates[f"{_name(n, k, threads)}:{kn}"] = float(bps)
-            cal._save(path, {"format": 1, "key": key, "rates": rates, "measured": rates,
+            cal._save(path, {"format": CACHE_FORMAT, "key": key, "rates": rates, "measured": rates,
                              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             _state["measured_shapes"] += len(miss)
         for n, k in todo:

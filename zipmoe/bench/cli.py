@@ -207,6 +207,8 @@ def e2e_cmd(
     family: str = typer.Option("qwen2_moe", "--family", help="qwen2_moe (Qwen1.5-MoE-A2.7B's dims) or "
                                "switch_transformers (switch-large-128's expert dims, 2+2 sparse blocks; "
                                "hf-offload skipped)."),
+    codec: str = typer.Option("zstd-lit", "--codec", help="Exponent codec of the compressed archive "
+                              "(zstd-lit or huf4x; see zipmoe-pack --codec)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of tokens/s vs budget (matplotlib)."),
@@ -242,10 +244,14 @@ def e2e_cmd(
         fail(f"--storage: {exc}", 2)
     if family not in FAMILIES:
         fail(f"--family: expected one of {', '.join(FAMILIES)}, got {family!r}", 2)
+    from formats.codec import CODECS
+
+    if codec not in CODECS:
+        fail(f"--codec: expected one of {', '.join(sorted(CODECS))}, got {codec!r}", 2)
     cfg = E2EConfig(workdir=workdir, budgets=pcts, systems=names, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, threads=threads, cap=not no_cap,
                     warm_pass=not no_warm and depth != "full", storage=storage, family=family, repeat=repeat,
-                    depth=depth, routing=routing)
+                    depth=depth, routing=routing, codec=codec)
     if depth == "full" and (quick or family != "qwen2_moe"):
         fail("--depth full: builds Qwen1.5-MoE-A2.7B (qwen2_moe); --quick and --family do not apply", 2)
     if depth == "full" and budgets == "15,30,60,100":

@@ -125,6 +125,7 @@ class E2EConfig:
     depth: str = "2"  # "full": Qwen1.5-MoE-A2.7B at its real depth and size (zipmoe.bench.e2e_full)
     routing: str | None = None  # "replay:FILE.npy": routers replaced by a real trace (zipmoe.bench.routing)
     full: dict | None = None  # --depth full options: {"source": dir, "scale": float} (tests)
+    codec: str = "zstd-lit"  # exponent codec of the compressed archive (formats.codec)
 
     @property
     def dims(self) -> dict:
@@ -201,6 +202,9 @@ def prepare(cfg: E2EConfig) -> dict:
     want = {"dims": cfg.dims, "seed": cfg.seed, "family": cfg.family,
             "version": 2 if cfg.family == "switch_transformers" else 1}
     ckpt, arc, raw = wd / f"{tag}-ckpt", wd / f"{tag}.zmoe", wd / f"{tag}-raw.zmoe"
+    if cfg.codec != "zstd-lit":  # another codec: its own archive beside the default one
+        want["codec"] = cfg.codec
+        marker, arc = wd / f"{tag}-{cfg.codec}.json", wd / f"{tag}-{cfg.codec}.zmoe"
     timings = {}
     if not (marker.is_file() and json.loads(marker.read_text()) == want and ckpt.is_dir() and arc.is_file()
             and raw.is_file()):
@@ -218,7 +222,7 @@ def prepare(cfg: E2EConfig) -> dict:
             make_checkpoint(ckpt, cfg.family, seed=cfg.seed, shards=2, dims=cfg.dims)
         timings["make_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pack(ckpt, arc, PackOptions(threads=os.cpu_count() or 1))
+        pack(ckpt, arc, PackOptions(threads=os.cpu_count() or 1, codec=cfg.codec))
         timings["pack_s"] = time.perf_counter() - t0
         pack(ckpt, raw, PackOptions(threads=os.cpu_count() or 1, raw=True))
         marker.write_text(json.dumps(want))

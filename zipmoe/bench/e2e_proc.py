@@ -151,10 +151,12 @@ def warm_up_runtime(threads: int) -> None:
     ~70 MiB)."""
     import torch
 
+    from formats import huf4x
     from formats.planes import warm_up
 
     torch.set_num_threads(threads)
     warm_up()
+    huf4x.warm_up()
     one = torch.ones(1, 64, dtype=torch.bfloat16)
     torch.nn.functional.linear(one, torch.ones(64, 64, dtype=torch.bfloat16))
     try:
