@@ -172,3 +172,45 @@ def test_decode_is_calibrated_with_the_archive_codec(tmp_path):
 def test_real_decode_measurement_takes_the_codec():
     rates = calibrate.measure_decode([1], chunk_elements=4096, chunks=2, runs=1, contended=False, codec="huf4x")
     assert set(rates) == {"1"} and rates["1"] > 0
+
+
+def test_eviction_never_takes_an_expert_the_open_fetch_has_pinned(store_archive):
+    """A policy whose view lags the table may name an expert the open fetch pinned (it has not been
+    yielded yet); the table must skip it, or the fetch would yield None weights."""
+    from formats.decoder import ParallelDecoder
+    from formats.reader import Archive
+    from zipmoe_run.store.store import ExpertStore
+    from zipmoe_run.tiers import CostModel, Tier
+
+    path, ref = store_archive(0)
+    stack, layer = sorted({k[:2] for k in ref}, key=str)[0]
+    experts = sorted(k[2] for k in ref if k[:2] == (stack, layer))
+    with Archive(path) as ar, ParallelDecoder(1) as dec:
+        store = ExpertStore(ar, dec, budget="100%", cost=CostModel(frozen=True))
+        try:
+            for _ in store.fetch(layer, experts, stack):  # now FULL
+                pass
+            gen = store.fetch(layer, experts[:2], stack)
+            first = next(gen)  # the fetch is open: experts[:2] are pinned until served
+            pinned_key = (stack, layer, experts[1] if first[0] == experts[0] else experts[0])
+            real = store.table.policy
+            offered = []
+
+            class Lagging:  # names the pinned expert first, then defers to the real policy
+                name = "lagging"
+
+                def victim(self, res, pinned):
+                    offered.append(set(pinned))
+                    if pinned_key not in pinned:
+                        return pinned_key, Tier.COLD
+                    return real.victim(res, pinned)
+
+            store.table.policy = Lagging()
+            with store.cond:
+                store.table.evict_one(set())
+            store.table.policy = real
+            assert store.table.entries[pinned_key].tier == Tier.FULL and len(offered) >= 2
+            rest = list(gen)
+            assert all(w is not None for _, w in rest) and len(rest) == 1
+        finally:
+            store.close()

@@ -9,6 +9,8 @@ byte moves through ``Memory`` (specs/runtime.md sections 2 and 4). All methods r
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from formats.planes import split_bf16
@@ -18,6 +20,8 @@ from .memory import Memory
 from .state import CAT, Entry, Stats, StoreError, Task
 
 __all__ = ["TierTable"]
+
+log = logging.getLogger(__name__)
 
 
 class TierTable:
@@ -161,12 +165,21 @@ class TierTable:
         task.state = "placed"
 
     def evict_one(self, pinned) -> bool:
-        """Demote the policy's victim (never one in ``pinned``); False when nothing can move."""
-        v = self.policy.victim(self, pinned)
-        if v is None:
-            return False
-        self.demote(*v)
-        return True
+        """Demote the policy's victim (never one in ``pinned``, nor one an open fetch has pinned or a task
+        owns: a policy's view of residency may lag the table's); False when nothing can move."""
+        skip = set(pinned)
+        while True:
+            v = self.policy.victim(self, skip)
+            if v is None:
+                return False
+            ent = self.entries.get(v[0])
+            if ent is None or not (ent.pins or ent.busy):
+                self.demote(*v)
+                return True
+            if v[0] in skip:  # a policy that ignores what it is told to spare: nothing safe to move
+                log.warning("policy %s offered %s, which is in use, twice; not evicting", self.policy.name, v[0])
+                return False
+            skip.add(v[0])
 
     def demote(self, key, to: Tier) -> None:
         ent = self.entries[key]
