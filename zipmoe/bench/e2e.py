@@ -71,14 +71,13 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .e2e_proc import MemCap, _drop, kv_cache_bytes, warm_up_runtime
+from .e2e_proc import MemCap, _drop, kv_cache_bytes, machine_info, warm_up_runtime
 from .e2e_report import _row, plot, render_table, render_targets
 from .errors import BenchInputError
 from .llamacpp import e2e_prepare, e2e_targets
@@ -310,6 +309,7 @@ def run(cfg: E2EConfig) -> dict:
         return run_full(cfg)
     from .routing import prepare_routing, skipped_systems
 
+    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     prep = prepare(cfg)
     from zipmoe_run.calibrate import report as host_report
@@ -351,9 +351,7 @@ def run(cfg: E2EConfig) -> dict:
         rows.append(run_median("resident", None, prep, cfg, False, i))
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
-        "machine": {"cpus": os.cpu_count(), "compute_threads": cfg.threads, "decode_threads": os.cpu_count(),
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "note": "shared machine: timings are noisy (several agents share the cores)"},
+        "machine": machine_info(cfg.threads, load0),
         "model": {"family": cfg.family, "dims": cfg.dims, "expert_bytes": prep["expert_bytes"],
                   "extent_bytes": prep["extent_bytes"], "dense_bytes": prep["dense_bytes"]},
         "hf_offload": {"skipped": switch, "note": hf_note or ""},

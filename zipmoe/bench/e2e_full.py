@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -180,7 +179,9 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
     from zipmoe_run.calibrate import report as host_report
 
     from .e2e import run_median, storage_info
-    from .e2e_proc import MemCap
+    from .e2e_proc import MemCap, machine_info
+
+    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     from .routing import plan_for, save_plan, skipped_systems
 
     bad = [s for s in cfg.systems if s not in FULL_SYSTEMS]
@@ -214,9 +215,7 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
             "shared_intermediate": d["shared_expert_intermediate_size"]}
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
-        "machine": {"cpus": os.cpu_count(), "compute_threads": cfg.threads, "decode_threads": os.cpu_count(),
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "note": "shared machine: timings are noisy (several agents share the cores)"},
+        "machine": machine_info(cfg.threads, load0),
         "model": {"family": "qwen2_moe", "dims": dims, "expert_bytes": prep["expert_bytes"],
                   "extent_bytes": prep["extent_bytes"], "dense_bytes": prep["dense_bytes"], "depth": "full",
                   "source": prep["source"], "scale": prep["scale"]},

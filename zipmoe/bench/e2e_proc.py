@@ -210,3 +210,21 @@ def _drop(paths) -> None:
                 drop_page_cache(f)
             except OSError as e:
                 log.debug("drop cache %s: %s", f, e)
+
+
+def machine_info(compute_threads: int, load_at_start: tuple[float, ...] | None) -> dict:
+    """The machine a result came from, with the load it ran under (``os.getloadavg`` at the start and
+    the end: another job on the same cores skews every timing, and the note says so)."""
+    import os
+    import platform
+
+    end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = max((load_at_start or (0.0,))[0], (end or (0.0,))[0])
+    note = (f"1-min load average {load_at_start[0]:.1f} at start, {end[0]:.1f} at end on {cores} cores"
+            if load_at_start and end else "load average not available")
+    if busy > 1.5 * (cores or 1):
+        note += ": other jobs shared the cores, timings are noisy"
+    return {"cpus": cores, "compute_threads": compute_threads, "platform": platform.platform(),
+            "python": platform.python_version(), "load_average_start": load_at_start, "load_average_end": end,
+            "note": note}
