@@ -84,7 +84,9 @@ CODECS: Mapping[str, CodecSpec] = MappingProxyType({
                        "(formats/huf4x.py)", "l11"),
 })
 
-DEFAULT_CODEC = "zstd-lit"
+#: What the packer writes unless told otherwise: huf4x decodes 1.3x faster than zstd-lit at the same
+#: ratio (within 0.001 bit per exponent) on the hosts measured (README, Codec); zstd-lit stays readable.
+DEFAULT_CODEC = "huf4x"
 
 #: Default exponent chunk: 2**20 elements (1 MiB of exponents, 2 MiB of BF16 output). A format
 #: parameter recorded in the archive; decoders take whatever the archive says.

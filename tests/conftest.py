@@ -50,23 +50,25 @@ STORE_DIMS = {"experts": 8, "top_k": 2, "hidden": 256, "moe_intermediate": 512, 
 
 @pytest.fixture(scope="session")
 def store_archive(checkpoint_factory, tmp_path_factory):
-    """``make(seed) -> (archive path, {expert key: decoded bytes})``: the STORE_DIMS qwen2_moe packed
-    once per seed (chunks of 8192 elements) and every expert decoded by the archive itself."""
+    """``make(seed, codec=None) -> (archive path, {expert key: decoded bytes})``: the STORE_DIMS qwen2_moe
+    packed once per seed and codec (chunks of 8192 elements; the packer's default codec unless named)
+    and every expert decoded by the archive itself."""
     from formats.decoder import ParallelDecoder
     from formats.reader import Archive
     from zipmoe_pack.pack import PackOptions, pack
 
     made: dict = {}
 
-    def make(seed: int):
-        if seed not in made:
+    def make(seed: int, codec: str | None = None):
+        if (seed, codec) not in made:
             src = checkpoint_factory("qwen2_moe", seed=seed, dims=STORE_DIMS, peaky_router=False)
             out = tmp_path_factory.mktemp(f"store{seed}") / "m.zmoe"
-            pack(src, out, PackOptions(threads=2, chunk_elements=8192))
+            opts = PackOptions(threads=2, chunk_elements=8192, **({"codec": codec} if codec else {}))
+            pack(src, out, opts)
             with Archive(out) as ar, ParallelDecoder(2) as dec:
                 ref = {e.key: ar.decode_extent(e, dec).copy() for e in ar.index.experts}
-            made[seed] = (out, ref)
-        return made[seed]
+            made[(seed, codec)] = (out, ref)
+        return made[(seed, codec)]
 
     return make
 

@@ -40,7 +40,7 @@ def test_no_calibration_means_every_core_decodes():
 
 
 class _Fake:
-    def decode(self, threads):
+    def decode(self, threads, codec=None):
         r = {1: 1.0 * GB, 2: 1.3 * GB}
         out = {str(t): r[t] for t in threads}
         out.update({f"{t}+compute": 0.8 * GB for t in threads})
@@ -123,6 +123,8 @@ def test_store_says_when_compression_does_not_pay(store_archive, caplog):
             finally:
                 store.close()
             assert st["compression"]["pays"] is pays and st["compression_now"] == st["compression"]
+            per_expert = sum(i.decoded for i in store.infos.values()) // len(store.infos)  # one expert, not all
+            assert st["compression"]["raw_read_ms"] == round(per_expert / 1e9 * 1e3, 3)
             rec = [r for r in caplog.records if "compression" in r.getMessage()]
             assert len(rec) == 1 and rec[0].levelname == ("INFO" if pays else "WARNING")
             assert st["decode_threads"] == 1 and st["read_depth"] == 1 and st["disk_utilisation"] is None
@@ -163,8 +165,9 @@ def test_decode_is_calibrated_with_the_archive_codec(tmp_path):
         return {str(t): (2e9 if codec == "huf4x" else 1e9) for t in threads}
 
     cal = calibrate.Calibrator(tmp_path / "c", decode_fn=decode, read_fn=lambda *a: None, version="t")
-    assert cal.decode(1)["rates"]["1"] == 1e9 and cal.decode(1, "huf4x")["rates"]["1"] == 2e9
-    assert cal.decode(1, "huf4x")["cached"] and calls == [((1,), None), ((1,), "huf4x")]
+    assert cal.decode(1, "zstd-lit")["rates"]["1"] == 1e9 and cal.decode(1, "huf4x")["rates"]["1"] == 2e9
+    assert cal.decode(1, "huf4x")["cached"] and calls == [((1,), "zstd-lit"), ((1,), "huf4x")]
+    assert cal.decode(1)["cached"]  # no codec named: the packer's default (huf4x)
     c = calibrate.current(threads=1, calibrator=cal, codec="huf4x")
     assert c.decode_bps == 2e9
 

@@ -16,9 +16,9 @@ def pack_cmd(
     output: Path = typer.Argument(..., help="archive to write (.zmoe)"),
     threads: int = typer.Option(0, "--threads", "-t", help="worker threads (0: all cores)"),
     chunk_elements: int = typer.Option(1 << 20, help="exponent chunk size in elements (power of two)"),
-    codec: str = typer.Option("zstd-lit", "--codec",
-                              help="exponent codec: zstd-lit (default, any zstd reads it) or huf4x "
-                                   "(Huffman, 4 streams: faster decode, slightly smaller; specs/zmoe.md 3.3.1)"),
+    codec: str = typer.Option("huf4x", "--codec",
+                              help="exponent codec: huf4x (default: canonical Huffman, 4 streams, the faster "
+                                   "decode; specs/zmoe.md 3.3.1) or zstd-lit (one zstd frame per chunk)"),
     raw: bool = typer.Option(False, "--raw", help="store BF16 experts uncompressed (baseline for benchmarks)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),

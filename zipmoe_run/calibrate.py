@@ -6,7 +6,7 @@ What is measured (``calibrate_measure``; a few tens of ms, after the decoder's o
 * decode: BF16 output bytes/s of ``formats.decoder.ParallelDecoder`` on 1, 2, 4, ... threads up to the
   usable cores, over a small synthetic buffer (N(0, 0.02) BF16 chunks coded exactly as the packer
   does; one coded chunk repeated, each chunk an independent stream); best of a few runs after a
-  warm-up alone (key ``"t"``), and the median while a memory-bound compute thread runs beside it
+  warm-up alone (key ``"t"``), and the best while a memory-bound compute thread runs beside it
   (key ``"t+compute"``: what a decode step's products do to it);
 * read: bytes/s of the archive's file system through the store's own read path
   (``store.io.ExpertReader``: ``O_DIRECT`` where the file system allows it, else ``pread`` +
@@ -93,7 +93,7 @@ def _positive(v) -> bool:
 
 
 class Calibrator:
-    """Cached measurements of this host. ``decode_fn(threads) -> {"t": bps}`` and
+    """Cached measurements of this host. ``decode_fn(threads, codec=) -> {"t": bps}`` and
     ``read_fn(path, spans, io_mode) -> {"read_bps", "read_method", ...} | None`` default to
     :func:`measure_decode` / :func:`measure_read`; ``clock`` times the calibration itself."""
 
@@ -143,16 +143,18 @@ class Calibrator:
         except OSError as exc:  # a read-only home: the calibration still serves this process
             log.warning("cannot write calibration cache %s (%s)", p, exc)
 
-    def decode_key(self, codec: str | None) -> dict:
-        """The cache key of decode rates: the host's, plus the codec unless it is the packer's default
-        (so entries written before codecs were told apart stay valid)."""
-        from formats.codec import DEFAULT_CODEC
-
-        return self.key if codec in (None, DEFAULT_CODEC) else {**self.key, "codec": codec}
+    def decode_key(self, codec: str) -> dict:
+        """The cache key of decode rates: the host's, plus the codec unless it is ``zstd-lit`` (so the
+        entries written before codecs were told apart, all of zstd-lit, stay valid)."""
+        return self.key if codec == "zstd-lit" else {**self.key, "codec": codec}
 
     def decode(self, threads: int, codec: str | None = None) -> dict:
         """``{"rates": {"1": bps, ..., str(threads): bps, "1+compute": bps, ...}, "file", "cached",
         "seconds"}``: 1, 2, 4, ... threads up to ``threads``, and ``threads`` itself."""
+        if codec is None:
+            from formats.codec import DEFAULT_CODEC
+
+            codec = DEFAULT_CODEC
         key = self.decode_key(codec)
         p = self._file("decode", key)
         d = self._load(p, key)
@@ -161,8 +163,7 @@ class Calibrator:
         if not miss:
             return {**d, "file": str(p), "cached": True, "seconds": 0.0}
         t0 = self.clock()
-        got = {str(k): float(v) for k, v in (self.decode_fn(miss, codec=codec) if key is not self.key
-                                             else self.decode_fn(miss)).items()}
+        got = {str(k): float(v) for k, v in self.decode_fn(miss, codec=codec).items()}
         dt = self.clock() - t0
         self.measured.append("decode")
         d = {"format": FORMAT, "key": key, "rates": {**(d["rates"] if d else {}), **got},
@@ -201,13 +202,16 @@ class Calibrator:
         return {**d, "file": str(p), "cached": False}
 
     def record(self, decode: dict | None = None, read_path=None, io_mode: str = "auto", read_bps: float | None = None,
-               read_method: str = "?", how: str = "zipmoe bench io") -> list[str]:
+               read_method: str = "?", how: str = "zipmoe bench io", codec: str | None = None) -> list[str]:
         """Store measurements made elsewhere (``zipmoe bench io``): ``decode`` {threads: bps} and the read
         speed of ``read_path``'s file system; returns the files written."""
         written, at = [], time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if decode:
-            p = self._file("decode", self.key)
-            d = self._load(p, self.key) or {"format": FORMAT, "key": self.key, "rates": {}, "measured": {}}
+            from formats.codec import DEFAULT_CODEC
+
+            key = self.decode_key(codec or DEFAULT_CODEC)  # the codec the decode speeds were measured on
+            p = self._file("decode", key)
+            d = self._load(p, key) or {"format": FORMAT, "key": key, "rates": {}, "measured": {}}
             got = {str(k): float(v) for k, v in decode.items()}
             d.update(rates={**d["rates"], **got}, measured={**d.get("measured", {}), **got}, by=how, at=at)
             self._save(p, d)

@@ -207,8 +207,8 @@ def e2e_cmd(
     family: str = typer.Option("qwen2_moe", "--family", help="qwen2_moe (Qwen1.5-MoE-A2.7B's dims) or "
                                "switch_transformers (switch-large-128's expert dims, 2+2 sparse blocks; "
                                "hf-offload skipped)."),
-    codec: str = typer.Option("zstd-lit", "--codec", help="Exponent codec of the compressed archive "
-                              "(zstd-lit or huf4x; see zipmoe-pack --codec)."),
+    codec: str = typer.Option("huf4x", "--codec", help="Exponent codec of the compressed archive "
+                              "(huf4x or zstd-lit; see zipmoe-pack --codec)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of tokens/s vs budget (matplotlib)."),

@@ -124,7 +124,7 @@ class E2EConfig:
     depth: str = "2"  # "full": Qwen1.5-MoE-A2.7B at its real depth and size (zipmoe.bench.e2e_full)
     routing: str | None = None  # "replay:FILE.npy": routers replaced by a real trace (zipmoe.bench.routing)
     full: dict | None = None  # --depth full options: {"source": dir, "scale": float} (tests)
-    codec: str = "zstd-lit"  # exponent codec of the compressed archive (formats.codec)
+    codec: str = "huf4x"  # exponent codec of the compressed archive (formats.codec.DEFAULT_CODEC)
 
     @property
     def dims(self) -> dict:

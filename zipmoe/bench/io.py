@@ -116,7 +116,8 @@ def measure_decode(threads: list[int], runs: int = 3, elements: int = 1 << 24, s
         refs, size = _generated_refs(elements, seed)
         source = f"generated N(0, 0.02) BF16, {elements} elements"
     out = np.empty(size, np.uint8)
-    res = {"source": source, "bytes": size}
+    codecs = sorted({r.codec for r in refs if getattr(r, "codec", None)})
+    res = {"source": source, "bytes": size, "codec": codecs[0] if len(codecs) == 1 else None}
     for t in threads:
         with ParallelDecoder(t) as dec:
             s = _median_s(lambda: dec.decode(refs, out), runs)
@@ -210,4 +211,5 @@ def record(result: dict, io_mode: str = "auto") -> list[str]:
     dec = {k: v for k, v in result["decode"].items() if k.isdigit()}
     rd = result["read"]
     return Calibrator().record(dec, rd.get("fs_path"), io_mode, rd["bps"],
-                               "O_DIRECT" if rd["method"] == "o_direct" else "buffered+DONTNEED")
+                               "O_DIRECT" if rd["method"] == "o_direct" else "buffered+DONTNEED",
+                               codec=result["decode"].get("codec"))

@@ -110,8 +110,9 @@ class ExpertStore:
 
     def _verdict(self) -> dict | None:
         """``cores.compression_verdict`` for the average expert at the cost model's current rates."""
-        cold = sum(i.read_cold for i in self.infos.values())
-        decoded = sum(i.decoded for i in self.infos.values())
+        n = max(1, len(self.infos))
+        cold = sum(i.read_cold for i in self.infos.values()) // n
+        decoded = sum(i.decoded for i in self.infos.values()) // n
         return compression_verdict(self.cost.read_bps, self.cost.decode_bps, cold, decoded)
 
     def _size(self, budget, dense_bytes: int) -> None:
