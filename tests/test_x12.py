@@ -316,3 +316,26 @@ def test_x12_resident_model_logits_equal_the_bf16_model(family, checkpoint_facto
     for a, b in zip(*runs):
         assert torch.equal(a.view(torch.int16) if a.dtype is torch.bfloat16 else a,
                            b.view(torch.int16) if b.dtype is torch.bfloat16 else b)
+
+
+def test_zipmoe_resident_env_converts_through_api_load(tmp_path, monkeypatch, checkpoint_factory):
+    """``ZIPMOE_RESIDENT=x12`` reaches every ``load`` (so ``zipmoe-run`` and ``zipmoe serve``): the model's
+    numba-chosen dense projections become X12Linear and the greedy tokens stay those of the bf16 run."""
+    import torch
+
+    from zipmoe_run import api
+    from zipmoe_run.resident import X12Linear
+
+    ckpt = checkpoint_factory("qwen2_moe", seed=3)
+    monkeypatch.setenv("ZIPMOE_KERNEL", "numba")
+    monkeypatch.delenv("ZIPMOE_RESIDENT", raising=False)
+    with api.load(ckpt) as lm:
+        want = lm.generate([5, 6, 7], max_new_tokens=4).token_ids
+    monkeypatch.setenv("ZIPMOE_RESIDENT", "x12")
+    with api.load(ckpt) as lm:
+        assert any(isinstance(m, X12Linear) for m in lm.model.modules())
+        assert lm.model.x12_stats["modules"] > 0
+        assert lm.generate([5, 6, 7], max_new_tokens=4).token_ids == want
+    monkeypatch.setenv("ZIPMOE_RESIDENT", "x13")
+    with pytest.raises(Exception, match="ZIPMOE_RESIDENT"):
+        api.load(ckpt)

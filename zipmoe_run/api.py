@@ -154,6 +154,17 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
     if dt is torch.bfloat16:  # one-row kernels for this host and the model's shapes (cached per host)
         shapes = set(kernel_select.model_shapes(model)) | set(source.expert_shapes())
         kernel_select.choose(sorted(shapes), torch.get_num_threads())
+    if os.environ.get("ZIPMOE_RESIDENT", "").strip():  # the dense weights in another resident form (x12)
+        from .resident import resident_mode, to_x12
+
+        try:
+            mode = resident_mode()
+        except ValueError as exc:
+            source.close()
+            raise GenerationError(f"ZIPMOE_RESIDENT: {exc}") from None
+        if mode == "x12" and dt is torch.bfloat16:
+            model.x12_stats = to_x12(model)
+            log.info("resident x12: %s", model.x12_stats)
     if hasattr(model, "set_lookahead"):
         n = model.set_lookahead(prefetch == "lookahead")
         log.info("router lookahead prefetch: %s", f"{n} layers" if n else "off")
