@@ -73,6 +73,34 @@ if njit is not None:
 
         return sig, codegen
 
+    def close_blocks(builder, entry, loop, done, b, acc, nxt, nb, nvec: int) -> list:
+        """End a block loop of the fixed order: the back edge (``b`` + 1 < ``nb``) and the phi inputs
+        (zero on entry), then in ``done`` the pairwise lane sums ((l0 + l1) + (l2 + l3)) + ... of each
+        run of ``nvec`` accumulator vectors in ``nxt`` (even weights, then odd, per input row)."""
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        zero = ir.Constant(acc[0].type, [0.0] * LANES)
+        b1, end = builder.add(b, ir.Constant(i64, 1)), builder.block
+        b.add_incoming(ir.Constant(i64, 0), entry)
+        b.add_incoming(b1, end)
+        for p, q in zip(acc, nxt):
+            p.add_incoming(zero, entry)
+            p.add_incoming(q, end)
+        builder.cbranch(builder.icmp_signed("<", b1, nb), loop, done)
+        builder.position_at_end(done)
+        fin = []
+        for q in nxt:
+            p = builder.phi(acc[0].type)
+            p.add_incoming(zero, entry)
+            p.add_incoming(q, end)
+            fin.append(p)
+        sums = []
+        for g in range(0, len(fin), nvec):
+            s = [builder.extract_element(v, ir.Constant(i32, lane)) for v in fin[g:g + nvec] for lane in range(LANES)]
+            while len(s) > 1:
+                s = [builder.fadd(s[2 * m], s[2 * m + 1]) for m in range(len(s) // 2)]
+            sums.append(s[0])
+        return sums
+
     @intrinsic
     def _row_blocks(typingctx, w, i, xe, xo, nb):
         """(even, odd) partial sums of row i over its first nb blocks, in the order of the module doc.
@@ -95,7 +123,7 @@ if njit is not None:
                                  vi.as_pointer())
             xev, xov = builder.bitcast(xea.data, vf.as_pointer()), builder.bitcast(xoa.data, vf.as_pointer())
             shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
-            zero, nvec = ir.Constant(vf, [0.0] * LANES), WORDS // LANES
+            nvec = WORDS // LANES
             entry = builder.block
             loop, done = builder.append_basic_block("blocks"), builder.append_basic_block("blocks_done")
             builder.cbranch(builder.icmp_signed(">", args[4], ir.Constant(i64, 0)), loop, done)
@@ -111,26 +139,7 @@ if njit is not None:
                 nxt[v] = builder.fadd(acc[v], builder.fmul(lo, builder.load(builder.gep(xev, [k]), align=4)))
                 nxt[nvec + v] = builder.fadd(acc[nvec + v],
                                              builder.fmul(hi, builder.load(builder.gep(xov, [k]), align=4)))
-            b1, end = builder.add(b, ir.Constant(i64, 1)), builder.block
-            b.add_incoming(ir.Constant(i64, 0), entry)
-            b.add_incoming(b1, end)
-            for p, q in zip(acc, nxt):
-                p.add_incoming(zero, entry)
-                p.add_incoming(q, end)
-            builder.cbranch(builder.icmp_signed("<", b1, args[4]), loop, done)
-            builder.position_at_end(done)
-            fin = []
-            for q in nxt:
-                p = builder.phi(vf)
-                p.add_incoming(zero, entry)
-                p.add_incoming(q, end)
-                fin.append(p)
-            sums = []
-            for half in (fin[:nvec], fin[nvec:]):
-                s = [builder.extract_element(v, ir.Constant(i32, lane)) for v in half for lane in range(LANES)]
-                while len(s) > 1:  # pairwise: ((l0 + l1) + (l2 + l3)) + ...
-                    s = [builder.fadd(s[2 * m], s[2 * m + 1]) for m in range(len(s) // 2)]
-                sums.append(s[0])
+            sums = close_blocks(builder, entry, loop, done, b, acc, nxt, args[4], nvec)
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen

@@ -23,7 +23,7 @@ from numba import prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .kernels import _row_blocks, _u32_as_f32  # noqa: E402
+from .kernels import _row_blocks, _u32_as_f32, close_blocks  # noqa: E402
 
 ROWS = 4  # inputs that share one pass over a weight row in the multi-row kernel
 
@@ -52,7 +52,7 @@ def _rows_blocks(typingctx, w, i, xe, xo, m0, nb):
             xs.append([builder.bitcast(builder.gep(base, [builder.mul(builder.add(
                 args[4], ir.Constant(i64, r)), stride)]), vf.as_pointer()) for r in range(ROWS)])
         shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
-        zero, nvec = ir.Constant(vf, [0.0] * LANES), WORDS // LANES
+        nvec = WORDS // LANES
         entry = builder.block
         loop, done = builder.append_basic_block("rblocks"), builder.append_basic_block("rblocks_done")
         builder.cbranch(builder.icmp_signed(">", args[5], ir.Constant(i64, 0)), loop, done)
@@ -71,28 +71,7 @@ def _rows_blocks(typingctx, w, i, xe, xo, m0, nb):
                 xo_r = builder.load(builder.gep(xs[1][r], [k]), align=4)
                 nxt[a + v] = builder.fadd(acc[a + v], builder.fmul(lo, xe_r))
                 nxt[a + nvec + v] = builder.fadd(acc[a + nvec + v], builder.fmul(hi, xo_r))
-        b1, end = builder.add(b, ir.Constant(i64, 1)), builder.block
-        b.add_incoming(ir.Constant(i64, 0), entry)
-        b.add_incoming(b1, end)
-        for p, q in zip(acc, nxt):
-            p.add_incoming(zero, entry)
-            p.add_incoming(q, end)
-        builder.cbranch(builder.icmp_signed("<", b1, args[5]), loop, done)
-        builder.position_at_end(done)
-        fin = []
-        for q in nxt:
-            p = builder.phi(vf)
-            p.add_incoming(zero, entry)
-            p.add_incoming(q, end)
-            fin.append(p)
-        sums = []
-        for r in range(ROWS):
-            a = r * 2 * nvec
-            for half in (fin[a:a + nvec], fin[a + nvec:a + 2 * nvec]):
-                s = [builder.extract_element(v, ir.Constant(i32, lane)) for v in half for lane in range(LANES)]
-                while len(s) > 1:  # pairwise, as _row_blocks
-                    s = [builder.fadd(s[2 * m], s[2 * m + 1]) for m in range(len(s) // 2)]
-                sums.append(s[0])
+        sums = close_blocks(builder, entry, loop, done, b, acc, nxt, args[5], nvec)  # as _row_blocks, per input
         return context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen
