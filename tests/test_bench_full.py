@@ -101,6 +101,15 @@ def test_manifest_reuse(tiny_source, tmp_path):
         f.truncate(arc.stat().st_size - 4096)
     p4 = prepare_full(cfg)
     assert p4["steps"]["generate"]["reused"] and not p4["steps"]["pack"]["reused"]
+    # another codec: the same checkpoint, packed again with it
+    cfg.codec = "zstd-lit" if cfg.codec != "zstd-lit" else "huf4x"
+    p45 = prepare_full(cfg)
+    assert p45["steps"]["generate"]["reused"] and not p45["steps"]["pack"]["reused"]
+    from formats.reader import Archive
+
+    with Archive(arc) as a:
+        assert {p.codec for e in a.index.experts for p in e.parts if p.codec} == {cfg.codec}
+    assert prepare_full(cfg)["steps"]["pack"]["reused"]
     # a damaged manifest (ours, but read as untrusted JSON) means: make everything again
     (tmp_path / "qwen15moe-full.json").write_text('{"key": 1, "key": 2}')
     p5 = prepare_full(cfg)

@@ -80,7 +80,9 @@ def prepare_full(cfg, *, free_bytes=free_space, source: Path | None = None, scal
         old = old if isinstance(old, dict) else {}
     have_src = old.get("key") == json.loads(json.dumps(spec["key"])) and ckpt.is_dir() \
         and _dir_bytes(ckpt) == old.get("source_bytes")
-    have_arc = have_src and arc.is_file() and arc.stat().st_size == old.get("archive_bytes")
+    codec = getattr(cfg, "codec", None) or "zstd-lit"
+    have_arc = have_src and arc.is_file() and arc.stat().st_size == old.get("archive_bytes") \
+        and old.get("codec", "zstd-lit") == codec  # (manifests before --codec: zstd-lit archives)
     need = disk_need(spec, have_src, have_arc)
     probe = wd if wd.is_dir() else next((p for p in wd.parents if p.is_dir()), Path("/"))
     free0 = free_bytes(probe)
@@ -106,9 +108,9 @@ def prepare_full(cfg, *, free_bytes=free_space, source: Path | None = None, scal
     if not have_arc:
         arc.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        pack(ckpt, arc, PackOptions(threads=os.cpu_count() or 1))
+        pack(ckpt, arc, PackOptions(threads=os.cpu_count() or 1, codec=codec))
         dt = time.perf_counter() - t0
-        old.update(archive_bytes=arc.stat().st_size,
+        old.update(archive_bytes=arc.stat().st_size, codec=codec,
                    pack={"seconds": dt, "mb_s": spec["source_bytes"] / dt / 1e6, "bytes_in": spec["source_bytes"]})
         manifest.write_text(json.dumps(old, indent=1))
     steps["pack"] = {**old.get("pack", {}), "reused": have_arc, "bytes_on_disk": arc.stat().st_size,
