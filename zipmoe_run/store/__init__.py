@@ -11,6 +11,7 @@
 * ``worker``     -- ``IOWorker``: the task queue and its I/O thread (admit, read, decode);
 * ``prefetch``   -- ``Prefetcher``: prefetch, preload, adoption by the next fetch;
 * ``scheduler``  -- the two-stage flow-shop order (read, then decode) and its guaranteed bound;
+* ``report``     -- what ``stats()`` returns: counters, ledger, estimates, core budget, compression verdict;
 * ``state``      -- the records they share (entry, task, job, counters) and ``StoreError``.
 
 The tiers, their byte costs and the cost model are :mod:`zipmoe_run.tiers`; the policies it calls are

@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from formats.decoder import ParallelDecoder
-from zipmoe_run.cores import compression_verdict
 from zipmoe_run.policies.protocol import Policy, make_policy
 from zipmoe_run.tiers import CostModel, Tier, info_from_extent
 
@@ -49,6 +48,7 @@ from .bytesource import ArchiveBytes, ExpertBytes
 from .io import ExpertReader
 from .memory import Memory
 from .prefetch import Prefetcher
+from .report import store_stats, verdict
 from .scheduler import FlowTask, johnson_order
 from .state import Job, Stats, StoreError, Task
 from .table import TierTable
@@ -104,16 +104,9 @@ class ExpertStore:
         if hasattr(self.policy, "replan_soon") and hasattr(self.cost.drift, "listeners"):  # re-plan on a drift
             self.cost.drift.listeners.append(lambda _name: self.policy.replan_soon())
         self.read_bps_calibrated = self.cost.read_bps
-        self.compression = self._verdict()
+        self.compression = verdict(self)
         if self.compression is not None:
             (log.info if self.compression["pays"] else log.warning)("%s", self.compression["why"])
-
-    def _verdict(self) -> dict | None:
-        """``cores.compression_verdict`` for the average expert at the cost model's current rates."""
-        n = max(1, len(self.infos))
-        cold = sum(i.read_cold for i in self.infos.values()) // n
-        decoded = sum(i.decoded for i in self.infos.values()) // n
-        return compression_verdict(self.cost.read_bps, self.cost.decode_bps, cold, decoded)
 
     def _size(self, budget, dense_bytes: int) -> None:
         """Byte facts, the minimum budget and the budget itself (refused below the minimum)."""
@@ -364,34 +357,7 @@ class ExpertStore:
 
     # -- reporting and shutdown ---------------------------------------------------------------------
     def stats(self) -> dict:
-        with self.cond:
-            self.prefetcher.reap()
-            self.memory.reap()
-            led = self.memory.ledger.snapshot()
-            tiers = self.table.counts()
-        st = self.counters.snapshot()
-        for k in ("hits_full", "hits_comp", "hits_sm", "hits_cold", "bytes_read", "reads", "read_s",
-                  "experts_decoded", "bytes_decoded", "expert_decode_s", "stall_s", "fetch_calls", "requests",
-                  "hits_prefetch", "prefetch_predicted", "prefetch_correct"):
-            st.setdefault(k, 0)
-        st.update(
-            budget_bytes=self.budget.nbytes, budget=self.budget.how, min_budget_bytes=self.min_budget,
-            io_mode=self.reader.mode, io_throttle_bps=self.reader.throttle_bps, throttle_s=self.reader.throttle_s,
-            policy=self.policy.name, page_bytes=self.page,
-            store_bytes=led["used"], store_peak_bytes=led["peak"],
-            resident_full_bytes=led["full"], resident_comp_bytes=led["comp"], resident_sm_bytes=led["sm"],
-            staging_bytes=led["staging"], pool_bytes=led["pool"], draining_bytes=led["draining"],
-            fixed_bytes=led["fixed"], resident_experts=tiers,
-            read_bps_est=self.cost.read_bps, decode_bps_est=self.cost.decode_bps, read_share=self.cost.read_share,
-            expert_bytes=self.expert_bytes, extent_bytes=self.extent_bytes,
-            read_depth=self.worker.read_depth, decode_threads=self.decoder.threads,
-            compression=self.compression, compression_now=self._verdict(),
-        )
-        st.setdefault("read_busy_s", 0)
-        # disk utilisation: the rate while reads were in flight against the calibrated disk speed
-        st["disk_utilisation"] = (st["bytes_read"] / st["read_busy_s"] / self.read_bps_calibrated
-                                  if st["read_busy_s"] > 0 else None)
-        return st
+        return store_stats(self)
 
     def close(self) -> None:
         """Cancel what runs and stop the I/O thread. Its file descriptors and buffers are freed by the
