@@ -27,5 +27,6 @@ if [ -z "$wheel" ]; then
   wheel=$(ls "$cache"/llama_cpp_python-$version-*.whl | head -n 1)
 fi
 python -m pip install -q --no-deps "$wheel"
-python -m pip install -q "typing-extensions>=4.5" "numpy>=1.20" "diskcache>=5.6.1" "jinja2>=2.11.3" "gguf>=0.10"
+python -m pip install -q "typing-extensions>=4.5" "numpy>=1.20" "diskcache>=5.6.1" "jinja2>=2.11.3" "gguf>=0.10" \
+    fastapi sse-starlette starlette-context pydantic-settings  # llama_cpp.server, for zipmoe bench serve --llamacpp
 python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'installed from', '$wheel')"

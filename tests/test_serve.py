@@ -286,12 +286,29 @@ def test_bench_serve_rows(archive):
     answered, greedy texts equal across stream counts, bytes per token from the engine's counters."""
     from zipmoe.bench.serve import render_table, run
 
-    res = run(archive, budgets=["50%"], streams=[2], requests=3, max_tokens=3, llamacpp=True, repeat=2)
+    res = run(archive, budgets=["50%"], streams=[2], requests=3, max_tokens=3, repeat=2)
     assert [r["streams"] for r in res["rows"]] == [1, 2] and res["host_line"].startswith("host:")
     for r in res["rows"]:
         assert r["completed"] == 3 and not r["errors"] and r["same_text_as_sequential"] is True
         assert r["tokens"] >= 3 and r["bytes_per_token"] is not None and r["ttft_p90_s"] >= r["ttft_median_s"]
         assert r["store_peak_bytes"] <= r["budget_bytes"]
     assert res["rows"][0]["x_sequential"] == 1.0 and all(len(r["tok_s_runs"]) == 2 for r in res["rows"])
-    assert "llamacpp" not in res or res["llamacpp"]["skipped"]
+    assert "llamacpp" not in res
     assert render_table(res).row_count == 2
+
+
+def test_bench_serve_llamacpp_peer_runs_or_says_why(archive):
+    """`--llamacpp`: llama.cpp's server on a GGUF of the same checkpoint answers every request at every
+    stream count, or the result says in one line why it was skipped (not installed, no GGUF for this
+    architecture, the server did not start)."""
+    from zipmoe.bench.serve import render_table, run
+
+    res = run(archive, budgets=["100%"], streams=[2], requests=2, max_tokens=3, llamacpp=True)
+    peer = res["llamacpp"]
+    rows = [r for r in res["rows"] if r["system"] == "llamacpp"]
+    if "skipped" in peer:
+        assert isinstance(peer["skipped"], str) and peer["skipped"] and not rows
+    else:
+        assert [r["streams"] for r in rows] == [1, 2] and all(r["completed"] == 2 and not r["errors"] for r in rows)
+        assert rows[0]["x_sequential"] == 1.0
+    assert "llama.cpp server" in str(render_table(res).caption)

@@ -52,13 +52,14 @@ def _pct(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def _one(client, url: str, model: str, prompt: list[int], max_tokens: int, headers: dict) -> dict:
+def _one(client, url: str, model: str, prompt: list[int] | str, max_tokens: int, headers: dict) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
     tokens = None
     text = []
+    chunks = 0  # one token per chunk, for a server that sends no usage
     with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:200]}"}
@@ -72,12 +73,14 @@ def _one(client, url: str, model: str, prompt: list[int], max_tokens: int, heade
                 if first is None:
                     first = time.perf_counter() - t0
                 text.append(obj["choices"][0]["text"])
+                chunks += 1
             if obj.get("usage"):
                 tokens = obj["usage"]["completion_tokens"]
-    return {"ttft_s": first, "tokens": tokens or 0, "s": time.perf_counter() - t0, "text": "".join(text)}
+    return {"ttft_s": first, "tokens": tokens if tokens is not None else chunks, "s": time.perf_counter() - t0,
+            "text": "".join(text)}
 
 
-def drive(url: str, model: str, prompts: list[list[int]], max_tokens: int, streams: int, *,
+def drive(url: str, model: str, prompts: list[list[int]] | list[str], max_tokens: int, streams: int, *,
           api_key: str | None = None, timeout: float = 600.0) -> dict:
     """Send every prompt (greedy, streamed) to the OpenAI-compatible server at ``url`` from ``streams``
     concurrent clients; aggregate tokens/s, TTFT median and p90, per-request results."""
@@ -106,13 +109,16 @@ def drive(url: str, model: str, prompts: list[list[int]], max_tokens: int, strea
 
 
 # --------------------------------------------------------------------------------------------- peers
-def _llamacpp(model: Path, **_) -> dict:
-    """llama.cpp's OpenAI-compatible server (``llama-cpp-python[server]``) on the same model: not wired yet.
+def _llamacpp(model: Path, *, threads: int | None = None, workdir: Path, **_) -> dict:
+    """llama.cpp's OpenAI-compatible server (``llama-cpp-python[server]``) on a BF16 GGUF of the same
+    checkpoint (``zipmoe.bench.llamacpp.ensure_gguf``; an archive is unpacked first), started as a
+    subprocess on a free local port with ``threads`` threads; ``{"url", "model", "stop"}`` or
+    ``{"skipped": reason}``. It serves requests one at a time (llama-cpp-python's server has no
+    continuous batching), and takes text prompts, not token ids."""
+    import socket
+    import subprocess
+    import sys
 
-    Hook for the llama.cpp row: return ``{"url": ..., "model": ..., "stop": callable}`` for a started
-    server (the GGUF from ``zipmoe.bench.gguf_export.export``, the same cap), and ``run`` measures it
-    with :func:`drive` at every stream count; or ``{"skipped": reason}``.
-    """
     try:
         import llama_cpp  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure is a reason to skip
@@ -121,10 +127,74 @@ def _llamacpp(model: Path, **_) -> dict:
         import llama_cpp.server.app  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         return {"skipped": f"llama.cpp's server does not import (pip install 'llama-cpp-python[server]'): {exc}"}
-    return {"skipped": "the llama.cpp server peer is not wired into bench serve yet"}
+    from .llamacpp import ensure_gguf
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    src = model
+    if model.suffix == ".zmoe":  # the original files, byte for byte, for the exporter
+        src = workdir / f"{model.stem}-unpacked"
+        if not (src / "config.json").is_file():
+            from formats.decoder import ParallelDecoder
+            from formats.reader import Archive
+            from formats.restore import unpack
+
+            with Archive(model) as ar, ParallelDecoder(os.cpu_count() or 1) as dec:
+                unpack(ar, dec, src)
+    try:
+        gguf = ensure_gguf(src, workdir / f"{model.stem}.bf16.gguf")["path"]
+    except Exception as exc:  # noqa: BLE001 - an architecture the exporter lacks: a skipped row
+        return {"skipped": f"no GGUF of {src}: {exc}"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
+           str(port), "--n_threads", str(threads or os.cpu_count() or 1), "--n_ctx", "2048"]
+    log_path = workdir / "llamacpp-server.log"
+    logf = open(log_path, "wb")  # noqa: SIM115 - closed by stop()
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        logf.close()
+
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stop()
+            return {"skipped": f"llama.cpp's server exited with {proc.returncode} (log: {log_path})"}
+        try:
+            ids = httpx.get(url + "/v1/models", timeout=2).json()["data"]
+            return {"url": url, "model": ids[0]["id"], "stop": stop, "text_prompts": True, "gguf": str(gguf)}
+        except (httpx.HTTPError, ValueError, KeyError, IndexError):
+            time.sleep(0.5)
+    stop()
+    return {"skipped": f"llama.cpp's server did not answer within 180 s (log: {log_path})"}
 
 
 PEERS: dict[str, Callable[..., dict]] = {"llamacpp": _llamacpp}
+
+
+def _texts(model: Path, prompts: list[list[int]]) -> list[str]:
+    """The prompts' token ids as text, for a peer that takes text (decoded with the checkpoint's tokenizer)."""
+    from zipmoe_run.api import open_source
+    from zipmoe_run.tokenizer import load_tokenizer
+
+    src = open_source(model)
+    try:
+        tok = load_tokenizer(src)
+    finally:
+        src.close()
+    if tok is None:
+        raise BenchInputError(f"{model}: no tokenizer, so no text prompts for llama.cpp's server")
+    return [tok.decode(p) for p in prompts]
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -224,13 +294,22 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
         result["rows"].extend(rows)
         result.setdefault("io_mode", info.get("io_mode"))
     if llamacpp:
-        peer = PEERS["llamacpp"](model, threads=threads, max_tokens=max_tokens)
+        import tempfile
+
+        peer = PEERS["llamacpp"](model, threads=threads, max_tokens=max_tokens,
+                                 workdir=Path(tempfile.gettempdir()) / "zipmoe-bench-serve")
         if "skipped" in peer:
             result["llamacpp"] = {"skipped": peer["skipped"]}
         else:
+            texts = _texts(model, prompts) if peer.get("text_prompts") else prompts
+            result["llamacpp"] = {"gguf": peer.get("gguf"), "note": "llama-cpp-python's server: one request at a "
+                                  "time, text prompts (our prompts' ids decoded), stops at EOS"}
             try:
                 for n in streams:
-                    row = drive(peer["url"], peer["model"], prompts, max_tokens, n)
+                    row = drive(peer["url"], peer["model"], texts, max_tokens, n)
+                    if n == 1:
+                        peer_base = row["tok_s"]
+                    row["x_sequential"] = row["tok_s"] / peer_base if peer_base else None
                     row.pop("texts")
                     row["runs"] = 1
                     result["rows"].append({**row, "system": "llamacpp", "budget": peer.get("budget", "-")})
@@ -267,5 +346,7 @@ def render_table(result: dict):
     if "llamacpp" in result:
         from rich.markup import escape
 
-        table.caption = escape(f"llama.cpp server: skipped: {result['llamacpp']['skipped']}")
+        peer = result["llamacpp"]
+        table.caption = escape(f"llama.cpp server: skipped: {peer['skipped']}" if "skipped" in peer
+                               else f"llama.cpp server ({peer.get('gguf')}): {peer.get('note')}")
     return table
