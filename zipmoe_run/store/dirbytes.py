@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from formats.names import ExpertName
 from zipmoe_run.tiers import Tier
 
 from .buffers import ALIGN, Buffer, ceil_align, floor_to
-from .io import StoreIOError, Throttle, drop_pages, preadv1, probe_direct, read_aligned
+from .io import ReadCounters, StoreIOError, Throttle, drop_pages, preadv1, probe_direct, read_aligned
 
 __all__ = ["ShardTensor", "DirPart", "DirExtent", "ShardFile", "ShardReaders", "DirectoryBytes", "CopyDecoder",
            "ShardChangedError"]
@@ -233,7 +232,7 @@ class ShardFile:
                     pass
 
 
-class ShardReaders:
+class ShardReaders(ReadCounters):
     """The shards of one folder as the store's ``reader``: mode, throttle and counters (the same
     throttle model as ``io.ExpertReader``, one device for all shards)."""
 
@@ -241,9 +240,7 @@ class ShardReaders:
                  clock=time.monotonic, sleep=time.sleep):
         self.path, self.files = path, files
         self.throttle = Throttle(throttle_bps, clock, sleep) if throttle_bps is not None else None
-        self.bytes_read = self.reads = 0
-        self.read_s = 0.0
-        self._count = threading.Lock()  # reads may run on several threads (the store's read depth)
+        ReadCounters.__init__(self)
 
     @property
     def throttle_bps(self) -> float | None:
@@ -269,10 +266,7 @@ class ShardReaders:
         got = self.files[shard].read(buf, offset, need, at, what)
         if self.throttle is not None:
             self.throttle.after(c0, got)
-        with self._count:
-            self.read_s += time.perf_counter() - t0
-            self.bytes_read += got
-            self.reads += 1
+        self.count(time.perf_counter() - t0, got, 1)
         return got
 
     def close(self) -> None:

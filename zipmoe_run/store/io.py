@@ -30,7 +30,7 @@ from formats.errors import FormatError, ZmoeError
 
 from .buffers import ALIGN, PAGE, Buffer, BufferPool, ceil_align
 
-__all__ = ["ALIGN", "PAGE", "Buffer", "BufferPool", "ExpertReader", "StoreIOError",
+__all__ = ["ALIGN", "PAGE", "Buffer", "BufferPool", "ExpertReader", "ReadCounters", "StoreIOError",
            "probe_direct", "drop_page_cache", "STORAGE_PRESETS", "parse_storage"]
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,23 @@ class Throttle:
                 self.slept_s += wait
 
 
-class ExpertReader:
+class ReadCounters:
+    """Bytes, reads and seconds of a reader's reads (``bytes_read``, ``reads``, ``read_s``); thread-safe,
+    since the store keeps several reads in flight (specs/runtime.md section 13)."""
+
+    def __init__(self) -> None:
+        self.bytes_read = self.reads = 0
+        self.read_s = 0.0
+        self._count = threading.Lock()
+
+    def count(self, seconds: float = 0.0, nbytes: int = 0, reads: int = 0) -> None:
+        with self._count:
+            self.read_s += seconds
+            self.bytes_read += nbytes
+            self.reads += reads
+
+
+class ExpertReader(ReadCounters):
     """Aligned reads of archive byte ranges into ``Buffer``s; one instance per archive.
 
     ``mode``: ``"auto"`` (O_DIRECT when the probe succeeds), ``"direct"`` (O_DIRECT or an error) or
@@ -196,10 +212,7 @@ class ExpertReader:
         self.mode = "O_DIRECT" if self._fd_direct is not None else "buffered+DONTNEED"
         if self._fd_direct is None:
             log.info("%s: reading experts with pread + POSIX_FADV_DONTNEED (%s)", self.path, self.why_not_direct)
-        self.bytes_read = 0
-        self.reads = 0
-        self.read_s = 0.0
-        self._count = threading.Lock()  # reads may run on several threads (the store's read depth)
+        ReadCounters.__init__(self)
 
     def file_size(self) -> int:
         return os.fstat(self._fd).st_size
@@ -231,14 +244,11 @@ class ExpertReader:
             drop_pages(self._fd, offset, n)
         if self.throttle is not None:
             self.throttle.after(c0, got)
-        with self._count:
-            self.read_s += time.perf_counter() - t0
+        self.count(seconds=time.perf_counter() - t0)
         if got < length:
             raise FormatError(f"{self.path}: archive truncated: {what} needs bytes [{offset}, {offset + length}) "
                               f"but the file ends at {offset + got}")
-        with self._count:
-            self.bytes_read += got
-            self.reads += 1
+        self.count(nbytes=got, reads=1)
         return got
 
     @property
