@@ -30,9 +30,8 @@ def _words(w: torch.Tensor) -> np.ndarray:
 def _one_row_raw(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
     """The one-row kernel's float32 sums [N] for x [K]."""
     n, k = w.shape
-    xf = x.reshape(k).float().numpy()
     out = np.empty(n, np.float32)
-    kernels._gemv(_words(w), np.ascontiguousarray(xf[0::2]), np.ascontiguousarray(xf[1::2]), out)
+    kernels._gemv(_words(w), kernels.bf16_words(x, k)[0], out)  # x as bf16 pairs [K/2]
     return out
 
 

@@ -39,12 +39,31 @@ def test_bitwise_equal_to_the_fixed_order_reference(n, k, threads):
     assert torch.equal(y.view(-1).view(torch.int16), torch.from_numpy(ref).bfloat16().view(torch.int16))
 
 
+@pytest.mark.parametrize("layout", ["odd offset", "strided", "batched view"])
+def test_an_input_that_is_not_a_plain_row_gives_the_same_sums(layout):
+    """The kernel reads the input as bf16 pairs (``bf16_words``): a view at an odd bf16 offset (not a
+    whole uint32) or with a stride is copied first, never misread."""
+    k = 66
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(5, k, generator=g) * torch.logspace(-3, 3, k)).bfloat16()
+    big = torch.randn(3, 2 * k + 2, generator=g).bfloat16()
+    x = {"odd offset": big[1:2, 1:k + 1], "strided": big[1:2, : 2 * k : 2],
+         "batched view": big[1:2, 1:k + 1].view(1, 1, k)}[layout]
+    assert x.storage_offset() % 2 or not x.is_contiguous()
+    y = kernels.linear(x, w)
+    ref = kernels.gemv_reference(_words(w), x.reshape(k).float().numpy())
+    assert y.shape == (*x.shape[:-1], 5)
+    assert torch.equal(y.reshape(-1).view(torch.int16), torch.from_numpy(ref).bfloat16().view(torch.int16))
+    words = kernels.bf16_words(x, k)  # [1, K/2] uint32: even element in the low half
+    assert np.array_equal((words << np.uint32(16)).view(np.float32)[0], x.reshape(k)[0::2].float().numpy())
+    assert np.array_equal((words & np.uint32(0xFFFF0000)).view(np.float32)[0], x.reshape(k)[1::2].float().numpy())
+
+
 def _raw(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
     """The kernel's float32 row sums, before the cast to bf16."""
     n, k = w.shape
-    xf = x.reshape(k).float().numpy()
     out = np.empty(n, np.float32)
-    kernels._gemv(_words(w), np.ascontiguousarray(xf[0::2]), np.ascontiguousarray(xf[1::2]), out)
+    kernels._gemv(_words(w), kernels.bf16_words(x, k)[0], out)  # x as bf16 pairs [K/2]
     return out
 
 
@@ -89,7 +108,7 @@ def test_compiled_without_fast_math():
     # a kernel loaded from numba's disk cache has no IR to inspect: compile the same function afresh
     opts = {k: v for k, v in kernels._gemv.targetoptions.items() if k != "cache"}
     fresh = njit(**opts)(kernels._gemv.py_func)
-    fresh(np.zeros((1, 1), np.uint32), np.zeros(1, np.float32), np.zeros(1, np.float32), np.empty(1, np.float32))
+    fresh(np.zeros((1, 1), np.uint32), np.zeros(1, np.uint32), np.empty(1, np.float32))
     ir = "".join(fresh.inspect_llvm().values())
     assert "fadd" in ir and "fmul" in ir  # the body is in the inspected module
     for flag in (" fast ", " reassoc ", " nnan ", " ninf ", " contract ", " afn "):

@@ -96,7 +96,7 @@ def _words(w: np.ndarray) -> np.ndarray:
 def _bf16_gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The bf16 numba GEMV's raw float32 sums: w uint16 [N, K], x float32 [K] -> [N]."""
     out = np.empty(w.shape[0], np.float32)
-    kernels._gemv(_words(w), np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2]), out)
+    kernels._gemv(_words(w), xk.input_words(x.reshape(1, -1))[0], out)  # x as bf16 pairs [K/2]
     return out
 
 
@@ -189,7 +189,7 @@ def test_a_stale_compiled_kernel_is_caught_and_recompiled(monkeypatch, caplog):
     assert "recompiling without numba's cache" in caplog.text
     assert xk._x12_gemv is not real and not isinstance(xk._x12_gemv, Stale)
     w = _gauss(9, 66)
-    x = np.linspace(-1, 1, 66, dtype=np.float32)
+    x = torch.linspace(-1, 1, 66).bfloat16().float().numpy()  # bf16 values, as the kernels take
     assert _same(xk.gemv(x12.from_bf16(w), x), _bf16_gemv(w, x))
 
 
@@ -216,6 +216,17 @@ def test_a_kernel_that_stays_wrong_is_not_used(monkeypatch, caplog):
 def test_gemv_refuses_an_odd_k():
     with pytest.raises(ValueError, match="even K"):
         xk.gemv(x12.from_bf16(_gauss(2, 5)), np.zeros(5, np.float32))
+
+
+@needs_numba
+def test_gemv_refuses_an_input_that_is_not_bf16():
+    """The kernel reads its input as bf16 pairs: a float32 value with low bits would be truncated."""
+    x = torch.randn(6, generator=torch.Generator().manual_seed(5)).bfloat16().float().numpy()
+    enc = x12.from_bf16(_gauss(2, 6))
+    assert xk.gemv(enc, x).shape == (2,)
+    x[3] = np.nextafter(x[3], np.float32(2))
+    with pytest.raises(ValueError, match="bf16 inputs"):
+        xk.gemv(enc, x)
 
 
 # -- resident x12 -----------------------------------------------------------------------------------

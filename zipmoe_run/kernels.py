@@ -12,9 +12,19 @@ thread count, so results are bitwise reproducible: the row's K/2 bf16 pairs are 
 ``WORDS`` pairs; even and odd weights each have ``WORDS`` accumulators, accumulator l summing the
 products of pair l of every block in block order; the accumulators are added pairwise
 (((a0 + a1) + (a2 + a3)) + ...), then the pairs after the last whole block in sequence, and the row is
-even + odd. ``gemv_reference`` is that order in numpy. Results can differ from torch's bf16 kernel
+even + odd. Each product is an ``fmul`` rounded to float32 (exact here) and each sum an ``fadd``:
+no fused multiply-add (``llvm.fma`` would be as reproducible, one correctly rounded operation, but
+measured no faster on an AVX-512 Zen 4: 0.9-1.03x from memory, 1 thread; ``scripts/bench_gemv_fma.py``).
+``gemv_reference`` is that order in numpy. Results can differ from torch's bf16 kernel
 in the last bit. Only bf16 weights with a bf16 single-row input take this path; every
 other case (float32 runs, prefill) is ``torch.nn.functional.linear``.
+
+Input form: the kernels read the bf16 input as uint32 pairs too (``bf16_words``, xw [K/2], a view of
+the tensor), split by the same shift and mask as the weights into the even and odd float32 values
+(exactly the values ``x.float()`` gives, so the sums are those of ``gemv_reference`` bit for bit).
+Half the bytes of two float32 vectors: at K = 5632 the float32 input (22.5 KB) and a weight row
+(11 KB) no longer fit the 32 KB L1 together and each row re-read the input from L2 (14 GB/s from
+memory, 1 thread, Zen 4); with the 11 KB bf16 input the same shape streams at 26-32 GB/s like K = 2048.
 
 Batched decode (``decode_rows_scope``, the engine's steps of several sequences): every row of a
 product gets exactly what ``linear`` gives that row alone. Where that is this GEMV (the kernel
@@ -41,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["linear", "enabled", "enabled_by_env", "set_threads", "single_row_scope", "decode_rows_scope",
-           "gemv_reference", "gemm_rows", "run_kernel", "CHOICE"]
+           "gemv_reference", "gemm_rows", "bf16_words", "run_kernel", "CHOICE"]
 
 log = logging.getLogger(__name__)
 
@@ -101,61 +111,63 @@ if njit is not None:
             sums.append(s[0])
         return sums
 
+    def split_words(builder, u):
+        """bf16 pairs [LANES] uint32 -> (even, odd) values as float32 vectors (a shift and a mask)."""
+        vi, vf = u.type, ir.VectorType(ir.FloatType(), LANES)
+        shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
+        return builder.bitcast(builder.shl(u, shift), vf), builder.bitcast(builder.and_(u, mask), vf)
+
     @intrinsic
-    def _row_blocks(typingctx, w, i, xe, xo, nb):
-        """(even, odd) partial sums of row i over its first nb blocks, in the order of the module doc.
+    def _row_blocks(typingctx, w, i, xw, nb):
+        """(even, odd) partial sums of row i over its first nb blocks, in the order of the module doc;
+        xw uint32 [K/2] is the input as bf16 pairs, split like the weights.
 
         Written as LLVM vector IR rather than left to the auto-vectorizer: without fast-math LLVM may
         not reorder a float sum, so it would stay scalar; here the reordering is explicit, the same
         on every instruction set (an 8-lane vector is one AVX register, two SSE or NEON registers,
         half an AVX-512 one; every lane is the same IEEE float32 arithmetic).
         """
-        sig = types.UniTuple(types.float32, 2)(w, i, xe, xo, nb)
+        sig = types.UniTuple(types.float32, 2)(w, i, xw, nb)
 
         def codegen(context, builder, signature, args):
             wa = context.make_array(signature.args[0])(context, builder, value=args[0])
-            xea = context.make_array(signature.args[2])(context, builder, value=args[2])
-            xoa = context.make_array(signature.args[3])(context, builder, value=args[3])
-            i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
-            vi, vf = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
+            xa = context.make_array(signature.args[2])(context, builder, value=args[2])
+            i64, vi = ir.IntType(64), ir.VectorType(ir.IntType(32), LANES)
             row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
             wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, ir.IntType(8).as_pointer()), [row]),
                                  vi.as_pointer())
-            xev, xov = builder.bitcast(xea.data, vf.as_pointer()), builder.bitcast(xoa.data, vf.as_pointer())
-            shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
+            xv = builder.bitcast(xa.data, vi.as_pointer())
             nvec = WORDS // LANES
             entry = builder.block
             loop, done = builder.append_basic_block("blocks"), builder.append_basic_block("blocks_done")
-            builder.cbranch(builder.icmp_signed(">", args[4], ir.Constant(i64, 0)), loop, done)
+            builder.cbranch(builder.icmp_signed(">", args[3], ir.Constant(i64, 0)), loop, done)
             builder.position_at_end(loop)
             b = builder.phi(i64)
-            acc = [builder.phi(vf) for _ in range(2 * nvec)]  # even lanes 0..WORDS-1, then odd
+            acc = [builder.phi(ir.VectorType(ir.FloatType(), LANES)) for _ in range(2 * nvec)]  # even, then odd
             nxt = list(acc)
             for v in range(nvec):
                 k = builder.add(builder.mul(b, ir.Constant(i64, nvec)), ir.Constant(i64, v))
-                u = builder.load(builder.gep(wv, [k]), align=4)  # [LANES] bf16 pairs
-                lo = builder.bitcast(builder.shl(u, shift), vf)  # even weights as float32
-                hi = builder.bitcast(builder.and_(u, mask), vf)  # odd weights
-                nxt[v] = builder.fadd(acc[v], builder.fmul(lo, builder.load(builder.gep(xev, [k]), align=4)))
-                nxt[nvec + v] = builder.fadd(acc[nvec + v],
-                                             builder.fmul(hi, builder.load(builder.gep(xov, [k]), align=4)))
-            sums = close_blocks(builder, entry, loop, done, b, acc, nxt, args[4], nvec)
+                lo, hi = split_words(builder, builder.load(builder.gep(wv, [k]), align=4))  # weights
+                xe, xo = split_words(builder, builder.load(builder.gep(xv, [k]), align=4))  # inputs
+                nxt[v] = builder.fadd(acc[v], builder.fmul(lo, xe))
+                nxt[nvec + v] = builder.fadd(acc[nvec + v], builder.fmul(hi, xo))
+            sums = close_blocks(builder, entry, loop, done, b, acc, nxt, args[3], nvec)
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
 
     @njit(parallel=True, nogil=True, cache=True)  # no fastmath: IEEE float32, the order written here
-    def _gemv_kernel(w, xe, xo, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xe, xo f32 [K/2]; out f32 [N]
+    def _gemv_kernel(w, xw, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xw uint32 [K/2] the same; out f32 [N]
         n, kh = w.shape
         hi = np.uint32(0xFFFF0000)
         sh = np.uint32(16)
         nb = kh // WORDS
         for i in prange(n):
-            se, so = _row_blocks(w, i, xe, xo, nb)
+            se, so = _row_blocks(w, i, xw, nb)
             for j in range(nb * WORDS, kh):  # the tail, in sequence
-                u = w[i, j]
-                se += _u32_as_f32(np.uint32(u << sh)) * xe[j]
-                so += _u32_as_f32(np.uint32(u & hi)) * xo[j]
+                u, v = w[i, j], xw[j]
+                se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
+                so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
             out[i] = se + so
 
 def gemv_reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -192,8 +204,7 @@ def enabled() -> bool:
             _gemv = _build()
             # Start numba's OpenMP pool here, on a tiny input: its launch resets the process-wide
             # OpenMP thread count, which torch shares, so put torch's back right after.
-            _gemv(np.zeros((1, 1), np.uint32), np.zeros(1, np.float32), np.zeros(1, np.float32),
-                  np.empty(1, np.float32))
+            _gemv(np.zeros((1, 1), np.uint32), np.zeros(1, np.uint32), np.empty(1, np.float32))
         except Exception as exc:  # numba missing or broken: torch only
             log.warning("bf16 decode kernel unavailable (%s); using torch", exc)
             _ENABLED = False
@@ -318,14 +329,21 @@ def _linear1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
 
 def _gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     n, k = w.shape  # [N, K] bf16, contiguous; x [..., K] bf16 of one row
-    xf = x.reshape(k).float().numpy()
-    xe, xo = np.ascontiguousarray(xf[0::2]), np.ascontiguousarray(xf[1::2])  # [K/2] each
     out = np.empty(n, dtype=np.float32)
-    _gemv(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), xe, xo, out)
+    _gemv(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), bf16_words(x, k)[0], out)
     y = torch.from_numpy(out)
     if b is not None:
         y += b.float()
     return y.to(torch.bfloat16).view(*x.shape[:-1], n)
+
+
+def bf16_words(x: torch.Tensor, k: int) -> np.ndarray:
+    """bf16 rows x [..., K] (K even) as uint32 [M, K/2] bf16 pairs (a view where x allows one), the input
+    form of the kernels."""
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous() or x2.storage_offset() % 2:  # 4-byte words need an even start
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    return x2.view(torch.int32).numpy().view(np.uint32)
 
 
 def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:

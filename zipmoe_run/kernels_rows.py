@@ -4,7 +4,8 @@ x [M, K] bf16 by w [N, K] bf16 -> [M, N]: every output row is summed in exactly 
 one-row GEMV of ``kernels`` (the same ``_row_blocks`` blocks, pairwise lane sums and sequential tail),
 so row m equals the one-row result bit for bit for any M and any thread count. Output rows are split
 over threads; each weight row is read from memory once and applied to the M inputs while it is in
-cache, 4 inputs per pass (``_rows_blocks``: one weight load, each input's own accumulators).
+cache, 4 inputs per pass (``_rows_blocks``: one weight load, each input's own accumulators). The
+inputs are read as bf16 pairs (``kernels.bf16_words``: xw uint32 [M, K/2]), as in the one-row GEMV.
 """
 from __future__ import annotations
 
@@ -23,93 +24,85 @@ from numba import prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .kernels import _row_blocks, _u32_as_f32, close_blocks  # noqa: E402
+from .kernels import _row_blocks, _u32_as_f32, bf16_words, close_blocks, split_words  # noqa: E402
 
 ROWS = 4  # inputs that share one pass over a weight row in the multi-row kernel
 
 
 @intrinsic
-def _rows_blocks(typingctx, w, i, xe, xo, m0, nb):
-    """``_row_blocks`` of row i for the ROWS inputs m0..m0+ROWS-1 of xe/xo [M, K/2] in one pass:
-    each weight vector is loaded once and used for every input; each input keeps its own
+def _rows_blocks(typingctx, w, i, xw, m0, nb):
+    """``_row_blocks`` of row i for the ROWS inputs m0..m0+ROWS-1 of xw [M, K/2] (bf16 pairs) in one
+    pass: each weight vector is loaded once and used for every input; each input keeps its own
     accumulators, updated in exactly ``_row_blocks``' order (so its sums are bit-identical), and the
     ROWS independent chains keep the core busy where one input's dependency chain would stall it.
     Returns (even_0, odd_0, even_1, odd_1, ...)."""
-    sig = types.UniTuple(types.float32, 2 * ROWS)(w, i, xe, xo, m0, nb)
+    sig = types.UniTuple(types.float32, 2 * ROWS)(w, i, xw, m0, nb)
 
     def codegen(context, builder, signature, args):
         wa = context.make_array(signature.args[0])(context, builder, value=args[0])
-        xea = context.make_array(signature.args[2])(context, builder, value=args[2])
-        xoa = context.make_array(signature.args[3])(context, builder, value=args[3])
-        i64, i32, f32, i8p = ir.IntType(64), ir.IntType(32), ir.FloatType(), ir.IntType(8).as_pointer()
-        vi, vf = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
+        xa = context.make_array(signature.args[2])(context, builder, value=args[2])
+        i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
+        vi, vf = ir.VectorType(ir.IntType(32), LANES), ir.VectorType(ir.FloatType(), LANES)
         row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
         wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, i8p), [row]), vi.as_pointer())
-        xs = []
-        for arr in (xea, xoa):
-            stride = cgutils.unpack_tuple(builder, arr.strides, 2)[0]  # bytes per input row
-            base = builder.bitcast(arr.data, i8p)
-            xs.append([builder.bitcast(builder.gep(base, [builder.mul(builder.add(
-                args[4], ir.Constant(i64, r)), stride)]), vf.as_pointer()) for r in range(ROWS)])
-        shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
+        stride = cgutils.unpack_tuple(builder, xa.strides, 2)[0]  # bytes per input row
+        base = builder.bitcast(xa.data, i8p)
+        xs = [builder.bitcast(builder.gep(base, [builder.mul(builder.add(args[3], ir.Constant(i64, r)), stride)]),
+                              vi.as_pointer()) for r in range(ROWS)]
         nvec = WORDS // LANES
         entry = builder.block
         loop, done = builder.append_basic_block("rblocks"), builder.append_basic_block("rblocks_done")
-        builder.cbranch(builder.icmp_signed(">", args[5], ir.Constant(i64, 0)), loop, done)
+        builder.cbranch(builder.icmp_signed(">", args[4], ir.Constant(i64, 0)), loop, done)
         builder.position_at_end(loop)
         b = builder.phi(i64)
         acc = [builder.phi(vf) for _ in range(ROWS * 2 * nvec)]  # per input: even vectors, then odd
         nxt = list(acc)
         for v in range(nvec):
             k = builder.add(builder.mul(b, ir.Constant(i64, nvec)), ir.Constant(i64, v))
-            u = builder.load(builder.gep(wv, [k]), align=4)  # [LANES] bf16 pairs, loaded once
-            lo = builder.bitcast(builder.shl(u, shift), vf)
-            hi = builder.bitcast(builder.and_(u, mask), vf)
+            lo, hi = split_words(builder, builder.load(builder.gep(wv, [k]), align=4))  # loaded once
             for r in range(ROWS):
                 a = r * 2 * nvec
-                xe_r = builder.load(builder.gep(xs[0][r], [k]), align=4)
-                xo_r = builder.load(builder.gep(xs[1][r], [k]), align=4)
+                xe_r, xo_r = split_words(builder, builder.load(builder.gep(xs[r], [k]), align=4))
                 nxt[a + v] = builder.fadd(acc[a + v], builder.fmul(lo, xe_r))
                 nxt[a + nvec + v] = builder.fadd(acc[a + nvec + v], builder.fmul(hi, xo_r))
-        sums = close_blocks(builder, entry, loop, done, b, acc, nxt, args[5], nvec)  # as _row_blocks, per input
+        sums = close_blocks(builder, entry, loop, done, b, acc, nxt, args[4], nvec)  # as _row_blocks, per input
         return context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen
 
 
 @njit(parallel=True, nogil=True, cache=True)  # the one-row order of ``kernels``, for each of M rows
-def _gemm_kernel(w, xe, xo, out):  # w uint32 [N, K/2]; xe, xo f32 [M, K/2] C-contiguous; out f32 [M, N]
+def _gemm_kernel(w, xw, out):  # w uint32 [N, K/2]; xw uint32 [M, K/2] bf16 pairs, C-contiguous; out f32 [M, N]
     n, kh = w.shape
-    m_rows = xe.shape[0]
+    m_rows = xw.shape[0]
     hi = np.uint32(0xFFFF0000)
     sh = np.uint32(16)
     nb = kh // WORDS
     full = m_rows - m_rows % ROWS
     for i in prange(n):  # weight row i is read from memory once, then stays in cache for all M
         for m0 in range(0, full, ROWS):
-            sums = _rows_blocks(w, i, xe, xo, m0, nb)
+            sums = _rows_blocks(w, i, xw, m0, nb)
             for r in range(ROWS):
                 se, so = sums[2 * r], sums[2 * r + 1]
                 for j in range(nb * WORDS, kh):  # the tail, in sequence
-                    u = w[i, j]
-                    se += _u32_as_f32(np.uint32(u << sh)) * xe[m0 + r, j]
-                    so += _u32_as_f32(np.uint32(u & hi)) * xo[m0 + r, j]
+                    u, v = w[i, j], xw[m0 + r, j]
+                    se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
+                    so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
                 out[m0 + r, i] = se + so
         for m in range(full, m_rows):
-            xem, xom = xe[m], xo[m]
-            se, so = _row_blocks(w, i, xem, xom, nb)
+            xm = xw[m]
+            se, so = _row_blocks(w, i, xm, nb)
             for j in range(nb * WORDS, kh):
-                u = w[i, j]
-                se += _u32_as_f32(np.uint32(u << sh)) * xem[j]
-                so += _u32_as_f32(np.uint32(u & hi)) * xom[j]
+                u, v = w[i, j], xm[j]
+                se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
+                so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
             out[m, i] = se + so
 
 
 def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
     """float32 row sums [M, N] of x [M, K] bf16 by w [N, K] bf16, each row in the one-row kernel's order."""
     n, k = w.shape
-    xf = x.reshape(-1, k).float().numpy()  # [M, K]
-    xe, xo = np.ascontiguousarray(xf[:, 0::2]), np.ascontiguousarray(xf[:, 1::2])  # [M, K/2] each
-    out = np.empty((xf.shape[0], n), dtype=np.float32)
-    _gemm_kernel(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), xe, xo, out)
+    xw = bf16_words(x, k)  # [M, K/2] bf16 pairs
+    out = np.empty((xw.shape[0], n), dtype=np.float32)
+    _gemm_kernel(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), xw, out)
     return out

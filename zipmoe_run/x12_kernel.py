@@ -7,9 +7,10 @@ sign+mantissa bytes; ``x12.decode_row``) and then sums it with the very same cod
 ``kernels.gemv_reference`` of the bf16 matrix bit for bit, on every instruction set and for any
 thread count. Memory traffic per weight: 1.5 bytes (plus escapes) instead of 2.
 
-``gemv(x12, x)`` takes x float32 [K] (bf16 values) or [M, K] (M input rows per weight row, batched
-decode: the row is rebuilt once and summed M times) and returns float32 [N] / [M, N]. ``K`` must be
-even (as for the bf16 GEMV). Threads: numba's pool (``kernels.set_threads``).
+``gemv(x12, x)`` takes x float32 [K] or [M, K] holding bf16 values (M input rows per weight row, batched
+decode: the row is rebuilt once and summed M times; other float32 values are refused with ValueError:
+the kernel reads the input as bf16 pairs, as the bf16 GEMV does) and returns float32 [N] / [M, N].
+``K`` must be even (as for the bf16 GEMV). Threads: numba's pool (``kernels.set_threads``).
 
 A variant that decoded each block into registers and summed it at once (no scratch; the same order
 copied) was measured slower on an AVX-512 Zen 4 (24 vs 29 GB/s bf16-equivalent in cache, 1 thread):
@@ -57,10 +58,9 @@ def _check_case():
     n, k = 37, 3 * 2 * WORDS + 6
     w = (rng.integers(0, 1 << 16, size=(n, k)) & 0x807F | rng.integers(118, 133, size=(n, k)) << 7).astype(np.uint16)
     w[np.arange(n), np.arange(n) * 3 % k] = 0x0005  # an escape (subnormal) in every row
-    x = rng.standard_normal(k).astype(np.float32)
+    x = (rng.standard_normal(k).astype(np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # bf16
     ref = np.empty(n, np.float32)
-    K._gemv_kernel(w.view(np.uint32).reshape(n, k // 2), np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2]),
-                   ref)
+    K._gemv_kernel(w.view(np.uint32).reshape(n, k // 2), input_words(x.reshape(1, k))[0], ref)
     return from_bf16(w), x, ref
 
 
@@ -88,10 +88,10 @@ if njit is not None and K.njit is not None:
     _row_blocks, _u32_as_f32, WORDS = K._row_blocks, K._u32_as_f32, K.WORDS
 
     @njit(parallel=True, nogil=True, cache=True)  # no fastmath: the bf16 GEMV's IEEE order
-    def _x12_gemv(nib, sm16, table, base, row_ptr, esc_col, esc_exp, xe, xo, out, rows):
-        # nib uint8 [N, K/2], sm16 uint16 [N, K/2]; xe, xo f32 [M, K/2]; out f32 [M, N]
+    def _x12_gemv(nib, sm16, table, base, row_ptr, esc_col, esc_exp, xw, out, rows):
+        # nib uint8 [N, K/2], sm16 uint16 [N, K/2]; xw uint32 [M, K/2] bf16 pairs; out f32 [M, N]
         n, kh = nib.shape
-        m = xe.shape[0]
+        m = xw.shape[0]
         nb = kh // WORDS
         hi = np.uint32(0xFFFF0000)
         sh = np.uint32(16)
@@ -101,18 +101,22 @@ if njit is not None and K.njit is not None:
             for i in range(c * rows, min(n, (c + 1) * rows)):
                 decode_row(nib, sm16, table, base, row_ptr, esc_col, esc_exp, i, scratch[0])
                 for r in range(m):
-                    xer, xor_ = xe[r], xo[r]
-                    se, so = _row_blocks(scratch, 0, xer, xor_, nb)
+                    xr = xw[r]
+                    se, so = _row_blocks(scratch, 0, xr, nb)
                     for j in range(nb * WORDS, kh):  # the tail, in sequence (as kernels._gemv_kernel)
-                        u = scratch[0, j]
-                        se += _u32_as_f32(np.uint32(u << sh)) * xer[j]
-                        so += _u32_as_f32(np.uint32(u & hi)) * xor_[j]
+                        u, v = scratch[0, j], xr[j]
+                        se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
+                        so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
                     out[r, i] = se + so
 
 
-def split_input(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x float32 [M, K] -> even and odd columns, each C-contiguous [M, K/2]."""
-    return np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])
+def input_words(x: np.ndarray) -> np.ndarray:
+    """x float32 [M, K] holding bf16 values -> uint32 [M, K/2] bf16 pairs (the kernels' input form);
+    ValueError where a value is not a bf16 (low 16 bits not zero: it would be truncated)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    if (bits & np.uint32(0xFFFF)).any():
+        raise ValueError("x12 gemv needs bf16 inputs (float32 values whose low 16 bits are zero)")
+    return np.ascontiguousarray((bits >> np.uint32(16)).astype(np.uint16)).view(np.uint32)
 
 
 def gemv(w: X12, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -124,9 +128,9 @@ def gemv(w: X12, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     x2 = x.reshape(1, -1) if one else x
     if k % 2 or x2.shape[1] != k:
         raise ValueError(f"x12 gemv needs an even K equal to the input's ({k} vs {x2.shape[1]})")
-    xe, xo = split_input(x2)
+    xw = input_words(x2)  # [M, K/2]
     m = x2.shape[0]
     res = np.empty((m, n), np.float32) if out is None else out.reshape(m, n)
     _x12_gemv(w.nibbles, w.sm.view(np.uint16), w.table, w.kernel_base, w.row_ptr, w.esc_col,
-              w.esc_exp, xe, xo, res, ROWS_PER_TASK)
+              w.esc_exp, xw, res, ROWS_PER_TASK)
     return res[0] if one else res
