@@ -106,6 +106,21 @@ def test_corrupt_cache_is_measured_again(tmp_path):
         assert json.loads(f.read_text())["rates"]["64x128@2:numba"] == 9e9  # rewritten whole
 
 
+def test_rates_measured_for_the_float32_input_gemv_are_measured_again(tmp_path):
+    """Cache format 1 holds rates of the GEMV that read its input as two float32 vectors (slower at
+    large K than the bf16-pair input of format 2): such an entry is not reused."""
+    ks.choose(SHAPES, 2, measure_fn=FakeMeasure(), calibrator=_cal(tmp_path))
+    (f,) = (tmp_path / "hosts").glob("kernels-*.json")
+    old = json.loads(f.read_text())
+    old["format"] = 1
+    f.write_text(json.dumps(old))
+    ks.reset()
+    fake = FakeMeasure()
+    rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert len(fake.calls) == 1 and rep["measured_shapes"] == 3
+    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 2
+
+
 @pytest.mark.parametrize("forced", ["numba", "torch"])
 def test_forced_kernel_is_honoured_without_measuring(tmp_path, monkeypatch, forced):
     monkeypatch.setenv(ks.ENV, forced)
