@@ -5,8 +5,10 @@ running batch (their KV cache is dropped) and waiting ones join, up to ``max_bat
 iteration runs at most one prefill chunk (``prefill_chunk`` tokens of ONE request: prefill is never
 mixed with other requests' tokens) and then one decode step of every decoding sequence
 (``DecoderLM.decode_step``: one token per sequence, each on its own cache and position; each layer
-fetches the union of the experts the batch routes to, once). So a decoding stream waits at most one
-chunk between two of its steps.
+fetches the union of the experts the batch routes to, once). When both are due they run in one sweep of
+the layers (``DecoderLM.prefill_and_decode_step``: at each layer the chunk's call, then the rows'), so
+under a budget the rows' fetch of a layer finds resident what the chunk's just read, instead of a second
+sweep of every layer. So a decoding stream waits at most one chunk between two of its steps.
 
 Batch invariance: a decode step computes each row exactly as a step of that sequence alone
 (``kernels.decode_rows_scope``), and a prefill depends only on its own prompt and the chunk size, so a
@@ -166,7 +168,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._counts = {"requests_done": 0, "tokens_generated": 0, "steps": 0, "prefill_chunks": 0,
-                        "errors": 0, "cancelled": 0}
+                        "shared_sweeps": 0, "errors": 0, "cancelled": 0}
+        self._shared_sweep = hasattr(model, "prefill_and_decode_step")
         self._req_s = 0.0  # moving average of a request's duration (for Retry-After)
 
     # -- public ---------------------------------------------------------------------------------------
@@ -287,10 +290,18 @@ class Engine:
             self._running.append(s)
 
     def _iteration(self) -> None:
-        """One token boundary: drop cancelled sequences, one prefill chunk, one decode step."""
+        """One token boundary: drop cancelled sequences, one prefill chunk, one decode step (the two in one
+        sweep of the layers when both are due: ``DecoderLM.prefill_and_decode_step``)."""
         for s in [s for s in self._running if s.h._cancelled]:
             self._finish(s, None, "cancelled")
         pre = next((s for s in self._running if s.prefilled < len(s.prompt)), None)
+        rows = [s for s in self._running if s.prefilled == len(s.prompt) and s.h.finish_reason is None]
+        if pre is not None and rows and self._shared_sweep:
+            try:
+                self._prefill_chunk(pre, rows)
+            except Exception as exc:
+                self._fail([s for s in (pre, *rows) if s.h.finish_reason is None], exc, "prefill chunk and decode step")
+            return
         if pre is not None:
             try:
                 self._prefill_chunk(pre)
@@ -299,24 +310,33 @@ class Engine:
         rows = [s for s in self._running if s.prefilled == len(s.prompt) and s.h.finish_reason is None]
         if rows:
             try:
-                self._decode(rows)
+                self._take(rows, self.model.decode_step([s.last for s in rows], [s.cache for s in rows],
+                                                        [s.pos for s in rows]))
             except Exception as exc:
                 self._fail([s for s in rows if s.h.finish_reason is None], exc, "decode step")
 
-    def _prefill_chunk(self, s: _Seq) -> None:
+    def _prefill_chunk(self, s: _Seq, rows: Sequence[_Seq] = ()) -> None:
+        """The next chunk of ``s``'s prompt; with ``rows``, their decode step in the same sweep of the layers."""
         a = s.prefilled
         b = len(s.prompt) if self.prefill_chunk == 0 else min(len(s.prompt), a + self.prefill_chunk)
         if len(s.prompt) - b == 1:  # never a last chunk of one token: that would take the one-row kernels
             b = len(s.prompt)
         x = torch.tensor([s.prompt[a:b]], dtype=torch.long)  # [1, T]
-        logits = self.model(x, s.cache, a, last_only=True)[:, -1]  # [1, V]
+        if rows:
+            logits, row_logits = self.model.prefill_and_decode_step(
+                x, s.cache, a, [r.last for r in rows], [r.cache for r in rows], [r.pos for r in rows], last_only=True)
+            self._counts["shared_sweeps"] += 1
+        else:
+            logits = self.model(x, s.cache, a, last_only=True)  # [1, 1, V]
         s.prefilled = s.pos = b
         self._counts["prefill_chunks"] += 1
         if b == len(s.prompt):
-            self._accept(s, int(sample_next(logits, s.sampling, s.gen)[0]))
+            self._accept(s, int(sample_next(logits[:, -1], s.sampling, s.gen)[0]))
+        if rows:
+            self._take(rows, row_logits)
 
-    def _decode(self, rows: list[_Seq]) -> None:
-        logits = self.model.decode_step([s.last for s in rows], [s.cache for s in rows], [s.pos for s in rows])
+    def _take(self, rows: Sequence[_Seq], logits: torch.Tensor) -> None:
+        """A decode step's logits [N, V]: each row samples its token."""
         self._counts["steps"] += 1
         toks = [int(sample_next(logits[i:i + 1], s.sampling, s.gen)[0]) for i, s in enumerate(rows)]  # [1, V] each
         for s, tok in zip(rows, toks):

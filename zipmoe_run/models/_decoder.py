@@ -254,15 +254,25 @@ class DecoderLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.LongTensor, cache: KVCache, start_pos: int, last_only: bool = False):
-        with single_row_scope(input_ids.numel() == 1 and self.dtype is torch.bfloat16):
-            t = input_ids.shape[1]
-            h = self.model.embed_tokens(input_ids)  # [B, T, H]
-            cos, sin = self.rope(torch.arange(start_pos, start_pos + t), self.rope_dtype or h.dtype)  # [T, D]
-            mask = self.masks(t, start_pos, h.dtype)
+        with self._chunk_scope(input_ids):
+            h, cos, sin, mask = self._chunk_inputs(input_ids, start_pos)
             for layer in self.model.layers:
                 h = layer(h, cos, sin, mask, cache, start_pos)
-            h = self.model.norm(h[:, -1:] if last_only else h)
-            return self.lm_head(h).float()  # [B, T, V]
+            return self._chunk_logits(h, last_only)  # [B, T, V]
+
+    def _chunk_scope(self, input_ids: torch.LongTensor):
+        return single_row_scope(input_ids.numel() == 1 and self.dtype is torch.bfloat16)
+
+    def _chunk_inputs(self, input_ids: torch.LongTensor, start_pos: int):
+        """input_ids [B, T] -> h [B, T, H], cos/sin [T, D], mask: what every layer of ``forward`` gets."""
+        t = input_ids.shape[1]
+        h = self.model.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = self.rope(torch.arange(start_pos, start_pos + t), self.rope_dtype or h.dtype)  # [T, D]
+        return h, cos, sin, self.masks(t, start_pos, h.dtype)
+
+    def _chunk_logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
+        h = self.model.norm(h[:, -1:] if last_only else h)
+        return self.lm_head(h).float()  # [B, T or 1, V]
 
     # -- batched decoding of independent sequences (zipmoe_run.engine) ----------------------------------
 
@@ -284,22 +294,65 @@ class DecoderLM(nn.Module):
         masks and the attention core are per row. Everything runs in ``kernels.decode_rows_scope``, so
         every row computes bit for bit what a step of that sequence alone (N = 1) computes.
         """
+        self._check_rows(token_ids, caches, positions)
+        with self._rows_scope():
+            h, cos, sin, masks, kv = self._rows_inputs(token_ids, caches, positions)
+            for layer in self.model.layers:
+                h = layer(h, cos, sin, masks, kv, None)
+            return self._rows_logits(h)  # [N, V]
+
+    @torch.inference_mode()
+    def prefill_and_decode_step(self, input_ids: torch.LongTensor, cache: KVCache, start_pos: int,
+                                token_ids, caches, positions, last_only: bool = False
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefill chunk and a decode step together, layer by layer: what ``forward(input_ids, cache,
+        start_pos, last_only)`` and ``decode_step(token_ids, caches, positions)`` return, bit for bit
+        (chunk logits [B, T or 1, V], row logits [N, V]).
+
+        At each layer the chunk's layer call runs (in ``forward``'s kernel scope) and then the rows'
+        (in ``decode_step``'s), so under a memory budget the rows' fetch of a layer comes right after
+        the chunk's fetch of the same layer, and finds resident what that one just read (the two calls
+        separately would sweep every layer's experts twice). Each call sees exactly the inputs it
+        would see alone, so the results are the separate calls' results.
+        """
+        self._check_rows(token_ids, caches, positions)
+        with self._chunk_scope(input_ids):
+            hc, cos_c, sin_c, mask_c = self._chunk_inputs(input_ids, start_pos)
+        with self._rows_scope():
+            hr, cos_r, sin_r, masks_r, kv = self._rows_inputs(token_ids, caches, positions)
+        for layer in self.model.layers:
+            with self._chunk_scope(input_ids):
+                hc = layer(hc, cos_c, sin_c, mask_c, cache, start_pos)  # [B, T, H]
+            with self._rows_scope():
+                hr = layer(hr, cos_r, sin_r, masks_r, kv, None)  # [N, 1, H]
+        with self._chunk_scope(input_ids):
+            chunk = self._chunk_logits(hc, last_only)
+        with self._rows_scope():
+            rows = self._rows_logits(hr)
+        return chunk, rows
+
+    def _check_rows(self, token_ids, caches, positions) -> None:
         why = self.ragged_unsupported()
         if why is not None:
             raise UnsupportedModelError(why)
         n = len(token_ids)
         if not n == len(caches) == len(positions):
             raise ValueError(f"decode_step: {n} tokens, {len(caches)} caches, {len(positions)} positions")
-        with decode_rows_scope(bf16=self.dtype is torch.bfloat16):
-            ids = torch.tensor([int(t) for t in token_ids], dtype=torch.long)[:, None]  # [N, 1]
-            h = self.model.embed_tokens(ids)  # [N, 1, H]
-            dt = self.rope_dtype or h.dtype
-            rows = [self.rope(torch.arange(p, p + 1), dt) for p in positions]  # per row, as alone: [1, D] each
-            cos = torch.stack([c for c, _ in rows])[:, None]  # [N, 1, 1, D]: broadcast over heads
-            sin = torch.stack([s for _, s in rows])[:, None]
-            masks = [self.masks(1, p, h.dtype) for p in positions]
-            kv = RaggedKV(caches, positions)
-            for layer in self.model.layers:
-                h = layer(h, cos, sin, masks, kv, None)
-            h = self.model.norm(h)
-            return self.lm_head(h)[:, -1].float()  # [N, V]
+
+    def _rows_scope(self):
+        return decode_rows_scope(bf16=self.dtype is torch.bfloat16)
+
+    def _rows_inputs(self, token_ids, caches, positions):
+        """What every layer of ``decode_step`` gets: h [N, 1, H], cos/sin [N, 1, 1, D], per-row masks, RaggedKV."""
+        ids = torch.tensor([int(t) for t in token_ids], dtype=torch.long)[:, None]  # [N, 1]
+        h = self.model.embed_tokens(ids)  # [N, 1, H]
+        dt = self.rope_dtype or h.dtype
+        rows = [self.rope(torch.arange(p, p + 1), dt) for p in positions]  # per row, as alone: [1, D] each
+        cos = torch.stack([c for c, _ in rows])[:, None]  # [N, 1, 1, D]: broadcast over heads
+        sin = torch.stack([s for _, s in rows])[:, None]
+        masks = [self.masks(1, p, h.dtype) for p in positions]
+        return h, cos, sin, masks, RaggedKV(caches, positions)
+
+    def _rows_logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.model.norm(h)
+        return self.lm_head(h)[:, -1].float()  # [N, V]
