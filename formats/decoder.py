@@ -11,8 +11,9 @@ decoder's per-thread scratch buffer and merges them with the sm plane straight i
 slice: no full-size intermediate copies.
 
 :class:`ParallelDecoder` fans the chunks out over a thread pool (zstd, the huf4x kernel, xxh3 and
-the numba merge all release the GIL). Each output byte is written by exactly one chunk, so the result
-does not depend on the thread count or on timing.
+the numba merge all release the GIL); a caller waiting for its chunks may decode queued ones on its
+own thread (:meth:`ParallelDecoder.help`). Each output byte is written by exactly one chunk, so the
+result does not depend on the thread count, on who helped or on timing.
 
 Thread safety: :func:`decode_chunk` is safe to call from several threads as long as each uses its
 own :class:`~formats.codec.ChunkDecoder` and the output ranges are disjoint. :class:`ParallelDecoder`
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass
 from typing import Sequence
@@ -34,6 +35,7 @@ import numpy as np
 from formats.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_CODEC, ChunkDecoder, ChunkEncoder, checksum, get_codec
 from formats.errors import CodecError, CorruptDataError, ZmoeError
 from formats.planes import merge_bf16, merge_bf16_le_bytes, split_bf16
+from formats.workpool import WorkPool
 
 __all__ = [
     "KIND_BF16_SPLIT",
@@ -251,7 +253,8 @@ class ParallelDecoder:
 
     Thread-safe. Each worker thread owns one :class:`ChunkDecoder` (and its scratch buffer). With
     ``threads=1``, :meth:`decode` runs inline on the caller's thread; :meth:`submit` then uses one
-    background thread so decoding can overlap the caller's I/O.
+    background thread so decoding can overlap the caller's I/O. :meth:`help` runs one queued chunk on
+    the calling thread (which then owns a :class:`ChunkDecoder` and scratch buffer too).
     """
 
     def __init__(self, threads: int = 1) -> None:
@@ -261,10 +264,10 @@ class ParallelDecoder:
         self.threads = threads
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: WorkPool | None = None
         self._closed = False
         if threads > 1:
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="zmoe-decode")
+            self._pool = WorkPool(threads, "zmoe-decode")
         log.debug("ParallelDecoder started with %d thread(s)", threads)
 
     def _decoder(self) -> ChunkDecoder:
@@ -276,13 +279,19 @@ class ParallelDecoder:
     def _run(self, ref: ChunkRef, out: np.ndarray, verify: bool) -> None:
         decode_chunk(self._decoder(), ref, out, verify)
 
-    def _get_pool(self) -> ThreadPoolExecutor:
+    def _get_pool(self) -> WorkPool:
         with self._lock:
             if self._closed:
                 raise CodecError("ParallelDecoder is closed")
             if self._pool is None:  # threads == 1: background thread for submit() only
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="zmoe-decode")
+                self._pool = WorkPool(1, "zmoe-decode")
             return self._pool
+
+    def help(self) -> bool:
+        """Decode one queued chunk (of any caller's ``submit``) on this thread; False when none is
+        queued. For a consumer that would otherwise sleep until its chunks are decoded."""
+        pool = self._pool
+        return pool.help() if pool is not None else False
 
     def decode(self, refs: Sequence[ChunkRef], out: np.ndarray, verify: bool = True) -> None:
         """Decode all ``refs`` into ``out``; returns when every chunk is written.

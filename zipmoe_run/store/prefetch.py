@@ -35,8 +35,10 @@ class Prefetcher:
     """Owns the speculative jobs, the experts a prefetch pinned (``held``) and the guesses to score.
     ``cond`` is the store lock's condition; ``wrap`` turns a decoded buffer into the weights."""
 
-    def __init__(self, table: TierTable, stats: Stats, cond: threading.Condition, wrap: Callable):
+    def __init__(self, table: TierTable, stats: Stats, cond: threading.Condition, wrap: Callable,
+                 help: Callable[[], bool] = lambda: False):
         self.table, self.stats, self.cond, self.wrap = table, stats, cond, wrap
+        self.help = help  # decode one queued chunk on the waiting thread (the store's ``_help``)
         self.worker = None  # the IOWorker (set by the store: the two refer to each other)
         self.jobs: list[Job] = []  # speculative jobs, oldest first
         self.held: set = set()  # resident experts a prefetch named: pinned until the next fetch opens
@@ -109,9 +111,16 @@ class Prefetcher:
 
     def await_task(self, sj: Job, task: Task) -> None:
         """Block until the adopted ``task`` of speculative job ``sj`` is decoded (or failed)."""
-        with self.stats.timer("stall_s"), sj.cond:
-            while task.state != "ready" and not (sj.reader_done and sj.inflight == 0):
-                sj.cond.wait(timeout=0.1)
+        with self.stats.timer("stall_s"):
+            while True:
+                with sj.cond:
+                    if task.state == "ready" or (sj.reader_done and sj.inflight == 0):
+                        return
+                if self.help():
+                    continue
+                with sj.cond:
+                    if task.state != "ready" and not (sj.reader_done and sj.inflight == 0):
+                        sj.cond.wait(timeout=0.1)
 
     # -- under the store lock -------------------------------------------------------------------------
     def release_held(self) -> None:

@@ -90,7 +90,7 @@ class ExpertStore:
         self.memory.ledger.charge("fixed", self.fixed_bytes)
         self.table = TierTable(self.extents, self.infos, self.memory, self.policy, self.counters, self._reserve,
                                self.source.scratch_elements)
-        self.prefetcher = Prefetcher(self.table, self.counters, self.cond, self.wrap)
+        self.prefetcher = Prefetcher(self.table, self.counters, self.cond, self.wrap, self._help)
         self.worker = IOWorker(self.source, decoder, self.memory, self.table, self.cost, self.counters, self.cond,
                                self.prefetcher, self._on_decoded, read_depth=read_depth)
         self.prefetcher.worker = self.worker
@@ -114,8 +114,10 @@ class ExpertStore:
         self.infos = {k: info_from_extent(e, self.page) for k, e in self.extents.items()}
         self.expert_bytes = sum(e.decoded_nbytes for e in self.extents.values())
         self.extent_bytes = sum(e.length for e in self.extents.values())
-        C = self.source.scratch_elements  # decoder scratch (one chunk per worker) + split scratch
-        self.fixed_bytes = ceil_to(self.decoder.threads * C, self.page) + ceil_to(C, self.page)
+        C = self.source.scratch_elements  # decoder scratch (one chunk per worker and one for the
+        # consumer, which decodes queued chunks while it waits: ``_next_ready``) + split scratch
+        self.helping = hasattr(self.decoder, "help")
+        self.fixed_bytes = ceil_to((self.decoder.threads + self.helping) * C, self.page) + ceil_to(C, self.page)
         big = max(self.infos.values(), key=lambda i: i.min_working_set, default=None)
         self.min_budget = (big.min_working_set if big else 0) + self.fixed_bytes
         need_all = sum(i.full_bytes for i in self.infos.values()) + self.min_budget
@@ -261,16 +263,32 @@ class ExpertStore:
             job.lent = None
 
     def _next_ready(self, job: Job) -> Task:
-        with self.counters.timer("stall_s"), job.cond:
-            job.waiting = True
+        """The next decoded task; while none is, this (the compute) thread decodes queued chunks
+        itself (``ParallelDecoder.help``) instead of sleeping, so a decode's tail has every core."""
+        with self.counters.timer("stall_s"):
             try:
-                while not job.ready:
-                    if job.reader_done and job.inflight == 0:
-                        raise StoreError("internal error: the fetch ended before every expert was decoded")
-                    job.cond.wait()
-                return job.ready.popleft()
+                while True:
+                    with job.cond:
+                        job.waiting = True
+                        if job.ready:
+                            return job.ready.popleft()
+                        if job.reader_done and job.inflight == 0:
+                            raise StoreError("internal error: the fetch ended before every expert was decoded")
+                    if self._help():
+                        continue
+                    with job.cond:
+                        if not job.ready and not (job.reader_done and job.inflight == 0):
+                            job.cond.wait()  # the worker notifies on each decode batch it queues
             finally:
-                job.waiting = False
+                with job.cond:
+                    job.waiting = False
+
+    def _help(self) -> bool:
+        """Decode one queued chunk on this thread (counted in ``helped_chunks``)."""
+        if not self.helping or not self.decoder.help():
+            return False
+        self.counters.add("helped_chunks")
+        return True
 
     def _finish(self, job: Job) -> None:
         """The fetch ends (done, failed or abandoned): stop its work, place what was served, revert the rest."""

@@ -217,6 +217,8 @@ class IOWorker:
             with job.cond:
                 task.pending -= 1
             raise
+        with job.cond:  # a consumer waiting on this job may decode the queued chunks itself
+            job.cond.notify_all()
         fut.add_done_callback(partial(self._batch_done, job, task, batch, nbytes if last else 0, time.perf_counter()))
 
     def _batch_done(self, job: Job, task: Task, batch: int, clean_bytes: int, t0: float, fut) -> None:

@@ -1,0 +1,89 @@
+"""``WorkPool``: worker threads that run queued calls in FIFO order, and let a waiting caller help.
+
+A thread pool like :class:`concurrent.futures.ThreadPoolExecutor`, with one addition: :meth:`help`
+takes the oldest queued call (if any) and runs it on the calling thread. A consumer that would
+otherwise sleep until its results are ready (the expert store waiting for an expert's chunks to
+decode, while its compute thread has nothing else to do) lends its core to the queue instead, so
+the tail of a decode does not wait for the pool's threads alone.
+
+Every call runs exactly once, on some thread, and its future gets its result or exception. What a
+call computes must not depend on which thread runs it (the decoder's calls each write a disjoint
+output range with a per-thread decoder object). Thread-safe. Worker threads are daemons: a process
+that exits without :meth:`shutdown` does not hang on them.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+
+__all__ = ["WorkPool"]
+
+
+class WorkPool:
+    def __init__(self, threads: int, name: str = "workpool") -> None:
+        if threads < 1:
+            raise ValueError(f"a WorkPool needs at least one thread, got {threads}")
+        self._queue: deque = deque()  # (future, fn, args), oldest first
+        self._cv = threading.Condition(threading.Lock())
+        self._closed = False
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Queue ``fn(*args)``; RuntimeError after :meth:`shutdown` (as ThreadPoolExecutor)."""
+        fut: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._queue.append((fut, fn, args))
+            self._cv.notify()
+        return fut
+
+    def help(self) -> bool:
+        """Run the oldest queued call on this thread; False when nothing is queued."""
+        with self._cv:
+            if not self._queue:
+                return False
+            item = self._queue.popleft()
+        _run(item)
+        return True
+
+    def pending(self) -> int:
+        """Calls queued and not yet started."""
+        with self._cv:
+            return len(self._queue)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Take no new calls; the threads finish what is queued, then end (joined with ``wait``)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if wait:
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return  # closed and drained
+                item = self._queue.popleft()
+            _run(item)
+
+
+def _run(item) -> None:
+    fut, fn, args = item
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - the future carries it to whoever waits
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,86 @@
+"""``formats.workpool.WorkPool`` and the store's waiting consumer that decodes queued chunks itself."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from formats.workpool import WorkPool
+from tests.bounded import in_thread
+from zipmoe_pack.pack import PackOptions, pack
+from zipmoe_run.api import load
+
+DIMS = {"experts": 8, "top_k": 2, "hidden": 128, "moe_intermediate": 256, "layers": 2}
+
+
+def test_help_runs_the_oldest_queued_call_on_the_calling_thread():
+    gate, started = threading.Event(), threading.Event()
+    pool = WorkPool(1, "t")
+    try:
+        blocker = pool.submit(lambda: (started.set(), gate.wait(30)))
+        assert started.wait(30)  # the only worker is busy: later calls stay queued
+        ran = []
+        futs = [pool.submit(lambda i=i: ran.append((i, threading.get_ident())) or i * i) for i in range(3)]
+        assert pool.pending() == 3
+        assert pool.help() and pool.help()
+        assert [i for i, _ in ran] == [0, 1]  # FIFO
+        assert {t for _, t in ran} == {threading.get_ident()}
+        assert [f.result(0) for f in futs[:2]] == [0, 1] and not futs[2].done()
+        gate.set()
+        assert futs[2].result(30) == 4 and blocker.result(30) is not None
+        assert not pool.help()  # nothing queued
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_errors_reach_the_future_and_shutdown_drains_then_refuses():
+    pool = WorkPool(2, "t")
+    bad = pool.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        bad.result(30)
+    done = [pool.submit(lambda i=i: i) for i in range(20)]
+    pool.shutdown(wait=True)
+    assert [f.result(0) for f in done] == list(range(20))
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: None)
+    with pytest.raises(ValueError):
+        WorkPool(0)
+
+
+@pytest.fixture(scope="module")
+def arc(checkpoint_factory, tmp_path_factory):
+    src = checkpoint_factory("qwen2_moe", seed=3, dims=DIMS, peaky_router=False)
+    out = tmp_path_factory.mktemp("help") / "m.zmoe"
+    pack(src, out, PackOptions(threads=2, chunk_elements=4096))
+    return out
+
+
+def test_a_waiting_fetch_decodes_its_chunks_itself_when_the_pool_is_busy(arc):
+    """With every decoder thread blocked, a fetch still completes, bit-exact: the consumer decodes
+    the queued chunks while it waits (without that it would wait for the pool forever)."""
+    with load(arc, memory_budget="40%", threads=2) as lm:
+        store, dec = lm.source.store, lm.source.decoder
+        experts = [e.expert for e in lm.source.archive.index.experts if e.layer == 0]
+        want = {e: {k: v.clone() for k, v in w.items()} for e, w in store.fetch(0, experts)}  # reference
+        gate, started = threading.Event(), threading.Semaphore(0)
+        blockers = [dec._get_pool().submit(lambda: (started.release(), gate.wait(60))) for _ in range(dec.threads)]
+        for _ in blockers:  # every decoder thread is now busy: nothing but the consumer can decode
+            assert started.acquire(timeout=30)
+        try:
+            before = store.counters.get("helped_chunks")
+            got = in_thread(lambda: {e: {k: v.clone() for k, v in w.items()} for e, w in store.fetch(0, experts)}, 60)
+            helped = store.counters.get("helped_chunks") - before
+        finally:
+            gate.set()
+            for b in blockers:
+                b.result(30)
+        assert sorted(got) == sorted(want)
+        for e in want:
+            for k in want[e]:
+                assert np.array_equal(got[e][k].view(-1).view(torch.uint8).numpy(),
+                                      want[e][k].view(-1).view(torch.uint8).numpy()), (e, k)
+        cold = store.counters.get("hits_cold")
+        assert cold > 0 and helped >= 1
