@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch  # noqa: F401  - before numba, as in the runtime (numba's OpenMP layer then shares torch's runtime)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -14,7 +14,8 @@ products of pair l of every block in block order; the accumulators are added pai
 (((a0 + a1) + (a2 + a3)) + ...), then the pairs after the last whole block in sequence, and the row is
 even + odd. Each product is an ``fmul`` rounded to float32 (exact here) and each sum an ``fadd``:
 no fused multiply-add (``llvm.fma`` would be as reproducible, one correctly rounded operation, but
-measured no faster on an AVX-512 Zen 4: 0.9-1.03x from memory, 1 thread; ``scripts/bench_gemv_fma.py``).
+measured no faster from memory on an AVX-512 Zen 4, 0.95-1.04x at 1 thread; it gains only where the
+loop is compute-bound: weights in L3, the batched kernel; ``scripts/bench_gemv_fma.py``).
 ``gemv_reference`` is that order in numpy. Results can differ from torch's bf16 kernel
 in the last bit. Only bf16 weights with a bf16 single-row input take this path; every
 other case (float32 runs, prefill) is ``torch.nn.functional.linear``.
@@ -25,6 +26,8 @@ the tensor), split by the same shift and mask as the weights into the even and o
 Half the bytes of two float32 vectors: at K = 5632 the float32 input (22.5 KB) and a weight row
 (11 KB) no longer fit the 32 KB L1 together and each row re-read the input from L2 (14 GB/s from
 memory, 1 thread, Zen 4); with the 11 KB bf16 input the same shape streams at 26-32 GB/s like K = 2048.
+The cost is a shift and a mask per input vector: where the weights sit in L3 (compute-bound, not a
+decode step's case) the loop is 5-15 % slower at K <= 2048; the 4-input batched kernel gains 1.2-1.8x.
 
 Batched decode (``decode_rows_scope``, the engine's steps of several sequences): every row of a
 product gets exactly what ``linear`` gives that row alone. Where that is this GEMV (the kernel
