@@ -160,7 +160,7 @@ if njit is not None:
         return sig, codegen
 
     @njit(parallel=True, nogil=True, cache=True)  # no fastmath: IEEE float32, the order written here
-    def _gemv_kernel(w, xw, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xw uint32 [K/2] the same; out f32 [N]
+    def _gemv_kernel(w, xw, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xw uint32 [K/2] too; out f32 [N]
         n, kh = w.shape
         hi = np.uint32(0xFFFF0000)
         sh = np.uint32(16)
