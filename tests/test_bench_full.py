@@ -5,6 +5,7 @@ not part of the suite. No timing is asserted."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def _trace(path, prompts=6, layers=2, experts=8, k=2, tokens=9, seed=0):
 
 def test_disk_refusal_writes_nothing(tiny_source, tmp_path):
     wd = tmp_path / "wd"
-    cfg = E2EConfig(workdir=wd, depth="full", full={"source": str(tiny_source)})
+    cfg = E2EConfig(workdir=wd, depth="full", full={"source": str(tiny_source)}, systems=("zipmoe", "dir"))
     with pytest.raises(BenchInputError) as ei:
         prepare_full(cfg, free_bytes=lambda p: 123 << 20)
     msg = str(ei.value)
@@ -339,3 +340,123 @@ def test_e2e_replay_rows(tmp_path):
         assert r["routing"] == LABEL and r["replayed_layers"] == 2 and r["replay_weights"] == ["router"]
         assert r["bytes_read_decode"] <= r["bytes_read"]
     assert rows["zipmoe"]["tokens"] == rows["dir"]["tokens"]
+
+
+# -- --family olmoe: OLMoE-1B-7B's dims, and llama.cpp at full depth ---------------------------------------
+
+OLMOE_SMALL = {"scale": 1 / 32, "layers": 2}  # hidden 64, intermediate 32, 64 experts, top-8, 2 layers
+
+
+def _olmoe_cfg(src, wd, **kw):
+    return E2EConfig(workdir=wd, depth="full", family="olmoe", full={"source": str(src), **OLMOE_SMALL}, **kw)
+
+
+def test_olmoe_spec_has_olmoe_dims(tiny_source):
+    from zipmoe.bench.e2e_full_olmoe import SHARD_BYTES
+
+    spec = full_spec(tiny_source, family="olmoe")
+    c = spec["config"]
+    assert c["model_type"] == "olmoe" and c["architectures"] == ["OlmoeForCausalLM"]
+    assert (c["num_hidden_layers"], c["num_experts"], c["intermediate_size"], c["num_experts_per_tok"],
+            c["hidden_size"], c["num_attention_heads"], c["tie_word_embeddings"]) == (16, 64, 1024, 8, 2048, 16, False)
+    src_cfg = json.loads((tiny_source / "config.json").read_text())
+    assert c["vocab_size"] == src_cfg["vocab_size"] == 512  # the tokenizer source's vocabulary, said in vocab_note
+    assert "512" in spec["vocab_note"] and "50,304" in spec["vocab_note"]
+    assert spec["expert_bytes"] == 16 * 64 * 3 * 2048 * 1024 * 2  # 12.9 GB of routed experts
+    names = [s.name for _, ss in spec["shards"] for s in ss]
+    assert len(names) == len(set(names)) and not any("shared_expert" in n for n in names)
+    assert "model.layers.15.self_attn.q_norm.weight" in names and "lm_head.weight" in names
+    assert [f for f, _ in spec["shards"]] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert all(sum(s.numel * 2 for s in ss) <= SHARD_BYTES for _, ss in spec["shards"])
+    assert all([s.name for s in ss] == sorted(s.name for s in ss) for _, ss in spec["shards"])
+    assert "tokenizer.json" in spec["files"]
+    # the qwen path is unchanged by the family argument's default
+    assert full_spec(tiny_source)["config"] == src_cfg
+
+
+def test_olmoe_disk_refusal_counts_the_gguf_and_writes_nothing(tiny_source, tmp_path):
+    from zipmoe.bench.e2e_full_gen import disk_need
+    from zipmoe.bench.e2e_full_olmoe import gguf_bytes
+
+    wd = tmp_path / "wd"
+    spec = full_spec(tiny_source, OLMOE_SMALL["scale"], 0, "olmoe", OLMOE_SMALL["layers"])
+    msgs = {}
+    for systems in (("zipmoe", "dir"), ("zipmoe", "dir", "llamacpp")):
+        with pytest.raises(BenchInputError) as ei:
+            prepare_full(_olmoe_cfg(tiny_source, wd, systems=systems), free_bytes=lambda p: 123 << 20)
+        msgs[len(systems)] = str(ei.value)
+        assert not wd.exists()  # nothing written, not even the folder
+    need = disk_need(spec, False, False, gguf_bytes(spec))
+    assert msgs[3].startswith(f"--depth full needs {need['total'] / 1e9:.1f} GB")
+    assert f"+ GGUF {need['gguf'] / 1e9:.1f} GB" in msgs[3] and "\n" not in msgs[3]
+    assert "GGUF" not in msgs[2] and msgs[2].startswith(f"--depth full needs {(need['total'] - need['gguf']) / 1e9:.1f} GB")
+
+
+def test_olmoe_generation_runs_and_reuse(tiny_source, tmp_path):
+    cfg = _olmoe_cfg(tiny_source, tmp_path, systems=("zipmoe", "dir"), seed=2)
+    p1 = prepare_full(cfg)
+    assert p1["family"] == "olmoe" and not p1["steps"]["generate"]["reused"] and not p1["steps"]["pack"]["reused"]
+    ckpt = tmp_path / "olmoe-full-scale0.03125-L2-ckpt"
+    assert p1["ckpt"] == str(ckpt) and p1["archive"] == str(tmp_path / "olmoe-full-scale0.03125-L2.zmoe")
+    cfg_json = json.loads((ckpt / "config.json").read_text())
+    assert cfg_json["model_type"] == "olmoe" and cfg_json["num_experts"] == 64 and cfg_json["num_hidden_layers"] == 2
+    assert (ckpt / "tokenizer.json").read_bytes() == (tiny_source / "tokenizer.json").read_bytes()
+    assert p1["expert_bytes"] == 2 * 64 * 3 * 64 * 32 * 2
+    idx = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len([n for n in idx if ".experts." in n]) == 2 * 64 * 3
+    # the runtime runs it: the archive and the directory, budgeted, give the same greedy tokens
+    outs = []
+    for path in (p1["archive"], p1["ckpt"]):
+        with load(path, memory_budget="30%") as lm:
+            lm.eos_token_ids = ()  # random weights: EOS may come first; generate all six tokens
+            outs.append([ev.token_id for ev in lm.stream([5, 6, 7, 8], max_new_tokens=6,
+                                                        sampling=Sampling(greedy=True))])
+    assert outs[0] == outs[1] and len(outs[0]) == 6
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    stamps = (shard.stat().st_mtime_ns, Path(p1["archive"]).stat().st_mtime_ns)
+    p2 = prepare_full(cfg, free_bytes=lambda p: 3 << 30)  # reused: working space only
+    assert p2["steps"]["generate"]["reused"] and p2["steps"]["pack"]["reused"]
+    assert (shard.stat().st_mtime_ns, Path(p1["archive"]).stat().st_mtime_ns) == stamps
+    # the qwen checkpoint of the same work folder is another tag: the OLMoE manifest is untouched by it
+    assert not (tmp_path / "qwen15moe-full.json").exists() and (tmp_path / "olmoe-full-scale0.03125-L2.json").is_file()
+
+
+def test_olmoe_full_run_with_llamacpp(tiny_source, tmp_path):
+    from zipmoe.bench.e2e_full import run_full
+    from zipmoe.bench.llamacpp import available
+
+    why = available()
+    if why:
+        pytest.skip(why)
+    cfg = _olmoe_cfg(tiny_source, tmp_path, systems=("zipmoe", "dir", "llamacpp"), budgets=(30.0,),
+                     prompt_tokens=6, new_tokens=4, cap=False, warm_pass=False)
+    res = run_full(cfg)
+    rows = {r["system"]: r for r in res["rows"]}
+    assert set(rows) == {"zipmoe", "dir", "llamacpp"}
+    for r in rows.values():
+        assert r["ok"], r.get("error")
+        assert "bytes_per_token" in r and len(r["tokens"]) == 4
+    assert rows["llamacpp"]["bytes_read_decode"] is not None  # storage reads after the first token
+    assert rows["zipmoe"]["tokens"] == rows["dir"]["tokens"]
+    gguf = tmp_path / "olmoe-full-scale0.03125-L2.bf16.gguf"
+    st = res["full"]["steps"]["gguf"]
+    assert st["bytes_on_disk"] == gguf.stat().st_size and not st["reused"] and st["overhead_bytes"] > 0
+    assert res["model"]["family"] == "olmoe" and res["model"]["dims"]["shared_intermediate"] is None
+    assert res["llamacpp"]["gguf"]["path"] == str(gguf)
+    targets = {t["target"] for t in res["targets"]}
+    assert "30% budget: zipmoe tokens/s >= 3x llamacpp" in targets
+    assert "identical tokens: archive and directory at every budget" in targets  # llama.cpp's not compared
+    assert next(t for t in res["targets"] if t["target"].startswith("identical"))["met"]
+    from zipmoe.bench.e2e_full import render_full
+
+    t1, t2 = render_full(res)
+    assert t2.row_count == 3 and t1.row_count == 5  # disk check, generate, pack, gguf, open
+
+
+def test_full_depth_family_refusals(tmp_path):
+    r = CliRunner().invoke(app, ["e2e", "--depth", "full", "--family", "mixtral", "--workdir", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--depth full --family: expected qwen2_moe or olmoe" in r.output
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(BenchInputError, match="--depth full builds qwen2_moe or olmoe"):
+        prepare_full(E2EConfig(workdir=tmp_path / "y", depth="full", family="switch_transformers"))
+    assert not (tmp_path / "y").exists()

@@ -44,8 +44,17 @@ __all__ = ["FULL_SYSTEMS", "prepare_full", "run_full", "io_limits", "render_full
 
 log = logging.getLogger(__name__)
 
-FULL_SYSTEMS = ("zipmoe", "zipmoe-lookahead", "dir")
+FULL_SYSTEMS = ("zipmoe", "zipmoe-lookahead", "dir", "llamacpp")
+FULL_FAMILIES = ("qwen2_moe", "olmoe")  # olmoe: OLMoE-1B-7B's dims (zipmoe.bench.e2e_full_olmoe)
 TAG = "qwen15moe-full"
+TAGS = {"qwen2_moe": TAG, "olmoe": "olmoe-full"}
+
+
+def _family(cfg) -> str:
+    fam = getattr(cfg, "family", None) or "qwen2_moe"
+    if fam not in FULL_FAMILIES:
+        raise BenchInputError(f"--family {fam}: --depth full builds {' or '.join(FULL_FAMILIES)}")
+    return fam
 
 
 # -- preparation ----------------------------------------------------------------------------------
@@ -66,9 +75,13 @@ def prepare_full(cfg, *, free_bytes=free_space, source: Path | None = None, scal
     source = Path(source or opts.get("source") or FULL_SOURCE)
     scale = float(scale if scale is not None else opts.get("scale", 1.0))
     wd = Path(cfg.workdir)
-    spec = full_spec(source, scale, cfg.seed)
-    tag = TAG if scale == 1 else f"{TAG}-scale{scale:g}"
+    fam, layers = _family(cfg), opts.get("layers")
+    spec = full_spec(source, scale, cfg.seed, fam, layers)
+    tag = TAGS[fam] if scale == 1 else f"{TAGS[fam]}-scale{scale:g}"
+    tag += f"-L{layers}" if layers is not None else ""
     ckpt, arc, manifest = wd / f"{tag}-ckpt", wd / f"{tag}.zmoe", wd / f"{tag}.json"
+    gguf = wd / f"{tag}.bf16.gguf"  # llama.cpp's copy (zipmoe.bench.llamacpp.ensure_gguf; its marker next to it)
+    gguf_marker = gguf.with_name(gguf.name + ".source.json")
     old: dict = {}
     if manifest.is_file():  # ours, but parsed as untrusted: a damaged one means "make everything again"
         from formats.jsonstrict import JSONRejected, loads
@@ -83,21 +96,27 @@ def prepare_full(cfg, *, free_bytes=free_space, source: Path | None = None, scal
     codec = getattr(cfg, "codec", None) or "zstd-lit"
     have_arc = have_src and arc.is_file() and arc.stat().st_size == old.get("archive_bytes") \
         and old.get("codec", "zstd-lit") == codec  # (manifests before --codec: zstd-lit archives)
-    need = disk_need(spec, have_src, have_arc)
+    want_gguf = "llamacpp" in (getattr(cfg, "systems", None) or ())
+    have_gguf = have_src and gguf.is_file() and gguf_marker.is_file()
+    from .e2e_full_olmoe import gguf_bytes
+
+    need = disk_need(spec, have_src, have_arc, gguf_bytes(spec) if want_gguf and not have_gguf else 0)
     probe = wd if wd.is_dir() else next((p for p in wd.parents if p.is_dir()), Path("/"))
     free0 = free_bytes(probe)
-    # what a stale checkpoint or archive of ours would give back when replaced
+    # what a stale checkpoint, archive or GGUF of ours would give back when replaced
     reclaim = (0 if have_src else _dir_bytes(ckpt)) + (0 if have_arc else (arc.stat().st_size if arc.is_file() else 0))
+    reclaim += gguf.stat().st_size if gguf.is_file() and not have_src else 0
     if free0 + reclaim < need["total"]:
+        g = f" + GGUF {need['gguf'] / 1e9:.1f} GB" if need["gguf"] else ""
         raise BenchInputError(
             f"--depth full needs {need['total'] / 1e9:.1f} GB free in {probe} (source {need['source'] / 1e9:.1f} GB "
-            f"+ archive {need['archive'] / 1e9:.1f} GB + working space {need['work'] / 1e9:.1f} GB), "
+            f"+ archive {need['archive'] / 1e9:.1f} GB{g} + working space {need['work'] / 1e9:.1f} GB), "
             f"{free0 / 1e9:.1f} GB free")
     steps: dict = {"disk": {"free_before_bytes": free0, "need_bytes": need, "reused_source": have_src,
                             "reused_archive": have_arc}}
     wd.mkdir(parents=True, exist_ok=True)
     if not have_src:
-        for p in (manifest, arc):
+        for p in (manifest, arc, gguf, gguf_marker):
             p.unlink(missing_ok=True)
         shutil.rmtree(ckpt, ignore_errors=True)
         gen = write_checkpoint(spec, ckpt, cfg.seed)
@@ -128,7 +147,8 @@ def prepare_full(cfg, *, free_bytes=free_space, source: Path | None = None, scal
     steps["open"] = {"seconds": open_s, "note": "formats.reader.Archive on a cold archive (preamble, index, checks)"}
     return {"ckpt": str(ckpt), "archive": str(arc), "raw_archive": None, "expert_bytes": expert_bytes,
             "extent_bytes": extent_bytes, "dense_bytes": dense_bytes, "config": config, "steps": steps,
-            "manifest": str(manifest), "source": str(source), "scale": scale}
+            "manifest": str(manifest), "source": str(source), "scale": scale, "family": fam,
+            "gguf_path": str(gguf), "probe": str(probe), "vocab_note": spec.get("vocab_note")}
 
 
 # -- the runs -----------------------------------------------------------------------------------------
@@ -164,7 +184,13 @@ def full_targets(rows: list[dict]) -> list[dict]:
         out.append({"target": "full depth, 30% budget: zipmoe within 1.5x of its I/O-bound limit", "value": ratio,
                     "met": ratio is not None and ratio <= 1.5,
                     "note": f"limit {z['io_limit_tok_s']:.2f} tok/s = disk speed / {z['bytes_per_token'] / 1e6:.0f} MB per token"})
-    ok = [r for r in rows if r.get("ok")]
+    ll = _row(rows, "llamacpp", 100.0)
+    z100 = _row(rows, "zipmoe", 100.0)
+    if z100 and ll and ll.get("tok_s"):
+        out.append({"target": "full depth, 100% budget: zipmoe tokens/s >= llamacpp's (BF16 GGUF, mmap)",
+                    "value": z100["tok_s"] / ll["tok_s"], "met": z100["tok_s"] >= ll["tok_s"],
+                    "note": "cold pass; llama.cpp capped at dense + budget + its own overhead"})
+    ok = [r for r in rows if r.get("ok") and r["system"] != "llamacpp"]  # another engine's numerics
     if len({r["system"] for r in ok}) > 1:
         by = {}
         for r in ok:
@@ -184,18 +210,26 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
     from .e2e_proc import MemCap, machine_info
 
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
+    from .llamacpp import e2e_targets
     from .routing import plan_for, save_plan, skipped_systems
 
     bad = [s for s in cfg.systems if s not in FULL_SYSTEMS]
     if bad:
         raise BenchInputError(f"--systems: {', '.join(bad)} not offered at --depth full (offered: "
                               f"{', '.join(FULL_SYSTEMS)}; resident and hf-offload need the whole model in memory, "
-                              "raw a second 28.6 GB copy)")
+                              "raw a second copy of the experts)")
     t0 = time.perf_counter()
     opts = cfg.full or {}
+    fam = _family(cfg)
     # a trace that does not fit the model is refused before anything is generated or written
-    made = plan_for(cfg, full_spec(Path(opts.get("source") or FULL_SOURCE), float(opts.get("scale", 1.0)))["config"])
+    made = plan_for(cfg, full_spec(Path(opts.get("source") or FULL_SOURCE), float(opts.get("scale", 1.0)), cfg.seed,
+                                   fam, opts.get("layers"))["config"])
     prep = prepare_full(cfg, free_bytes=free_bytes)
+    llama = {"skipped": "not requested"}
+    if "llamacpp" in cfg.systems:  # the GGUF (written once) and llama.cpp's own overhead for its cap
+        from .e2e_full_olmoe import prepare_llamacpp
+
+        llama = prepare_llamacpp(cfg, prep, Path(prep["gguf_path"]), free_bytes, Path(prep["probe"]))
     host = host_report(prep["archive"])
     log.info("%s", host["host_line"])
     _, _, why_nocap = MemCap.parent()
@@ -205,31 +239,33 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
     i = 0
     for pct in cfg.budgets:
         for system in FULL_SYSTEMS:
-            if system not in cfg.systems or system in skip:
+            if system not in cfg.systems or system in skip or (system == "llamacpp" and llama.get("skipped")):
                 continue
             rows.append(run_median(system, pct, prep, cfg, cfg.cap, i))
             i += cfg.repeat
     disk_bps = (host.get("calibration") or {}).get("disk_bps")
     io_limits(rows, disk_bps)
     d = prep["config"]
-    dims = {"hidden": d["hidden_size"], "moe_intermediate": d["moe_intermediate_size"], "experts": d["num_experts"],
+    per_expert = "intermediate_size" if fam == "olmoe" else "moe_intermediate_size"
+    dims = {"hidden": d["hidden_size"], "moe_intermediate": d[per_expert], "experts": d["num_experts"],
             "top_k": d["num_experts_per_tok"], "layers": d["num_hidden_layers"], "vocab": d["vocab_size"],
-            "shared_intermediate": d["shared_expert_intermediate_size"]}
+            "shared_intermediate": d.get("shared_expert_intermediate_size")}
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
         "machine": machine_info(cfg.threads, load0),
-        "model": {"family": "qwen2_moe", "dims": dims, "expert_bytes": prep["expert_bytes"],
+        "model": {"family": fam, "vocab_note": prep.get("vocab_note"), "dims": dims, "expert_bytes": prep["expert_bytes"],
                   "extent_bytes": prep["extent_bytes"], "dense_bytes": prep["dense_bytes"], "depth": "full",
                   "source": prep["source"], "scale": prep["scale"]},
         "full": {"steps": prep["steps"], "manifest": prep["manifest"], "disk_bps": disk_bps},
         "hf_offload": {"skipped": True, "note": "not run at --depth full"},
+        "llamacpp": llama,
         "cgroup": why_nocap or "capped runs join a child memory cgroup",
         "storage": storage_info(cfg),
         "routing": routing, "routing_skipped": skip,
         "rows": rows,
     }
     result.update(host)
-    result["targets"] = full_targets(rows)
+    result["targets"] = full_targets(rows) + e2e_targets(rows, llama)
     result["total_s"] = time.perf_counter() - t0
     return result
 
@@ -248,7 +284,7 @@ def render_full(result: dict):
     st = result["full"]["steps"]
     m = result["model"]
     label = f"; {result['routing']['label']}" if result.get("routing") else "; the generator's random routers"
-    t1 = Table(title=f"full depth: qwen2_moe {m['dims']['layers']} layers x {m['dims']['experts']} experts, "
+    t1 = Table(title=f"full depth: {m['family']} {m['dims']['layers']} layers x {m['dims']['experts']} experts, "
                      f"{m['expert_bytes'] / 1e9:.2f} GB routed experts, dense {m['dense_bytes'] / 1e9:.2f} GB: "
                      "preparation")
     for c in ("step", "time s", "MB/s", "on disk GB", "free after GB", "note"):
@@ -257,9 +293,14 @@ def render_full(result: dict):
     need = disk["need_bytes"]
     t1.add_row("disk check", "-", "-", "-", _gb(disk["free_before_bytes"]),
                f"needed {need['total'] / 1e9:.1f} GB (source {need['source'] / 1e9:.1f} + archive "
-               f"{need['archive'] / 1e9:.1f} + work {need['work'] / 1e9:.1f})")
-    for name in ("generate", "pack"):
-        s = st[name]
+               f"{need['archive'] / 1e9:.1f} + GGUF {need.get('gguf', 0) / 1e9:.1f} + work {need['work'] / 1e9:.1f})")
+    for name in ("generate", "pack", "gguf"):
+        s = st.get(name)
+        if s is None:
+            continue
+        if s.get("skipped"):
+            t1.add_row(name, "-", "-", "-", "-", f"skipped: {s['skipped']}")
+            continue
         t1.add_row(name, f"{s['seconds']:.1f}" if "seconds" in s else "-", f"{s['mb_s']:.0f}" if "mb_s" in s else "-",
                    _gb(s.get("bytes_on_disk")), _gb(s.get("free_after_bytes")),
                    "reused (manifest matches); time of the run that made it" if s.get("reused") else "")
@@ -267,19 +308,21 @@ def render_full(result: dict):
     t2 = Table(title=f"full depth runs: greedy, {result['config']['prompt_tokens']} prompt + "
                      f"{result['config']['new_tokens']} new tokens, cold, one process per run{label}; "
                      f"disk {_gb(result['full'].get('disk_bps'))} GB/s calibrated. {result['machine']['note']}")
-    for c in ("budget", "system", "cap", "load s", "tok/s", "I/O limit tok/s", "of limit", "MB read/token", "GB read",
-              "peak RSS GB", "cap peak GB", "note"):
+    for c in ("budget", "system", "cap GB", "load s", "TTFT s", "tok/s", "I/O limit tok/s", "of limit", "MB read/token",
+              "GB read", "peak RSS GB", "cap peak GB", "note"):
         t2.add_column(c, justify="left" if c in ("budget", "system", "cap", "note") else "right")
     for r in result["rows"]:
         b = f"{r['budget_pct']:g}% ({_gb(r['budget_bytes'])} GB)"
-        cap = "cgroup" if r["capped"] else "none"
+        cap = _gb(r.get("cap_limit_bytes")) if r["capped"] else "none"
         if not r.get("ok"):
-            t2.add_row(b, r["system"], cap, *["-"] * 8, str(r.get("error")))
+            t2.add_row(b, r["system"], cap, *["-"] * 9, str(r.get("error")))
             continue
-        t2.add_row(b, r["system"], cap, f"{r['load_s']:.2f}", f"{r['tok_s']:.2f}",
+        read = r.get("bytes_read") if r.get("bytes_read") is not None else r.get("proc_read_bytes")
+        t2.add_row(b, r["system"], cap, f"{r['load_s']:.2f}", f"{r['ttft_s']:.2f}" if r.get("ttft_s") else "-",
+                   f"{r['tok_s']:.2f}",
                    f"{r['io_limit_tok_s']:.2f}" if r.get("io_limit_tok_s") else "-",
                    f"{r['io_limit_frac']:.0%}" if r.get("io_limit_frac") else "-",
                    f"{r['bytes_per_token'] / 1e6:.0f}" if r.get("bytes_per_token") is not None else "-",
-                   _gb(r.get("bytes_read")), _gb(r.get("peak_rss_bytes")), _gb(r.get("cap_peak_bytes")),
+                   _gb(read), _gb(r.get("peak_rss_bytes")), _gb(r.get("cap_peak_bytes")),
                    r.get("cap_note") or "")
     return t1, t2

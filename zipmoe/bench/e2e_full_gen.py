@@ -62,13 +62,21 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
-def full_spec(source: Path, scale: float = 1.0, seed: int = 0) -> dict:
+def full_spec(source: Path, scale: float = 1.0, seed: int = 0, family: str = "qwen2_moe",
+              layers: int | None = None) -> dict:
     """The checkpoint to generate: ``{"config", "shards": [(file, [TensorSpec])], "files": [names to copy],
     "source_bytes", "expert_bytes", "dense_bytes", "key"}``. ``scale`` < 1 shrinks every dimension but the
-    vocabulary (``zipmoe_pack.synth``'s rule; tests), 1 is the exact config."""
+    vocabulary (``zipmoe_pack.synth``'s rule; tests), 1 is the exact config. ``family`` ``olmoe``: OLMoE-1B-7B's
+    dims with ``source``'s tokenizer (``zipmoe.bench.e2e_full_olmoe``; ``layers`` caps its depth, tests)."""
     from zipmoe_pack.synth import _scale_config
     from zipmoe_pack.synth_families import tensor_specs
 
+    if family == "olmoe":
+        from .e2e_full_olmoe import olmoe_spec
+
+        return olmoe_spec(Path(source), scale, seed, layers)
+    if family != "qwen2_moe":
+        raise BenchInputError(f"--depth full builds qwen2_moe or olmoe, not {family!r}")
     source = Path(source)
     cfg = _read_json(source / "config.json")
     index = _read_json(source / "model.safetensors.index.json")
@@ -100,11 +108,12 @@ def full_spec(source: Path, scale: float = 1.0, seed: int = 0) -> dict:
             "key": key}
 
 
-def disk_need(spec: dict, have_source: bool, have_archive: bool) -> dict:
-    """Bytes each remaining step needs on the work folder's file system."""
+def disk_need(spec: dict, have_source: bool, have_archive: bool, gguf: int = 0) -> dict:
+    """Bytes each remaining step needs on the work folder's file system (``gguf``: the llama.cpp GGUF's,
+    0 when it is not wanted or already there)."""
     src = 0 if have_source else spec["source_bytes"] + (1 << 20) * len(spec["shards"])  # + headers
     arc = 0 if have_archive else int(spec["expert_bytes"] * ARCHIVE_RATIO_BOUND) + spec["dense_bytes"] + (64 << 20)
-    return {"source": src, "archive": arc, "work": WORK_BYTES, "total": src + arc + WORK_BYTES}
+    return {"source": src, "archive": arc, "gguf": gguf, "work": WORK_BYTES, "total": src + arc + gguf + WORK_BYTES}
 
 
 def free_space(path: Path) -> int:

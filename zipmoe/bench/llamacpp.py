@@ -112,15 +112,19 @@ def _generate(llm, prompt: list[int], n: int) -> dict:
     llm.reset()  # n_tokens = 0: generate() reuses no cached prefix and eval() clears the KV cache
     io0 = _io_read_bytes()
     stamps, toks = [], []
+    io_first = None
     t0 = time.perf_counter()
     for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
         stamps.append(time.perf_counter())
         toks.append(int(tok))
+        if len(toks) == 1:
+            io_first = _io_read_bytes()  # after the first token: what the decode steps read
         if len(toks) >= n:
             break
     io1 = _io_read_bytes()
     return {"tokens": toks, "ttft_s": stamps[0] - t0, "total_s": stamps[-1] - t0, "decode_s": stamps[-1] - stamps[0],
-            "proc_read_bytes": (io1 - io0) if io0 is not None and io1 is not None else None}
+            "proc_read_bytes": (io1 - io0) if io0 is not None and io1 is not None else None,
+            "proc_read_bytes_decode": (io1 - io_first) if io_first is not None and io1 is not None else None}
 
 
 def _child_serve(a: dict) -> int:
@@ -188,6 +192,8 @@ def child_e2e(a: dict) -> dict:
             "tok_s" + tag: steps / g["decode_s"] if g["decode_s"] > 0 else 0.0,
             "tpot_s" + tag: g["decode_s"] / steps, "decode_s" + tag: g["decode_s"],
             "bytes_read" + tag: None, "proc_read_bytes" + tag: g["proc_read_bytes"], "hits" + tag: None,
+            # storage reads after the first token (page faults on the mapping): e2e_full's bytes per token
+            "bytes_read_decode" + tag: g["proc_read_bytes_decode"],
         })
     out.update(store_peak_bytes=None, io_mode="mmap (page cache)", budget=None, dense_bytes=a["dense_bytes"],
                peak_rss_bytes=_status("VmHWM"), cap_stat=_cap_stat(a), llama_overhead_bytes=a["llama_overhead_bytes"])
@@ -215,9 +221,10 @@ def measure_overhead(gguf_path, threads: int, prompt: list[int], new_tokens: int
 # -- ``zipmoe bench e2e``: preparation and target lines ---------------------------------------------------
 
 
-def e2e_prepare(cfg, prep: dict) -> dict:
-    """When ``llamacpp`` is asked for: the BF16 GGUF of the checkpoint (written once into the workdir) and
-    llama.cpp's fixed overhead for the cap; ``{"skipped": reason}`` when it cannot run."""
+def e2e_prepare(cfg, prep: dict, gguf_path=None) -> dict:
+    """When ``llamacpp`` is asked for: the BF16 GGUF of the checkpoint (written once into the workdir, or at
+    ``gguf_path``: ``--depth full``) and llama.cpp's fixed overhead for the cap; ``{"skipped": reason}`` when
+    it cannot run."""
     if "llamacpp" not in cfg.systems:
         return {"skipped": "not requested"}
     if cfg.family == "switch_transformers":
@@ -231,7 +238,7 @@ def e2e_prepare(cfg, prep: dict) -> dict:
         log.warning("%s: llamacpp rows skipped", why)
         return {"skipped": why}
     wd = Path(cfg.workdir)
-    exp = ensure_gguf(prep["ckpt"], wd / f"{cfg.tag}.bf16.gguf")
+    exp = ensure_gguf(prep["ckpt"], gguf_path or wd / f"{cfg.tag}.bf16.gguf")
     prep["gguf"] = exp["path"]
     prep["llama_warmup_gguf"] = _warmup_gguf(wd, cfg.family)
     over = measure_overhead(exp["path"], cfg.threads, prompt_ids(cfg.prompt_tokens, prep["config"]["vocab_size"]),
