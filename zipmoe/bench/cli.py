@@ -185,7 +185,7 @@ def e2e_cmd(
                                      "(skipped with a note when llama_cpp does not import), resident. Default: all but dir (--depth 2); zipmoe,dir (--depth full)."),
     depth: str = typer.Option("2", "--depth", help="2: the 2-layer model with Qwen1.5-MoE-A2.7B's dims; full: its "
                               "exact config, 24 layers, 28.6 GB (generated once into --workdir, needs ~50 GB "
-                              "free), zipmoe and dir only, cold pass only."),
+                              "free), zipmoe, zipmoe-lookahead, dir and llamacpp, cold pass only."),
     routing: Optional[str] = typer.Option(None, "--routing", help="replay:FILE.npy: route by a real trace "
                                           "(e.g. ../shared/traces/qwen1.5-moe-a2.7b.npy) instead of the "
                                           "routers, the same choices for every system."),
@@ -206,7 +206,9 @@ def e2e_cmd(
                                           "skips hf-offload (page cache, cannot be throttled). Default: the real disk."),
     family: str = typer.Option("qwen2_moe", "--family", help="qwen2_moe (Qwen1.5-MoE-A2.7B's dims) or "
                                "switch_transformers (switch-large-128's expert dims, 2+2 sparse blocks; "
-                               "hf-offload skipped)."),
+                               "hf-offload skipped); with --depth full: qwen2_moe or olmoe (OLMoE-1B-7B's "
+                               "dims, 16 layers, 12.9 GB of experts, Qwen's tokenizer; needs ~40 GB free "
+                               "with llamacpp)."),
     codec: str = typer.Option("huf4x", "--codec", help="Exponent codec of the compressed archive "
                               "(huf4x or zstd-lit; see zipmoe-pack --codec)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
@@ -242,7 +244,9 @@ def e2e_cmd(
         parse_storage(storage)
     except ValueError as exc:
         fail(f"--storage: {exc}", 2)
-    if family not in FAMILIES:
+    if depth == "full" and family not in ("qwen2_moe", "olmoe"):
+        fail(f"--depth full --family: expected qwen2_moe or olmoe, got {family!r}", 2)
+    if depth != "full" and family not in FAMILIES:
         fail(f"--family: expected one of {', '.join(FAMILIES)}, got {family!r}", 2)
     from formats.codec import CODECS
 
@@ -252,8 +256,8 @@ def e2e_cmd(
                     new_tokens=new_tokens, threads=threads, cap=not no_cap,
                     warm_pass=not no_warm and depth != "full", storage=storage, family=family, repeat=repeat,
                     depth=depth, routing=routing, codec=codec)
-    if depth == "full" and (quick or family != "qwen2_moe"):
-        fail("--depth full: builds Qwen1.5-MoE-A2.7B (qwen2_moe); --quick and --family do not apply", 2)
+    if depth == "full" and quick:
+        fail("--depth full: builds Qwen1.5-MoE-A2.7B (qwen2_moe) or OLMoE-1B-7B's dims (olmoe); --quick does not apply", 2)
     if depth == "full" and budgets == "15,30,60,100":
         cfg.budgets = (15.0, 30.0, 60.0)
     if quick:
