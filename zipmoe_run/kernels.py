@@ -63,6 +63,8 @@ _gemv = None
 CHOICE: dict[tuple[int, int, int], str] = {}  # (out, in, threads) -> "numba" | "torch" (kernel_select fills it)
 _scope_threads = 0  # torch's thread count while a single_row_scope is active (torch itself runs on 1 then)
 _decode_rows = False  # inside a decode_rows_scope: every product is row-invariant (see the module doc)
+_addr = None  # kernels_addr once enabled() found it usable
+_NAN16: int | None = None  # the bf16 bits of NaN in torch's conversion here (None: _gemv_linear converts with torch)
 
 
 WORDS = 16  # uint32 words (32 bf16 weights) per block of the fixed summation order
@@ -211,9 +213,28 @@ def enabled() -> bool:
         except Exception as exc:  # numba missing or broken: torch only
             log.warning("bf16 decode kernel unavailable (%s); using torch", exc)
             _ENABLED = False
+        else:
+            _prepare_addr()
         finally:
             torch.set_num_threads(n)
     return _ENABLED
+
+
+def _prepare_addr() -> None:
+    """The address-taking GEMV (``kernels_addr``: the same sums, bf16 written by the kernel), where its
+    rounding reproduces torch's on this host; else ``_gemv_linear`` converts with torch as before."""
+    global _addr, _NAN16
+    try:
+        from . import kernels_addr as mod
+
+        nan16 = mod.nan_pattern()
+        if nan16 is not None:
+            mod.gemv_bf16(torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, 2, dtype=torch.bfloat16), None, nan16)
+            _addr, _NAN16 = mod, nan16
+        else:
+            log.info("bf16 GEMV: torch's bf16 rounding here is not the kernel's; converting with torch")
+    except Exception as exc:  # pragma: no cover - same dependencies as the kernel itself
+        log.warning("bf16 GEMV by address unavailable (%s); converting with torch", exc)
 
 
 def enabled_by_env() -> bool:
@@ -332,6 +353,8 @@ def _linear1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
 
 def _gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     n, k = w.shape  # [N, K] bf16, contiguous; x [..., K] bf16 of one row
+    if _NAN16 is not None and _addr.takes_bias(b, n):
+        return _addr.gemv_bf16(x, w, b, _NAN16)  # the same bits, without the conversions below
     out = np.empty(n, dtype=np.float32)
     _gemv(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), bf16_words(x, k)[0], out)
     y = torch.from_numpy(out)

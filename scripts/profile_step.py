@@ -1,0 +1,168 @@
+"""Profile one all-resident bf16 decode step of a checkpoint (default: the realdims Qwen one).
+
+    python scripts/profile_step.py [PATH] [--threads 2] [--steps 40] [--ops]
+
+Prints the median step time, a per-part breakdown (attention, router, shared expert, routed experts,
+norms, lm_head, the rest) from forward hooks, the GEMV calls per step, and with ``--ops`` torch.profiler's
+table of ops (self CPU time). The host is shared: numbers are medians of ``--steps`` steps; compare
+variants in the same process. Reads the checkpoint only.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+DEFAULT = "/tmp/zipmoe-bench-e2e/qwen15moe-ckpt"
+
+
+def _part(name: str) -> str | None:
+    if name.endswith("self_attn"):
+        return "attention"
+    if name.endswith("shared_expert"):
+        return "shared_expert"
+    if name.endswith("mlp.gate"):
+        return "router"
+    if name.endswith("layernorm") or name == "model.norm":
+        return "norms"
+    if name == "lm_head":
+        return "lm_head"
+    if name.endswith(".mlp"):
+        return "moe_block"
+    return None
+
+
+def hook_parts(model) -> dict[str, list[float]]:
+    """Forward hooks timing each part; moe_block minus its children is the routed experts and the rest."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    for name, mod in model.named_modules():
+        part = _part(name)
+        if part is None:
+            continue
+        t0 = [0.0]
+
+        def pre(m, a, t0=t0):
+            t0[0] = time.perf_counter()
+
+        def post(m, a, o, t0=t0, part=part):
+            acc[part].append(time.perf_counter() - t0[0])
+
+        mod.register_forward_pre_hook(pre)
+        mod.register_forward_hook(post)
+    return acc
+
+
+def variants() -> dict:
+    """name -> (switch on, switch off) of the trims that can be undone in a running process."""
+    from zipmoe_run import kernels as K
+
+    nan16 = K._NAN16
+
+    def addr(on: bool) -> None:  # the GEMV by address (kernels_addr) or the numpy-view path
+        K._NAN16 = nan16 if on else None
+
+    return {"gemv by address": addr}
+
+
+def ab(step, steps: int, rounds: int = 8) -> None:
+    """Each trim off and on in alternating rounds of ``steps // 4`` steps; median step time of each."""
+    for name, switch in variants().items():
+        res: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(rounds):
+            for on in ((True, False) if r % 2 else (False, True)):
+                switch(on)
+                step()
+                for _ in range(max(1, steps // 4)):
+                    t = time.perf_counter()
+                    step()
+                    res[on].append(time.perf_counter() - t)
+        switch(True)
+        off, on = statistics.median(res[False]) * 1e3, statistics.median(res[True]) * 1e3
+        print(f"A/B {name}: off {off:.2f} ms, on {on:.2f} ms ({off - on:+.2f} ms, {len(res[True])} steps each)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("path", nargs="?", default=DEFAULT)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--ops", action="store_true", help="torch.profiler table of ops")
+    ap.add_argument("--no-parts", action="store_true", help="skip the hook breakdown")
+    ap.add_argument("--ab", action="store_true",
+                    help="alternate the step with and without this session's trims (same process), medians")
+    args = ap.parse_args()
+
+    from zipmoe_run import kernels as K
+    from zipmoe_run.api import load
+
+    lm = load(args.path, threads=args.threads)
+    model = lm.model
+    prompt = torch.arange(1, 9)[None]  # [1, 8]
+    cache = model.new_cache(1, 64)
+    model(prompt, cache, 0, last_only=True)
+    x = torch.tensor([[5]])
+    pos = prompt.shape[1]
+
+    def step():
+        return model(x, cache, pos, last_only=True)
+
+    for _ in range(5):
+        step()
+    calls = [0]
+    orig = K._gemv_linear
+
+    def counting(*a):
+        calls[0] += 1
+        return orig(*a)
+
+    K._gemv_linear = counting
+    step()
+    K._gemv_linear = orig
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    print(f"threads {args.threads}: step median {statistics.median(times) * 1e3:.2f} ms "
+          f"(min {min(times) * 1e3:.2f}, {args.steps} steps); numba GEMV calls per step: {calls[0]}")
+
+    if args.ab:
+        ab(step, args.steps)
+
+    if not args.no_parts:
+        acc = hook_parts(model)
+        tot = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            step()
+            tot.append(time.perf_counter() - t)
+        n = args.steps
+        per = {k: sum(v) / n for k, v in acc.items()}
+        moe = per.pop("moe_block", 0.0) - per.get("shared_expert", 0.0) - per.get("router", 0.0) \
+            - per.get("norms_in_moe", 0.0)
+        per["routed+gate+sum"] = moe
+        step_mean = sum(tot) / n
+        per["other"] = step_mean - sum(per.values())
+        print(f"with hooks: step mean {step_mean * 1e3:.2f} ms")
+        for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:18s} {v * 1e3:7.3f} ms")
+
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    lm.close()
+
+
+if __name__ == "__main__":
+    main()
