@@ -115,9 +115,10 @@ def _run_staggered(lm, samplings, **kw):
     return res, st
 
 
-def test_greedy_tokens_alone_or_in_any_batch(lm):
+def test_greedy_tokens_alone_or_in_any_batch(lm, monkeypatch):
     """6 requests of different lengths, submitted at staggered times into batches of 3 (so some wait and
-    join later, chunked prefill interleaved with decode steps) give each request's tokens alone."""
+    join later, chunked prefill interleaved with decode steps, in one sweep; also with up to 3 requests'
+    chunks per sweep) give each request's tokens alone."""
     greedy = [Sampling()] * len(PROMPTS)
     batched, st = _run_staggered(lm, greedy, max_batch=3, prefill_chunk=4)
     alone = [_run_alone(lm, p, n, prefill_chunk=4) for p, n in zip(PROMPTS, MAX_TOKENS)]
@@ -128,6 +129,13 @@ def test_greedy_tokens_alone_or_in_any_batch(lm):
     chunks = [-(-len(p) // 4) - (len(p) % 4 == 1 and len(p) > 1) for p in PROMPTS]  # no last chunk of 1 token
     assert st["prefill_chunks"] == sum(chunks) == 12
     assert 1 <= st["shared_sweeps"] <= st["prefill_chunks"]  # chunks that shared a sweep with a decode step
+    assert st["prefill_chunks_per_sweep"] == 1  # all experts resident here: one request's chunk per iteration
+    sizes, real = [], lm.model.sweep
+    monkeypatch.setattr(lm.model, "sweep", lambda chunks, *r: (sizes.append(len(chunks)), real(chunks, *r))[1])
+    several, st3 = _run_staggered(lm, greedy, max_batch=3, prefill_chunk=4, prefill_chunks=3)
+    monkeypatch.undo()
+    assert [r[0] for r in several] == [r[0] for r in alone] and st3["prefill_chunks"] == 12
+    assert max(sizes) > 1  # some sweeps carried several requests' chunks
     # against generate (one whole-prompt prefill): with prefill_chunk=0, and chunked as well (torch's bf16
     # GEMM gives each row the same bits for any number of rows >= 2 on this host; see specs/runtime.md)
     whole, _ = _run_staggered(lm, greedy, max_batch=4, prefill_chunk=0)
@@ -276,7 +284,7 @@ def test_a_failing_shared_sweep_fails_the_chunk_and_the_rows_and_the_engine_goes
     def broken(*a, **kw):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(lm.model, "prefill_and_decode_step", broken)
+    monkeypatch.setattr(lm.model, "sweep", broken)
     eng = Engine(lm, max_batch=2, prefill_chunk=4)
     started = threading.Event()
     a = eng.submit([5, 6], 40, Sampling(), on_event=lambda ev: started.set())
@@ -305,6 +313,7 @@ def test_budget_kept_and_batching_reads_fewer_expert_bytes_per_token(store_archi
     def run(budget, max_batch):
         with load(arc, memory_budget=budget, threads=2) as lmb:
             eng = Engine(lmb, max_batch=max_batch).start()
+            assert eng.stats()["prefill_chunks_per_sweep"] == max_batch  # the experts do not all fit
             hs = [eng.submit(p, 8, Sampling()) for p in prompts]
             res = [h.result(120) for h in hs]
             eng.shutdown()
@@ -364,13 +373,13 @@ def test_prefill_chunks_interleave_with_decode_steps(lm):
     every two chunks of it, never waiting more than one chunk."""
     eng = Engine(lm, max_batch=2, prefill_chunk=4)
     log: list[str] = []
-    real = eng._prefill_chunk
+    real = eng._sweep
 
-    def chunk(s, *rows):
-        log.append(f"chunk {s.h.request_id}")
-        real(s, *rows)
+    def chunk(pres, rows):
+        log.extend(f"chunk {s.h.request_id}" for s in pres)
+        real(pres, rows)
 
-    eng._prefill_chunk = chunk
+    eng._sweep = chunk
     started = threading.Event()
     a = eng.submit([5, 6], 40, Sampling(), on_event=lambda ev: (log.append("token a"), started.set()))
     eng.start()
@@ -425,6 +434,33 @@ def test_prefill_and_decode_step_equals_the_two_separate_calls(name, checkpoint_
         assert x.shape == y.shape and x.dtype == y.dtype, (name, i)
         assert _raw(x) == _raw(y), (name, i)
     lm.close()
+
+
+def test_sweep_of_several_chunks_equals_the_separate_calls(lm):
+    """``DecoderLM.sweep``: chunks of two prompts (one of them one token, the one-row scope), with and without a
+    decode step beside them, give each ``forward``'s and ``decode_step``'s logits and KV, byte for byte."""
+    m = lm.model
+    outs = []
+    for together in (False, True):
+        rows = [_prefill(m, p, 4) for p in ([5, 6, 7], [8, 9, 10, 11, 12])]
+        caches, toks, pos = [c for c, _ in rows], [t for _, t in rows], [3, 5]
+        ca, cb, got = m.new_cache(1, 12), m.new_cache(1, 12), []
+        for step in [[(torch.tensor([[20, 21, 22, 23]]), ca, 0, True), (torch.tensor([[30]]), cb, 0, False)],
+                     [(torch.tensor([[24, 25]]), ca, 4, False), (torch.tensor([[31, 32, 33]]), cb, 1, True)]]:
+            for with_rows in (False, True):
+                r = (toks, caches, pos) if with_rows else ((), (), ())
+                if together:
+                    lcs, lr = m.sweep(step, *r)
+                else:
+                    lcs = [m(ids, c, a, last_only=lo) for ids, c, a, lo in step]
+                    lr = m.decode_step(*r) if with_rows else None
+                got += lcs + ([lr] if with_rows else [])
+                if with_rows:
+                    toks, pos = [int(t) for t in lr.argmax(-1)], [q + 1 for q in pos]
+                step = [(ids, c, a + ids.shape[1], lo) for ids, c, a, lo in step]  # the next chunks of the same prompts
+        got += [t for c in [ca, cb, *caches] for t in (*c.k, *c.v)]
+        outs.append([_raw(t) for t in got])
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.parametrize("policy", ["zipmoe", "lru"])

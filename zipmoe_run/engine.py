@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 
+from .engine_handle import EngineClosedError, EngineEvent, Handle, QueueFullError
 from .engine_text import TextStream, check_stops
 from .errors import GenerationError, PromptTooLongError, UnsupportedModelError
 from .generate import Sampling, _is_int, peak_rss_bytes, sample_next
@@ -50,81 +49,12 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFILL_CHUNK = 16
 
 
-class QueueFullError(GenerationError):
-    """The waiting queue is full; ``retry_after_s`` estimates when a place frees."""
-
-    def __init__(self, msg: str, retry_after_s: float):
-        super().__init__(msg)
-        self.retry_after_s = float(retry_after_s)
-
-
-class EngineClosedError(GenerationError):
-    """The engine is shutting down or shut down: it takes no new requests."""
-
-
-@dataclass
-class EngineEvent:
-    request_id: str
-    token_id: int | None  # None only on a final event without a token (cancelled / error)
-    text: str  # newly released text ("" while held back)
-    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error" on the last event
-    prompt_tokens: int
-    completion_tokens: int  # so far, including this token
-    error: str | None = None  # one line when finish_reason == "error"
-
-
-class Handle:
-    """A submitted request: iterate it for its events, ``result()`` for the whole answer, ``cancel()``."""
-
-    def __init__(self, engine: "Engine", request_id: str, prompt_tokens: int,
-                 on_event: Callable[[EngineEvent], None] | None):
-        self.request_id, self.prompt_tokens = request_id, prompt_tokens
-        self._engine, self._on_event = engine, on_event
-        self._events: queue.SimpleQueue[EngineEvent] = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._cancelled = False
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-
-    def cancel(self) -> None:
-        """Thread-safe; the slot and KV cache are freed at the next token boundary, then a final
-        "cancelled" event follows (nothing happens if the request has already finished)."""
-        self._cancelled = True
-        self._engine._wake()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def __iter__(self) -> Iterator[EngineEvent]:
-        while True:
-            ev = self._events.get()
-            yield ev
-            if ev.finish_reason is not None:
-                return
-
-    def result(self, timeout: float | None = None) -> tuple[list[int], str, str]:
-        """Block until the request ends: (token ids, text, finish_reason)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-        return list(self.token_ids), self.text, self.finish_reason or "error"
-
-    def _emit(self, ev: EngineEvent) -> None:  # engine thread
-        if ev.token_id is not None:
-            self.token_ids.append(ev.token_id)
-        self.text += ev.text
-        if ev.finish_reason is not None:
-            self.finish_reason, self.error = ev.finish_reason, ev.error
-        if self._on_event is not None:
-            try:
-                self._on_event(ev)
-            except Exception:  # a broken callback must not stop the engine
-                log.exception("request %s: on_event callback failed", self.request_id)
-        self._events.put(ev)
-        if ev.finish_reason is not None:
-            self._done.set()
+def _sweep_bound(lm) -> bool:
+    """True when the model's experts do not all fit its store's budget: a sweep of the layers then reads
+    experts, and costs far more than the compute of a few prefill chunks riding along in it."""
+    store = getattr(lm.source, "store", None)
+    cap = getattr(store, "capacity", None)
+    return cap is not None and cap < int(getattr(store, "expert_bytes", 0) or 0)
 
 
 class _Seq:
@@ -145,10 +75,13 @@ class _Seq:
 class Engine:
     """Continuous batching over one ``zipmoe_run.api.Loaded`` model (see the module doc)."""
 
-    def __init__(self, lm, max_batch: int = 8, max_queue: int = 32, prefill_chunk: int | None = None):
+    def __init__(self, lm, max_batch: int = 8, max_queue: int = 32, prefill_chunk: int | None = None,
+                 prefill_chunks: int | None = None):
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not _is_int(v) or v < lo:
                 raise GenerationError(f"{name} must be an integer >= {lo} (got {v!r})")
+        if prefill_chunks is not None and (not _is_int(prefill_chunks) or prefill_chunks < 1):
+            raise GenerationError(f"prefill_chunks must be an integer >= 1 (got {prefill_chunks!r})")
         if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 0):
             raise GenerationError(f"prefill_chunk must be an integer >= 0 (0: whole prompt; got {prefill_chunk!r})")
         model = lm.model
@@ -160,6 +93,7 @@ class Engine:
         self.lm, self.model = lm, model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk  # 0: whole prompt
+        self.prefill_chunks = prefill_chunks or (max_batch if _sweep_bound(lm) else 1)  # requests' chunks per sweep
         self._eos = set(int(e) for e in lm.eos_token_ids)
         self._cv = threading.Condition()
         self._waiting: deque[_Seq] = deque()
@@ -169,7 +103,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._counts = {"requests_done": 0, "tokens_generated": 0, "steps": 0, "prefill_chunks": 0,
                         "shared_sweeps": 0, "errors": 0, "cancelled": 0}
-        self._shared_sweep = hasattr(model, "prefill_and_decode_step")
+        self._shared_sweep = hasattr(model, "sweep")
         self._req_s = 0.0  # moving average of a request's duration (for Retry-After)
 
     # -- public ---------------------------------------------------------------------------------------
@@ -205,7 +139,8 @@ class Engine:
         src = self.lm.source.stats()
         with self._cv:
             st = {"running": len(self._running), "waiting": len(self._waiting), "max_batch": self.max_batch,
-                  "max_queue": self.max_queue, "prefill_chunk": self.prefill_chunk, **self._counts}
+                  "max_queue": self.max_queue, "prefill_chunk": self.prefill_chunk,
+                  "prefill_chunks_per_sweep": self.prefill_chunks, **self._counts}
         st.update(source=src, expert_bytes_read=int(src.get("bytes_read", 0) or 0),
                   memory_budget_bytes=src.get("budget_bytes"), peak_rss_bytes=peak_rss_bytes())
         return st
@@ -290,21 +225,22 @@ class Engine:
             self._running.append(s)
 
     def _iteration(self) -> None:
-        """One token boundary: drop cancelled sequences, one prefill chunk, one decode step (the two in one
-        sweep of the layers when both are due: ``DecoderLM.prefill_and_decode_step``)."""
+        """One token boundary: drop cancelled sequences, prefill chunks (one, or ``prefill_chunks`` requests'
+        at once), one decode step; in one sweep of the layers (``DecoderLM.sweep``) where the model has it."""
         for s in [s for s in self._running if s.h._cancelled]:
             self._finish(s, None, "cancelled")
-        pre = next((s for s in self._running if s.prefilled < len(s.prompt)), None)
+        pres = [s for s in self._running if s.prefilled < len(s.prompt)][:self.prefill_chunks]
         rows = [s for s in self._running if s.prefilled == len(s.prompt) and s.h.finish_reason is None]
-        if pre is not None and rows and self._shared_sweep:
+        if self._shared_sweep and (len(pres) > 1 or (pres and rows)):
             try:
-                self._prefill_chunk(pre, rows)
+                self._sweep(pres, rows)
             except Exception as exc:
-                self._fail([s for s in (pre, *rows) if s.h.finish_reason is None], exc, "prefill chunk and decode step")
+                self._fail([s for s in (*pres, *rows) if s.h.finish_reason is None], exc,
+                           "prefill chunk and decode step" if rows else "prefill")
             return
-        if pre is not None:
+        for pre in pres:
             try:
-                self._prefill_chunk(pre)
+                self._sweep([pre], [])
             except Exception as exc:
                 self._fail([pre], exc, "prefill")
         rows = [s for s in self._running if s.prefilled == len(s.prompt) and s.h.finish_reason is None]
@@ -315,23 +251,30 @@ class Engine:
             except Exception as exc:
                 self._fail([s for s in rows if s.h.finish_reason is None], exc, "decode step")
 
-    def _prefill_chunk(self, s: _Seq, rows: Sequence[_Seq] = ()) -> None:
-        """The next chunk of ``s``'s prompt; with ``rows``, their decode step in the same sweep of the layers."""
+    def _chunk(self, s: _Seq) -> tuple[int, int]:
         a = s.prefilled
         b = len(s.prompt) if self.prefill_chunk == 0 else min(len(s.prompt), a + self.prefill_chunk)
         if len(s.prompt) - b == 1:  # never a last chunk of one token: that would take the one-row kernels
             b = len(s.prompt)
-        x = torch.tensor([s.prompt[a:b]], dtype=torch.long)  # [1, T]
-        if rows:
-            logits, row_logits = self.model.prefill_and_decode_step(
-                x, s.cache, a, [r.last for r in rows], [r.cache for r in rows], [r.pos for r in rows], last_only=True)
-            self._counts["shared_sweeps"] += 1
+        return a, b
+
+    def _sweep(self, pres: Sequence[_Seq], rows: Sequence[_Seq]) -> None:
+        """The next chunk of each of ``pres``' prompts and, with ``rows``, their decode step: one ``forward``
+        for a lone chunk, else one ``DecoderLM.sweep`` of the layers."""
+        spans = [self._chunk(s) for s in pres]
+        chunks = [(torch.tensor([s.prompt[a:b]], dtype=torch.long), s.cache, a, True)  # [1, T]
+                  for s, (a, b) in zip(pres, spans)]
+        if len(chunks) == 1 and not rows:
+            logits, row_logits = [self.model(*chunks[0][:3], last_only=True)], None  # [1, 1, V]
         else:
-            logits = self.model(x, s.cache, a, last_only=True)  # [1, 1, V]
-        s.prefilled = s.pos = b
-        self._counts["prefill_chunks"] += 1
-        if b == len(s.prompt):
-            self._accept(s, int(sample_next(logits[:, -1], s.sampling, s.gen)[0]))
+            logits, row_logits = self.model.sweep(chunks, [r.last for r in rows], [r.cache for r in rows],
+                                                  [r.pos for r in rows])
+            self._counts["shared_sweeps"] += 1
+        for s, (_, b), lg in zip(pres, spans, logits):
+            s.prefilled = s.pos = b
+            self._counts["prefill_chunks"] += 1
+            if b == len(s.prompt):
+                self._accept(s, int(sample_next(lg[:, -1], s.sampling, s.gen)[0]))
         if rows:
             self._take(rows, row_logits)
 

@@ -307,29 +307,48 @@ class DecoderLM(nn.Module):
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """A prefill chunk and a decode step together, layer by layer: what ``forward(input_ids, cache,
         start_pos, last_only)`` and ``decode_step(token_ids, caches, positions)`` return, bit for bit
-        (chunk logits [B, T or 1, V], row logits [N, V]).
-
-        At each layer the chunk's layer call runs (in ``forward``'s kernel scope) and then the rows'
-        (in ``decode_step``'s), so under a memory budget the rows' fetch of a layer comes right after
-        the chunk's fetch of the same layer, and finds resident what that one just read (the two calls
-        separately would sweep every layer's experts twice). Each call sees exactly the inputs it
-        would see alone, so the results are the separate calls' results.
-        """
-        self._check_rows(token_ids, caches, positions)
-        with self._chunk_scope(input_ids):
-            hc, cos_c, sin_c, mask_c = self._chunk_inputs(input_ids, start_pos)
-        with self._rows_scope():
-            hr, cos_r, sin_r, masks_r, kv = self._rows_inputs(token_ids, caches, positions)
-        for layer in self.model.layers:
-            with self._chunk_scope(input_ids):
-                hc = layer(hc, cos_c, sin_c, mask_c, cache, start_pos)  # [B, T, H]
-            with self._rows_scope():
-                hr = layer(hr, cos_r, sin_r, masks_r, kv, None)  # [N, 1, H]
-        with self._chunk_scope(input_ids):
-            chunk = self._chunk_logits(hc, last_only)
-        with self._rows_scope():
-            rows = self._rows_logits(hr)
+        (chunk logits [B, T or 1, V], row logits [N, V]). See :meth:`sweep`."""
+        (chunk,), rows = self.sweep([(input_ids, cache, start_pos, last_only)], token_ids, caches, positions)
         return chunk, rows
+
+    @torch.inference_mode()
+    def sweep(self, chunks, token_ids=(), caches=(), positions=()) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Prefill chunks and a decode step in one sweep of the layers: ``chunks`` is a list of
+        ``(input_ids [B, T], cache, start_pos, last_only)``, each what ``forward`` takes; the rows (none: no
+        decode step) what ``decode_step`` takes. Returns each chunk's ``forward`` logits and the rows'
+        ``decode_step`` logits (None without rows), bit for bit.
+
+        At each layer every chunk's layer call runs (in ``forward``'s kernel scope), then the rows' (in
+        ``decode_step``'s), so under a memory budget the later fetches of a layer come right after the
+        first one and find resident what it just read (separate calls would sweep every layer's experts
+        once each). Each call sees exactly the inputs it would see alone, so the results are the separate
+        calls' results.
+        """
+        rows = len(token_ids) > 0
+        if rows:
+            self._check_rows(token_ids, caches, positions)
+        hs = []
+        for ids, _, start, _ in chunks:
+            with self._chunk_scope(ids):
+                hs.append(self._chunk_inputs(ids, start))  # h [B, T, H], cos, sin, mask
+        if rows:
+            with self._rows_scope():
+                hr, cos_r, sin_r, masks_r, kv = self._rows_inputs(token_ids, caches, positions)
+        for layer in self.model.layers:
+            for i, ((ids, cache, start, _), (h, cos, sin, mask)) in enumerate(zip(chunks, hs)):
+                with self._chunk_scope(ids):
+                    hs[i] = (layer(h, cos, sin, mask, cache, start), cos, sin, mask)  # [B, T, H]
+            if rows:
+                with self._rows_scope():
+                    hr = layer(hr, cos_r, sin_r, masks_r, kv, None)  # [N, 1, H]
+        out = []
+        for (ids, _, _, last_only), (h, *_) in zip(chunks, hs):
+            with self._chunk_scope(ids):
+                out.append(self._chunk_logits(h, last_only))
+        if not rows:
+            return out, None
+        with self._rows_scope():
+            return out, self._rows_logits(hr)
 
     def _check_rows(self, token_ids, caches, positions) -> None:
         why = self.ragged_unsupported()
