@@ -17,6 +17,7 @@ from torch import nn
 from .errors import MissingWeightError, UnsupportedModelError
 from . import kernels as _kernels
 from .kernels import linear
+from .moe_one import moe_one
 
 if TYPE_CHECKING:
     from .source import WeightSource
@@ -312,6 +313,10 @@ def moe_forward(
     the fetch has started (after the first expert), e.g. to prefetch the next layer behind it.
     """
     n, _ = x.shape
+    if n == 1:
+        out = moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open)
+        if out is not None:
+            return out
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slots grouped by ascending expert id
     ids_sorted = flat[order]

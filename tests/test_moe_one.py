@@ -1,0 +1,87 @@
+"""One token's routed-expert sum (``moe_one``, the decode step's path of ``layers.moe_forward``) gives
+the bits of the general grouping path, and calls the source and the hook as it does."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zipmoe_run import layers
+from zipmoe_run.errors import MissingWeightError
+
+
+class Source:
+    """Experts of one layer as {proj: tensor}; yields them in a given order; records what was asked."""
+
+    def __init__(self, experts: dict[int, dict[str, torch.Tensor]], reverse: bool = False, drop: int | None = None):
+        self.experts, self.reverse, self.drop, self.asked = experts, reverse, drop, []
+
+    def fetch(self, layer, wanted, stack=None):
+        self.asked.append((layer, list(wanted), stack))
+        for e in (reversed(wanted) if self.reverse else wanted):
+            if e != self.drop:
+                yield e, self.experts[e]
+
+
+def _experts(g, n_exp: int, h: int, inter: int, dtype) -> dict[int, dict[str, torch.Tensor]]:
+    return {e: {"gate_proj": (torch.randn(inter, h, generator=g) * 0.2).to(dtype),
+                "up_proj": (torch.randn(inter, h, generator=g) * 0.2).to(dtype),
+                "down_proj": (torch.randn(h, inter, generator=g) * 0.2).to(dtype)} for e in range(n_exp)}
+
+
+def _general(monkeypatch, *args):
+    """moe_forward by the grouping path (as before moe_one)."""
+    with monkeypatch.context() as m:
+        m.setattr(layers, "moe_one", lambda *a: None)
+        return layers.moe_forward(*args)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype is torch.bfloat16 else t.view(torch.int32)
+
+
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                          (torch.float32, torch.float32)])
+@pytest.mark.parametrize("layout", ["fresh", "offset view", "strided"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_one_token_gives_the_bits_of_the_grouping_path(monkeypatch, dtype, wdtype, layout, reverse):
+    g = torch.Generator().manual_seed(7)
+    h, inter = 64, 48
+    experts = _experts(g, 8, h, inter, dtype)
+    big = torch.randn(3, 2 * h + 1, generator=g).to(dtype)
+    x = {"fresh": big[1, :h].clone()[None], "offset view": big[1:2, 1:h + 1], "strided": big[1:2, : 2 * h : 2]}[layout]
+    ids = torch.tensor([[6, 1, 4, 3]])
+    w = torch.softmax(torch.randn(1, 4, generator=g), -1).to(wdtype)
+    src, ref_src = Source(experts, reverse), Source(experts, reverse)
+    opened, ref_opened = [], []
+    x0 = x.clone()
+    out = layers.moe_forward(x, ids, w, src, 3, "s", layers.swiglu_expert, lambda: opened.append(1))
+    ref = _general(monkeypatch, x, ids, w, ref_src, 3, "s", layers.swiglu_expert, lambda: ref_opened.append(1))
+    assert out.dtype == ref.dtype == dtype and out.shape == ref.shape == (1, h)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert src.asked == ref_src.asked == [(3, [1, 3, 4, 6], "s")]
+    assert opened == ref_opened == [1]
+    assert torch.equal(_bits(x), _bits(x0))  # the input is not written
+
+
+def test_duplicate_ids_and_many_tokens_take_the_grouping_path(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    experts = _experts(g, 4, 32, 16, torch.bfloat16)
+    x = torch.randn(1, 32, generator=g).bfloat16()
+    ids, w = torch.tensor([[2, 2]]), torch.tensor([[0.5, 0.25]]).bfloat16()
+    calls = []
+    real = layers.moe_one
+    monkeypatch.setattr(layers, "moe_one", lambda *a: calls.append(1) or real(*a))
+    out = layers.moe_forward(x, ids, w, Source(experts), 0)
+    assert calls == [1]
+    assert torch.equal(_bits(out), _bits(_general(monkeypatch, x, ids, w, Source(experts), 0)))
+    x2 = torch.randn(2, 32, generator=g).bfloat16()
+    layers.moe_forward(x2, torch.tensor([[0, 1], [1, 3]]), torch.ones(2, 2).bfloat16(), Source(experts), 0)
+    assert calls == [1]  # two tokens: moe_one is not asked
+
+
+def test_a_missing_expert_is_named():
+    g = torch.Generator().manual_seed(9)
+    experts = _experts(g, 4, 32, 16, torch.bfloat16)
+    with pytest.raises(MissingWeightError, match=r"layer 5: .* experts \[2\]"):
+        layers.moe_forward(torch.randn(1, 32).bfloat16(), torch.tensor([[0, 2]]), torch.ones(1, 2).bfloat16(),
+                           Source(experts, drop=2), 5)

@@ -1,0 +1,43 @@
+"""The routed-expert sum of one token (a decode step's ``layers.moe_forward``) without the grouping
+that many tokens need: the same operations on the same values in the same order, so the same bits."""
+from __future__ import annotations
+
+import torch
+
+from .errors import MissingWeightError
+
+__all__ = ["moe_one"]
+
+_TOKEN0 = torch.zeros(1, dtype=torch.long)  # index_add_'s index of the one token (never written)
+
+
+def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open) -> torch.Tensor | None:
+    """``moe_forward`` of one token x [1, H] (a decode step) with the same operations on the same values,
+    in the same order, without the sorting and indexing that group many tokens: ids ascending
+    (distinct, as top-k gives them; None for the general path otherwise), each expert's output
+    weighted by its [1, 1] top-k weight, summed by ``index_add_`` in ascending expert id. The expert
+    gets x itself where x is laid out as the copy ``x[tok]`` would be (contiguous, 64-byte aligned:
+    a BLAS kernel may sum differently at another alignment), else that copy."""
+    ids: list[int] = topk_ids.reshape(-1).tolist()
+    if len(set(ids)) != len(ids):
+        return None
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # slot of each expert, ascending id
+    wanted = [ids[j] for j in order]
+    slot_of = {e: i for i, e in enumerate(wanted)}
+    tw = topk_weights.reshape(-1, 1)  # [K, 1]
+    xe = x if x.is_contiguous() and x.data_ptr() % 64 == 0 else x[_TOKEN0]  # [1, H]
+    outs: list[torch.Tensor | None] = [None] * len(wanted)
+    for e, weights in source.fetch(layer, wanted, stack):
+        i = slot_of[e]
+        j = order[i]
+        outs[i] = (expert_fn(xe, weights) * tw[j:j + 1]).to(x.dtype)  # [1, H]
+        if after_open is not None:
+            after_open()
+            after_open = None
+    missing = [wanted[i] for i, o in enumerate(outs) if o is None]
+    if missing:
+        raise MissingWeightError(f"layer {layer}: weight source did not yield experts {missing}")
+    out = torch.zeros_like(x)
+    for o in outs:  # fixed order: ascending expert id
+        out.index_add_(0, _TOKEN0, o)
+    return out
