@@ -289,12 +289,36 @@ def test_bench_serve_rows(archive):
     res = run(archive, budgets=["50%"], streams=[2], requests=3, max_tokens=3, repeat=2)
     assert [r["streams"] for r in res["rows"]] == [1, 2] and res["host_line"].startswith("host:")
     for r in res["rows"]:
-        assert r["completed"] == 3 and not r["errors"] and r["same_text_as_sequential"] is True
+        assert r["completed"] == 3 and not r["errors"] and r["same_text_as_sequential"] is True, (r["errors"], res)
         assert r["tokens"] >= 3 and r["bytes_per_token"] is not None and r["ttft_p90_s"] >= r["ttft_median_s"]
         assert r["store_peak_bytes"] <= r["budget_bytes"]
     assert res["rows"][0]["x_sequential"] == 1.0 and all(len(r["tok_s_runs"]) == 2 for r in res["rows"])
     assert "llamacpp" not in res
     assert render_table(res).row_count == 2
+    # the server ran in its own process, in a memory cgroup capped at dense + budget + its measured overhead
+    # (or, where no cgroup can be made here, uncapped and labelled so)
+    from zipmoe.bench.e2e_proc import MemCap
+
+    (srv,) = res["servers"]
+    if MemCap.parent()[0] is None:
+        assert res["cap"].startswith("uncapped: ") and all(r["cap_bytes"] is None for r in res["rows"])
+        assert "uncapped" in str(render_table(res).columns[-2]._cells)
+        return
+    assert res["cap"].startswith("capped") and srv["overhead_bytes"] > 0
+    assert srv["cap_bytes"] == srv["dense_bytes"] + srv["budget_bytes"] + srv["overhead_bytes"]
+    for r in res["rows"]:
+        assert r["cap_bytes"] == srv["cap_bytes"] and 0 < r["cap_peak_bytes"] <= r["cap_bytes"]
+    assert "overhead" in str(render_table(res).caption)
+
+
+def test_bench_serve_no_cap_is_labelled(archive):
+    """`--no-cap`: the server process runs outside any cgroup and every row says it is uncapped."""
+    from zipmoe.bench.serve import render_table, run
+
+    res = run(archive, budgets=["50%"], streams=[1], requests=1, max_tokens=2, capped=False)
+    assert res["cap"] == "uncapped by request (--no-cap)" and "cap_bytes" not in res["servers"][0]
+    assert [(r["cap_bytes"], r["cap_note"], r["completed"]) for r in res["rows"]] == [(None, res["cap"], 1)]
+    assert "uncapped" in str(render_table(res).columns[-2]._cells)
 
 
 def test_bench_serve_llamacpp_peer_runs_or_says_why(archive):

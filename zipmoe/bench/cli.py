@@ -307,11 +307,13 @@ def serve_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", callback=threads_option, help="Compute threads."),
     llamacpp: bool = typer.Option(False, "--llamacpp", help="Also llama.cpp's server (skipped, saying why, when "
                                   "llama_cpp or its server does not import)."),
+    no_cap: bool = typer.Option(False, "--no-cap", help="Run the server without its memory cgroup (uncapped)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
     debug: bool = typer.Option(False, "--debug", help="Log progress."),
 ) -> None:
-    """zipmoe serve: aggregate tok/s, TTFT and bytes read per token at 1-8 concurrent streams, per budget."""
+    """zipmoe serve: aggregate tok/s, TTFT and bytes read per token at 1-8 concurrent streams, per budget; the
+    server runs in a child process capped by a memory cgroup at dense + budget + its measured overhead."""
     from rich.console import Console
 
     from zipmoe.bench.serve import render_table, run
@@ -326,7 +328,7 @@ def serve_cmd(
         fail("--budgets and --streams need at least one value each", 2)
     with guarded(debug, 2):
         result = run(model, budgets=budget_list, streams=stream_list, requests=requests, max_tokens=max_tokens,
-                     threads=threads, llamacpp=llamacpp, repeat=repeat)
+                     threads=threads, llamacpp=llamacpp, repeat=repeat, capped=not no_cap)
     if not _emit(result, as_json, out):
         Console(width=200).print(render_table(result))
 

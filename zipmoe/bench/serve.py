@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -212,51 +213,69 @@ def _median_row(runs: list[dict]) -> dict:
     return row
 
 
+def _health(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url + "/health", timeout=60).json()
+
+
 def _zipmoe_rows(model: Path, budget: str, streams: list[int], prompts: list[list[int]], max_tokens: int,
-                 threads: int | None, repeat: int = 1) -> tuple[list[dict], dict]:
-    from zipmoe_run.api import load
-    from zipmoe_run.engine import Engine
-    from zipmoe_run.serve import model_id_for
-    from zipmoe_run.serve.app import ServeContext
-    from zipmoe_run.serve.server import ServerThread
+                 threads: int | None, repeat: int = 1, capped: bool = True) -> tuple[list[dict], dict]:
+    from .serve_proc import ServerProc
 
     t = time.perf_counter()
-    lm = load(model, memory_budget=None if budget in ("none", "uncapped") else budget, threads=threads)
-    load_s = time.perf_counter() - t
-    eng = Engine(lm, max_batch=max(streams), max_queue=max(64, len(prompts)))
-    eng.start()
-    srv = None
+    sp = ServerProc(model, None if budget in ("none", "uncapped") else budget, threads=threads,
+                    max_batch=max(streams), max_queue=max(64, len(prompts)), warm_prompts=prompts[:2],
+                    warm_tokens=min(max_tokens, 8), max_len=max(len(p) for p in prompts) + max_tokens,
+                    capped=capped, log_path=Path(tempfile.gettempdir()) / "zipmoe-bench-serve" /
+                    f"server-{os.getpid()}-{budget.replace('%', 'pct')}.log")
     runs: dict[int, list[dict]] = {n: [] for n in streams}
-    try:
-        ctx = ServeContext(eng, lm, model_id_for(model))
-        srv = ServerThread(ctx).start()
-        drive(srv.url, ctx.model_id, prompts[:2], min(max_tokens, 8), 1)  # warm-up, untimed
+    with sp:
+        load_s = time.perf_counter() - t  # load, warm-up and the overhead measurement
+        url, model_id = sp.info["url"], sp.info["model_id"]
+        st1: dict = {}
         for _ in range(repeat):  # stream counts interleaved, so drifting load hits them alike
             for n in streams:
-                st0 = eng.stats()
-                row = drive(srv.url, ctx.model_id, prompts, max_tokens, n)
-                st1 = eng.stats()
-                gen = st1["tokens_generated"] - st0["tokens_generated"]
-                read = st1["expert_bytes_read"] - st0["expert_bytes_read"]
-                src = st1.get("source", {})
+                sp.watch()
+                row, st0, st1 = _measure(sp, url, model_id, prompts, max_tokens, n)
+                gen = st1.get("tokens_generated", 0) - st0.get("tokens_generated", 0)
+                read = st1.get("expert_bytes_read", 0) - st0.get("expert_bytes_read", 0)
+                src = st1.get("source") or {}
                 row.update(system="zipmoe", budget=budget, budget_bytes=st1.get("memory_budget_bytes"),
                            bytes_read=read, bytes_per_token=read / gen if gen else None,
                            store_peak_bytes=src.get("store_peak_bytes"), peak_rss_bytes=st1.get("peak_rss_bytes"),
-                           load_s=load_s)
+                           load_s=load_s, shared_sweeps=st1.get("shared_sweeps", 0) - st0.get("shared_sweeps", 0),
+                           **sp.cap_stats())
                 log.info("zipmoe %s, %d streams: %.2f tok/s", budget, n, row["tok_s"])
                 runs[n].append(row)
-        info = {"io_mode": eng.stats().get("source", {}).get("io_mode")}
-    finally:
-        if srv is not None:
-            srv.stop()
-        eng.shutdown(cancel=True, timeout=30)
-        lm.close()
+        info = {"io_mode": (st1.get("source") or {}).get("io_mode"), "server": sp.info, "cap_note": sp.cap_note}
     return [_median_row(runs[n]) for n in streams], info
+
+
+def _measure(sp, url: str, model_id: str, prompts: list[list[int]], max_tokens: int, n: int
+             ) -> tuple[dict, dict, dict]:
+    """One ``drive`` at ``n`` streams against the server process, with its /health before and after; a row
+    of errors (nothing completed) when the server has ended (killed by its cap, say)."""
+    import httpx
+
+    empty = {"streams": n, "requests": len(prompts), "completed": 0, "tokens": 0, "wall_s": 0.0, "tok_s": 0.0,
+             "ttft_median_s": None, "ttft_p90_s": None, "texts": [None] * len(prompts)}
+    try:
+        st0 = _health(url) if sp.exit_reason() is None else None
+        row = drive(url, model_id, prompts, max_tokens, n) if st0 is not None else None
+        st1 = _health(url) if row is not None else None
+    except (httpx.HTTPError, ValueError) as exc:
+        time.sleep(1.0)  # let a killed server's exit status arrive
+        why = sp.exit_reason() or f"{type(exc).__name__}: {exc}"
+        return {**empty, "errors": [f"the server failed: {why}"]}, {}, {}
+    if st1 is None:
+        return {**empty, "errors": [f"the server ended: {sp.exit_reason()}"]}, {}, {}
+    return row, st0, st1
 
 
 def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), streams: list[int] = (1, 2, 4, 8),
         requests: int = 16, max_tokens: int = 32, threads: int | None = None, llamacpp: bool = False,
-        seed: int = 0, repeat: int = 1) -> dict:
+        seed: int = 0, repeat: int = 1, capped: bool = True) -> dict:
     """Measure (see the module docstring); returns the JSON-able result with the host line."""
     from zipmoe_run.api import open_source
     from zipmoe_run.calibrate import report as host_report
@@ -284,7 +303,7 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
                     "threads": threads, "repeat": repeat, "prompt_tokens": [len(p) for p in prompts], "rows": []}
     result.update(host_report(model if model.suffix == ".zmoe" else None, threads=threads))
     for b in budgets:
-        rows, info = _zipmoe_rows(model, b, streams, prompts, max_tokens, threads, repeat)
+        rows, info = _zipmoe_rows(model, b, streams, prompts, max_tokens, threads, repeat, capped)
         base = next(r for r in rows if r["streams"] == 1)
         base_texts = base["texts"]
         for r in rows:  # greedy answers must not depend on the batch (batch invariance)
@@ -293,9 +312,9 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
             r["same_text_as_sequential"] = r.pop("texts") == base_texts and stable
         result["rows"].extend(rows)
         result.setdefault("io_mode", info.get("io_mode"))
+        result.setdefault("servers", []).append({"budget": b, **info["server"]})
+        result.setdefault("cap", info["cap_note"])
     if llamacpp:
-        import tempfile
-
         peer = PEERS["llamacpp"](model, threads=threads, max_tokens=max_tokens,
                                  workdir=Path(tempfile.gettempdir()) / "zipmoe-bench-serve")
         if "skipped" in peer:
@@ -318,6 +337,17 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
     return result
 
 
+def _cap_cell(r: dict) -> str:
+    from zipmoe_cli import human
+
+    if r.get("system") != "zipmoe":
+        return "-"
+    if not r.get("cap_bytes"):
+        return "uncapped"
+    peak = human(r["cap_peak_bytes"]) if r.get("cap_peak_bytes") is not None else "?"
+    return f"{peak} / {human(r['cap_bytes'])}"
+
+
 def render_table(result: dict):
     """A rich Table of :func:`run`'s result."""
     from rich.table import Table
@@ -329,7 +359,7 @@ def render_table(result: dict):
                         f"{max(result['prompt_tokens'])} tokens; streams = concurrent clients (1: one after another); "
                         f"median of {result.get('repeat', 1)} run(s)")
     for c in ("system", "budget", "streams", "tok/s", "x 1 stream", "TTFT median s", "TTFT p90 s", "read/token",
-              "store peak / budget", "peak RSS", "done"):
+              "store peak / budget", "peak RSS", "cgroup peak / cap", "done"):
         table.add_column(c, justify="left" if c in ("system", "budget") else "right")
     for r in result["rows"]:
         bpt = r.get("bytes_per_token")
@@ -340,13 +370,19 @@ def render_table(result: dict):
                       f"{r['ttft_median_s']:.3f}" if r.get("ttft_median_s") is not None else "-",
                       f"{r['ttft_p90_s']:.3f}" if r.get("ttft_p90_s") is not None else "-",
                       human(bpt) if bpt is not None else "-", store,
-                      human(r["peak_rss_bytes"]) if r.get("peak_rss_bytes") else "-",
+                      human(r["peak_rss_bytes"]) if r.get("peak_rss_bytes") else "-", _cap_cell(r),
                       f"{r['completed']}/{r['requests']}" + ("" if r.get("same_text_as_sequential", True)
                                                              else " (text differs!)"))
-    if "llamacpp" in result:
-        from rich.markup import escape
+    from rich.markup import escape
 
+    notes = [f"zipmoe server: {result['cap']}" + "".join(
+        f"; {s['budget']}: cap {human(s['cap_bytes'])} = dense {human(s['dense_bytes'])} + budget "
+        f"{human(s['budget_bytes'] or 0)} + overhead {human(s['overhead_bytes'])}"
+        for s in result.get("servers", []) if s.get("cap_bytes"))] if result.get("cap") else []
+    if "llamacpp" in result:
         peer = result["llamacpp"]
-        table.caption = escape(f"llama.cpp server: skipped: {peer['skipped']}" if "skipped" in peer
-                               else f"llama.cpp server ({peer.get('gguf')}): {peer.get('note')}")
+        notes.append(f"llama.cpp server: skipped: {peer['skipped']}" if "skipped" in peer
+                     else f"llama.cpp server ({peer.get('gguf')}): {peer.get('note')}")
+    if notes:
+        table.caption = escape("\n".join(notes))
     return table
