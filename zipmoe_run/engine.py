@@ -2,13 +2,16 @@
 
 Requests wait in a bounded queue. At every token boundary, finished and cancelled sequences leave the
 running batch (their KV cache is dropped) and waiting ones join, up to ``max_batch``. Every engine
-iteration runs at most one prefill chunk (``prefill_chunk`` tokens of ONE request: prefill is never
-mixed with other requests' tokens) and then one decode step of every decoding sequence
-(``DecoderLM.decode_step``: one token per sequence, each on its own cache and position; each layer
-fetches the union of the experts the batch routes to, once). When both are due they run in one sweep of
-the layers (``DecoderLM.prefill_and_decode_step``: at each layer the chunk's call, then the rows'), so
-under a budget the rows' fetch of a layer finds resident what the chunk's just read, instead of a second
-sweep of every layer. So a decoding stream waits at most one chunk between two of its steps.
+iteration runs prefill chunks (``prefill_chunk`` tokens of one request each: a chunk never mixes
+requests' tokens) and then one decode step of every decoding sequence (``DecoderLM.decode_step``: one
+token per sequence, each on its own cache and position; each layer fetches the union of the experts the
+batch routes to, once). The chunks and the step run in one sweep of the layers (``DecoderLM.sweep``: at
+each layer every chunk's call, then the rows'), so under a budget the later fetches of a layer find
+resident what the first just read, instead of one sweep of every layer each. How many requests get a
+chunk per iteration (``prefill_chunks``): one where every expert fits the budget (a chunk then costs its
+compute, about one full step), every prefilling request where they do not (a sweep then costs its
+expert reads, far more than the chunks' compute). So a decoding stream waits at most that many chunks'
+compute between two of its steps.
 
 Batch invariance: a decode step computes each row exactly as a step of that sequence alone
 (``kernels.decode_rows_scope``), and a prefill depends only on its own prompt and the chunk size, so a
