@@ -336,3 +336,17 @@ def test_bench_serve_llamacpp_peer_runs_or_says_why(archive):
         assert [r["streams"] for r in rows] == [1, 2] and all(r["completed"] == 2 and not r["errors"] for r in rows)
         assert rows[0]["x_sequential"] == 1.0
     assert "llama.cpp server" in str(render_table(res).caption)
+
+
+def test_bench_serve_row_of_a_killed_server():
+    """A server process that has ended (its cap killed it) gives a row of errors saying so, not a traceback,
+    and no request counted as completed."""
+    from zipmoe.bench.serve import _measure
+
+    class Dead:
+        def exit_reason(self):
+            return "killed (OOM under the memory cap)"
+
+    row, st0, st1 = _measure(Dead(), "http://127.0.0.1:9", "m", [[5, 6], [7, 8, 9]], 4, 2)
+    assert (row["completed"], row["tokens"], st0, st1) == (0, 0, {}, {})
+    assert row["errors"] == ["the server ended: killed (OOM under the memory cap)"] and row["texts"] == [None, None]
