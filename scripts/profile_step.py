@@ -68,11 +68,24 @@ def variants() -> dict:
     def addr(on: bool) -> None:  # the GEMV by address (kernels_addr) or the numpy-view path
         K._NAN16 = nan16 if on else None
 
-    return {"gemv by address": addr}
+    from zipmoe_run import layers as L
+
+    one = L.moe_one
+
+    def moe(on: bool) -> None:  # one token's routed sum (moe_one) or the grouping path
+        L.moe_one = one if on else (lambda *a: None)
+
+    def both(on: bool) -> None:
+        addr(on)
+        moe(on)
+
+    return {"gemv by address": addr, "moe_one": moe, "both": both}
 
 
-def ab(step, steps: int, rounds: int = 8) -> None:
-    """Each trim off and on in alternating rounds of ``steps // 4`` steps; median step time of each."""
+def ab(step, steps: int, rounds: int = 8, clock=time.perf_counter) -> None:
+    """Each trim off and on in alternating rounds of ``steps // 4`` steps; median step time of each
+    (``clock``: wall time, or with --cpu this thread's CPU time: at 1 thread the step's own work, which
+    other processes on the cores disturb less than the wall clock)."""
     for name, switch in variants().items():
         res: dict[bool, list[float]] = {True: [], False: []}
         for r in range(rounds):
@@ -80,9 +93,9 @@ def ab(step, steps: int, rounds: int = 8) -> None:
                 switch(on)
                 step()
                 for _ in range(max(1, steps // 4)):
-                    t = time.perf_counter()
+                    t = clock()
                     step()
-                    res[on].append(time.perf_counter() - t)
+                    res[on].append(clock() - t)
         switch(True)
         off, on = statistics.median(res[False]) * 1e3, statistics.median(res[True]) * 1e3
         print(f"A/B {name}: off {off:.2f} ms, on {on:.2f} ms ({off - on:+.2f} ms, {len(res[True])} steps each)")
@@ -95,6 +108,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--ops", action="store_true", help="torch.profiler table of ops")
     ap.add_argument("--no-parts", action="store_true", help="skip the hook breakdown")
+    ap.add_argument("--cpu", action="store_true", help="--ab by this thread's CPU time (use with --threads 1)")
     ap.add_argument("--ab", action="store_true",
                     help="alternate the step with and without this session's trims (same process), medians")
     args = ap.parse_args()
@@ -134,7 +148,7 @@ def main() -> None:
           f"(min {min(times) * 1e3:.2f}, {args.steps} steps); numba GEMV calls per step: {calls[0]}")
 
     if args.ab:
-        ab(step, args.steps)
+        ab(step, args.steps, clock=time.thread_time if args.cpu else time.perf_counter)
 
     if not args.no_parts:
         acc = hook_parts(model)

@@ -125,10 +125,12 @@ def nan_pattern() -> int | None:
     vals = _probe_values()
     rng = np.random.default_rng(0)
     seen: set[int] = set()
-    for n in (1, 3, 8, 15, 16, 17, 31, 33, 64, 100, 1000):
+    for n in (1, 3, 8, 15, 16, 17, 31, 33, 64, 100, 1000, 70001):
         f = rng.standard_normal(n).astype(np.float32)
         at = rng.integers(0, n, size=len(vals))
         f[at] = vals[: len(at)]  # later probes overwrite earlier ones at the same place: all lengths differ
+        if n > 1000:  # longer than torch's grain for one thread: every chunk's end holds a probe
+            f[::7] = vals[np.arange(0, n, 7) % len(vals)]
         got = torch.from_numpy(f).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         nan = np.isnan(f)
         seen.update(int(v) for v in got[nan])
