@@ -443,6 +443,15 @@ def test_olmoe_full_run_with_llamacpp(tiny_source, tmp_path):
     assert st["bytes_on_disk"] == gguf.stat().st_size and not st["reused"] and st["overhead_bytes"] > 0
     assert res["model"]["family"] == "olmoe" and res["model"]["dims"]["shared_intermediate"] is None
     assert res["llamacpp"]["gguf"]["path"] == str(gguf)
+    # a second preparation reuses the GGUF and reports the export time of the run that made it
+    from zipmoe.bench.e2e_full_olmoe import prepare_llamacpp
+
+    stamp = gguf.stat().st_mtime_ns
+    prep = prepare_full(cfg)
+    again = prepare_llamacpp(cfg, prep, gguf, lambda p: 3 << 30, tmp_path)
+    assert again["gguf"]["reused"] and gguf.stat().st_mtime_ns == stamp
+    st2 = prep["steps"]["gguf"]
+    assert st2["reused"] and st2["seconds"] == st["seconds"] and st2["mb_s"] == st["mb_s"] and st["seconds"] > 0
     targets = {t["target"] for t in res["targets"]}
     assert "30% budget: zipmoe tokens/s >= 3x llamacpp" in targets
     assert "identical tokens: archive and directory at every budget" in targets  # llama.cpp's not compared
@@ -451,6 +460,10 @@ def test_olmoe_full_run_with_llamacpp(tiny_source, tmp_path):
 
     t1, t2 = render_full(res)
     assert t2.row_count == 3 and t1.row_count == 5  # disk check, generate, pack, gguf, open
+    # a GGUF step without a recorded time (made before the manifest kept it) renders as "-", not a TypeError
+    res["full"]["steps"]["gguf"].update(seconds=None, mb_s=None, reused=True)
+    t1, _ = render_full(res)
+    assert list(t1.columns[1].cells)[3] == "-" and list(t1.columns[2].cells)[3] == "-"
 
 
 def test_full_depth_family_refusals(tmp_path):

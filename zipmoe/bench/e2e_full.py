@@ -147,7 +147,7 @@ def prepare_full(cfg, *, free_bytes=free_space, source: Path | None = None, scal
     steps["open"] = {"seconds": open_s, "note": "formats.reader.Archive on a cold archive (preamble, index, checks)"}
     return {"ckpt": str(ckpt), "archive": str(arc), "raw_archive": None, "expert_bytes": expert_bytes,
             "extent_bytes": extent_bytes, "dense_bytes": dense_bytes, "config": config, "steps": steps,
-            "manifest": str(manifest), "source": str(source), "scale": scale, "family": fam,
+            "manifest": str(manifest), "manifest_data": old, "source": str(source), "scale": scale, "family": fam,
             "gguf_path": str(gguf), "probe": str(probe), "vocab_note": spec.get("vocab_note")}
 
 
@@ -301,7 +301,8 @@ def render_full(result: dict):
         if s.get("skipped"):
             t1.add_row(name, "-", "-", "-", "-", f"skipped: {s['skipped']}")
             continue
-        t1.add_row(name, f"{s['seconds']:.1f}" if "seconds" in s else "-", f"{s['mb_s']:.0f}" if "mb_s" in s else "-",
+        t1.add_row(name, f"{s['seconds']:.1f}" if s.get("seconds") is not None else "-",
+                   f"{s['mb_s']:.0f}" if s.get("mb_s") is not None else "-",
                    _gb(s.get("bytes_on_disk")), _gb(s.get("free_after_bytes")),
                    "reused (manifest matches); time of the run that made it" if s.get("reused") else "")
     t1.add_row("open archive", f"{st['open']['seconds']:.3f}", "-", "-", "-", "cold")

@@ -19,6 +19,7 @@ budget + overhead, as at depth 2). Library code: logs, never prints.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -110,8 +111,15 @@ def prepare_llamacpp(cfg, prep: dict, gguf_path: Path, free_bytes, probe: Path) 
         return res
     exp = res["gguf"]
     size = Path(exp["path"]).stat().st_size
-    prep["steps"]["gguf"] = {"seconds": exp.get("export_s"), "reused": exp.get("reused"), "bytes_on_disk": size,
-                             "mb_s": size / exp["export_s"] / 1e6 if exp.get("export_s") else None,
+    made = {"seconds": exp.get("export_s"), "mb_s": size / exp["export_s"] / 1e6 if exp.get("export_s") else None}
+    old = prep.get("manifest_data")
+    if isinstance(old, dict) and prep.get("manifest"):  # the export's time, kept for the runs that reuse it
+        if exp.get("reused") and isinstance(old.get("gguf"), dict):
+            made = {k: old["gguf"].get(k) for k in ("seconds", "mb_s")}
+        elif not exp.get("reused"):
+            old["gguf"] = made
+            Path(prep["manifest"]).write_text(json.dumps(old, indent=1))
+    prep["steps"]["gguf"] = {**made, "reused": exp.get("reused"), "bytes_on_disk": size,
                              "free_after_bytes": free_bytes(probe),
                              "overhead_bytes": res["overhead"]["overhead_bytes"],
                              "total_s": time.perf_counter() - t0}
