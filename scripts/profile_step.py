@@ -10,6 +10,7 @@ variants in the same process. Reads the checkpoint only.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -59,8 +60,10 @@ def hook_parts(model) -> dict[str, list[float]]:
     return acc
 
 
+@functools.cache
 def variants() -> dict:
-    """name -> (switch on, switch off) of the trims that can be undone in a running process."""
+    """name -> switch(on) of the trims that can be undone in a running process (built once, with the
+    trims on, so switching on restores them)."""
     from zipmoe_run import kernels as K
 
     nan16 = K._NAN16
@@ -108,6 +111,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--ops", action="store_true", help="torch.profiler table of ops")
     ap.add_argument("--no-parts", action="store_true", help="skip the hook breakdown")
+    ap.add_argument("--off", action="store_true", help="this session's trims off for the whole run (the old paths)")
     ap.add_argument("--cpu", action="store_true", help="--ab by this thread's CPU time (use with --threads 1)")
     ap.add_argument("--ab", action="store_true",
                     help="alternate the step with and without this session's trims (same process), medians")
@@ -126,6 +130,9 @@ def main() -> None:
 
     def step():
         return model(x, cache, pos, last_only=True)
+
+    if args.off:
+        variants()["both"](False)
 
     for _ in range(5):
         step()
@@ -149,6 +156,8 @@ def main() -> None:
 
     if args.ab:
         ab(step, args.steps, clock=time.thread_time if args.cpu else time.perf_counter)
+        if args.off:
+            variants()["both"](False)
 
     if not args.no_parts:
         acc = hook_parts(model)
