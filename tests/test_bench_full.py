@@ -455,6 +455,9 @@ def test_olmoe_full_run_with_llamacpp(tiny_source, tmp_path):
     targets = {t["target"] for t in res["targets"]}
     assert "30% budget: zipmoe tokens/s >= 3x llamacpp" in targets
     assert "identical tokens: archive and directory at every budget" in targets  # llama.cpp's not compared
+    ll = next(t for t in res["targets"] if t["target"] == "llamacpp greedy tokens equal zipmoe's")  # information
+    same = rows["llamacpp"]["tokens"] == rows["zipmoe"]["tokens"]
+    assert ll["met"] == same and ll["mark"] == ("same" if same else "differ")
     assert next(t for t in res["targets"] if t["target"].startswith("identical"))["met"]
     from zipmoe.bench.e2e_full import render_full
 

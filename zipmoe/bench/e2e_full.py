@@ -190,6 +190,13 @@ def full_targets(rows: list[dict]) -> list[dict]:
         out.append({"target": "full depth, 100% budget: zipmoe tokens/s >= llamacpp's (BF16 GGUF, mmap)",
                     "value": z100["tok_s"] / ll["tok_s"], "met": z100["tok_s"] >= ll["tok_s"],
                     "note": "cold pass; llama.cpp capped at dense + budget + its own overhead"})
+    lls = [(r, _row(rows, "zipmoe", r["budget_pct"])) for r in rows if r["system"] == "llamacpp" and r.get("ok")]
+    lls = [(r, z) for r, z in lls if z is not None]
+    if lls:  # the same checkpoint in another engine: information, not a target (BF16 numerics differ)
+        firsts = [next((i for i, (a, b) in enumerate(zip(r["tokens"], z["tokens"])) if a != b), None) for r, z in lls]
+        out.append({"target": "llamacpp greedy tokens equal zipmoe's", "value": None, "met": all(f is None for f in firsts),
+                    "mark": "same" if all(f is None for f in firsts) else "differ",
+                    "note": f"first differing position per budget: {firsts} (llama.cpp's BF16 numerics)"})
     ok = [r for r in rows if r.get("ok") and r["system"] != "llamacpp"]  # another engine's numerics
     if len({r["system"] for r in ok}) > 1:
         by = {}
