@@ -132,10 +132,14 @@ def test_greedy_tokens_alone_or_in_any_batch(lm, monkeypatch):
     assert st["prefill_chunks_per_sweep"] == 1  # all experts resident here: one request's chunk per iteration
     sizes, real = [], lm.model.sweep
     monkeypatch.setattr(lm.model, "sweep", lambda chunks, *r: (sizes.append(len(chunks)), real(chunks, *r))[1])
-    several, st3 = _run_staggered(lm, greedy, max_batch=3, prefill_chunk=4, prefill_chunks=3)
+    eng = Engine(lm, max_batch=6, prefill_chunk=4, prefill_chunks=3)
+    hs = [eng.submit(p, n, Sampling()) for p, n in zip(PROMPTS, MAX_TOKENS)]  # all there at the first iteration
+    eng.start()
+    several = [h.result(60) for h in hs]
+    eng.shutdown()
     monkeypatch.undo()
-    assert [r[0] for r in several] == [r[0] for r in alone] and st3["prefill_chunks"] == 12
-    assert max(sizes) > 1  # some sweeps carried several requests' chunks
+    assert [r[0] for r in several] == [r[0] for r in alone] and eng.stats()["prefill_chunks"] == 12
+    assert sizes[0] == 3  # nothing decoding yet: three requests' chunks in the first sweep
     # against generate (one whole-prompt prefill): with prefill_chunk=0, and chunked as well (torch's bf16
     # GEMM gives each row the same bits for any number of rows >= 2 on this host; see specs/runtime.md)
     whole, _ = _run_staggered(lm, greedy, max_batch=4, prefill_chunk=0)
@@ -434,6 +438,20 @@ def test_prefill_and_decode_step_equals_the_two_separate_calls(name, checkpoint_
         assert x.shape == y.shape and x.dtype == y.dtype, (name, i)
         assert _raw(x) == _raw(y), (name, i)
     lm.close()
+
+
+def test_chunks_per_sweep_beside_decoding_rows_fit_one_step(lm):
+    """With nothing decoding every prefilling request (up to ``prefill_chunks``) gets a chunk; beside decoding
+    rows as many as one decode step's measured time covers at the measured compute per chunk, at least one,
+    and one until both are measured."""
+    eng = Engine(lm, max_batch=8, prefill_chunks=8)
+    assert (eng._chunks_now(False), eng._chunks_now(True)) == (8, 1)
+    eng._note(0, 1.0, 0.7)  # a decode step alone: 1.0 s
+    eng._note(2, 0.9, 0.3)  # two chunks, 0.9 s of which 0.3 s waiting for fetches: 0.3 s of compute each
+    assert (eng._chunks_now(False), eng._chunks_now(True)) == (8, 3)
+    eng._note(1, 5.0, 0.0)  # a slow chunk: (0.7 * 0.3 + 0.3 * 5.0) = 1.71 s per chunk, more than a step
+    assert eng._chunks_now(True) == 1
+    assert Engine(lm, max_batch=8)._chunks_now(False) == 1  # every expert fits here: one chunk, as before
 
 
 def test_sweep_of_several_chunks_equals_the_separate_calls(lm):

@@ -108,6 +108,7 @@ class Engine:
                         "shared_sweeps": 0, "errors": 0, "cancelled": 0}
         self._shared_sweep = hasattr(model, "sweep")
         self._req_s = 0.0  # moving average of a request's duration (for Retry-After)
+        self._t_step = self._t_chunk = 0.0  # moving averages: a decode step alone, a chunk's compute
 
     # -- public ---------------------------------------------------------------------------------------
 
@@ -232,8 +233,8 @@ class Engine:
         at once), one decode step; in one sweep of the layers (``DecoderLM.sweep``) where the model has it."""
         for s in [s for s in self._running if s.h._cancelled]:
             self._finish(s, None, "cancelled")
-        pres = [s for s in self._running if s.prefilled < len(s.prompt)][:self.prefill_chunks]
         rows = [s for s in self._running if s.prefilled == len(s.prompt) and s.h.finish_reason is None]
+        pres = [s for s in self._running if s.prefilled < len(s.prompt)][:self._chunks_now(bool(rows))]
         if self._shared_sweep and (len(pres) > 1 or (pres and rows)):
             try:
                 self._sweep(pres, rows)
@@ -249,10 +250,37 @@ class Engine:
         rows = [s for s in self._running if s.prefilled == len(s.prompt) and s.h.finish_reason is None]
         if rows:
             try:
-                self._take(rows, self.model.decode_step([s.last for s in rows], [s.cache for s in rows],
-                                                        [s.pos for s in rows]))
+                t0, stall0 = time.perf_counter(), self._stall_s()
+                logits = self.model.decode_step([s.last for s in rows], [s.cache for s in rows], [s.pos for s in rows])
+                self._note(0, time.perf_counter() - t0, self._stall_s() - stall0)
+                self._take(rows, logits)
             except Exception as exc:
                 self._fail([s for s in rows if s.h.finish_reason is None], exc, "decode step")
+
+    def _chunks_now(self, decoding: bool) -> int:
+        """How many prefilling requests get a chunk in this sweep: ``prefill_chunks`` while nothing decodes
+        (nobody waits); beside decoding rows as many as one decode step's time covers (a step alone against
+        a chunk's compute, both measured: moving averages), at least one."""
+        if not decoding or self.prefill_chunks == 1 or not self._t_step or not self._t_chunk:
+            return 1 if decoding else self.prefill_chunks
+        return max(1, min(self.prefill_chunks, int(self._t_step / self._t_chunk)))
+
+    def _note(self, chunks: int, dt: float, stall: float) -> None:
+        """A sweep without rows (``chunks`` > 0: a chunk's compute is its time less the fetch stalls, per
+        chunk) or a decode step alone (its whole time): update the moving averages."""
+        if chunks:
+            x = max(0.0, dt - stall) / chunks
+            self._t_chunk = x if not self._t_chunk else 0.7 * self._t_chunk + 0.3 * x
+        else:
+            self._t_step = dt if not self._t_step else 0.7 * self._t_step + 0.3 * dt
+
+    def _stall_s(self) -> float:
+        if self.prefill_chunks == 1:  # nothing to steer
+            return 0.0
+        try:
+            return float(self.lm.source.stats().get("stall_s", 0.0) or 0.0)
+        except Exception:  # timings only steer the chunk count; never fail a request over them
+            return 0.0
 
     def _chunk(self, s: _Seq) -> tuple[int, int]:
         a = s.prefilled
@@ -264,6 +292,7 @@ class Engine:
     def _sweep(self, pres: Sequence[_Seq], rows: Sequence[_Seq]) -> None:
         """The next chunk of each of ``pres``' prompts and, with ``rows``, their decode step: one ``forward``
         for a lone chunk, else one ``DecoderLM.sweep`` of the layers."""
+        t0, stall0 = time.perf_counter(), self._stall_s()
         spans = [self._chunk(s) for s in pres]
         chunks = [(torch.tensor([s.prompt[a:b]], dtype=torch.long), s.cache, a, True)  # [1, T]
                   for s, (a, b) in zip(pres, spans)]
@@ -273,6 +302,8 @@ class Engine:
             logits, row_logits = self.model.sweep(chunks, [r.last for r in rows], [r.cache for r in rows],
                                                   [r.pos for r in rows])
             self._counts["shared_sweeps"] += 1
+        if not rows:
+            self._note(len(pres), time.perf_counter() - t0, self._stall_s() - stall0)
         for s, (_, b), lg in zip(pres, spans, logits):
             s.prefilled = s.pos = b
             self._counts["prefill_chunks"] += 1
