@@ -350,3 +350,18 @@ def test_bench_serve_row_of_a_killed_server():
     row, st0, st1 = _measure(Dead(), "http://127.0.0.1:9", "m", [[5, 6], [7, 8, 9]], 4, 2)
     assert (row["completed"], row["tokens"], st0, st1) == (0, 0, {}, {})
     assert row["errors"] == ["the server ended: killed (OOM under the memory cap)"] and row["texts"] == [None, None]
+
+
+def test_bench_serve_server_that_cannot_start_is_one_error(archive):
+    """A server process that exits before it is ready (here: a budget below the store's minimum) is one error
+    naming its exit status and its last log line, and its cgroup is removed."""
+    from zipmoe.bench.serve import run
+
+    import os
+
+    from zipmoe.bench.e2e_proc import MemCap
+
+    with pytest.raises(RuntimeError, match=r"did not start \(exit 1\): .*below the minimum"):
+        run(archive, budgets=["1KiB"], streams=[1], requests=1, max_tokens=2)
+    parent = MemCap.parent()[0]
+    assert parent is None or not list(parent.glob(f"zipmoe-bench-serve-{os.getpid()}-*"))

@@ -190,7 +190,9 @@ class ServerProc:
 
     def start(self) -> "ServerProc":
         _drop([self.model])  # cold page cache: the dense pages the server reads are charged to its cap
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        root = str(Path(__file__).resolve().parents[2])  # the child imports the code this parent runs
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "zipmoe.bench.serve_proc", json.dumps(self.args)],
@@ -210,6 +212,10 @@ class ServerProc:
                         return self
             elif self.proc.poll() is not None:
                 break
+        try:
+            self.proc.wait(5)  # its stdout closed: its exit status follows
+        except subprocess.TimeoutExpired:
+            pass
         why = self.exit_reason() or f"no ready line within {START_TIMEOUT_S:.0f} s"
         self.stop()
         tail = [x for x in self.log_path.read_text(errors="replace").splitlines() if x.strip()][-1:] or [""]
