@@ -129,3 +129,18 @@ def test_a_torch_that_rounds_otherwise_keeps_the_conversion_path(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "to", truncating)
     assert ka.nan_pattern() is None
+
+
+def test_mismatched_shapes_raise_and_never_read_past_the_input():
+    """An input shorter than the weight rows is refused (as before: an error, not a read past its end)."""
+    w = torch.randn(4, 128).bfloat16()
+    with pytest.raises(RuntimeError):
+        kernels._gemv_linear(torch.randn(1, 64).bfloat16(), w, None)
+    with pytest.raises(RuntimeError):
+        kernels._gemv_linear(torch.randn(1, 66).bfloat16(), w, None)
+
+
+def test_a_meta_weight_is_an_error_not_a_crash():
+    w = torch.empty(4, 64, dtype=torch.bfloat16, device="meta")
+    with pytest.raises((RuntimeError, TypeError, NotImplementedError)):
+        kernels._gemv_linear(torch.randn(1, 64).bfloat16(), w, None)

@@ -353,7 +353,7 @@ def _linear1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
 
 def _gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     n, k = w.shape  # [N, K] bf16, contiguous; x [..., K] bf16 of one row
-    if _NAN16 is not None and _addr.takes_bias(b, n):
+    if _NAN16 is not None and x.shape[-1] == k and w.is_cpu and x.is_cpu and _addr.takes_bias(b, n):
         return _addr.gemv_bf16(x, w, b, _NAN16)  # the same bits, without the conversions below
     out = np.empty(n, dtype=np.float32)
     _gemv(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), bf16_words(x, k)[0], out)

@@ -143,11 +143,13 @@ def nan_pattern() -> int | None:
 
 def takes_bias(b: torch.Tensor | None, n: int) -> bool:
     """Whether ``gemv_bf16`` adds this bias itself (else the caller converts as before)."""
-    return b is None or (b.dtype is torch.bfloat16 and b.dim() == 1 and b.numel() == n and b.is_contiguous())
+    return b is None or (b.dtype is torch.bfloat16 and b.dim() == 1 and b.numel() == n and b.is_contiguous()
+                         and b.is_cpu)
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nan16: int) -> torch.Tensor:
-    """x [..., K] bf16 (one row) by w [N, K] bf16 (contiguous, even storage offset) + b (None or bf16 [N],
+    """x [..., K] bf16 (one row, on the CPU) by w [N, K] bf16 (on the CPU, contiguous, even storage offset; the
+    caller checks the shapes agree: the kernel reads K values at x's address) + b (None or bf16 [N],
     contiguous: ``takes_bias``) -> bf16 [..., N]: what ``kernels._gemv_linear`` computed with its float32
     numpy output and torch's conversion."""
     n, k = w.shape
