@@ -8,10 +8,11 @@ token per sequence, each on its own cache and position; each layer fetches the u
 batch routes to, once). The chunks and the step run in one sweep of the layers (``DecoderLM.sweep``: at
 each layer every chunk's call, then the rows'), so under a budget the later fetches of a layer find
 resident what the first just read, instead of one sweep of every layer each. How many requests get a
-chunk per iteration (``prefill_chunks``): one where every expert fits the budget (a chunk then costs its
-compute, about one full step), every prefilling request where they do not (a sweep then costs its
-expert reads, far more than the chunks' compute). So a decoding stream waits at most that many chunks'
-compute between two of its steps.
+chunk per iteration: one where every expert fits the budget (a chunk then costs its compute, about one
+full step); where they do not (a sweep then costs its expert reads), up to ``prefill_chunks``: all while
+nothing decodes, and beside decoding rows as many as a decode step's measured time covers at a chunk's
+measured compute (``_chunks_now``). So a decoding stream waits about one step's time (or one chunk) at
+most between two of its steps.
 
 Batch invariance: a decode step computes each row exactly as a step of that sequence alone
 (``kernels.decode_rows_scope``), and a prefill depends only on its own prompt and the chunk size, so a
