@@ -101,7 +101,9 @@ def ab(step, steps: int, rounds: int = 8, clock=time.perf_counter) -> None:
                     res[on].append(clock() - t)
         switch(True)
         off, on = statistics.median(res[False]) * 1e3, statistics.median(res[True]) * 1e3
-        print(f"A/B {name}: off {off:.2f} ms, on {on:.2f} ms ({off - on:+.2f} ms, {len(res[True])} steps each)")
+        lo_off, lo_on = min(res[False]) * 1e3, min(res[True]) * 1e3  # the least disturbed steps
+        print(f"A/B {name}: off {off:.2f} ms, on {on:.2f} ms ({off - on:+.2f} ms; minima {lo_off:.2f} / {lo_on:.2f}, "
+              f"{lo_off - lo_on:+.2f} ms; {len(res[True])} steps each)")
 
 
 def main() -> None:
