@@ -47,8 +47,9 @@ KERNELS = ("numba", "torch")  # in order of preference on a tie
 SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory
 MAX_MATS = 16
 REPS = 5
-CACHE_FORMAT = 2  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
-# numba GEMV reads its input as bf16 pairs (faster at large K), so rates measured before are stale
+CACHE_FORMAT = 3  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
+# numba GEMV reads its input as bf16 pairs (faster at large K); 3: it is called by address and rounds to
+# bf16 itself (about 10 us less per call), so rates measured before are stale
 MARGIN = 1.10  # another kernel must be this much faster than the first of KERNELS to be chosen
 
 _lock = threading.RLock()
