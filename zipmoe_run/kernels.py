@@ -16,27 +16,25 @@ even + odd. Each product is an ``fmul`` rounded to float32 (exact here) and each
 no fused multiply-add (``llvm.fma`` would be as reproducible, one correctly rounded operation, but
 measured no faster from memory on an AVX-512 Zen 4, 0.95-1.04x at 1 thread; it gains only where the
 loop is compute-bound: weights in L3, the batched kernel; ``scripts/bench_gemv_fma.py``).
-``gemv_reference`` is that order in numpy. Results can differ from torch's bf16 kernel
-in the last bit. Only bf16 weights with a bf16 single-row input take this path; every
-other case (float32 runs, prefill) is ``torch.nn.functional.linear``.
+``gemv_reference`` is that order in numpy (``_row_sum`` in numba). Results can differ from torch's bf16
+kernel in the last bit. Only bf16 weights with a bf16 single-row input take this path; every other
+case (float32 runs, prefill) is ``torch.nn.functional.linear``.
 
 Input form: the kernels read the bf16 input as uint32 pairs too (``bf16_words``, xw [K/2], a view of
 the tensor), split by the same shift and mask as the weights into the even and odd float32 values
 (exactly the values ``x.float()`` gives, so the sums are those of ``gemv_reference`` bit for bit).
-Half the bytes of two float32 vectors: at K = 5632 the float32 input (22.5 KB) and a weight row
-(11 KB) no longer fit the 32 KB L1 together and each row re-read the input from L2 (14 GB/s from
-memory, 1 thread, Zen 4); with the 11 KB bf16 input the same shape streams at 26-32 GB/s like K = 2048.
-The cost is a shift and a mask per input vector: where the weights sit in L3 (compute-bound, not a
-decode step's case) the loop is 5-15 % slower at K <= 2048; the 4-input batched kernel gains 1.2-1.8x.
+Half the bytes of two float32 vectors: at K = 5632 a float32 input (22.5 KB) and a weight row (11 KB)
+overflow a 32 KB L1 (14 GB/s from memory, 1 thread, Zen 4); the bf16 input streams at 26-32 GB/s. It
+costs a shift and a mask per input vector (weights in L3: 5-15 % slower at K <= 2048; batched: 1.2-1.8x).
 
 Batched decode (``decode_rows_scope``, the engine's steps of several sequences): every row of a
 product gets exactly what ``linear`` gives that row alone. Where that is this GEMV (the kernel
 chosen for the shape), the M rows go through ``_gemm_kernel``, which computes each output row in
 exactly the order above (the same ``_row_blocks`` and tail; 4 inputs per pass over a weight row),
-so row m of a batch equals the one-row result bit for bit, for any M and any thread count, and each
-weight row is read once for all M inputs (``kernels_rows``). Where torch was chosen for the shape (on host C the tiny
-router shapes), or the kernel cannot take the product (float32, odd K, non-contiguous weights), the
-rows run one at a time through the same one-row call, reading the weights once per row.
+so row m of a batch equals the one-row result bit for bit, for any M and thread count, and each weight
+row is read once for all M inputs (``kernels_rows``). Where torch was chosen for the shape (host C: the
+tiny router shapes) or the kernel cannot take the product (float32, odd K, non-contiguous weights),
+the rows run one at a time through the same one-row call, reading the weights once per row.
 
 Which kernel a shape uses (this one or torch's) is chosen per host by measurement: see
 ``kernel_select`` (``CHOICE`` holds the choices; ``ZIPMOE_KERNEL`` forces one). Set
@@ -161,19 +159,23 @@ if njit is not None:
 
         return sig, codegen
 
-    @njit(parallel=True, nogil=True, cache=True)  # no fastmath: IEEE float32, the order written here
-    def _gemv_kernel(w, xw, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xw uint32 [K/2] too; out f32 [N]
-        n, kh = w.shape
+    @njit(nogil=True, cache=True, inline="always")
+    def _row_sum(w, i, xw, nb):
+        """Row i's float32 sum in the fixed order: ``_row_blocks``, the tail in sequence, even + odd."""
         hi = np.uint32(0xFFFF0000)
         sh = np.uint32(16)
-        nb = kh // WORDS
-        for i in prange(n):
-            se, so = _row_blocks(w, i, xw, nb)
-            for j in range(nb * WORDS, kh):  # the tail, in sequence
-                u, v = w[i, j], xw[j]
-                se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
-                so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
-            out[i] = se + so
+        se, so = _row_blocks(w, i, xw, nb)
+        for j in range(nb * WORDS, w.shape[1]):  # the tail, in sequence
+            u, v = w[i, j], xw[j]
+            se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
+            so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
+        return se + so
+
+    @njit(parallel=True, nogil=True, cache=True)  # no fastmath: IEEE float32, the order written here
+    def _gemv_kernel(w, xw, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xw uint32 [K/2] too; out f32 [N]
+        nb = w.shape[1] // WORDS
+        for i in prange(w.shape[0]):
+            out[i] = _row_sum(w, i, xw, nb)
 
 def gemv_reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The kernel's summation order in plain numpy (for tests): w uint32 [N, K/2], x float32 [K] -> [N]."""
@@ -197,8 +199,6 @@ def _build():
     if njit is None:
         raise ImportError("numba is not installed")
     return _gemv_kernel
-
-
 
 
 def enabled() -> bool:

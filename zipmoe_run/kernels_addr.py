@@ -6,8 +6,8 @@ wrapped as a tensor and converted to bf16 by torch. Here the kernel gets the ten
 (ints: numba types them in a fraction of the time it takes to type an array) and writes the bf16
 result into a torch tensor allocated by the caller.
 
-Exactly the old results, bit for bit: each row's float32 sum is the same code (``kernels._row_blocks``
-and the same sequential tail, in the same order), a bias is added as the float32 ``y += b.float()``
+Exactly the old results, bit for bit: each row's float32 sum is the same code (``kernels._row_sum``:
+the blocks and the sequential tail, in the same order), a bias is added as the float32 ``y += b.float()``
 did, and the rounding to bf16 is torch's: round to nearest even on the float32 bits, which is what
 torch's float32 -> bf16 conversion does for every value that is not NaN. For NaN torch gives one
 fixed pattern that depends on its build and CPU capability (0xFFFF from its AVX2/AVX-512 loops,
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kernels import WORDS, _row_blocks, _u32_as_f32, njit
+from .kernels import WORDS, _row_sum, _u32_as_f32, njit
 
 __all__ = ["gemv_bf16", "nan_pattern", "round_reference", "takes_bias"]
 
@@ -71,18 +71,11 @@ def _f32_bits(typingctx, v):
 def _gemv_bf16_rows(w, xw, out, bias, nan16):
     # w uint32 [N, K/2] (bf16 pairs), xw uint32 [K/2], out uint16 [N] (bf16 bits), bias uint16 [N] or [0]
     # (none); nan16: the bf16 bits torch gives a NaN here
-    n, kh = w.shape
-    hi = np.uint32(0xFFFF0000)
     sh = np.uint32(16)
-    nb = kh // WORDS
+    nb = w.shape[1] // WORDS
     has_bias = bias.shape[0] != 0
-    for i in prange(n):
-        se, so = _row_blocks(w, i, xw, nb)
-        for j in range(nb * WORDS, kh):  # the tail, in sequence
-            u, v = w[i, j], xw[j]
-            se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
-            so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
-        s = se + so
+    for i in prange(w.shape[0]):
+        s = _row_sum(w, i, xw, nb)
         if has_bias:
             s += _u32_as_f32(np.uint32(np.uint32(bias[i]) << sh))
         if s != s:
