@@ -257,8 +257,9 @@ class ParallelDecoder:
     the calling thread (which then owns a :class:`ChunkDecoder` and scratch buffer too).
     """
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, nice: int = 0) -> None:
         threads = int(threads)
+        self.nice = int(nice)  # the worker threads' priority below the caller's (``WorkPool``)
         if not 1 <= threads <= MAX_THREADS:
             raise ThreadCountError(f"decode threads must be between 1 and {MAX_THREADS}, got {threads}")
         self.threads = threads
@@ -267,7 +268,7 @@ class ParallelDecoder:
         self._pool: WorkPool | None = None
         self._closed = False
         if threads > 1:
-            self._pool = WorkPool(threads, "zmoe-decode")
+            self._pool = WorkPool(threads, "zmoe-decode", self.nice)
         log.debug("ParallelDecoder started with %d thread(s)", threads)
 
     def _decoder(self) -> ChunkDecoder:
@@ -284,7 +285,7 @@ class ParallelDecoder:
             if self._closed:
                 raise CodecError("ParallelDecoder is closed")
             if self._pool is None:  # threads == 1: background thread for submit() only
-                self._pool = WorkPool(1, "zmoe-decode")
+                self._pool = WorkPool(1, "zmoe-decode", self.nice)
             return self._pool
 
     def help(self) -> bool:

@@ -10,9 +10,17 @@ Every call runs exactly once, on some thread, and its future gets its result or 
 call computes must not depend on which thread runs it (the decoder's calls each write a disjoint
 output range with a per-thread decoder object). Thread-safe. Worker threads are daemons: a process
 that exits without :meth:`shutdown` does not hang on them.
+
+``nice``: on Linux the worker threads lower their own scheduling priority by that much (threads are
+scheduled one by one there; no privilege is needed to lower it), so that threads of the process
+that wait on a device or compute on the critical path are served first when the cores are all busy;
+elsewhere, or where the call fails, it is ignored.
 """
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -20,11 +28,14 @@ from concurrent.futures import Future
 
 __all__ = ["WorkPool"]
 
+log = logging.getLogger(__name__)
+
 
 class WorkPool:
-    def __init__(self, threads: int, name: str = "workpool") -> None:
+    def __init__(self, threads: int, name: str = "workpool", nice: int = 0) -> None:
         if threads < 1:
             raise ValueError(f"a WorkPool needs at least one thread, got {threads}")
+        self.nice = int(nice)
         self._queue: deque = deque()  # (future, fn, args), oldest first
         self._cv = threading.Condition(threading.Lock())
         self._closed = False
@@ -67,6 +78,8 @@ class WorkPool:
                     t.join()
 
     def _loop(self) -> None:
+        if self.nice > 0:
+            _lower_priority(self.nice)
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
@@ -75,6 +88,17 @@ class WorkPool:
                     return  # closed and drained
                 item = self._queue.popleft()
             _run(item)
+
+
+def _lower_priority(delta: int) -> None:
+    """This thread's nice value + ``delta`` (Linux: per thread; nothing elsewhere)."""
+    if not sys.platform.startswith("linux") or not hasattr(threading, "get_native_id"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + delta))
+    except OSError as exc:  # a sandbox that forbids it: the pool still works
+        log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
 
 
 def _run(item) -> None:

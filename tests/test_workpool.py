@@ -1,6 +1,8 @@
 """``formats.workpool.WorkPool`` and the store's waiting consumer that decodes queued chunks itself."""
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -84,3 +86,26 @@ def test_a_waiting_fetch_decodes_its_chunks_itself_when_the_pool_is_busy(arc):
                                       want[e][k].view(-1).view(torch.uint8).numpy()), (e, k)
         cold = store.counters.get("hits_cold")
         assert cold > 0 and helped >= 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are a Linux feature")
+def test_nice_lowers_the_workers_priority_and_not_the_callers():
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    pool = WorkPool(2, "t", nice=5)
+    try:
+        got = {pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result(30)
+               for _ in range(8)}
+    finally:
+        pool.shutdown()
+    assert got == {min(19, me + 5)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me  # the caller keeps its own
+
+
+def test_decode_nice_default_and_override(monkeypatch):
+    from zipmoe_run import cores
+
+    monkeypatch.delenv("ZIPMOE_DECODE_NICE", raising=False)
+    assert cores.decode_nice() == cores.DECODE_NICE
+    for v, want in (("0", 0), ("7", 7), ("99", 19), ("-3", 0), ("x", cores.DECODE_NICE)):
+        monkeypatch.setenv("ZIPMOE_DECODE_NICE", v)
+        assert cores.decode_nice() == want

@@ -42,6 +42,7 @@ from formats.preamble import xxh3
 from formats.reader import Archive
 
 from .calibrate import stats_fields, store_cost
+from .cores import decode_nice
 from .hostinfo import usable_cores
 from .errors import MissingWeightError
 from .source import SAFETENSORS_DTYPES
@@ -104,7 +105,8 @@ class ArchiveSource:
             if cost is None:  # this host's calibration (cached per host; see zipmoe_run.calibrate)
                 cost = store_cost(self.archive, threads or usable_cores(), io_mode, io_throttle_bps)
             self.cores = cost.extra.get("cores")  # the core budget (zipmoe_run.cores), None uncalibrated
-            self.decoder = ParallelDecoder(self.cores["decode_threads"] if self.cores else threads or usable_cores())
+            self.decoder = ParallelDecoder(self.cores["decode_threads"] if self.cores else threads or usable_cores(),
+                                           nice=decode_nice())
             try:
                 self.calibration = cost.to_json()  # what the store starts from (stats: its estimates now)
                 self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,

@@ -14,6 +14,11 @@ can use, not one thread per core each:
   best depth measured (1, 2, 4). Reads sleep in the kernel, so depth costs no core; it keeps the
   device's queue full while the I/O thread admits the next expert and the decoders run.
 
+* **priority**: decoder threads run :func:`decode_nice` below the compute and I/O threads (Linux, per
+  thread; ``formats.workpool``). When every core is busy the I/O thread, which needs a core only for
+  an instant after each read, and the compute on the critical path are then served first; decoding
+  is bulk work that takes whatever is left (and the compute thread decodes too while it waits).
+
 ``compression_verdict`` says, from the same rates, whether reading the compressed form beats reading
 raw bytes on this host (the honest fallback: where it does not, the store says so in its log and
 stats; the tier planner already keeps experts decoded where decoding costs more than it saves).
@@ -23,14 +28,27 @@ Pure functions of the calibration's rates (injected in tests); nothing here meas
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass
 
-__all__ = ["MARGIN", "CorePlan", "plan_cores", "decode_rates", "read_depth_rates", "compression_verdict"]
+__all__ = ["MARGIN", "DECODE_NICE", "CorePlan", "plan_cores", "decode_rates", "read_depth_rates",
+           "compression_verdict", "decode_nice"]
 
 log = logging.getLogger(__name__)
 
 MARGIN = 0.10  # a larger pool must beat a smaller one by more than this to be chosen
+DECODE_NICE = 5  # decoder threads' nice value above the process's (ZIPMOE_DECODE_NICE overrides; 0: off)
+
+
+def decode_nice() -> int:
+    """How much lower the decoder threads' priority is (``ZIPMOE_DECODE_NICE``, else :data:`DECODE_NICE`)."""
+    v = os.environ.get("ZIPMOE_DECODE_NICE", "").strip()
+    try:
+        return max(0, min(19, int(v))) if v else DECODE_NICE
+    except ValueError:
+        log.warning("ZIPMOE_DECODE_NICE=%r is not an integer; using %d", v, DECODE_NICE)
+        return DECODE_NICE
 
 _DECODE_KEY = re.compile(r"^(\d+)(\+compute)?$")
 _READ_KEY = re.compile(r"^read_bps(?:@(\d+))?$")

@@ -224,7 +224,9 @@ class DirectorySource:
         source = DirectoryBytes(self.path, [(self._shards[f].path, self._shards[f].size) for f in files], tensors,
                                 io_mode, io_throttle_bps)
         try:
-            self.decoder = CopyDecoder(threads or os.cpu_count() or 1)
+            from .cores import decode_nice
+
+            self.decoder = CopyDecoder(threads or os.cpu_count() or 1, nice=decode_nice())
         except BaseException:
             source.close()
             raise
