@@ -17,7 +17,7 @@ from torch import nn
 from .errors import MissingWeightError, UnsupportedModelError
 from . import kernels as _kernels
 from .kernels import linear
-from .moe_one import moe_one
+from .moe_one import moe_one, sum_outputs
 
 if TYPE_CHECKING:
     from .source import WeightSource
@@ -337,13 +337,7 @@ def moe_forward(
         if after_open is not None:
             after_open()
             after_open = None
-    missing = [wanted[i] for i, o in enumerate(outs) if o is None]
-    if missing:
-        raise MissingWeightError(f"layer {layer}: weight source did not yield experts {missing}")
-    out = torch.zeros_like(x)
-    for i in range(len(wanted)):  # fixed order: ascending expert id
-        out.index_add_(0, tok_sorted[bounds[i]:bounds[i + 1]], outs[i])
-    return out
+    return sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
 
 
 # -- binding dense weights -------------------------------------------------------------------------

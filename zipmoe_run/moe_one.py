@@ -6,7 +6,7 @@ import torch
 
 from .errors import MissingWeightError
 
-__all__ = ["moe_one"]
+__all__ = ["moe_one", "sum_outputs"]
 
 _TOKEN0 = torch.zeros(1, dtype=torch.long)  # index_add_'s index of the one token (never written)
 
@@ -34,10 +34,17 @@ def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_op
         if after_open is not None:
             after_open()
             after_open = None
+    return sum_outputs(x, outs, wanted, layer, lambda i: _TOKEN0)
+
+
+def sum_outputs(x: torch.Tensor, outs: list, wanted: list[int], layer: int, rows) -> torch.Tensor:
+    """The experts' outputs ``outs`` (one per id of ``wanted``, ascending) summed into zeros like x
+    [N, H] by ``index_add_`` at ``rows(i)`` (the tokens of expert i), in ascending expert id: a fixed
+    order. An expert the source never yielded (None) is named in a ``MissingWeightError``."""
     missing = [wanted[i] for i, o in enumerate(outs) if o is None]
     if missing:
         raise MissingWeightError(f"layer {layer}: weight source did not yield experts {missing}")
     out = torch.zeros_like(x)
-    for o in outs:  # fixed order: ascending expert id
-        out.index_add_(0, _TOKEN0, o)
+    for i, o in enumerate(outs):
+        out.index_add_(0, rows(i), o)
     return out
