@@ -26,6 +26,7 @@ class Memory:
         self.pool = BufferPool(page=page)
         self.draining: list[Buffer] = []
         self.cond = cond
+        self.keep = 0  # pooled bytes worth keeping (the staging reserve): given back only when nothing else can
 
     def ceil(self, n: int) -> int:
         return ceil_to(n, self.page)
@@ -56,8 +57,12 @@ class Memory:
         self.ledger.charge("staging", b.set_bounds(0, b.nbytes))
         return b
 
-    def shrink_pool(self) -> bool:
-        """Unmap the largest pooled buffer; False when the pool is empty."""
+    def shrink_pool(self, excess_only: bool = False) -> bool:
+        """Unmap the largest pooled buffer; False when the pool is empty (with ``excess_only``: when it
+        holds no more than ``keep`` bytes, the next fetches' read and decode buffers, which are faster
+        reused than mapped and faulted afresh, and which the policies leave room for anyway)."""
+        if excess_only and self.pool.nbytes <= self.keep:
+            return False
         b = self.pool.pop_any()
         if b is None:
             return False

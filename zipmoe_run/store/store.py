@@ -88,6 +88,7 @@ class ExpertStore:
         self.cond = threading.Condition(threading.Lock())  # the store lock: memory, table, prefetch state
         self.memory = Memory(self.capacity, self.cond, self.page)
         self.memory.ledger.charge("fixed", self.fixed_bytes)
+        self.memory.keep = self._reserve  # the policies leave this much room for staging
         self.table = TierTable(self.extents, self.infos, self.memory, self.policy, self.counters, self._reserve,
                                self.source.scratch_elements)
         self.prefetcher = Prefetcher(self.table, self.counters, self.cond, self.wrap, self._help)

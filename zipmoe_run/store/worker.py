@@ -298,9 +298,11 @@ class IOWorker:
                     mem.ledger.charge("staging", task.rbuf.set_bounds(0, task.rbuf.tail))
                     task.grown = grow
                 continue
-            if mem.shrink_pool():
+            if mem.shrink_pool(excess_only=True):
                 continue
             if evict and self.table.evict_one(self.prefetch.held):
+                continue
+            if mem.shrink_pool():  # nothing else gives way: the kept buffers go too
                 continue
             if wait and self.prefetch.held:  # a fetch needs the room: what prefetch protected gives way
                 self.prefetch.release_held()
