@@ -7,6 +7,7 @@ never exceeded); a client killed mid-stream must free its slot.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -335,6 +336,10 @@ def test_bench_serve_llamacpp_peer_runs_or_says_why(archive):
     else:
         assert [r["streams"] for r in rows] == [1, 2] and all(r["completed"] == 2 and not r["errors"] for r in rows)
         assert rows[0]["x_sequential"] == 1.0
+        gguf = os.path.getsize(peer["gguf"])
+        for r in rows:  # capped like our server: its own cgroup, or one line saying why not
+            assert r["cap_note"].startswith(("capped: GGUF", "uncapped: ")), r["cap_note"]
+            assert r["cap_bytes"] is None if r["cap_note"].startswith("uncapped") else r["cap_bytes"] > gguf
     assert "llama.cpp server" in str(render_table(res).caption)
 
 

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from zipmoe.bench.errors import BenchInputError
+from zipmoe.bench.serve_llamacpp import llamacpp_server
 
 __all__ = ["run", "drive", "make_prompts", "render_table", "PEERS"]
 
@@ -110,77 +111,7 @@ def drive(url: str, model: str, prompts: list[list[int]] | list[str], max_tokens
 
 
 # --------------------------------------------------------------------------------------------- peers
-def _llamacpp(model: Path, *, threads: int | None = None, workdir: Path, **_) -> dict:
-    """llama.cpp's OpenAI-compatible server (``llama-cpp-python[server]``) on a BF16 GGUF of the same
-    checkpoint (``zipmoe.bench.llamacpp.ensure_gguf``; an archive is unpacked first), started as a
-    subprocess on a free local port with ``threads`` threads; ``{"url", "model", "stop"}`` or
-    ``{"skipped": reason}``. It serves requests one at a time (llama-cpp-python's server has no
-    continuous batching), and takes text prompts, not token ids."""
-    import socket
-    import subprocess
-    import sys
-
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any import failure is a reason to skip
-        return {"skipped": f"llama_cpp does not import ({type(exc).__name__}: {exc})"}
-    try:
-        import llama_cpp.server.app  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return {"skipped": f"llama.cpp's server does not import (pip install 'llama-cpp-python[server]'): {exc}"}
-    from .llamacpp import ensure_gguf
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    src = model
-    if model.suffix == ".zmoe":  # the original files, byte for byte, for the exporter
-        src = workdir / f"{model.stem}-unpacked"
-        if not (src / "config.json").is_file():
-            from formats.decoder import ParallelDecoder
-            from formats.reader import Archive
-            from formats.restore import unpack
-
-            with Archive(model) as ar, ParallelDecoder(os.cpu_count() or 1) as dec:
-                unpack(ar, dec, src)
-    try:
-        gguf = ensure_gguf(src, workdir / f"{model.stem}.bf16.gguf")["path"]
-    except Exception as exc:  # noqa: BLE001 - an architecture the exporter lacks: a skipped row
-        return {"skipped": f"no GGUF of {src}: {exc}"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
-           str(port), "--n_threads", str(threads or os.cpu_count() or 1), "--n_ctx", "2048"]
-    log_path = workdir / "llamacpp-server.log"
-    logf = open(log_path, "wb")  # noqa: SIM115 - closed by stop()
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        logf.close()
-
-    import httpx
-
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            stop()
-            return {"skipped": f"llama.cpp's server exited with {proc.returncode} (log: {log_path})"}
-        try:
-            ids = httpx.get(url + "/v1/models", timeout=2).json()["data"]
-            return {"url": url, "model": ids[0]["id"], "stop": stop, "text_prompts": True, "gguf": str(gguf)}
-        except (httpx.HTTPError, ValueError, KeyError, IndexError):
-            time.sleep(0.5)
-    stop()
-    return {"skipped": f"llama.cpp's server did not answer within 180 s (log: {log_path})"}
-
-
-PEERS: dict[str, Callable[..., dict]] = {"llamacpp": _llamacpp}
+PEERS: dict[str, Callable[..., dict]] = {"llamacpp": llamacpp_server}
 
 
 def _texts(model: Path, prompts: list[list[int]]) -> list[str]:
@@ -225,7 +156,7 @@ def _zipmoe_rows(model: Path, budget: str, streams: list[int], prompts: list[lis
 
     t = time.perf_counter()
     sp = ServerProc(model, None if budget in ("none", "uncapped") else budget, threads=threads,
-                    max_batch=max(streams), max_queue=max(64, len(prompts)), warm_prompts=prompts[:2],
+                    max_batch=max(streams), max_queue=max(64, len(prompts)), warm_prompts=prompts[:max(streams)],
                     warm_tokens=min(max_tokens, 8), max_len=max(len(p) for p in prompts) + max_tokens,
                     capped=capped, log_path=Path(tempfile.gettempdir()) / "zipmoe-bench-serve" /
                     f"server-{os.getpid()}-{budget.replace('%', 'pct')}.log")
@@ -315,7 +246,7 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
         result.setdefault("servers", []).append({"budget": b, **info["server"]})
         result.setdefault("cap", info["cap_note"])
     if llamacpp:
-        peer = PEERS["llamacpp"](model, threads=threads, max_tokens=max_tokens,
+        peer = PEERS["llamacpp"](model, threads=threads, max_tokens=max_tokens, capped=capped,
                                  workdir=Path(tempfile.gettempdir()) / "zipmoe-bench-serve")
         if "skipped" in peer:
             result["llamacpp"] = {"skipped": peer["skipped"]}
@@ -331,6 +262,9 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
                     row["x_sequential"] = row["tok_s"] / peer_base if peer_base else None
                     row.pop("texts")
                     row["runs"] = 1
+                    cap = peer.get("cap") or {}
+                    row.update(cap_bytes=cap.get("cap_bytes"), cap_note=cap.get("cap_note"),
+                               **(cap["cap"].stats() if cap.get("cap") is not None else {}))
                     result["rows"].append({**row, "system": "llamacpp", "budget": peer.get("budget", "-")})
             finally:
                 peer["stop"]()
@@ -340,8 +274,6 @@ def run(model: str | os.PathLike, *, budgets: list[str] = ("30%", "100%"), strea
 def _cap_cell(r: dict) -> str:
     from zipmoe_cli import human
 
-    if r.get("system") != "zipmoe":
-        return "-"
     if not r.get("cap_bytes"):
         return "uncapped"
     peak = human(r["cap_peak_bytes"]) if r.get("cap_peak_bytes") is not None else "?"
