@@ -105,9 +105,9 @@ def test_rows_and_exactness(quick):
     # the targets are computed from the rows
     t = {x["target"]: x for x in result["targets"]}
     assert t["identical tokens: zipmoe and raw at every budget (both passes) vs resident"]["met"] is True
-    raw_t = t["30% budget: zipmoe tokens/s >= 1.5x raw"]
+    raw_t = t["30% budget: zipmoe tokens/s >= 1.3x raw"]
     assert raw_t["value"] == pytest.approx(by["zipmoe"]["tok_s"] / raw["tok_s"], rel=1e-12)
-    assert raw_t["met"] == (raw_t["value"] >= 1.5)
+    assert raw_t["met"] == (raw_t["value"] >= 1.3)
     hf_t = t["30% budget: zipmoe tokens/s >= 5.0x hf-offload"]
     assert hf_t["value"] == pytest.approx(by["zipmoe"]["tok_s"] / by["hf-offload"]["tok_s"], rel=1e-12)
     la, z = by["zipmoe-lookahead"], by["zipmoe"]

@@ -376,7 +376,7 @@ def _targets(rows: list[dict], cfg: E2EConfig) -> list[dict]:
                     "met": all(r["tokens"] == ref and r.get("tokens_warm", ref) == ref for r in same),
                     "value": None, "note": ""})
     z30 = _row(rows, "zipmoe", 30.0)
-    for peer, need in (("raw", 1.5), ("hf-offload", 5.0)):
+    for peer, need in (("raw", 1.3), ("hf-offload", 5.0)):  # issue 13's target against raw
         if peer not in cfg.systems or (peer == "hf-offload" and (cfg.io_throttle_bps
                                                                  or cfg.family == "switch_transformers")):
             continue
@@ -393,8 +393,8 @@ def _targets(rows: list[dict], cfg: E2EConfig) -> list[dict]:
         if z100 is None or res is None or ("tok_s" + tag) not in z100:
             continue
         ratio = z100["tok_s" + tag] / res["tok_s"] if res["tok_s"] else None
-        out.append({"target": f"100% budget: zipmoe tokens/s within 10% of resident ({label})", "value": ratio,
-                    "met": ratio is not None and ratio >= 0.9,
+        out.append({"target": f"100% budget: zipmoe tokens/s within 5% of resident ({label})", "value": ratio,
+                    "met": ratio is not None and ratio >= 0.95,
                     "note": ("resident decoded every expert before timing" if not tag else "")
                     + ("; resident not throttled (emulated storage)" if cfg.io_throttle_bps else "")})
     for pct in cfg.budgets:
