@@ -263,6 +263,21 @@ class IOWorker:
                 job.cond.notify_all()
 
     # -- admission (under the store lock) ----------------------------------------------------------------
+    def _exact_size(self, task: Task, need_r: int, need_d: int) -> bool:
+        """Unmap a buffer of ``task`` that was reused from the pool larger than it needs (up to the
+        pool's slack), so that it can be allocated at its exact size; True when one was. At a tight
+        budget the slack can be exactly what the task's other buffer lacks."""
+        mem = self.memory
+        for name, need in (("rbuf", need_r), ("dbuf", need_d)):
+            b = getattr(task, name)
+            if b is None or not need or b.nbytes <= mem.ceil(need):
+                continue  # need 0: a COMP or SM task's read buffer holds its resident bytes
+            mem.ledger.charge("staging", -b.charged)
+            b.close()
+            setattr(task, name, None)
+            return True
+        return False
+
     def admit(self, job: Job, task: Task, wait: bool = True, evict: bool = True) -> bool:
         """Reserve and attach the buffers ``task`` needs, evicting or waiting as required.
 
@@ -303,6 +318,8 @@ class IOWorker:
             if evict and self.table.evict_one(self.prefetch.held):
                 continue
             if mem.shrink_pool():  # nothing else gives way: the kept buffers go too
+                continue
+            if self._exact_size(task, need_r, need_d):  # a reused buffer's slack was the missing room
                 continue
             if wait and self.prefetch.held:  # a fetch needs the room: what prefetch protected gives way
                 self.prefetch.release_held()
