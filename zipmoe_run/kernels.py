@@ -20,12 +20,8 @@ loop is compute-bound: weights in L3, the batched kernel; ``scripts/bench_gemv_f
 kernel in the last bit. Only bf16 weights with a bf16 single-row input take this path; every other
 case (float32 runs, prefill) is ``torch.nn.functional.linear``.
 
-Input form: the kernels read the bf16 input as uint32 pairs too (``bf16_words``, xw [K/2], a view of
-the tensor), split by the same shift and mask as the weights into the even and odd float32 values
-(exactly the values ``x.float()`` gives, so the sums are those of ``gemv_reference`` bit for bit).
-Half the bytes of two float32 vectors: at K = 5632 a float32 input (22.5 KB) and a weight row (11 KB)
-overflow a 32 KB L1 (14 GB/s from memory, 1 thread, Zen 4); the bf16 input streams at 26-32 GB/s. It
-costs a shift and a mask per input vector (weights in L3: 5-15 % slower at K <= 2048; batched: 1.2-1.8x).
+Input form: the bf16 input is read as uint32 pairs too (``bf16_words``, a view), split like the weights
+into exactly ``x.float()``'s values (at K = 5632 a float32 input overflowed L1: 14 vs 26-32 GB/s, Zen 4).
 
 Batched decode (``decode_rows_scope``, the engine's steps of several sequences): every row of a
 product gets exactly what ``linear`` gives that row alone. Where that is this GEMV (the kernel
@@ -86,6 +82,15 @@ if njit is not None:
 
         return sig, codegen
 
+    def open_blocks(builder, nb, n_acc: int, name: str):
+        """Start a block loop (none if ``nb`` <= 0): entry, loop, done, index phi, ``n_acc`` accumulators."""
+        entry = builder.block
+        loop, done = builder.append_basic_block(name), builder.append_basic_block(name + "_done")
+        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(ir.IntType(64), 0)), loop, done)
+        builder.position_at_end(loop)
+        b = builder.phi(ir.IntType(64))
+        return entry, loop, done, b, [builder.phi(ir.VectorType(ir.FloatType(), LANES)) for _ in range(n_acc)]
+
     def close_blocks(builder, entry, loop, done, b, acc, nxt, nb, nvec: int) -> list:
         """End a block loop of the fixed order: the back edge (``b`` + 1 < ``nb``) and the phi inputs
         (zero on entry), then in ``done`` the pairwise lane sums ((l0 + l1) + (l2 + l3)) + ... of each
@@ -141,12 +146,7 @@ if njit is not None:
                                  vi.as_pointer())
             xv = builder.bitcast(xa.data, vi.as_pointer())
             nvec = WORDS // LANES
-            entry = builder.block
-            loop, done = builder.append_basic_block("blocks"), builder.append_basic_block("blocks_done")
-            builder.cbranch(builder.icmp_signed(">", args[3], ir.Constant(i64, 0)), loop, done)
-            builder.position_at_end(loop)
-            b = builder.phi(i64)
-            acc = [builder.phi(ir.VectorType(ir.FloatType(), LANES)) for _ in range(2 * nvec)]  # even, then odd
+            entry, loop, done, b, acc = open_blocks(builder, args[3], 2 * nvec, "blocks")  # even, then odd
             nxt = list(acc)
             for v in range(nvec):
                 k = builder.add(builder.mul(b, ir.Constant(i64, nvec)), ir.Constant(i64, v))

@@ -24,7 +24,7 @@ from numba import prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .kernels import _row_blocks, _u32_as_f32, bf16_words, close_blocks, split_words  # noqa: E402
+from .kernels import _row_blocks, _u32_as_f32, bf16_words, close_blocks, open_blocks, split_words  # noqa: E402
 
 ROWS = 4  # inputs that share one pass over a weight row in the multi-row kernel
 
@@ -42,7 +42,7 @@ def _rows_blocks(typingctx, w, i, xw, m0, nb):
         wa = context.make_array(signature.args[0])(context, builder, value=args[0])
         xa = context.make_array(signature.args[2])(context, builder, value=args[2])
         i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
-        vi, vf = ir.VectorType(ir.IntType(32), LANES), ir.VectorType(ir.FloatType(), LANES)
+        vi = ir.VectorType(ir.IntType(32), LANES)
         row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
         wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, i8p), [row]), vi.as_pointer())
         stride = cgutils.unpack_tuple(builder, xa.strides, 2)[0]  # bytes per input row
@@ -50,12 +50,7 @@ def _rows_blocks(typingctx, w, i, xw, m0, nb):
         xs = [builder.bitcast(builder.gep(base, [builder.mul(builder.add(args[3], ir.Constant(i64, r)), stride)]),
                               vi.as_pointer()) for r in range(ROWS)]
         nvec = WORDS // LANES
-        entry = builder.block
-        loop, done = builder.append_basic_block("rblocks"), builder.append_basic_block("rblocks_done")
-        builder.cbranch(builder.icmp_signed(">", args[4], ir.Constant(i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        b = builder.phi(i64)
-        acc = [builder.phi(vf) for _ in range(ROWS * 2 * nvec)]  # per input: even vectors, then odd
+        entry, loop, done, b, acc = open_blocks(builder, args[4], ROWS * 2 * nvec, "rblocks")  # per input: even, odd
         nxt = list(acc)
         for v in range(nvec):
             k = builder.add(builder.mul(b, ir.Constant(i64, nvec)), ir.Constant(i64, v))
