@@ -11,10 +11,7 @@ import torch
 
 from formats.workpool import WorkPool
 from tests.bounded import in_thread
-from zipmoe_pack.pack import PackOptions, pack
 from zipmoe_run.api import load
-
-DIMS = {"experts": 8, "top_k": 2, "hidden": 128, "moe_intermediate": 256, "layers": 2}
 
 
 def test_help_runs_the_oldest_queued_call_on_the_calling_thread():
@@ -52,17 +49,10 @@ def test_errors_reach_the_future_and_shutdown_drains_then_refuses():
         WorkPool(0)
 
 
-@pytest.fixture(scope="module")
-def arc(checkpoint_factory, tmp_path_factory):
-    src = checkpoint_factory("qwen2_moe", seed=3, dims=DIMS, peaky_router=False)
-    out = tmp_path_factory.mktemp("help") / "m.zmoe"
-    pack(src, out, PackOptions(threads=2, chunk_elements=4096))
-    return out
-
-
-def test_a_waiting_fetch_decodes_its_chunks_itself_when_the_pool_is_busy(arc):
+def test_a_waiting_fetch_decodes_its_chunks_itself_when_the_pool_is_busy(store_archive):
     """With every decoder thread blocked, a fetch still completes, bit-exact: the consumer decodes
     the queued chunks while it waits (without that it would wait for the pool forever)."""
+    arc, _ = store_archive(3)
     with load(arc, memory_budget="40%", threads=2) as lm:
         store, dec = lm.source.store, lm.source.decoder
         experts = [e.expert for e in lm.source.archive.index.experts if e.layer == 0]
