@@ -6,7 +6,10 @@ state:
 * score ``p`` of an expert = its accesses in the current request + ``alpha`` x its all-time access
   rate (as of the request's start); a request begins at :meth:`ZipMoEPolicy.begin_request` or,
   without that call, at a prefill: a fetch of the first MoE layer asking for more experts than the
-  smallest fetch seen so far (a one-token decode step asks for k);
+  smallest fetch seen so far (a one-token decode step asks for k); a fetch no wider than that counts
+  its accesses at once, a wider one (a batched step, a prefill) at the end of its sweep of the layers,
+  so within a sweep the scores hold as of its start; among equal scores the most recently accessed
+  expert goes first (what a repeating sweep needs furthest ahead);
 * tier shares: the tier planner (:func:`.planner.plan`) on the statistics learned so far (the rank
   histogram of accessed experts), the store's measured read and decode speeds, and the budget less
   the store's staging reserve; re-planned at each new request (uniform routing before the first);
@@ -68,8 +71,11 @@ class ZipMoEPolicy:
         self._now = -1
         self._fetch_keys: list = []
         self._fetch_first = False
+        self._settled = True
         self._begun = False
         self._min_fetch: int | None = None
+        self._P = np.zeros((0, 0))  # accesses of the current step, counted into _R and _G when it ends
+        self._last = np.zeros((0, 0))  # fetch number of each expert's latest access (ties: newest goes first)
         self._need_plan = True
         self.requests = 0
         self.plans: list = []
@@ -88,7 +94,7 @@ class ZipMoEPolicy:
         if row >= self._R.shape[0] or e >= self._R.shape[1]:
             r0, c0 = self._R.shape  # grow each axis geometrically, and only the axis that overflowed
             shape = (r0 if row < r0 else max(row + 1, 2 * r0), c0 if e < c0 else max(e + 1, 2 * c0))
-            for name in ("_R", "_G", "_hist", "_T", "_fetching", "_sm_ok", "_known"):
+            for name in ("_R", "_G", "_P", "_hist", "_T", "_fetching", "_sm_ok", "_known", "_last"):
                 old = getattr(self, name)
                 new = np.zeros(shape, old.dtype)
                 new[:old.shape[0], :old.shape[1]] = old
@@ -130,10 +136,10 @@ class ZipMoEPolicy:
             self._learn_info(res, key, row, e)
             self._set(row, e, int(t))
 
-    def _scores(self, row: int) -> np.ndarray:
-        s = self._R[row].copy()
+    def _scores(self, row: int, pending: bool = False) -> np.ndarray:
+        s = self._R[row] + self._P[row] if pending else self._R[row].copy()
         if self._tokens_at_req > 0:
-            s += self.alpha * self._G[row] / self._tokens_at_req
+            s += self.alpha * (self._G[row] + self._P[row] if pending else self._G[row]) / self._tokens_at_req
         return s
 
     def score(self, key) -> float:
@@ -144,8 +150,23 @@ class ZipMoEPolicy:
         g = self._G[row, e] / self._tokens_at_req if self._tokens_at_req > 0 else 0.0
         return float(self._R[row, e] + self.alpha * g)
 
+    def _own(self, row: int, e: int) -> float:
+        """What this sweep's accesses of one expert add to its score once counted (placement: an expert
+        just fetched is weighed with its own access, as the step will count it)."""
+        p = float(self._P[row, e])
+        return p * (1.0 + self.alpha / self._tokens_at_req) if self._tokens_at_req > 0 else p
+
+    def _pick(self, vals: np.ndarray) -> int | None:
+        """Flat index of the smallest of ``vals`` (inf: not a candidate); among equal ones the most
+        recently accessed goes first (what a repeating sweep of the layers needs furthest ahead)."""
+        lo = vals.min() if vals.size else np.inf
+        if not np.isfinite(lo):
+            return None
+        return int(np.where(vals == lo, self._last, -1.0).argmax())
+
     def begin_request(self) -> None:
         """A new prompt: within-request counts start again (the store forwards this when told)."""
+        self._end_step()
         self._R[:] = 0.0
         self._tokens_at_req = self._tokens()
         self.requests += 1
@@ -158,11 +179,15 @@ class ZipMoEPolicy:
 
     def on_access(self, key, tier, now: int) -> None:
         if now != self._now:  # a new fetch call
+            self._settle()
             self._end_fetch()
             self._now = now
             self._fetches += 1
             self._fetch_keys = []
+            self._settled = False
             self._fetch_first = self._is_first_layer(key)
+            if self._fetch_first:  # a new sweep of the layers: the last one's accesses count from now on
+                self._end_step()
             self._fetching[:] = False
         row = self._row(key)
         e = int(key[2])
@@ -172,15 +197,38 @@ class ZipMoEPolicy:
             self._set(row, e, 0)
         if self._fetch_first and self._min_fetch is not None and len(self._fetch_keys) > self._min_fetch \
                 and not self._begun:
-            # a prefill: start a request and count this fetch's earlier keys into it
+            # a prefill: start a request; this fetch's earlier keys (pending in _P) count into it
             self._begun = True
+            pending, self._P = self._P, np.zeros_like(self._P)
             self.begin_request()
-            for r, x in self._fetch_keys[:-1]:
-                self._R[r, x] += 1.0
-        sc = self._scores(row)
+            self._P = pending
+        sc = self._scores(row, pending=True)
         self._hist[row, int((sc > sc[e]).sum())] += 1.0
-        self._R[row, e] += 1.0
-        self._G[row, e] += 1.0
+        self._P[row, e] += 1.0
+        self._last[row, e] = self._fetches
+
+    def _settle(self) -> None:
+        """Once the open fetch's keys are all known: a narrow one (no more experts than the smallest fetch
+        seen, a one-token step) counts its accesses at once, so a single stream keeps its recency; a wider
+        one (a batched step, a prefill) waits for the end of its sweep (``_end_step``)."""
+        if self._settled:
+            return
+        self._settled = True
+        if self._min_fetch is None or len(self._fetch_keys) <= self._min_fetch:
+            for r, x in self._fetch_keys:
+                self._P[r, x] -= 1.0
+                self._R[r, x] += 1.0
+                self._G[r, x] += 1.0
+
+    def _end_step(self) -> None:
+        """Count the accesses of the sweep that ended into the scores. Within a sweep the scores stay as
+        of its start: a batched step asks for nearly every expert of every layer, and counting each
+        layer's accesses at once ranked the experts it had just used (needed again only one sweep later)
+        above the later layers' (needed next), so the policy evicted exactly what came next."""
+        if self._P.any():
+            self._R += self._P
+            self._G += self._P
+            self._P[:] = 0.0
 
     def _is_first_layer(self, key) -> bool:
         lays = [lay for (st, lay) in self._layers if st == key[0]]
@@ -240,7 +288,9 @@ class ZipMoEPolicy:
             m &= ~pinned_mask
         if not m.any():
             return None
-        idx = np.where(m, S, np.inf).argmin()
+        idx = self._pick(np.where(m, S, np.inf))
+        if idx is None:
+            return None
         row, e = np.unravel_index(idx, S.shape)
         return int(row), int(e), float(S[row, e])
 
@@ -263,8 +313,8 @@ class ZipMoEPolicy:
             c_down = np.where(down == 1, self._cost[1], self._cost[0])
             freed = np.maximum(self._nbytes[t] - nb_down, 1.0)
             loss = np.where(m, S * (c_down - self._cost[t]) / freed, np.inf)
-            idx = int(loss.argmin())
-            if np.isfinite(loss.flat[idx]) and (best is None or loss.flat[idx] < best[0]):
+            idx = self._pick(loss)
+            if idx is not None and (best is None or loss.flat[idx] < best[0]):
                 row, e = np.unravel_index(idx, S.shape)
                 best = (float(loss.flat[idx]), int(row), int(e), t, int(down[row, e]))
         return best[1:] if best is not None else None
@@ -276,6 +326,7 @@ class ZipMoEPolicy:
         return 0
 
     def placement(self, key, res):
+        self._settle()
         info = res.info(key)
         if self._need_sync:
             self._sync(res)
@@ -289,7 +340,7 @@ class ZipMoEPolicy:
         else:
             c = self._cost[:, row, e]
             S = self._scores_all()
-            px = S[row, e]
+            px = S[row, e] + self._own(row, e)
             best, best_g = 0, 0.0
             for t in (3, 2, 1):
                 if t not in info.tiers or self.split.share(t) <= 0:
@@ -309,6 +360,7 @@ class ZipMoEPolicy:
         return Tier(best)
 
     def victim(self, res, pinned: Collection, _retry: bool = False):
+        self._settle()
         if self._need_sync:
             self._sync(res)
         S = self._scores_all()
