@@ -36,7 +36,11 @@ def _cal(tmp_path, cpu="CPU A"):
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     monkeypatch.delenv(ks.ENV, raising=False)
+    monkeypatch.delenv(ks.ROWS_ENV, raising=False)
     monkeypatch.delenv("ZIPMOE_RUN_KERNELS", raising=False)
+    # prefill crossovers (tests/test_kernel_prefill.py): injected, never the clock; torch at every M here
+    monkeypatch.setattr(ks, "measure_rows", lambda shapes, threads: {
+        s: {m: {"numba": 1e9, "torch": 2e9} for m in ks.ROW_COUNTS} for s in shapes})
     ks.reset()
     yield
     ks.reset()
@@ -225,6 +229,7 @@ def test_routed_expert_shapes_are_chosen_at_load_alike_for_archive_and_directory
         def flat(shapes_, threads, kerns):  # any shape: numba twice torch's rate
             return {sh: {k: (2e9 if k == "numba" else 1e9) for k in kerns} for sh in shapes_}
 
+        kw.pop("measure_fn", None)  # load's own (which waits for a preload) is replaced by the flat one
         return real(shapes, *a, measure_fn=flat, calibrator=_cal(tmp_path), **kw)
 
     monkeypatch.setattr(ks, "choose", spy)

@@ -48,13 +48,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["linear", "enabled", "enabled_by_env", "set_threads", "single_row_scope", "decode_rows_scope",
-           "gemv_reference", "gemm_rows", "bf16_words", "run_kernel", "CHOICE"]
+           "gemv_reference", "gemm_rows", "bf16_words", "run_kernel", "CHOICE", "ROWS_UPTO"]
 
 log = logging.getLogger(__name__)
 
 _ENABLED = os.environ.get("ZIPMOE_RUN_KERNELS", "1") not in ("0", "false", "no")
 _gemv = None
 CHOICE: dict[tuple[int, int, int], str] = {}  # (out, in, threads) -> "numba" | "torch" (kernel_select fills it)
+ROWS_UPTO: dict[tuple[int, int, int], int] = {}  # (out, in, threads) -> most rows a prefill product sends
+# through the multi-row kernel (kernel_select measures it; ``kernels_rows.prefill_linear``)
 _scope_threads = 0  # torch's thread count while a single_row_scope is active (torch itself runs on 1 then)
 _decode_rows = False  # inside a decode_rows_scope: every product is row-invariant (see the module doc)
 _addr = None  # kernels_addr once enabled() found it usable
@@ -312,9 +314,14 @@ def run_kernel(kernel: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` (x [..., K], w [N, K], b [N]); one bf16 input row goes through the kernel chosen for
-    this shape on this host (``kernel_select``): this module's GEMV or torch's."""
+    this shape on this host (``kernel_select``): this module's GEMV or torch's; M bf16 rows (a prefill)
+    through the multi-row kernel up to the measured ``ROWS_UPTO``, else torch's."""
     if _decode_rows:
         return _rows_linear(x, w, b)
+    if x.dtype is torch.bfloat16 and x.numel() != x.shape[-1]:  # several rows of a prefill
+        from .kernels_rows import prefill_linear
+
+        return prefill_linear(x, w, b)
     return _linear1(x, w, b)
 
 
@@ -335,20 +342,10 @@ def _one_row_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
 
 
 def _linear1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    k = x.shape[-1]
-    if (x.dtype is not torch.bfloat16 or w.dtype is not torch.bfloat16 or x.numel() != k or k % 2
-            or not w.is_contiguous() or w.storage_offset() % 2 or w.dim() != 2):
+    kern = "plain" if x.numel() != x.shape[-1] else _one_row_kernel(x, w)
+    if kern == "plain":
         return F.linear(x, w, b)
-    n = w.shape[0]
-    t = _scope_threads or torch.get_num_threads()
-    kern = CHOICE.get((n, k, t))
-    if kern is None:
-        from .kernel_select import kernel_for
-
-        kern = kernel_for(n, k, t)
-    if kern != "numba" or not enabled():
-        return _torch_linear(x, w, b)
-    return _gemv_linear(x, w, b)
+    return _gemv_linear(x, w, b) if kern == "numba" else _torch_linear(x, w, b)
 
 
 def _gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

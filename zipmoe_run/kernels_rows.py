@@ -1,4 +1,5 @@
-"""The multi-row bf16 kernel of batched decode steps (``kernels.decode_rows_scope``).
+"""The multi-row bf16 kernel of batched decode steps (``kernels.decode_rows_scope``) and of prefill's
+products with few rows (``prefill_linear``).
 
 x [M, K] bf16 by w [N, K] bf16 -> [M, N]: every output row is summed in exactly the fixed order of the
 one-row GEMV of ``kernels`` (the same ``_row_blocks`` blocks, pairwise lane sums and sequential tail),
@@ -6,15 +7,24 @@ so row m equals the one-row result bit for bit for any M and any thread count. O
 over threads; each weight row is read from memory once and applied to the M inputs while it is in
 cache, 4 inputs per pass (``_rows_blocks``: one weight load, each input's own accumulators). The
 inputs are read as bf16 pairs (``kernels.bf16_words``: xw uint32 [M, K/2]), as in the one-row GEMV.
+
+Prefill (``prefill_linear``, any bf16 product of M > 1 rows outside a batched decode step): a routed
+expert of a prompt gets the few tokens routed to it (typically 1-8), where torch's bf16 matrix product
+streams the weights far below memory speed. Up to ``kernels.ROWS_UPTO[(out, in, threads)]`` rows (the
+crossover ``kernel_select`` measures per host, shape and thread count, cached) the product is this
+kernel, so each such row is bit for bit the one-row GEMV's result for that row (the decode path's);
+more rows (attention, the shared expert and lm_head of a long prompt) are torch's. The choice depends
+only on host, shape, thread count and M, never on where the weights come from.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from . import kernels as K
 from .kernels import LANES, WORDS, njit
 
-__all__ = ["ROWS", "gemm_rows"]
+__all__ = ["ROWS", "gemm_rows", "prefill_linear", "rows_upto"]
 
 if njit is None:  # pragma: no cover - numba is a dependency
     raise ImportError("numba is not installed")
@@ -101,3 +111,33 @@ def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
     out = np.empty((xw.shape[0], n), dtype=np.float32)
     _gemm_kernel(w.view(torch.int32).numpy().view(np.uint32).reshape(n, k // 2), xw, out)
     return out
+
+
+def rows_upto(n: int, k: int, t: int) -> int:
+    """The most rows of an [n, k] bf16 product at t threads that go through this kernel (chosen now if
+    it has not been: ``kernel_select.rows_for``)."""
+    got = K.ROWS_UPTO.get((n, k, t))
+    if got is None:
+        from .kernel_select import rows_for
+
+        got = rows_for(n, k, t)
+    return got
+
+
+def prefill_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of M > 1 bf16 rows x [..., K] by w [N, K] (+ b [N]) -> [..., N]: this kernel up to
+    ``rows_upto`` rows (each row then equals the one-row GEMV's), else torch's (at torch's thread count,
+    also inside a ``single_row_scope``)."""
+    k, n = x.shape[-1], w.shape[0]
+    if (w.dtype is not torch.bfloat16 or k % 2 or w.dim() != 2 or not w.is_contiguous() or w.storage_offset() % 2
+            or w.shape[1] != k or not (x.is_cpu and w.is_cpu) or not K.enabled()):
+        return K._torch_linear(x, w, b)
+    m = x.numel() // k
+    t = K._scope_threads or torch.get_num_threads()
+    if m > rows_upto(n, k, t):
+        return K._torch_linear(x, w, b)
+    with K.single_row_scope(not K._scope_threads):  # numba's team at torch's thread count, torch idle
+        y = torch.from_numpy(gemm_rows(x, w))  # [M, N] float32, each row as the one-row GEMV sums it
+    if b is not None:
+        y += b.float()
+    return y.to(torch.bfloat16).view(*x.shape[:-1], n)

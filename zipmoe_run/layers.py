@@ -328,15 +328,18 @@ def moe_forward(
     tok_sorted = order // k  # token index per sorted slot
     w_sorted = topk_weights.reshape(-1)[order]
     outs: list[torch.Tensor | None] = [None] * len(wanted)
-    for e, weights in source.fetch(layer, wanted, stack):
-        i = slot_of[e]
-        lo, hi = bounds[i], bounds[i + 1]
-        tok = tok_sorted[lo:hi]
-        y = expert_fn(x[tok], weights) * w_sorted[lo:hi, None]
-        outs[i] = y.to(x.dtype)
-        if after_open is not None:
-            after_open()
-            after_open = None
+    # bf16: each expert's few rows go through the multi-row kernel where measured faster (``kernels_rows``):
+    # numba's team at torch's thread count for the whole loop, torch's own products keep its count
+    with _kernels.single_row_scope(x.dtype is torch.bfloat16):
+        for e, weights in source.fetch(layer, wanted, stack):
+            i = slot_of[e]
+            lo, hi = bounds[i], bounds[i + 1]
+            tok = tok_sorted[lo:hi]
+            y = expert_fn(x[tok], weights) * w_sorted[lo:hi, None]  # [M_e, H]
+            outs[i] = y.to(x.dtype)
+            if after_open is not None:
+                after_open()
+                after_open = None
     return sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
 
 
