@@ -72,6 +72,17 @@ def _with_kernels(it: Iterator[TokenEvent], stats: dict, used: bool) -> Iterator
     stats["kernels"] = kernel_select.report(used)  # after the run: shapes first seen in it are chosen by then
 
 
+def _measure_alone(source: WeightSource):
+    """kernel_select's measurement (a host seen for the first time), after the source's background
+    preload has ended: decoding experts beside it would skew the rates it compares."""
+    def measure(shapes, threads, kernels):
+        wait = getattr(source, "wait_preload", None)
+        if wait is not None:
+            wait()
+        return kernel_select.measure(shapes, threads, kernels)
+    return measure
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module
@@ -117,9 +128,13 @@ class Loaded:
         self.close()
 
 
-def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", threads: int | None = None,
+def load(path: str | os.PathLike | WeightSource, *, dtype: str | torch.dtype = "bfloat16", threads: int | None = None,
          memory_budget: str | int | None = None, prefetch: str = "off", **store_opts) -> Loaded:
     """Open a checkpoint directory or ``.zmoe`` archive and build its model.
+
+    ``path`` may also be a source opened already (``open_source``, ``ArchiveSource``: an archive's
+    experts start decoding as it opens; ``zipmoe-run`` opens it before it imports torch). The returned
+    ``Loaded`` owns it (closes it), and so does ``load`` when it fails; store options are then refused.
 
     ``threads`` sets torch's intra-op thread count (process-wide) and is passed to the archive
     reader; ``memory_budget`` bounds the memory of the routed experts of a ``.zmoe`` archive (bytes,
@@ -130,16 +145,24 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
     for families that support it; ``"off"`` (the default) prefetches only what the model is certain
     to ask for next.
     """
-    if prefetch not in PREFETCH_MODES:
-        raise GenerationError(f"unknown prefetch mode {prefetch!r} (use {' or '.join(PREFETCH_MODES)})")
-    if memory_budget is not None:
-        store_opts["memory_budget"] = memory_budget
-    dt = parse_dtype(dtype)
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
-            raise GenerationError(f"threads must be an integer in 1..{MAX_THREADS} (got {threads!r})")
-        torch.set_num_threads(threads)
-    source = open_source(path, threads=threads, **store_opts)
+    opened = None if isinstance(path, (str, os.PathLike)) else path
+    try:
+        if prefetch not in PREFETCH_MODES:
+            raise GenerationError(f"unknown prefetch mode {prefetch!r} (use {' or '.join(PREFETCH_MODES)})")
+        if memory_budget is not None:
+            store_opts["memory_budget"] = memory_budget
+        if opened is not None and store_opts:
+            raise GenerationError(f"store options {sorted(store_opts)} go to the source, which is open already")
+        dt = parse_dtype(dtype)
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+                raise GenerationError(f"threads must be an integer in 1..{MAX_THREADS} (got {threads!r})")
+            torch.set_num_threads(threads)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
+    source = opened if opened is not None else open_source(path, threads=threads, **store_opts)
     try:
         model = build_model(source, dt)
         tokenizer = load_tokenizer(source)
@@ -153,7 +176,7 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", thre
     model.eval()
     if dt is torch.bfloat16:  # one-row kernels for this host and the model's shapes (cached per host)
         shapes = set(kernel_select.model_shapes(model)) | set(source.expert_shapes())
-        kernel_select.choose(sorted(shapes), torch.get_num_threads())
+        kernel_select.choose(sorted(shapes), torch.get_num_threads(), measure_fn=_measure_alone(source))
     if os.environ.get("ZIPMOE_RESIDENT", "").strip():  # the dense weights in another resident form (x12)
         from .resident import resident_mode, to_x12
 

@@ -15,11 +15,19 @@ specs/runtime.md.
 ``"3GiB"``), a percentage of the routed-expert bytes (``"30%"``) or ``"auto"``. With a budget, a
 yielded weights dict is valid until the caller asks for the next expert; the store then empties it.
 
-``preload``: ``"auto"`` (the default) warms the store up at open time, reading and decoding experts
-layer by layer into the decoded tier until the budget is full, when a budget of at least the experts'
-decoded bytes is given (the budget is meant to hold the model, as in transformers or llama.cpp, which
-also load everything before the first token); ``True`` always, ``False`` never (experts load on first
-use). The time it takes is part of opening the archive (``preload_s`` in ``stats()``).
+``preload``: ``"auto"`` (the default) warms the store up from the moment the archive is open, reading
+and decoding experts layer by layer into the decoded tier until the budget is full, when the budget
+holds every expert decoded (no budget, or one of at least the experts' decoded bytes: the budget is
+meant to hold the model, as in transformers or llama.cpp, which also load everything before the first
+token); ``True`` always, ``False`` never (experts load on first use). The preload runs in the
+background (a thread of this source) while the caller imports torch, builds the model and loads the
+tokenizer; the first ``fetch`` or ``prefetch`` waits for it to end, decoding queued chunks on its own
+thread meanwhile (``preload_s`` in ``stats()``: how long it ran). A preload that fails raises its
+error there.
+
+Opening an archive does not import torch: the store keeps each decoded expert as its buffer
+(``_Decoded``) and the tensors are made on the thread that fetches it, so an archive can be opened,
+and its experts decoded, while torch is still being imported (``zipmoe-run`` does that).
 
 ``cost``: the store's cost model; by default this host's self-calibration (``zipmoe_run.calibrate``:
 measured once per host and file system, cached), reported with the host in ``stats()``
@@ -31,9 +39,9 @@ import logging
 import mmap
 import os
 import stat
+import threading
 from collections.abc import Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from formats.decoder import ParallelDecoder
 from formats.errors import CorruptDataError, FormatError
@@ -45,18 +53,26 @@ from .calibrate import stats_fields, store_cost
 from .cores import decode_nice
 from .hostinfo import usable_cores
 from .errors import MissingWeightError
-from .source import SAFETENSORS_DTYPES
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+           "F8_E5M2": "float8_e5m2"}  # source.SAFETENSORS_DTYPES by name: this module does not import torch
 
-def _as_tensor(buf, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int) -> torch.Tensor:
-    dt = SAFETENSORS_DTYPES.get(dtype)
-    if dt is None:
+
+def _as_tensor(buf, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int) -> "torch.Tensor":
+    import torch
+
+    dt = getattr(torch, _DTYPES.get(dtype, ""), None)
+    if not isinstance(dt, torch.dtype):
         raise FormatError(f"runtime cannot use tensors of dtype {dtype}")
     if nbytes == 0:
         return torch.empty(shape, dtype=dt)
-    t = torch.frombuffer(buf, dtype=dt, count=nbytes // torch.empty((), dtype=dt).element_size(), offset=offset)
+    t = torch.frombuffer(buf, dtype=dt, count=nbytes // dt.itemsize, offset=offset)
     return t.view(shape)
 
 
@@ -77,6 +93,23 @@ def _private_map(archive: Archive) -> tuple[mmap.mmap | None, int]:
         return mmap.mmap(fd, hi - base, offset=base, access=mmap.ACCESS_COPY), base
     finally:
         os.close(fd)
+
+
+class _Decoded:
+    """What the store keeps of a decoded expert (its ``wrap``): the extent and the decoded buffer, no
+    torch on the store's threads. ``tensors()`` makes the {proj: tensor} views of the buffer once, on the
+    thread that fetches the expert."""
+
+    __slots__ = ("ext", "buf", "_tensors")
+
+    def __init__(self, ext, buf):
+        self.ext, self.buf, self._tensors = ext, buf, None
+
+    def tensors(self) -> dict[str, "torch.Tensor"]:
+        if self._tensors is None:
+            self._tensors = {p.proj: _as_tensor(self.buf, p.dtype, p.shape, p.out_offset, p.nbytes)
+                             for p in self.ext.parts}
+        return self._tensors
 
 
 class ArchiveSource:
@@ -110,13 +143,16 @@ class ArchiveSource:
             try:
                 self.calibration = cost.to_json()  # what the store starts from (stats: its estimates now)
                 self.store = ExpertStore(self.archive, self.decoder, budget=memory_budget, policy=policy,
-                                         io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=self._weights,
+                                         io_mode=io_mode, io_throttle_bps=io_throttle_bps, wrap=_Decoded,
                                          dense_bytes=self.dense_bytes, cost=cost,
                                          read_depth=self.cores["read_depth"] if self.cores else 1)
-                if preload is True or (preload == "auto" and self.store.capacity is not None
-                                       and self.store.capacity >= self.store.expert_bytes):
-                    n = self.store.preload()
-                    log.info("preloaded %d of %d experts", n, len(self.store.extents))
+                self._preload_thread: threading.Thread | None = None
+                self._preload_error: BaseException | None = None
+                cap = self.store.capacity
+                if preload is True or (preload == "auto" and (cap is None or cap >= self.store.expert_bytes)):
+                    self._preload_thread = threading.Thread(target=self._preload, name="zipmoe-preload",
+                                                            daemon=True)
+                    self._preload_thread.start()
             except BaseException:
                 if hasattr(self, "store"):
                     self.store.close()
@@ -128,6 +164,28 @@ class ArchiveSource:
         self._closed = False
         self._checked: set[str] = set()
         self._stats = {"experts_fetched": 0}
+
+    def _preload(self) -> None:
+        """The background preload (the preload thread): the store's load-time warm-up."""
+        try:
+            n = self.store.preload()
+            log.info("preloaded %d of %d experts", n, len(self.store.extents))
+        except BaseException as exc:  # raised by the first fetch or prefetch
+            self._preload_error = exc
+
+    def wait_preload(self) -> None:
+        """Block until the background preload has ended (decoding queued chunks on this thread meanwhile);
+        raise its error if it failed. Called by the first ``fetch`` or ``prefetch``."""
+        t = self._preload_thread
+        if t is None:
+            return
+        while t.is_alive():
+            if not self.decoder.help():
+                t.join(0.002)
+        self._preload_thread = None
+        err, self._preload_error = self._preload_error, None
+        if err is not None:
+            raise err
 
     @property
     def budget(self):
@@ -145,7 +203,7 @@ class ArchiveSource:
         t = self.archive.index.tensors.get(name)
         return t is not None and t.role == "dense"
 
-    def dense(self, name: str) -> torch.Tensor:
+    def dense(self, name: str) -> "torch.Tensor":
         t = self.archive.index.tensors.get(name)
         if t is None or t.role != "dense":
             raise MissingWeightError(f"{self.archive.path}: no dense tensor {name}")
@@ -166,19 +224,27 @@ class ArchiveSource:
         return _as_tensor(self._dense_map, t.dtype, t.shape, off, t.nbytes)
 
     # -- experts --------------------------------------------------------------------------------
-    def _weights(self, extent, buf) -> dict[str, torch.Tensor]:
-        return {p.proj: _as_tensor(buf, p.dtype, p.shape, p.out_offset, p.nbytes) for p in extent.parts}
-
     def fetch(self, layer: int, experts: Sequence[int], stack: str | None = None
-              ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """Resident experts first, then the missing ones as they are read and decoded (see the store)."""
-        for e, w in self.store.fetch(layer, experts, stack):
+              ) -> Iterator[tuple[int, dict[str, "torch.Tensor"]]]:
+        """Resident experts first, then the missing ones as they are read and decoded (see the store).
+        With a budget a yielded dict is emptied when the caller asks for the next expert."""
+        if self._preload_thread is not None:
+            self.wait_preload()
+        persistent = self.store.persistent
+        for e, d in self.store.fetch(layer, experts, stack):
             self._stats["experts_fetched"] += 1
+            w = d.tensors() if persistent else dict(d.tensors())
+            del d  # no local: the frame must not keep the expert alive
             yield e, w
+            if not persistent:
+                w.clear()  # the caller's references to this expert's tensors go with it
+            del w
 
     def prefetch(self, layer: int, experts: Sequence[int], stack: str | None = None, *,
                  speculative: bool = True) -> int:
         """Start reading and decoding experts the model will (or may) ask for next (see the store)."""
+        if self._preload_thread is not None:
+            self.wait_preload()
         return self.store.prefetch(layer, experts, stack, speculative=speculative)
 
     def stats(self) -> dict:
@@ -191,7 +257,11 @@ class ArchiveSource:
         """Stop the store and the decoder and release the maps (idempotent). Tensors handed out
         earlier stay valid: they keep their mapped pages alive until they are dropped."""
         try:
-            self.store.close()
+            self.store.close()  # cancels a preload still running: its thread ends with it
+            t = self._preload_thread
+            if t is not None:
+                t.join()
+                self._preload_thread = None
         finally:
             try:
                 self.decoder.close()

@@ -72,6 +72,19 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _open_archive(path: Path, threads: int | None, store_opts: dict):
+    """A .zmoe archive's source, opened before torch is imported (None for anything else: ``load``
+    opens it). Opening starts the store's preload (with no budget, or one that holds every expert), so
+    the experts decode on the other cores while torch loads on this one."""
+    if path.suffix != ".zmoe" or not path.is_file():
+        return None
+    try:
+        from zipmoe_run.archive_source import ArchiveSource
+    except ImportError:
+        return None  # load() says why
+    return ArchiveSource(path, threads=threads, **store_opts)
+
+
 def _stats_line(st: dict) -> str:
     parts = [
         f"prompt {st.get('prompt_tokens', 0)} tok @ {st.get('prompt_tok_s', 0):.1f} tok/s",
@@ -111,8 +124,9 @@ def run_cmd(
                                  help="off: prefetch only what the model will certainly ask for next; lookahead: "
                                       "also guess the next layer's experts from the current hidden state."),
     preload: str = typer.Option("auto", "--preload", callback=_choice(("auto", "on", "off")),
-                                help="auto: with a budget of at least the experts' size, decode experts into memory "
-                                     "while loading; on: fill the budget while loading; off: load on first use."),
+                                help="auto: with no budget or one of at least the experts' size, decode every expert "
+                                     "into memory in the background while loading; on: fill the budget while "
+                                     "loading; off: load on first use."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, stats) instead."),
     debug: bool = typer.Option(False, "--debug", help="Debug logging and full tracebacks."),
@@ -126,21 +140,30 @@ def run_cmd(
         fail("--chat needs --prompt text", 2)
     given_ids = [_parse_ids(p) for p in prompt_ids] if prompt_ids else None
     with guarded(debug):
-        from zipmoe_run.api import load
-        from zipmoe_run.generate import Sampling
-
-        sampling_asked = temperature is not None or top_p is not None or top_k is not None
-        sampling = Sampling(
-            greedy=greedy or not sampling_asked,
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-            top_k=0 if top_k is None else top_k,
-            seed=seed,
-        )
         store_opts = {"memory_budget": memory_budget} if memory_budget is not None else {}
         if preload != "auto" and (path.suffix == ".zmoe" or memory_budget is not None):
             store_opts["preload"] = preload == "on"
-        lm = load(path, dtype=dtype, threads=threads, prefetch=prefetch, **store_opts)
+        source = _open_archive(path, threads, store_opts)  # before torch: its experts decode meanwhile
+        try:
+            from zipmoe_run.api import load
+            from zipmoe_run.generate import Sampling
+
+            sampling_asked = temperature is not None or top_p is not None or top_k is not None
+            sampling = Sampling(
+                greedy=greedy or not sampling_asked,
+                temperature=1.0 if temperature is None else temperature,
+                top_p=1.0 if top_p is None else top_p,
+                top_k=0 if top_k is None else top_k,
+                seed=seed,
+            )
+        except BaseException:
+            if source is not None:
+                source.close()
+            raise
+        if source is not None:  # load() owns it from here
+            lm = load(source, dtype=dtype, threads=threads, prefetch=prefetch)
+        else:
+            lm = load(path, dtype=dtype, threads=threads, prefetch=prefetch, **store_opts)
         budget = getattr(lm.source, "budget", None)
         if memory_budget is not None and budget is not None and not as_json:
             err.print(f"memory budget: {budget.how}", soft_wrap=True, markup=False)
