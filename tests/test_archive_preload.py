@@ -127,3 +127,28 @@ def test_load_of_an_open_source_owns_it(archive):
     with load(src, dtype="float32", threads=2) as lm:
         assert lm.source is src
     assert src._closed
+
+
+@pytest.fixture(scope="module")
+def big_archive(checkpoint_factory, tmp_path_factory):
+    """Experts of 3 MiB: the store observes rates of decodes and reads of at least 1 MiB only."""
+    from zipmoe_pack.pack import PackOptions, pack
+
+    src = checkpoint_factory("qwen2_moe", seed=4, dims={"experts": 4, "top_k": 2, "hidden": 512,
+                                                        "moe_intermediate": 1024, "layers": 2})
+    out = tmp_path_factory.mktemp("big") / "m.zmoe"
+    pack(src, out, PackOptions(threads=2))
+    return out
+
+
+def test_the_preload_teaches_the_cost_model_nothing(big_archive):
+    """Every expert is queued at once and the process imports torch beside it: those rates are not the
+    host's, and the drift watcher would write them into the calibration cache."""
+    from zipmoe_run.tiers import CostModel
+
+    path = big_archive
+    cost = CostModel(read_bps=1e12, decode_bps=1e12)  # far from anything measured: any observation moves it
+    with ArchiveSource(path, threads=2, cost=cost) as src:
+        src.wait_preload()
+        assert src.stats()["preloaded"] > 0
+        assert (cost.read_bps, cost.decode_bps, cost.frozen) == (1e12, 1e12, False)

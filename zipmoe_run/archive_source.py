@@ -166,12 +166,20 @@ class ArchiveSource:
         self._stats = {"experts_fetched": 0}
 
     def _preload(self) -> None:
-        """The background preload (the preload thread): the store's load-time warm-up."""
+        """The background preload (the preload thread): the store's load-time warm-up. The cost model
+        learns nothing from it: every expert is queued at once (a decode's time there is mostly its wait
+        behind the others) and the process imports torch and builds the model beside it, so its rates
+        are not this host's; the drift watcher would write them into the calibration cache (a decode
+        rate of 7 MB/s was written that way, and the next run warned that compression does not pay)."""
+        cost = self.store.cost
+        frozen, cost.frozen = cost.frozen, True
         try:
             n = self.store.preload()
             log.info("preloaded %d of %d experts", n, len(self.store.extents))
         except BaseException as exc:  # raised by the first fetch or prefetch
             self._preload_error = exc
+        finally:
+            cost.frozen = frozen
 
     def wait_preload(self) -> None:
         """Block until the background preload has ended (decoding queued chunks on this thread meanwhile);
