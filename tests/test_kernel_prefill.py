@@ -149,3 +149,26 @@ def test_moe_prefill_rows_equal_each_token_alone(monkeypatch):
         with kernels.single_row_scope(True):  # as a decode step runs
             alone = layers.moe_forward(x[t:t + 1].clone(), ids[t:t + 1], wts[t:t + 1], Source(), 0)
         assert torch.equal(got[t:t + 1].view(torch.int16), alone.view(torch.int16)), t
+
+
+def test_measure_rows_takes_each_kernel_fastest_pass_and_stops_where_torch_wins(monkeypatch):
+    """Injected costs (no clock): torch's rate beats the multi-row kernel's by more than the margin at
+    M = 4, so M = 6 and 8 are not measured; disturbed passes (all but the last of torch's at M = 2) are
+    not the rate: each kernel's fastest pass is."""
+    now, last, calls = [0.0], [None], []
+    cost = {"numba": {2: 1.0, 3: 1.5, 4: 2.0}, "torch": {2: 2.0, 3: 2.0, 4: 1.0}}  # seconds per product
+
+    def fake_kernel(kern, x, w):
+        last[0] = (kern, x.shape[0])
+        calls.append(last[0])
+        timed = calls.count((kern, x.shape[0])) - 1  # after the warm-up: 16 products per pass
+        extra = 50.0 if kern == "torch" and x.shape[0] == 2 and 0 < timed <= 16 * (ks.REPS - 1) else 0.0
+        now[0] += cost[kern][x.shape[0]] + extra
+
+    monkeypatch.setattr(ks, "_rows_kernel", fake_kernel)
+    got = ks.measure_rows([(8, 32)], 1, timer=lambda: now[0])
+    nbytes = 8 * 32 * 2
+    assert sorted(got[(8, 32)]) == [2, 3, 4]
+    assert got[(8, 32)][2] == {"numba": pytest.approx(nbytes / 1.0), "torch": pytest.approx(nbytes / 2.0)}
+    assert got[(8, 32)][4]["torch"] == pytest.approx(nbytes / 1.0)
+    assert {m for _, m in calls} == {2, 3, 4}

@@ -143,7 +143,8 @@ def _rows_kernel(kern: str, x: torch.Tensor, w: torch.Tensor) -> None:
 
 def measure_rows(shapes, threads: int, timer=time.perf_counter) -> dict:
     """``{(out, in): {M: {"numba": bytes/s, "torch": bytes/s}}}`` of the multi-row kernel and torch on M
-    rows, M in ``ROW_COUNTS`` ascending, each shape until torch is ``MARGIN`` faster (no larger M then)."""
+    rows, M in ``ROW_COUNTS`` ascending, each shape until torch is ``MARGIN`` faster (no larger M then).
+    The two alternate pass by pass and each keeps its fastest pass (the least disturbed on a shared host)."""
     shapes = sorted(set(shapes))
     if not shapes:
         return {}
@@ -162,17 +163,16 @@ def measure_rows(shapes, threads: int, timer=time.perf_counter) -> dict:
             out[(n, k)] = {}
             for rows in ROW_COUNTS:
                 x = xs[:rows * k].view(rows, k)  # [M, K]
-                per = {}
-                for kern in ("numba", "torch"):
+                times: dict = {"numba": [], "torch": []}
+                for kern in times:
                     _rows_kernel(kern, x, mats[0])  # warm-up
-                    times = []
-                    for _ in range(REPS):
+                for _ in range(REPS):  # the two alternate pass by pass: a busy spell slows both alike
+                    for kern, ts in times.items():
                         t0 = timer()
                         for w in mats:
                             _rows_kernel(kern, x, w)
-                        times.append((timer() - t0) / m)
-                    dt = statistics.median(times)
-                    per[kern] = nbytes / dt if dt > 0 else float("inf")
+                        ts.append((timer() - t0) / m)
+                per = {kern: (nbytes / min(ts) if min(ts) > 0 else float("inf")) for kern, ts in times.items()}
                 out[(n, k)][rows] = per
                 if _pick(("numba", "torch"), per) != "numba":
                     break
