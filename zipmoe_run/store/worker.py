@@ -6,11 +6,11 @@ task the thread
 1. **admits** it: reserves its read and decode buffers in ``Memory`` (reuse a pooled buffer,
    allocate, shrink the pool, demote the policy's victim through the ``TierTable``, or wait for the
    consumer to hand buffers back; a speculative job never waits);
-2. **reads** what its tier lacks from the ``ExpertBytes`` source in aligned pieces, ``read_depth`` of
-   them in flight at once (a small pool of read threads that sleep in the kernel: the device's queue
-   stays full while this thread admits and submits; the depth comes from calibration,
-   ``zipmoe_run.cores``), submitting each chunk to the ``ParallelDecoder`` as soon as the bytes it
-   needs are in memory, in file order;
+2. **reads** what its tier lacks from the ``ExpertBytes`` source in aligned pieces that end where
+   chunks end (``read_pieces``), queued all at once to ``read_depth`` read threads (they sleep in the
+   kernel and take the next piece as soon as one ends, so the device's queue stays full while this
+   thread admits and submits; the depth comes from calibration, ``zipmoe_run.cores``), submitting
+   each chunk to the ``ParallelDecoder`` as soon as the bytes it needs are in memory, in file order;
 3. when the read and every decode batch are done, **completes** it: runs the job's ``on_decoded``
    hook (preload keeps it decoded), then hands it to the consumer (``job.ready``).
 
@@ -32,16 +32,44 @@ from functools import partial
 from zipmoe_run.tiers import CostModel, Tier
 
 from .budget import fmt_bytes
+from .buffers import ALIGN
 from .memory import Memory
 from .state import Cancelled, Job, Stats, StoreError, Task, detach
 from .table import TierTable
 
-__all__ = ["IOWorker", "READ_PIECE", "EWMA"]
+__all__ = ["IOWorker", "READ_PIECE", "MIN_PIECE", "EWMA", "read_pieces"]
 
 log = logging.getLogger(__name__)
 
 EWMA = 0.25
-READ_PIECE = 2 << 20  # reads are issued in aligned pieces of this size; chunks are decoded as they complete
+READ_PIECE = 2 << 20  # reads are issued in aligned pieces of at most this size; chunks are decoded as they complete
+MIN_PIECE = 256 << 10  # a piece ends where a chunk's bytes end, unless that would make it shorter than this
+
+
+def read_pieces(ends: list[int], length: int, piece: int | None = None, min_piece: int | None = None,
+                align: int = ALIGN, depth: int = 1) -> list[tuple[int, int]]:
+    """(start, size) of the aligned reads that cover ``[0, length)``, in file order. A piece ends where
+    a chunk's bytes end (``ends``, rounded up to ``align``), so each completed read releases the chunks
+    it completes and the last one holds only what the last chunk lacks: decoding overlaps the rest of
+    the read and little is left to decode once it ends. Pieces are at most ``piece`` bytes (longer
+    spans are split) and at least ``min_piece`` (a chunk end closer than that to the previous cut is
+    not a cut) except the last. With ``depth`` reads in flight the last span is split into ``depth``
+    pieces: reads in flight together complete together, and only the last chunk is then left."""
+    piece = READ_PIECE if piece is None else piece
+    min_piece = MIN_PIECE if min_piece is None else min_piece
+    step = max(align, piece // align * align)
+    cuts = sorted({c for c in (-(-e // align) * align for e in ends) if 0 < c < length})  # a chunk's end is in its piece
+    bounds = [0]
+    for c in [*cuts, length]:
+        while c - bounds[-1] > step:
+            bounds.append(bounds[-1] + step)
+        if c == length or c - bounds[-1] >= min_piece:
+            bounds.append(c)
+    if depth > 1 and len(bounds) > 1:  # the last span, in ``depth`` aligned pieces
+        lo = bounds[-2]
+        part = -(-(length - lo) // depth // align) * align
+        bounds[-1:] = [min(length, lo + i * part) for i in range(1, depth + 1)]
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 class IOWorker:
@@ -124,10 +152,6 @@ class IOWorker:
         """Chunks are submitted as soon as the bytes they need are in memory, so the decoding of an
         expert overlaps the rest of its own read (specs/runtime.md section 5.3)."""
         ext = task.ext
-        refs, ends = self.source.chunks(ext, task.view, task.start)
-        out = task.dbuf.arr[:ext.decoded_nbytes]
-        length = self.source.read_length(ext, task.start)
-        order = sorted(range(len(refs)), key=ends.__getitem__)
         with job.cond:
             job.inflight += 1
         task.pending, task.batch_errors = 1, {}
@@ -135,8 +159,14 @@ class IOWorker:
         task.state = "submitted"
         ok = True
         inflight: deque = deque()  # (bytes, future) of reads in flight, in file order
-        try:
-            done = k = batch = issued = 0
+        refs = out = None
+        try:  # an error anywhere here (a bad extent too) fails the task, never the I/O thread
+            refs, ends = self.source.chunks(ext, task.view, task.start)
+            out = task.dbuf.arr[:ext.decoded_nbytes]
+            length = self.source.read_length(ext, task.start)
+            order = sorted(range(len(refs)), key=ends.__getitem__)
+            pieces = read_pieces(ends, length, depth=self.read_depth)
+            done = k = batch = issued = 0  # issued: pieces
             while True:
                 j = k
                 while j < len(order) and ends[order[j]] <= done:
@@ -153,14 +183,15 @@ class IOWorker:
                 if job.cancelled or self.closing or task.cancel:
                     raise Cancelled
                 if self._readers is None:
-                    n = min(READ_PIECE, length - done)
-                    self._read(task, done, n)
+                    lo, n = pieces[issued]
+                    issued += 1
+                    self._read(task, lo, n)
                     done += n
                     continue
-                while len(inflight) < self.read_depth and issued < length:
-                    n = min(READ_PIECE, length - issued)
-                    inflight.append((n, self._readers.submit(self._read, task, issued, n)))
-                    issued += n
+                while issued < len(pieces):  # all at once: the read threads take the next as one ends
+                    lo, n = pieces[issued]
+                    issued += 1
+                    inflight.append((n, self._readers.submit(self._read, task, lo, n)))
                 n, fut = inflight.popleft()
                 fut.result()
                 done += n
@@ -172,7 +203,11 @@ class IOWorker:
             task.read_error = detach(exc)
             ok = False
         finally:
+            for _, fut in inflight:  # reads not started yet are dropped
+                fut.cancel()
             for _, fut in inflight:  # nothing may still write into the buffers once the task lets go
+                if fut.cancelled():
+                    continue
                 try:
                     fut.result()
                 except BaseException:  # noqa: BLE001 - the task has already failed or been cancelled
