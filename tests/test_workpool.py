@@ -49,6 +49,11 @@ def test_errors_reach_the_future_and_shutdown_drains_then_refuses():
         WorkPool(0)
 
 
+def _tensors(w) -> dict:
+    """{proj: tensor} of what the store yields (the archive source's ``_Decoded``, or a dict)."""
+    return w.tensors() if hasattr(w, "tensors") else w
+
+
 def test_a_waiting_fetch_decodes_its_chunks_itself_when_the_pool_is_busy(store_archive):
     """With every decoder thread blocked, a fetch still completes, bit-exact: the consumer decodes
     the queued chunks while it waits (without that it would wait for the pool forever)."""
@@ -56,14 +61,15 @@ def test_a_waiting_fetch_decodes_its_chunks_itself_when_the_pool_is_busy(store_a
     with load(arc, memory_budget="40%", threads=2) as lm:
         store, dec = lm.source.store, lm.source.decoder
         experts = [e.expert for e in lm.source.archive.index.experts if e.layer == 0]
-        want = {e: {k: v.clone() for k, v in w.items()} for e, w in store.fetch(0, experts)}  # reference
+        want = {e: {k: v.clone() for k, v in _tensors(w).items()} for e, w in store.fetch(0, experts)}  # reference
         gate, started = threading.Event(), threading.Semaphore(0)
         blockers = [dec._get_pool().submit(lambda: (started.release(), gate.wait(60))) for _ in range(dec.threads)]
         for _ in blockers:  # every decoder thread is now busy: nothing but the consumer can decode
             assert started.acquire(timeout=30)
         try:
             before = store.counters.get("helped_chunks")
-            got = in_thread(lambda: {e: {k: v.clone() for k, v in w.items()} for e, w in store.fetch(0, experts)}, 60)
+            got = in_thread(lambda: {e: {k: v.clone() for k, v in _tensors(w).items()} for e, w in store.fetch(0, experts)},
+                            60)
             helped = store.counters.get("helped_chunks") - before
         finally:
             gate.set()
