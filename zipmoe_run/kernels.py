@@ -17,8 +17,8 @@ no fused multiply-add (``llvm.fma`` would be as reproducible, one correctly roun
 measured no faster from memory on an AVX-512 Zen 4, 0.95-1.04x at 1 thread; it gains only where the
 loop is compute-bound: weights in L3, the batched kernel; ``scripts/bench_gemv_fma.py``).
 ``gemv_reference`` is that order in numpy (``_row_sum`` in numba). Results can differ from torch's bf16
-kernel in the last bit. Only bf16 weights with a bf16 single-row input take this path; every other
-case (float32 runs, prefill) is ``torch.nn.functional.linear``.
+kernel in the last bit. Only bf16 weights with a bf16 single-row input take this path (a prefill's few-row
+products: ``kernels_rows.prefill_linear``); every other case (float32 runs) is ``torch.nn.functional.linear``.
 
 Input form: the bf16 input is read as uint32 pairs too (``bf16_words``, a view), split like the weights
 into exactly ``x.float()``'s values (at K = 5632 a float32 input overflowed L1: 14 vs 26-32 GB/s, Zen 4).
