@@ -292,7 +292,12 @@ def run_one(system: str, pct: float | None, prep: dict, cfg: E2EConfig, capped: 
 def run_median(system: str, pct: float | None, prep: dict, cfg: E2EConfig, capped: bool, idx: int) -> dict:
     """``cfg.repeat`` runs (each its own cold subprocess); the row of the median cold tokens/s, with
     every run's cold and warm tokens/s attached (``tok_s_runs``, ``tok_s_warm_runs``)."""
-    runs = [run_one(system, pct, prep, cfg, capped, idx + j) for j in range(max(1, cfg.repeat))]
+    return median_row([run_one(system, pct, prep, cfg, capped, idx + j) for j in range(max(1, cfg.repeat))])
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The row of the median cold tokens/s of ``runs`` (one system at one budget), with every run's
+    cold and warm tokens/s attached."""
     ok = sorted((r for r in runs if r.get("ok")), key=lambda r: r["tok_s"])
     row = ok[(len(ok) - 1) // 2] if ok else runs[-1]
     if len(runs) > 1:
@@ -332,15 +337,17 @@ def run(cfg: E2EConfig) -> dict:
     rows: list[dict] = []
     i = 0
     for pct in cfg.budgets:
-        for system in ("zipmoe", "zipmoe-lookahead", "raw", "dir", "hf-offload", "llamacpp"):
-            if system in replay_skip:
-                continue
-            if system not in cfg.systems or (system == "hf-offload" and (storage["emulated"] or switch)):
-                continue
-            if system == "llamacpp" and llamacpp.get("skipped"):
-                continue
-            r = run_median(system, pct, prep, cfg, cfg.cap, i)
-            i += cfg.repeat
+        systems = [s for s in ("zipmoe", "zipmoe-lookahead", "raw", "dir", "hf-offload", "llamacpp")
+                   if s not in replay_skip and s in cfg.systems
+                   and not (s == "hf-offload" and (storage["emulated"] or switch))
+                   and not (s == "llamacpp" and llamacpp.get("skipped"))]
+        runs: dict[str, list[dict]] = {s: [] for s in systems}
+        for j in range(max(1, cfg.repeat)):  # the peers alternate run by run (A B B A ...): a busy
+            for system in (systems if j % 2 == 0 else systems[::-1]):  # spell of the host hits both
+                runs[system].append(run_one(system, pct, prep, cfg, cfg.cap, i))
+                i += 1
+        for system in systems:
+            r = median_row(runs[system])
             rows.append(r)
             if system == "hf-offload" and not r.get("ok") and r.get("capped") and cfg.hf_uncapped_fallback:
                 u = run_one(system, pct, prep, cfg, False, i)
