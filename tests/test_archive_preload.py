@@ -152,3 +152,12 @@ def test_the_preload_teaches_the_cost_model_nothing(big_archive):
         src.wait_preload()
         assert src.stats()["preloaded"] > 0
         assert (cost.read_bps, cost.decode_bps, cost.frozen) == (1e12, 1e12, False)
+
+
+def test_load_returns_with_the_preload_done(archive):
+    """What is left of the preload is part of loading (the benchmarks' load_s, TTFT and stats keep their
+    meaning), though it ran beside the model build."""
+    path, ref = archive
+    with load(path, dtype="float32", threads=2) as lm:
+        assert lm.source._preload_thread is None
+        assert lm.source.stats()["preloaded"] == len(ref)

@@ -135,6 +135,8 @@ def load(path: str | os.PathLike | WeightSource, *, dtype: str | torch.dtype = "
     ``path`` may also be a source opened already (``open_source``, ``ArchiveSource``: an archive's
     experts start decoding as it opens; ``zipmoe-run`` opens it before it imports torch). The returned
     ``Loaded`` owns it (closes it), and so does ``load`` when it fails; store options are then refused.
+    An archive's preload (``ArchiveSource``'s ``preload``) runs while the model is built and has ended
+    when ``load`` returns.
 
     ``threads`` sets torch's intra-op thread count (process-wide) and is passed to the archive
     reader; ``memory_budget`` bounds the memory of the routed experts of a ``.zmoe`` archive (bytes,
@@ -193,4 +195,11 @@ def load(path: str | os.PathLike | WeightSource, *, dtype: str | torch.dtype = "
         log.info("router lookahead prefetch: %s", f"{n} layers" if n else "off")
     elif prefetch == "lookahead":
         log.info("router lookahead prefetch: not available for this family")
+    wait = getattr(source, "wait_preload", None)  # an archive's preload ran beside all of the above;
+    if wait is not None:  # what is left of it is part of loading, as it was (load_s, TTFT and stats keep
+        try:  # their meaning for the benchmarks and the server)
+            wait()
+        except BaseException:
+            source.close()
+            raise
     return Loaded(model, tokenizer, source, dt, eos)
