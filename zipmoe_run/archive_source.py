@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PRELOAD_JOIN_S = 60.0  # how long close() waits for a cancelled preload (its thread is a daemon)
+
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
            "F8_E5M2": "float8_e5m2"}  # source.SAFETENSORS_DTYPES by name: this module does not import torch
@@ -268,7 +270,9 @@ class ArchiveSource:
             self.store.close()  # cancels a preload still running: its thread ends with it
             t = self._preload_thread
             if t is not None:
-                t.join()
+                t.join(PRELOAD_JOIN_S)
+                if t.is_alive():  # the store's I/O thread is stuck in a read (the store logged it)
+                    log.error("%s: the preload thread has not ended after %g s", self.archive.path, PRELOAD_JOIN_S)
                 self._preload_thread = None
         finally:
             try:
