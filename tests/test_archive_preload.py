@@ -56,6 +56,22 @@ def test_unlimited_budget_preloads_in_the_background(archive):
         assert e == key[2] and all(t.dtype == torch.bfloat16 for t in w.values())
 
 
+def test_unlimited_budget_bigger_than_memory_loads_on_first_use(archive, monkeypatch, caplog):
+    """No budget and experts that exceed the memory available: no preload (it would exhaust memory before
+    the first token); the experts load on first use, with one warning naming the fix."""
+    import zipmoe_run.archive_source as asrc
+
+    path, ref = archive
+    monkeypatch.setattr(asrc, "available_memory", lambda: 1 << 16)
+    with caplog.at_level("WARNING", logger=asrc.__name__), ArchiveSource(path, threads=2) as src:
+        assert src._preload_thread is None
+        assert src.stats().get("preloaded", 0) == 0
+        key = next(iter(ref))
+        (e, w), = list(src.fetch(key[1], [key[2]], key[0]))
+        assert e == key[2] and src.stats()["hits_cold"] == 1
+    assert any("exceed the memory available" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("opts", [{"preload": False}, {"memory_budget": "50%"}])
 def test_no_preload_when_off_or_budget_too_small(archive, opts):
     path, _ = archive

@@ -51,6 +51,7 @@ from formats.reader import Archive
 
 from .calibrate import stats_fields, store_cost
 from .cores import decode_nice
+from .store.budget import available_memory, fmt_bytes
 from .hostinfo import usable_cores
 from .errors import MissingWeightError
 
@@ -150,8 +151,7 @@ class ArchiveSource:
                                          read_depth=self.cores["read_depth"] if self.cores else 1)
                 self._preload_thread: threading.Thread | None = None
                 self._preload_error: BaseException | None = None
-                cap = self.store.capacity
-                if preload is True or (preload == "auto" and (cap is None or cap >= self.store.expert_bytes)):
+                if preload is True or (preload == "auto" and self._holds_all()):
                     self._preload_thread = threading.Thread(target=self._preload, name="zipmoe-preload",
                                                             daemon=True)
                     self._preload_thread.start()
@@ -166,6 +166,21 @@ class ArchiveSource:
         self._closed = False
         self._checked: set[str] = set()
         self._stats = {"experts_fetched": 0}
+
+    def _holds_all(self) -> bool:
+        """Whether an ``auto`` preload decodes every expert: a budget of at least their decoded bytes, or
+        no budget while they fit in the memory available now (beside the dense weights); with no budget
+        and a model bigger than memory, experts load on first use (``--memory-budget auto`` plans for it)."""
+        cap, need = self.store.capacity, self.store.expert_bytes
+        if cap is not None:
+            return cap >= need
+        room = available_memory() - self.dense_bytes
+        if need > room:
+            log.warning("no memory budget and the experts (%s decoded) exceed the memory available (%s after "
+                        "the dense weights): loading them on first use; --memory-budget auto keeps within it",
+                        fmt_bytes(need), fmt_bytes(max(room, 0)))
+            return False
+        return True
 
     def _preload(self) -> None:
         """The background preload (the preload thread): the store's load-time warm-up. The cost model
@@ -245,9 +260,11 @@ class ArchiveSource:
             self._stats["experts_fetched"] += 1
             w = d.tensors() if persistent else dict(d.tensors())
             del d  # no local: the frame must not keep the expert alive
-            yield e, w
-            if not persistent:
-                w.clear()  # the caller's references to this expert's tensors go with it
+            try:
+                yield e, w
+            finally:  # also when the caller abandons the fetch or raises at this expert
+                if not persistent:
+                    w.clear()  # the caller's references to this expert's tensors go with it
             del w
 
     def prefetch(self, layer: int, experts: Sequence[int], stack: str | None = None, *,
