@@ -112,3 +112,25 @@ def test_rows_follow_the_kernel_chosen_for_the_shape(monkeypatch):
     assert not torch.equal(numba_rows.view(torch.int16), torch.cat(alone).view(5, 512).view(torch.int16))
     for i in range(5):  # the numba sums would differ somewhere; the rows follow torch's one-row product
         assert torch.equal(batch[i:i + 1].view(torch.int16), alone[i].view(torch.int16))
+
+
+def test_nested_single_row_scope_keeps_the_outer_threads():
+    """A batched step (decode_rows_scope) runs moe_forward, which opens its own single_row_scope: the
+    inner scope must keep the outer arrangement (numba's team at torch's count), not read torch's count
+    of 1 inside the outer scope and shrink the kernel to one thread."""
+    import numba
+
+    if not kernels.enabled() or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs the numba kernel and at least 2 numba threads")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.decode_rows_scope():
+            with kernels.single_row_scope(True):
+                assert kernels._scope_threads == 2
+                assert numba.get_num_threads() == 2
+                assert torch.get_num_threads() == 1
+            assert kernels._scope_threads == 2 and numba.get_num_threads() == 2
+        assert kernels._scope_threads == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -260,10 +260,10 @@ def single_row_scope(active: bool) -> Iterator[None]:
     The remaining torch work of a decode step is small element-wise ops; keeping torch's own OpenMP
     team idle avoids two thread pools competing for the same cores.
     """
-    if not active or not enabled():
+    global _scope_threads
+    if not active or not enabled() or _scope_threads:  # nested: the outer scope's arrangement holds
         yield
         return
-    global _scope_threads
     n, outer = torch.get_num_threads(), _scope_threads
     set_threads(n)
     torch.set_num_threads(1)
