@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass
@@ -229,8 +230,14 @@ class _Batch:
     def __init__(self, count: int, result: Future) -> None:
         self.futures: list[Future] = []
         self.result = result
+        self.started: float | None = None  # time.perf_counter() when its first chunk began decoding
         self._left = count
         self._lock = threading.Lock()
+
+    def run(self, dec: "ParallelDecoder", ref: "ChunkRef", out: np.ndarray, verify: bool) -> None:
+        if self.started is None:  # a race between threads only moves it by a chunk's start latency
+            self.started = time.perf_counter()
+        dec._run(ref, out, verify)
 
     def done_one(self, _fut: Future) -> None:
         with self._lock:
@@ -245,7 +252,7 @@ class _Batch:
             if exc is not None:
                 self.result.set_exception(exc)
                 return
-        self.result.set_result(None)
+        self.result.set_result(self.started)
 
 
 class ParallelDecoder:
@@ -313,8 +320,10 @@ class ParallelDecoder:
 
     def submit(self, refs: Sequence[ChunkRef], out: np.ndarray, verify: bool = True,
                *, _checked: bool = False) -> Future:
-        """Start decoding ``refs`` into ``out`` and return a future that resolves (to ``None``) when
-        all chunks are written, or carries the first failing chunk's error (layout errors included).
+        """Start decoding ``refs`` into ``out`` and return a future that resolves when all chunks are
+        written, or carries the first failing chunk's error (layout errors included). Its result is
+        the ``time.perf_counter()`` at which the first chunk began decoding (``None`` for no chunks),
+        so a caller can time the decode itself, without the time its chunks waited in the queue.
 
         ``out`` must stay alive and untouched until the future is done.
         """
@@ -334,7 +343,7 @@ class ParallelDecoder:
         batch = _Batch(len(refs), result)
         try:
             for ref in refs:
-                batch.futures.append(pool.submit(self._run, ref, out, verify))
+                batch.futures.append(pool.submit(batch.run, self, ref, out, verify))
         except RuntimeError as exc:  # pool shut down concurrently: wait for what was queued
             _wait_futures(batch.futures)
             result.set_exception(CodecError(f"ParallelDecoder is closed: {exc}"))

@@ -75,7 +75,7 @@ def test_submit_future(pool2):
     for dec in (ParallelDecoder(1), pool2):
         out = np.zeros_like(expected)
         fut = dec.submit(refs, out)
-        assert fut.result(timeout=60) is None
+        assert isinstance(fut.result(timeout=60), float)  # when its first chunk began decoding
         assert out.tobytes() == expected.tobytes()
     assert pool2.submit([], np.zeros(4, np.uint8)).result() is None
 
@@ -248,3 +248,25 @@ def test_round_trip_property(data, chunk, threads, offset, pool2):
     dec.decode(refs, out)
     assert out[offset:offset + 2 * src.size].tobytes() == src.astype("<u2").tobytes()
     assert (out[:offset] == 0xEE).all() and (out[offset + 2 * src.size:] == 0xEE).all()
+
+
+def test_submit_result_is_when_its_first_chunk_started():
+    """The future's result times the decode itself: a batch queued behind other work reports when its
+    first chunk began, not when it was submitted (the store's decode rate, and the calibration's drift
+    watcher fed by it, read the queue wait as slow decoding)."""
+    import time
+
+    data = bf16(4096).tobytes()
+    refs = [raw_ref(data[:4096], 0), raw_ref(data[4096:], 4096)]
+    out = np.zeros(len(data), np.uint8)
+    with ParallelDecoder(threads=1) as dec:
+        gate = threading.Event()
+        dec._get_pool().submit(gate.wait, 30)  # occupies the only decode thread
+        t_submit = time.perf_counter()
+        fut = dec.submit(refs, out)
+        time.sleep(0.05)
+        t_open = time.perf_counter()
+        gate.set()
+        started = fut.result(timeout=30)
+    assert started is not None and started >= t_open > t_submit
+    assert out.tobytes() == data

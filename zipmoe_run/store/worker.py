@@ -259,12 +259,14 @@ class IOWorker:
     def _batch_done(self, job: Job, task: Task, batch: int, clean_bytes: int, t0: float, fut) -> None:
         try:
             exc = fut.exception()
-            dt = time.perf_counter() - t0
             if exc is not None:
                 with job.cond:
                     task.batch_errors[batch] = exc
-            elif clean_bytes >= 1 << 20 and dt > 0:  # the pool had only this work
-                self.cost.observe("decode_bps", clean_bytes / dt, EWMA)
+            else:  # timed from its first chunk's start: the queue wait before it is not decode speed
+                started = fut.result()
+                dt = time.perf_counter() - (started if started is not None else t0)
+                if clean_bytes >= 1 << 20 and dt > 0:
+                    self.cost.observe("decode_bps", clean_bytes / dt, EWMA)
         except BaseException as e:  # noqa: BLE001 - a cancelled future: the batch failed
             with job.cond:
                 task.batch_errors[batch] = e
