@@ -67,28 +67,12 @@ def test_current_carries_the_core_budget(tmp_path, store_archive):
 def test_store_reads_with_depth_are_bit_exact_and_counted(store_archive, monkeypatch, depth):
     """Several reads in flight (pieces of 8 KiB here, so each expert is many) fill the same bytes as one
     at a time; the busy time is counted once, not once per read."""
-    from formats.decoder import ParallelDecoder
-    from formats.reader import Archive
+    from tests.storefetch import fetch_all_exact
     from zipmoe_run.store import worker
-    from zipmoe_run.store.store import ExpertStore
-    from zipmoe_run.tiers import CostModel
 
     monkeypatch.setattr(worker, "READ_PIECE", 8192)
     path, ref = store_archive(0)
-    got = {}
-    with Archive(path) as ar, ParallelDecoder(2) as dec:
-        store = ExpertStore(ar, dec, budget=None, cost=CostModel(frozen=True), read_depth=depth)
-        try:
-            for stack, layer in sorted({k[:2] for k in ref}, key=str):
-                experts = sorted(k[2] for k in ref if k[:2] == (stack, layer))
-                for e, arr in store.fetch(layer, experts, stack):
-                    got[(stack, layer, e)] = np.asarray(arr).view(np.uint8).reshape(-1).copy()
-            st = store.stats()
-        finally:
-            store.close()
-    assert set(got) == set(ref)
-    for k, want in ref.items():
-        assert got[k][:want.nbytes].tobytes() == want.view(np.uint8).tobytes(), k
+    st = fetch_all_exact(path, ref, depth)
     assert st["reads"] > len(ref)  # many pieces per expert
     assert 0 < st["read_busy_s"] <= st["read_s"] * (1 + 1e-9)
 

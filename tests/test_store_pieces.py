@@ -124,29 +124,11 @@ def test_an_extent_that_cannot_be_mapped_fails_the_fetch_not_the_io_thread(arc):
 def test_chunk_pieces_are_bit_exact(store_archive, monkeypatch, depth):
     """Pieces cut at every chunk end (at most 8 KiB here, the last span split by the depth, all queued
     at once to the read threads) fill the same bytes as the archive holds."""
-    import numpy as np
-
-    from formats.decoder import ParallelDecoder
-    from formats.reader import Archive
+    from tests.storefetch import fetch_all_exact
     from zipmoe_run.store import worker
-    from zipmoe_run.store.store import ExpertStore
-    from zipmoe_run.tiers import CostModel
 
     monkeypatch.setattr(worker, "READ_PIECE", 8192)
     monkeypatch.setattr(worker, "MIN_PIECE", ALIGN)
     path, ref = store_archive(0)
-    got = {}
-    with Archive(path) as ar, ParallelDecoder(2) as dec:
-        store = ExpertStore(ar, dec, budget=None, cost=CostModel(frozen=True), read_depth=depth)
-        try:
-            for stack, layer in sorted({k[:2] for k in ref}, key=str):
-                experts = sorted(k[2] for k in ref if k[:2] == (stack, layer))
-                for e, arr in store.fetch(layer, experts, stack):
-                    got[(stack, layer, e)] = np.asarray(arr).view(np.uint8).reshape(-1).copy()
-            st = store.stats()
-        finally:
-            store.close()
-    assert set(got) == set(ref)
-    for k, want in ref.items():
-        assert got[k][:want.nbytes].tobytes() == want.view(np.uint8).tobytes(), k
+    st = fetch_all_exact(path, ref, depth)
     assert st["reads"] > 2 * len(ref)

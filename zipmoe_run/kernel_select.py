@@ -239,21 +239,13 @@ def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=No
                 _set(n, k, threads, kern, {}, "forced" if m != "auto" else "only one available")
             return _rows_then_report(shapes, threads, m, measure_rows_fn, calibrator)
         t0 = time.perf_counter()
-        if calibrator is None:
-            from .calibrate import Calibrator
-
-            calibrator = Calibrator()
-        cal, key = calibrator, cache_key(calibrator)
-        path = cal._file("kernels", key)
-        d = cal._load(path, key, fmt=CACHE_FORMAT)
+        cal, key, path, d = _cache(calibrator)
         rates = dict(d["rates"]) if d else {}
         miss = [s for s in todo if any(f"{_name(*s, threads)}:{kn}" not in rates for kn in avail)]
         if miss:
             got = (measure_fn or measure)(miss, threads, avail)
             for (n, k), per in got.items():
-                for kn, bps in per.items():
-                    if isinstance(bps, (int, float)) and math.isfinite(bps) and bps > 0:
-                        rates[f"{_name(n, k, threads)}:{kn}"] = float(bps)
+                _keep_rates(rates, _name(n, k, threads), per)
             cal._save(path, {"format": CACHE_FORMAT, "key": key, "rates": rates, "measured": rates,
                              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             _state["measured_shapes"] += len(miss)
@@ -266,6 +258,24 @@ def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=No
         log.info("one-row kernels (%d threads): %s", threads, ", ".join(
             f"{_name(n, k, threads)} {K.CHOICE[(n, k, threads)]}" for n, k in todo))
         return _rows_then_report(shapes, threads, m, measure_rows_fn, calibrator)
+
+
+def _cache(calibrator):
+    """(calibrator, host key, file, its entry or None) of this host's kernel cache."""
+    if calibrator is None:
+        from .calibrate import Calibrator
+
+        calibrator = Calibrator()
+    key = cache_key(calibrator)
+    path = calibrator._file("kernels", key)
+    return calibrator, key, path, calibrator._load(path, key, fmt=CACHE_FORMAT)
+
+
+def _keep_rates(rates: dict, prefix: str, per: dict) -> None:
+    """rates["PREFIX:kernel"] = bytes/s for each finite, positive measurement in ``per``."""
+    for kn, bps in per.items():
+        if isinstance(bps, (int, float)) and math.isfinite(bps) and bps > 0:
+            rates[f"{prefix}:{kn}"] = float(bps)
 
 
 def _rows_then_report(shapes, threads, m, measure_rows_fn, calibrator) -> dict:
@@ -285,22 +295,14 @@ def _choose_rows(shapes, threads: int, m: str, measure_rows_fn, calibrator) -> N
             _set_rows(n, k, threads, forced, {}, "forced")
         return
     t0 = time.perf_counter()
-    if calibrator is None:
-        from .calibrate import Calibrator
-
-        calibrator = Calibrator()
-    cal, key = calibrator, cache_key(calibrator)
-    path = cal._file("kernels", key)
-    d = cal._load(path, key, fmt=CACHE_FORMAT)
+    cal, key, path, d = _cache(calibrator)
     rates = dict(d["rates"]) if d else {}
     miss = [s for s in todo if _upto(_name(*s, threads), rates) is None]
     if miss:
         got = (measure_rows_fn or measure_rows)(miss, threads)
         for (n, k), per_m in got.items():
             for rows, per in per_m.items():
-                for kn, bps in per.items():
-                    if isinstance(bps, (int, float)) and math.isfinite(bps) and bps > 0:
-                        rates[f"{_name(n, k, threads)}:rows{int(rows)}:{kn}"] = float(bps)
+                _keep_rates(rates, f"{_name(n, k, threads)}:rows{int(rows)}", per)
         if d is not None:  # keep what another process wrote meanwhile
             d = cal._load(path, key, fmt=CACHE_FORMAT) or d
             rates = {**d["rates"], **rates}
