@@ -1,6 +1,5 @@
 """One core budget (zipmoe_run.cores) from injected calibration rates, and the store running with it:
 decoder threads and read queue depth chosen by measurement, reads in flight bit-exact."""
-import numpy as np
 import pytest
 
 from zipmoe_run import calibrate
