@@ -357,27 +357,3 @@ def test_unwritable_cache_still_calibrates(tmp_path, caplog):
         d = Calibrator(blocker, decode_fn=fake.decode, info=INFO, version="1").decode(2)
     assert d["rates"] == {"1": 1.0e9, "2": 1.8e9} and not d["cached"]
     assert any("cannot write calibration cache" in r.getMessage() for r in caplog.records)
-
-
-def test_cache_bytes_reads_the_largest_data_cache(tmp_path):
-    """The kernel measurement's span follows the largest data or unified cache the OS reports (a 32 MiB
-    span on a 32 MB L3 had measured 50-57 GB/s where a decode step's GEMVs stream about 30)."""
-    from zipmoe_run import kernel_select
-    from zipmoe_run.hostinfo import cache_bytes
-
-    for name, typ, size in [("index0", "Data", "32K"), ("index1", "Instruction", "64M"),
-                            ("index2", "Unified", "1M"), ("index3", "Unified", "96M"), ("uevent", None, None)]:
-        d = tmp_path / name
-        if typ is None:
-            d.write_text("")
-            continue
-        d.mkdir()
-        (d / "type").write_text(typ + "\n")
-        (d / "size").write_text(size + "\n")
-    assert cache_bytes(str(tmp_path)) == 96 << 20
-    assert cache_bytes(str(tmp_path / "absent")) is None
-    (tmp_path / "index3" / "size").write_text("lots\n")
-    assert cache_bytes(str(tmp_path)) == 1 << 20
-    got = kernel_select.span_bytes()
-    assert kernel_select.SPAN_BYTES <= got <= kernel_select.SPAN_MAX
-    assert got >= min(kernel_select.SPAN_MAX, kernel_select.SPAN_CACHES * (cache_bytes() or 0))

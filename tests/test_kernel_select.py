@@ -110,12 +110,11 @@ def test_corrupt_cache_is_measured_again(tmp_path):
         assert json.loads(f.read_text())["rates"]["64x128@2:numba"] == 9e9  # rewritten whole
 
 
-@pytest.mark.parametrize("old_format", [1, 2, 3])
+@pytest.mark.parametrize("old_format", [1, 2])
 def test_rates_measured_for_an_older_gemv_are_measured_again(tmp_path, old_format):
     """Cache format 1 holds rates of the GEMV that read its input as two float32 vectors (slower at
     large K than the bf16-pair input of format 2), format 2 of the one called through numpy views
-    (about 10 us more per call than the by-address call of format 3), format 3 rates measured over a
-    span that fit a large L3 (format 4 spreads the matrices over 4x the cache): not reused."""
+    (about 10 us more per call than the by-address call of format 3): such entries are not reused."""
     ks.choose(SHAPES, 2, measure_fn=FakeMeasure(), calibrator=_cal(tmp_path))
     (f,) = (tmp_path / "hosts").glob("kernels-*.json")
     old = json.loads(f.read_text())
@@ -125,7 +124,7 @@ def test_rates_measured_for_an_older_gemv_are_measured_again(tmp_path, old_forma
     fake = FakeMeasure()
     rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
     assert len(fake.calls) == 1 and rep["measured_shapes"] == 3
-    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 4
+    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 3
 
 
 @pytest.mark.parametrize("forced", ["numba", "torch"])

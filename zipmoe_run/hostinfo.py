@@ -10,7 +10,7 @@ import functools
 import os
 import platform
 
-__all__ = ["ISA_FLAGS", "cache_bytes", "host_info", "host_line", "usable_cores"]
+__all__ = ["ISA_FLAGS", "host_info", "host_line", "usable_cores"]
 
 #: flags reported (x86 /proc/cpuinfo ``flags``, Arm ``Features``), in this order, when present
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
@@ -36,32 +36,6 @@ def _cpuinfo(text: str) -> tuple[str, list[str]]:
         elif k in ("flags", "features"):
             flags.update(v.split())
     return model, [f for f in ISA_FLAGS if f in flags]
-
-
-def cache_bytes(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
-    """The largest data or unified CPU cache the OS reports for CPU 0 (Linux sysfs ``index*/size``,
-    e.g. ``32768K``); None where it cannot be read."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    best = None
-    try:
-        names = os.listdir(sysfs)
-    except OSError:
-        return None
-    for name in names:
-        if not name.startswith("index"):
-            continue
-        try:
-            with open(os.path.join(sysfs, name, "type"), encoding="ascii") as f:
-                if f.read().strip() == "Instruction":
-                    continue
-            with open(os.path.join(sysfs, name, "size"), encoding="ascii") as f:
-                text = f.read().strip().upper()
-        except (OSError, UnicodeDecodeError):
-            continue
-        num, unit = text.rstrip("KMG"), text[len(text.rstrip("KMG")):]
-        if num.isdigit() and unit in units:
-            best = max(best or 0, int(num) * units[unit])
-    return best
 
 
 def _page_size() -> int | None:

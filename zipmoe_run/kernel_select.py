@@ -5,7 +5,7 @@ depends on the CPU (the numba GEMV of ``kernels`` is ~1.6-2x torch's on an AVX-5
 on an AVX2-only EPYC). So the first time a host is seen, each available kernel (``KERNELS``: the numba
 GEMV and ``torch.nn.functional.linear``) is timed on the model's own shapes (out, in) at the run's
 thread count, under the same thread arrangement as a decode step (``kernels.single_row_scope``): a few
-distinct synthetic matrices per shape spread over ``span_bytes()`` so caches do not flatter,
+distinct synthetic matrices per shape spread over at least ``SPAN_BYTES`` so caches do not flatter,
 the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached, with
 one bias: another kernel must beat the numba GEMV by ``MARGIN`` to be chosen, because the GEMV's
 summation order is the same on every instruction set (torch's is not) and because near-ties would
@@ -45,7 +45,6 @@ import numpy as np
 import torch
 
 from . import kernels as K
-from .hostinfo import cache_bytes
 
 __all__ = ["ENV", "KERNELS", "ROW_COUNTS", "mode", "available", "measure", "measure_rows", "choose", "kernel_for",
            "rows_for", "model_shapes", "report", "line", "reset"]
@@ -56,12 +55,12 @@ ENV = "ZIPMOE_KERNEL"
 ROWS_ENV = "ZIPMOE_ROWS_UPTO"
 ROW_COUNTS = (2, 3, 4, 6, 8)  # prefill row counts at which the multi-row kernel and torch are compared
 KERNELS = ("numba", "torch")  # in order of preference on a tie
-SPAN_BYTES, SPAN_CACHES, SPAN_MAX = 32 << 20, 4, 512 << 20  # a shape's matrices span >= 32 MiB and >= 4x
-# the largest CPU cache (hostinfo.cache_bytes), <= 512 MiB: a step streams its weights from memory
+SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory
 MAX_MATS = 16
 REPS = 5
-CACHE_FORMAT = 4  # of the "kernels" cache entries; 2: input as bf16 pairs; 3: called by address; 4: the span
-# follows the cache (32 MiB on a 32 MB L3 measured 50-57 GB/s where a step's GEMVs stream 30): re-measure
+CACHE_FORMAT = 3  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
+# numba GEMV reads its input as bf16 pairs (faster at large K); 3: it is called by address and rounds to
+# bf16 itself (about 10 us less per call), so rates measured before are stale
 MARGIN = 1.10  # another kernel must be this much faster than the first of KERNELS to be chosen
 
 _lock = threading.RLock()
@@ -84,11 +83,6 @@ def available() -> list[str]:
     return [k for k in KERNELS if k != "numba" or K.enabled()]
 
 
-def span_bytes() -> int:
-    """How much memory a shape's synthetic matrices are spread over (``SPAN_*``)."""
-    return min(SPAN_MAX, max(SPAN_BYTES, SPAN_CACHES * (cache_bytes() or 0)))
-
-
 def _name(n: int, k: int, t: int) -> str:
     return f"{n}x{k}@{t}"
 
@@ -105,8 +99,7 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
     shapes = sorted(set(shapes))
     if not shapes:
         return {}
-    span = span_bytes()
-    elems = max(n * k for n, k in shapes) + span // 2
+    elems = max(n * k for n, k in shapes) + SPAN_BYTES // 2
     pool = _pool(elems)
     x_all = _pool(max(k for _, k in shapes) + 64)
     saved = torch.get_num_threads()
@@ -116,7 +109,7 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
         with K.single_row_scope(True):
             for n, k in shapes:
                 nbytes = n * k * 2
-                m = max(2, min(MAX_MATS, math.ceil(span / nbytes) + 1))
+                m = max(2, min(MAX_MATS, math.ceil(SPAN_BYTES / nbytes) + 1))
                 step = (elems - n * k) // (m - 1) // 64 * 64  # elements; even offsets for the int32 view
                 mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
                 x = x_all[:k].view(1, k)  # [1, K]
@@ -155,8 +148,7 @@ def measure_rows(shapes, threads: int, timer=time.perf_counter) -> dict:
     shapes = sorted(set(shapes))
     if not shapes:
         return {}
-    span = span_bytes()
-    elems = max(n * k for n, k in shapes) + span // 2
+    elems = max(n * k for n, k in shapes) + SPAN_BYTES // 2
     pool = _pool(elems)
     xs = _pool(max(k for _, k in shapes) * ROW_COUNTS[-1] + 64)
     saved = torch.get_num_threads()
@@ -165,7 +157,7 @@ def measure_rows(shapes, threads: int, timer=time.perf_counter) -> dict:
     try:
         for n, k in shapes:
             nbytes = n * k * 2
-            m = max(2, min(MAX_MATS, math.ceil(span / nbytes) + 1))
+            m = max(2, min(MAX_MATS, math.ceil(SPAN_BYTES / nbytes) + 1))
             step = (elems - n * k) // (m - 1) // 64 * 64
             mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
             out[(n, k)] = {}
