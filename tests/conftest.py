@@ -73,6 +73,21 @@ def store_archive(checkpoint_factory, tmp_path_factory):
     return make
 
 
+FAULTS_DIMS = {"experts": 8, "top_k": 2, "hidden": 128, "moe_intermediate": 256, "layers": 2}
+
+
+@pytest.fixture(scope="session")
+def faults_archive(checkpoint_factory, tmp_path_factory):
+    """A small qwen2_moe archive with many chunks per expert (4096 elements each): the store's fault and
+    read-piece tests."""
+    from zipmoe_pack.pack import PackOptions, pack
+
+    src = checkpoint_factory("qwen2_moe", seed=3, dims=FAULTS_DIMS, peaky_router=False)
+    out = tmp_path_factory.mktemp("faults") / "m.zmoe"
+    pack(src, out, PackOptions(threads=2, chunk_elements=4096))
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
     """``../shared`` next to the repository (real model metadata, traces); skips the test when absent."""

@@ -13,22 +13,17 @@ import torch
 from formats.errors import CorruptDataError, FormatError
 from tests.bounded import in_thread
 from tests.stfile import read_index
-from zipmoe_pack.pack import PackOptions, pack
 from zipmoe_run.api import load
 from zipmoe_run.store.budget import BudgetError
 from zipmoe_run.store.io import StoreIOError
 from zipmoe_run.store.store import StoreError
 
-DIMS = {"experts": 8, "top_k": 2, "hidden": 128, "moe_intermediate": 256, "layers": 2}
 PROMPT = [5, 17, 42, 7, 99, 3]
 
 
 @pytest.fixture(scope="module")
-def arc(checkpoint_factory, tmp_path_factory):
-    src = checkpoint_factory("qwen2_moe", seed=3, dims=DIMS, peaky_router=False)
-    out = tmp_path_factory.mktemp("faults") / "m.zmoe"
-    pack(src, out, PackOptions(threads=2, chunk_elements=4096))
-    return out
+def arc(faults_archive):
+    return faults_archive
 
 
 def _in_thread(fn, timeout=60):
