@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MissingWeightError, UnsupportedModelError
+from . import attn_one as _attn_one
 from . import kernels as _kernels
 from .kernels import linear
 from .moe_one import moe_one, sum_outputs
@@ -249,6 +250,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     Query heads sharing a KV head are folded into the time axis so keys are never repeated.
     """
     b, h, t, d = q.shape
+    if t == 1 and _attn_one.takes(q, k, v, mask):  # a bf16 decode step: float32 loops (attn_one)
+        return _attn_one.attend_one(q, k, v, scale, mask)
     hkv = k.shape[1]
     rep = h // hkv
     qg = q.reshape(b, hkv, rep * t, d)  # [B, Hkv, rep*T, D]
