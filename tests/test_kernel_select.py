@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from zipmoe_run import kernel_select as ks
+from zipmoe_run import kernel_select_rows as R
 from zipmoe_run import kernels
 from zipmoe_run.calibrate import Calibrator
 
@@ -36,11 +37,12 @@ def _cal(tmp_path, cpu="CPU A"):
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     monkeypatch.delenv(ks.ENV, raising=False)
-    monkeypatch.delenv(ks.ROWS_ENV, raising=False)
+    monkeypatch.delenv(R.ROWS_ENV, raising=False)
+    monkeypatch.delenv(R.PREFILL_ENV, raising=False)
     monkeypatch.delenv("ZIPMOE_RUN_KERNELS", raising=False)
-    # prefill crossovers (tests/test_kernel_prefill.py): injected, never the clock; torch at every M here
-    monkeypatch.setattr(ks, "measure_rows", lambda shapes, threads: {
-        s: {m: {"numba": 1e9, "torch": 2e9} for m in ks.ROW_COUNTS} for s in shapes})
+    # prefill choices (tests/test_kernel_prefill.py): injected, never the clock; torch at every M here
+    monkeypatch.setattr(R, "measure_rows", lambda shapes, threads: {
+        s: {m: {"numba": 1e9, "dp": 1e9, "torch": 2e9} for m in R.ROW_COUNTS} for s in shapes})
     ks.reset()
     yield
     ks.reset()

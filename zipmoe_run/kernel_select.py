@@ -21,16 +21,12 @@ so a run of an archive and of its source directory use the same kernels and stay
 kernel is deterministic, but kernels differ in summation order: tokens can differ (in rare near-ties)
 between hosts that choose differently, as torch's own result already depends on the host.
 
-Prefill rows: a product of M > 1 bf16 rows outside a batched decode step (a prompt's routed expert
-gets the few tokens routed to it) runs the multi-row kernel (``kernels_rows``) up to a crossover M
-and torch's matrix product beyond it. The crossover is measured per shape and thread count beside the
-one-row rates (``measure_rows``: both kernels at M = ``ROW_COUNTS`` in turn, until torch beats the
-multi-row kernel by ``MARGIN``), cached in the same file (``"OUTxIN@T:rowsM:kernel"``), held in
-``kernels.ROWS_UPTO`` and reported (``report()["rows"]``). ``ZIPMOE_ROWS_UPTO=N`` forces it (0 or 1:
-prefill is torch's everywhere).
+Prefill rows: which kernel a product of M > 1 bf16 rows runs (the multi-row kernel, the AVX-512 BF16
+dot-product kernel or torch's) is measured per shape, thread count and M by ``kernel_select_rows`` right
+after the one-row choice, cached in the same file and reported under ``rows``.
 
-``ZIPMOE_KERNEL=numba|torch|auto`` (default auto) forces a kernel (numba: rows up to the largest of
-``ROW_COUNTS``; torch: none); ``ZIPMOE_RUN_KERNELS=0`` is torch.
+``ZIPMOE_KERNEL=numba|torch|auto`` (default auto) forces a kernel (numba: prefill rows through the
+multi-row kernel up to 8; torch: none); ``ZIPMOE_RUN_KERNELS=0`` is torch.
 """
 from __future__ import annotations
 
@@ -46,14 +42,12 @@ import torch
 
 from . import kernels as K
 
-__all__ = ["ENV", "KERNELS", "ROW_COUNTS", "mode", "available", "measure", "measure_rows", "choose", "kernel_for",
-           "rows_for", "model_shapes", "report", "line", "reset"]
+__all__ = ["ENV", "KERNELS", "mode", "available", "measure", "choose", "kernel_for", "model_shapes", "report",
+           "line", "reset"]
 
 log = logging.getLogger(__name__)
 
 ENV = "ZIPMOE_KERNEL"
-ROWS_ENV = "ZIPMOE_ROWS_UPTO"
-ROW_COUNTS = (2, 3, 4, 6, 8)  # prefill row counts at which the multi-row kernel and torch are compared
 KERNELS = ("numba", "torch")  # in order of preference on a tie
 SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory
 MAX_MATS = 16
@@ -65,7 +59,6 @@ MARGIN = 1.10  # another kernel must be this much faster than the first of KERNE
 
 _lock = threading.RLock()
 _report: dict[str, dict] = {}  # "OUTxIN@T" -> {"kernel", "gbps": {kernel: GB/s}, "how"}
-_rows_report: dict[str, dict] = {}  # "OUTxIN@T" -> {"upto", "gbps": {M: {kernel: GB/s}}, "how"}
 _state: dict = {"mode": None, "seconds": 0.0, "file": None, "measured_shapes": 0}
 
 
@@ -129,85 +122,6 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
     return out
 
 
-def _rows_kernel(kern: str, x: torch.Tensor, w: torch.Tensor) -> None:
-    """M rows x [M, K] by w [N, K] as a prefill runs them: the multi-row kernel in numba's team (torch
-    idle), or torch's product at torch's thread count."""
-    if kern == "numba":
-        from .kernels_rows import gemm_rows
-
-        with K.single_row_scope(True):
-            gemm_rows(x, w)
-    else:
-        K._torch_linear(x, w)
-
-
-def measure_rows(shapes, threads: int, timer=time.perf_counter) -> dict:
-    """``{(out, in): {M: {"numba": bytes/s, "torch": bytes/s}}}`` of the multi-row kernel and torch on M
-    rows, M in ``ROW_COUNTS`` ascending, each shape until torch is ``MARGIN`` faster (no larger M then).
-    The two alternate pass by pass and each keeps its fastest pass (the least disturbed on a shared host)."""
-    shapes = sorted(set(shapes))
-    if not shapes:
-        return {}
-    elems = max(n * k for n, k in shapes) + SPAN_BYTES // 2
-    pool = _pool(elems)
-    xs = _pool(max(k for _, k in shapes) * ROW_COUNTS[-1] + 64)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    out: dict = {}
-    try:
-        for n, k in shapes:
-            nbytes = n * k * 2
-            m = max(2, min(MAX_MATS, math.ceil(SPAN_BYTES / nbytes) + 1))
-            step = (elems - n * k) // (m - 1) // 64 * 64
-            mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
-            out[(n, k)] = {}
-            for rows in ROW_COUNTS:
-                x = xs[:rows * k].view(rows, k)  # [M, K]
-                times: dict = {"numba": [], "torch": []}
-                for kern in times:
-                    _rows_kernel(kern, x, mats[0])  # warm-up
-                for _ in range(REPS):  # the two alternate pass by pass: a busy spell slows both alike
-                    for kern, ts in times.items():
-                        t0 = timer()
-                        for w in mats:
-                            _rows_kernel(kern, x, w)
-                        ts.append((timer() - t0) / m)
-                per = {kern: (nbytes / min(ts) if min(ts) > 0 else float("inf")) for kern, ts in times.items()}
-                out[(n, k)][rows] = per
-                if _pick(("numba", "torch"), per) != "numba":
-                    break
-    finally:
-        torch.set_num_threads(saved)
-    return out
-
-
-def _upto(name: str, rates: dict) -> int | None:
-    """The largest M of ``ROW_COUNTS`` up to which the multi-row kernel keeps its place against torch
-    (``_pick``) at every count from the smallest; None when the cached rates do not say."""
-    upto = 1
-    for rows in ROW_COUNTS:
-        per = {kn: rates.get(f"{name}:rows{rows}:{kn}") for kn in ("numba", "torch")}
-        if None in per.values():
-            return None
-        if _pick(("numba", "torch"), per) != "numba":
-            return upto
-        upto = rows
-    return upto
-
-
-def _forced_rows(m: str) -> int | None:
-    """``ZIPMOE_ROWS_UPTO`` (an integer) or what a forced kernel implies; None: measure."""
-    raw = os.environ.get(ROWS_ENV, "").strip()
-    if raw:
-        try:
-            return max(1, int(raw))
-        except ValueError:
-            log.warning("%s=%r is not an integer; measuring", ROWS_ENV, raw)
-    if m == "torch" or "numba" not in available():
-        return 1
-    return ROW_COUNTS[-1] if m == "numba" else None
-
-
 #: settings that change what the kernels compile to (an emulated instruction set): part of the cache key
 CODEGEN_ENV = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_OPT")
 
@@ -221,7 +135,7 @@ def cache_key(cal) -> dict:
 def choose(shapes, threads: int | None = None, *, measure_fn=None, calibrator=None, measure_rows_fn=None) -> dict:
     """Make sure each (out, in) shape has a kernel at ``threads`` (default: torch's thread count):
     forced, cached or measured now (``measure_fn(shapes, threads, kernels)``, default :func:`measure`),
-    and its prefill crossover (``measure_rows_fn(shapes, threads)``, default :func:`measure_rows`);
+    and its prefill crossover (``measure_rows_fn(shapes, threads)``, default ``kernel_select_rows.measure_rows``);
     returns :func:`report`."""
     threads = int(threads or torch.get_num_threads())
     m = mode()
@@ -280,55 +194,10 @@ def _keep_rates(rates: dict, prefix: str, per: dict) -> None:
 
 def _rows_then_report(shapes, threads, m, measure_rows_fn, calibrator) -> dict:
     """After the one-row kernels (whose measurement waits for a preload): the prefill crossovers."""
-    _choose_rows(shapes, threads, m, measure_rows_fn, calibrator)
+    from .kernel_select_rows import choose_rows
+
+    choose_rows(shapes, threads, m, measure_rows_fn, calibrator)
     return report()
-
-
-def _choose_rows(shapes, threads: int, m: str, measure_rows_fn, calibrator) -> None:
-    """``kernels.ROWS_UPTO`` of each shape at ``threads``: forced, cached or measured now."""
-    todo = sorted({(int(n), int(k)) for n, k in shapes} - {(n, k) for (n, k, t) in K.ROWS_UPTO if t == threads})
-    if not todo:
-        return
-    forced = _forced_rows(m)
-    if forced is not None:
-        for n, k in todo:
-            _set_rows(n, k, threads, forced, {}, "forced")
-        return
-    t0 = time.perf_counter()
-    cal, key, path, d = _cache(calibrator)
-    rates = dict(d["rates"]) if d else {}
-    miss = [s for s in todo if _upto(_name(*s, threads), rates) is None]
-    if miss:
-        got = (measure_rows_fn or measure_rows)(miss, threads)
-        for (n, k), per_m in got.items():
-            for rows, per in per_m.items():
-                _keep_rates(rates, f"{_name(n, k, threads)}:rows{int(rows)}", per)
-        if d is not None:  # keep what another process wrote meanwhile
-            d = cal._load(path, key, fmt=CACHE_FORMAT) or d
-            rates = {**d["rates"], **rates}
-        cal._save(path, {"format": CACHE_FORMAT, "key": key, "rates": rates, "measured": rates,
-                         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    for n, k in todo:
-        name = _name(n, k, threads)
-        upto = _upto(name, rates)
-        per = {r: {kn: rates[f"{name}:rows{r}:{kn}"] for kn in ("numba", "torch") if f"{name}:rows{r}:{kn}" in rates}
-               for r in ROW_COUNTS}
-        _set_rows(n, k, threads, 1 if upto is None else upto, {r: v for r, v in per.items() if v},
-                  "measured" if (n, k) in miss else "cached")
-    _state["seconds"] += time.perf_counter() - t0
-    _state["file"] = str(path)
-
-
-def _set_rows(n: int, k: int, t: int, upto: int, per: dict, how: str) -> None:
-    K.ROWS_UPTO[(n, k, t)] = int(upto)
-    _rows_report[_name(n, k, t)] = {"upto": int(upto), "how": how, "gbps": {
-        str(r): {kn: round(v / 1e9, 3) for kn, v in p.items()} for r, p in per.items()}}
-
-
-def rows_for(n: int, k: int, threads: int) -> int:
-    """The prefill crossover of one shape (chosen now if it has not been): ``kernels_rows.rows_upto``'s fallback."""
-    choose([(n, k)], threads)
-    return K.ROWS_UPTO.get((n, k, threads), 1)
 
 
 def _pick(avail, per: dict) -> str:
@@ -371,10 +240,12 @@ def report(used: bool = True) -> dict:
     if not used:
         return {"mode": "unused", "note": "one-row kernels serve bf16 runs only; torch ran everything",
                 "file": None, "seconds": 0.0, "measured_shapes": 0, "shapes": {}}
+    from .kernel_select_rows import _report as rows_report
+
     with _lock:
         return {"mode": _state["mode"] or mode(), "file": _state["file"], "seconds": round(_state["seconds"], 4),
                 "measured_shapes": _state["measured_shapes"], "shapes": {k: dict(v) for k, v in _report.items()},
-                "rows": {k: dict(v) for k, v in _rows_report.items()}}
+                "rows": {k: dict(v) for k, v in rows_report.items()}}
 
 
 def line(rep: dict | None = None) -> str:
@@ -384,9 +255,11 @@ def line(rep: dict | None = None) -> str:
     for name, v in rep.get("shapes", {}).items():
         g = ", ".join(f"{k} {x:.1f}" for k, x in v.get("gbps", {}).items())
         parts.append(f"{name} {v.get('kernel')}" + (f" ({g} GB/s)" if g else f" ({v.get('how')})"))
-    rows = ", ".join(f"{name} {v.get('upto')}" for name, v in rep.get("rows", {}).items())
+    from .kernel_select_rows import line_part
+
+    rows = line_part(rep.get("rows", {}))
     return (f"kernels ({rep.get('mode')}): " + ("; ".join(parts) or rep.get("note") or "none chosen")
-            + (f" | prefill rows through the multi-row kernel, at most: {rows}" if rows else ""))
+            + (f" | prefill by rows (multi-row kernel up to, then the kernel from): {rows}" if rows else ""))
 
 
 def reset() -> None:
@@ -395,5 +268,7 @@ def reset() -> None:
         K.CHOICE.clear()
         K.ROWS_UPTO.clear()
         _report.clear()
-        _rows_report.clear()
+        from .kernel_select_rows import reset as rows_reset
+
+        rows_reset()
         _state.update(mode=None, seconds=0.0, file=None, measured_shapes=0)

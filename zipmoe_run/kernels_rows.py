@@ -9,12 +9,12 @@ cache, 4 inputs per pass (``_rows_blocks``: one weight load, each input's own ac
 inputs are read as bf16 pairs (``kernels.bf16_words``: xw uint32 [M, K/2]), as in the one-row GEMV.
 
 Prefill (``prefill_linear``, any bf16 product of M > 1 rows outside a batched decode step): a routed
-expert of a prompt gets the few tokens routed to it (typically 1-8), where torch's bf16 matrix product
-streams the weights far below memory speed. Up to ``kernels.ROWS_UPTO[(out, in, threads)]`` rows (the
-crossover ``kernel_select`` measures per host, shape and thread count, cached) the product is this
-kernel, so each such row is bit for bit the one-row GEMV's result for that row (the decode path's);
-more rows (attention, the shared expert and lm_head of a long prompt) are torch's. The choice depends
-only on host, shape, thread count and M, never on where the weights come from.
+expert of a prompt gets the tokens routed to it (a few to a few dozen), attention, the shared expert and
+lm_head get them all. Up to ``kernels.ROWS_UPTO[(out, in, threads)]`` rows the product is this kernel,
+so each such row is bit for bit the one-row GEMV's result for that row (the decode path's); more rows
+run the kernel ``kernel_select_rows`` chose for that shape, thread count and M: the AVX-512 BF16
+dot-product kernel (``kernels_dp``, its own fixed order; only where the CPU has it) or torch's product.
+The choice depends only on host, shape, thread count and M, never on where the weights come from.
 """
 from __future__ import annotations
 
@@ -115,10 +115,10 @@ def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
 
 def rows_upto(n: int, k: int, t: int) -> int:
     """The most rows of an [n, k] bf16 product at t threads that go through this kernel (chosen now if
-    it has not been: ``kernel_select.rows_for``)."""
+    it has not been: ``kernel_select_rows.rows_for``)."""
     got = K.ROWS_UPTO.get((n, k, t))
     if got is None:
-        from .kernel_select import rows_for
+        from .kernel_select_rows import rows_for
 
         got = rows_for(n, k, t)
     return got
@@ -126,18 +126,25 @@ def rows_upto(n: int, k: int, t: int) -> int:
 
 def prefill_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` of M > 1 bf16 rows x [..., K] by w [N, K] (+ b [N]) -> [..., N]: this kernel up to
-    ``rows_upto`` rows (each row then equals the one-row GEMV's), else torch's (at torch's thread count,
-    also inside a ``single_row_scope``)."""
+    ``rows_upto`` rows (each row then equals the one-row GEMV's), beyond it the dot-product kernel or
+    torch's as chosen for this shape and M (torch at torch's thread count, also inside a
+    ``single_row_scope``)."""
     k, n = x.shape[-1], w.shape[0]
     if (w.dtype is not torch.bfloat16 or k % 2 or w.dim() != 2 or not w.is_contiguous() or w.storage_offset() % 2
             or w.shape[1] != k or not (x.is_cpu and w.is_cpu) or not K.enabled()):
         return K._torch_linear(x, w, b)
     m = x.numel() // k
     t = K._scope_threads or torch.get_num_threads()
-    if m > rows_upto(n, k, t):
-        return K._torch_linear(x, w, b)
+    if m <= rows_upto(n, k, t):
+        rows = gemm_rows
+    else:
+        from .kernel_select_rows import beyond_for
+
+        if beyond_for(n, k, t, m) != "dp":
+            return K._torch_linear(x, w, b)
+        from .kernels_dp import gemm_dp as rows
     with K.single_row_scope(not K._scope_threads):  # numba's team at torch's thread count, torch idle
-        y = torch.from_numpy(gemm_rows(x, w))  # [M, N] float32, each row as the one-row GEMV sums it
+        y = torch.from_numpy(rows(x, w))  # [M, N] float32: each row in its kernel's fixed order
     if b is not None:
         y += b.float()
     return y.to(torch.bfloat16).view(*x.shape[:-1], n)
