@@ -95,7 +95,8 @@ def available(fact_fn=facts) -> bool:
         ok, why = supported(facts())
         if ok:
             try:
-                _kernel()(np.zeros((1, 1), np.uint32), np.zeros((1, LANES), np.uint32), np.empty((1, 1), np.float32), KC, 1)
+                w, x = np.zeros((1, 1), np.uint32), np.zeros((1, LANES), np.uint32)
+                _kernel()(w, x, np.empty((1, 1), np.float32), KC, 1)
             except Exception as exc:  # pragma: no cover - the target said it can
                 ok, why = False, f"compile failed: {exc}"
         _state.update(ok=ok, why=why)
