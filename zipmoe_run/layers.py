@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import MissingWeightError, UnsupportedModelError
 from . import attn_one as _attn_one
+from . import decode_ops as _ops
 from . import kernels as _kernels
 from .kernels import linear
 from .moe_one import moe_one, sum_outputs
@@ -74,6 +75,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype is torch.bfloat16 and (_kernels._scope_threads or _kernels._decode_rows)
+                and _ops.takes_norm(x, self.weight)):  # a bf16 decode step: one numba call (decode_ops)
+            return _ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -171,7 +175,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D], cos/sin [T, D]."""
+    """x [B, H, T, D], cos/sin [T, D] (or [B, 1, T, D])."""
+    if x.dtype is torch.bfloat16 and _ops.takes_rotary(x, cos, sin):  # the same bits in one call (decode_ops)
+        return _ops.rotary(x, cos, sin)
     return (x * cos) + (_rotate_half(x) * sin)
 
 

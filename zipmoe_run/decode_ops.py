@@ -1,0 +1,119 @@
+"""RMSNorm and rotary embedding of bf16 activations in one numba call each, instead of 6-8 torch operations.
+
+A decode step of a 30-layer model makes about 60 RMSNorm and 60 rotary calls on a few hundred values
+each; at a few microseconds per torch operation they cost more than the arithmetic. Both run on the
+calling thread; neither uses fast-math (nothing reassociated or contracted), so results do not depend on
+the vector width or the thread count, and every row is computed on its own (a batched step's rows get
+what they get alone). bf16 results are rounded to nearest even; a NaN becomes 0x7FC0.
+
+- ``rms_norm``: per row of x [..., H] bf16 (H even), the sum of squares in the fixed order of the GEMV
+  (``kernels._row_sum`` of the row with itself), ``r = 1 / sqrt(sum / H + eps)`` in float32, then
+  ``bf16(w * bf16(x * r))`` as the eager code rounds. ``layers.RMSNorm`` takes it for bf16 activations
+  with a bf16 weight inside a decode step's kernel scope (``kernels.single_row_scope`` of a one-token
+  step, ``decode_rows_scope`` of a batched one: the same rows, the same code), not for a prefill nor
+  for float32 runs (their parity with transformers is unchanged): its sum of squares is in another
+  order than torch's ``mean`` (last-bit differences in bf16 results).
+- ``rotary``: ``bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))`` element by element: what
+  ``layers.apply_rotary``'s three bf16 operations give, bit for bit for every finite input.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .kernels import WORDS, _row_sum, _u32_as_f32, njit
+
+__all__ = ["rms_norm", "takes_norm", "rotary", "takes_rotary"]
+
+BF16 = torch.bfloat16
+
+if njit is not None:
+    from numba import carray
+
+    from .kernels_addr import _f32_bits, _u16_at, _u32_at
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _f(u):  # bf16 bits (any unsigned int) -> float32
+        return _u32_as_f32(np.uint32(np.uint32(u) << np.uint32(16)))
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _r(s):  # float32 -> bf16 bits, nearest even (NaN: 0x7FC0)
+        if s != s:
+            return np.uint16(0x7FC0)
+        b = _f32_bits(s)
+        return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @njit(nogil=True, cache=True)  # no fastmath
+    def _rms_rows(xa, m_, h_, wa, eps64, oa):
+        # at addresses: x bf16 [M, H] (H even, 4-byte aligned), w bf16 [H], out bf16 [M, H]
+        xw = carray(_u32_at(xa), (m_, h_ // 2))  # x as bf16 pairs
+        x = carray(_u16_at(xa), (m_, h_))
+        w = carray(_u16_at(wa), (h_,))
+        out = carray(_u16_at(oa), (m_, h_))
+        nb = xw.shape[1] // WORDS
+        eps = np.float32(eps64)
+        inv_h = np.float32(h_)
+        for m in range(m_):
+            ss = _row_sum(xw, m, xw[m], nb)
+            r = np.float32(1.0) / np.sqrt(ss / inv_h + eps)
+            for j in range(h_):
+                out[m, j] = _r(_f(w[j]) * _f(_r(_f(x[m, j]) * r)))
+
+    @njit(nogil=True, cache=True)  # no fastmath; the rounding of each eager bf16 operation
+    def _rotary_rows(xa, r_, d_, ca, sa, h, t, oa):
+        # at addresses: x bf16 [B*H*T, D] (rows in b, h, t order), cos and sin bf16 [B*T, D] (each b, t's),
+        # out bf16 [B*H*T, D]
+        x = carray(_u16_at(xa), (r_, d_))
+        c = carray(_u16_at(ca), (r_ // h, d_))
+        s = carray(_u16_at(sa), (r_ // h, d_))
+        out = carray(_u16_at(oa), (r_, d_))
+        half = d_ // 2
+        for i in range(r_):
+            k = (i // (h * t)) * t + i % t  # this row's cos/sin row
+            for j in range(d_):
+                rot = -_f(x[i, j + half]) if j < half else _f(x[i, j - half])
+                a = _f(_r(_f(x[i, j]) * _f(c[k, j])))
+                b = _f(_r(rot * _f(s[k, j])))
+                out[i, j] = _r(a + b)
+
+
+def takes_norm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``rms_norm`` computes this RMSNorm: bf16 x [..., H] (H even) and a bf16 weight [H], on the CPU."""
+    return (njit is not None and x.dtype is BF16 and w.dtype is BF16 and x.dim() >= 1 and x.shape[-1] % 2 == 0
+            and w.dim() == 1 and w.shape[0] == x.shape[-1] and w.is_contiguous() and x.is_cpu and w.is_cpu
+            and x.numel() > 0)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., H] bf16, w [H] bf16 (contiguous) -> [..., H] bf16 (``takes_norm`` must hold)."""
+    if not x.is_contiguous() or x.data_ptr() % 4:  # read as 4-byte words
+        x = x.clone(memory_format=torch.contiguous_format)
+    out = torch.empty_like(x)
+    h = x.shape[-1]
+    _rms_rows(x.data_ptr(), x.numel() // h, h, w.data_ptr(), eps, out.data_ptr())
+    return out.view(x.shape)
+
+
+def takes_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``rotary`` computes ``apply_rotary(x, cos, sin)``: bf16 x [B, H, T, D] (D even), cos and sin
+    bf16 broadcasting to [B, 1, T, D] and no wider than x."""
+    if njit is None or x.dtype is not BF16 or cos.dtype is not BF16 or sin.dtype is not BF16 or x.dim() != 4:
+        return False
+    if x.shape[-1] % 2 or not x.is_cpu or cos.shape != sin.shape or cos.dim() > 4 or x.numel() == 0:
+        return False
+    b, _, t, d = x.shape
+    want = (b, 1, t, d)
+    shape = (1,) * (4 - cos.dim()) + tuple(cos.shape)
+    return all(c in (1, w) for c, w in zip(shape, want))
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``layers.apply_rotary`` (x [B, H, T, D], cos/sin broadcasting to [B, 1, T, D]) in one call
+    (``takes_rotary`` must hold) -> [B, H, T, D] bf16, contiguous."""
+    b, h, t, d = x.shape
+    xc = x.contiguous()
+    c = cos.expand(b, 1, t, d).reshape(b * t, d).contiguous()  # [B*T, D]
+    s = sin.expand(b, 1, t, d).reshape(b * t, d).contiguous()
+    out = torch.empty(b, h, t, d, dtype=BF16)
+    _rotary_rows(xc.data_ptr(), b * h * t, d, c.data_ptr(), s.data_ptr(), h, t, out.data_ptr())
+    return out
