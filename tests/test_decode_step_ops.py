@@ -79,3 +79,24 @@ def test_rms_norm_in_a_decode_scope_only():
     for i in range(5):
         with kernels.single_row_scope(True):
             assert torch.equal(_bits(n(x[i:i + 1])), _bits(rows[i:i + 1]))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("count", [2, 3])
+def test_linear_many_gives_each_products_bits(bias, count):
+    """q, k, v (or gate and up) in one kernel call: each output is what its own ``linear`` gives."""
+    from zipmoe_run.kernels_addr import linear_many
+
+    g = torch.Generator().manual_seed(count)
+    x = torch.randn(1, 1, 96, generator=g).to(BF)
+    prods = [(torch.randn(n, 96, generator=g).to(BF), torch.randn(n, generator=g).to(BF) if bias else None)
+             for n in (64, 32, 48)[:count]]
+    with kernels.single_row_scope(True):
+        got = linear_many(x, prods)
+        want = [kernels.linear(x, w, b) for w, b in prods]
+    assert [t.shape for t in got] == [t.shape for t in want] == [(1, 1, n) for n in (64, 32, 48)[:count]]
+    for a, b in zip(got, want):
+        assert torch.equal(_bits(a), _bits(b))
+    rows = torch.randn(3, 96, generator=g).to(BF)  # several rows: one linear each
+    for a, (w, b) in zip(linear_many(rows, prods), prods):
+        assert torch.equal(_bits(a), _bits(kernels.linear(rows, w, b)))

@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import kernels as _kernels
 from .kernels import WORDS, _row_sum, _u32_as_f32, njit
 
-__all__ = ["gemv_bf16", "nan_pattern", "round_reference", "takes_bias"]
+__all__ = ["gemv_bf16", "gemv_many", "linear_many", "nan_pattern", "round_reference", "takes_bias"]
 
 if njit is None:  # pragma: no cover - numba is a dependency
     raise ImportError("numba is not installed")
@@ -152,3 +153,79 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nan16: i
     _gemv_bf16_kernel(w.data_ptr(), n, k // 2, x.data_ptr(), y.data_ptr(), 0 if b is None else b.data_ptr(),
                       nan16)
     return y
+
+
+@njit(parallel=True, nogil=True, cache=True)  # no fastmath: each row as _gemv_bf16_rows computes it
+def _gemv3_bf16_rows(w1, w2, w3, xw, o1, o2, o3, b1, b2, b3, nan16):
+    # up to three products of one input xw uint32 [K/2] in one parallel loop over all their rows: wj uint32
+    # [Nj, K/2], oj uint16 [Nj], bj uint16 [Nj] or [0] (no bias); an unused product has Nj = 0
+    sh = np.uint32(16)
+    nb = xw.shape[0] // WORDS
+    n1, n2 = w1.shape[0], w2.shape[0]
+    for r in prange(n1 + n2 + w3.shape[0]):
+        if r < n1:
+            s = _row_sum(w1, r, xw, nb)
+            if b1.shape[0] != 0:
+                s += _u32_as_f32(np.uint32(np.uint32(b1[r]) << sh))
+            o1[r] = _round16(s, nan16)
+        elif r < n1 + n2:
+            i = r - n1
+            s = _row_sum(w2, i, xw, nb)
+            if b2.shape[0] != 0:
+                s += _u32_as_f32(np.uint32(np.uint32(b2[i]) << sh))
+            o2[i] = _round16(s, nan16)
+        else:
+            i = r - n1 - n2
+            s = _row_sum(w3, i, xw, nb)
+            if b3.shape[0] != 0:
+                s += _u32_as_f32(np.uint32(np.uint32(b3[i]) << sh))
+            o3[i] = _round16(s, nan16)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _round16(s, nan16):
+    """float32 -> bf16 bits as ``_gemv_bf16_rows`` rounds (nearest even; NaN -> nan16)."""
+    if s != s:
+        return np.uint16(nan16)
+    b = _f32_bits(s)
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(nogil=True, cache=True)
+def _gemv3_bf16_kernel(kh, xa, w1, n1, b1, o1, w2, n2, b2, o2, w3, n3, b3, o3, nan16):
+    # the arrays of _gemv3_bf16_rows from addresses (bias address 0: none; a product with n 0: unused)
+    _gemv3_bf16_rows(carray(_u32_at(w1), (n1, kh)), carray(_u32_at(w2), (n2, kh)), carray(_u32_at(w3), (n3, kh)),
+                     carray(_u32_at(xa), (kh,)), carray(_u16_at(o1), (n1,)), carray(_u16_at(o2), (n2,)),
+                     carray(_u16_at(o3), (n3,)), carray(_u16_at(b1), (n1 if b1 != 0 else 0,)),
+                     carray(_u16_at(b2), (n2 if b2 != 0 else 0,)), carray(_u16_at(b3), (n3 if b3 != 0 else 0,)),
+                     nan16)
+
+
+def gemv_many(x: torch.Tensor, prods: list[tuple[torch.Tensor, torch.Tensor | None]], nan16: int) -> list[torch.Tensor]:
+    """Two or three ``gemv_bf16`` products of the same one-row x [..., K] in one kernel call (one parallel
+    loop over all their output rows): [(w [N_j, K], b or None), ...] -> [bf16 [..., N_j], ...], each the bits
+    ``gemv_bf16(x, w, b, nan16)`` gives. The caller checks what ``gemv_bf16`` needs of each product."""
+    k = x.shape[-1]
+    if not x.is_contiguous() or x.storage_offset() % 2:  # 4-byte words need an even start
+        x = x.clone(memory_format=torch.contiguous_format)
+    args, outs = [], []
+    for w, b in prods:
+        y = torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.bfloat16)
+        outs.append(y)
+        args += [w.data_ptr(), w.shape[0], 0 if b is None else b.data_ptr(), y.data_ptr()]
+    while len(args) < 12:
+        args += [x.data_ptr(), 0, 0, x.data_ptr()]  # unused: no rows
+    _gemv3_bf16_kernel(k // 2, x.data_ptr(), *args, nan16)
+    return outs
+
+
+def linear_many(x: torch.Tensor, prods: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+    """``[kernels.linear(x, w, b) for w, b in prods]`` (two or three products of one input, e.g. gate and
+    up, or q, k and v): one kernel call (``gemv_many``, the same bits) where x is one bf16 row outside a
+    batched step and every product is one the numba GEMV takes on this host; else one ``linear`` each."""
+    k = _kernels
+    if (k._NAN16 is not None and not k._decode_rows and x.dtype is torch.bfloat16 and x.numel() == x.shape[-1]
+            and x.is_cpu and all(w.shape[-1] == x.shape[-1] and w.is_cpu and takes_bias(b, w.shape[0])
+                                 and k._one_row_kernel(x, w) == "numba" for w, b in prods)):
+        return gemv_many(x, prods, k._NAN16)
+    return [k.linear(x, w, b) for w, b in prods]

@@ -19,6 +19,11 @@ from . import attn_one as _attn_one
 from . import decode_ops as _ops
 from . import kernels as _kernels
 from .kernels import linear
+try:
+    from .kernels_addr import linear_many
+except ImportError:  # pragma: no cover - numba is a dependency; torch only without it
+    def linear_many(x, prods):
+        return [linear(x, w, b) for w, b in prods]
 from .moe_one import moe_one, sum_outputs
 
 if TYPE_CHECKING:
@@ -28,6 +33,7 @@ __all__ = [
     "Linear",
     "Embedding",
     "linear",
+    "linear_many",
     "RMSNorm",
     "rope_config",
     "rope_inv_freq",
@@ -283,15 +289,21 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _GATE_UP_DOWN = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
+def _as(w: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """w in dtype dt (w itself when it is: ``Tensor.to`` costs a call even then)."""
+    return w if w.dtype is dt else w.to(dt)
+
+
 def swiglu_expert(x: torch.Tensor, w: dict[str, torch.Tensor], act: Callable = F.silu) -> torch.Tensor:
     """act(x Wg^T) * (x Wu^T) Wd^T for any checkpoint spelling of a gated expert. x [N, H] -> [N, H]."""
     dt = x.dtype
     if "gate_up_proj" in w:  # fused [2I, H]
-        gate, up = linear(x, w["gate_up_proj"].to(dt)).chunk(2, dim=-1)
-        return linear(rowwise(act, gate) * up, w["down_proj"].to(dt))
+        gate, up = linear(x, _as(w["gate_up_proj"], dt)).chunk(2, dim=-1)
+        return linear(rowwise(act, gate) * up, _as(w["down_proj"], dt))
     for g, u, d in _GATE_UP_DOWN:
         if g in w:
-            return linear(rowwise(act, linear(x, w[g].to(dt))) * linear(x, w[u].to(dt)), w[d].to(dt))
+            gate, up = linear_many(x, [(_as(w[g], dt), None), (_as(w[u], dt), None)])  # one kernel call
+            return linear(rowwise(act, gate) * up, _as(w[d], dt))
     raise MissingWeightError(f"expert weights have no gated projections (got {sorted(w)})")
 
 

@@ -36,6 +36,7 @@ from ..layers import (
     attention,
     bind_weights,
     causal_mask,
+    linear_many,
     moe_forward,
     rope_config,
     rope_inv_freq,
@@ -84,7 +85,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start_pos: int) -> torch.Tensor:
         b, t, _ = x.shape  # [B, T, H]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, n*D]
+        q, k, v = linear_many(x, [(p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)])  # [B, T, n*D]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -113,7 +114,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
-        return self.down_proj(rowwise(self.act, self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_many(x, [(p.weight, p.bias) for p in (self.gate_proj, self.up_proj)])  # one kernel call
+        return self.down_proj(rowwise(self.act, gate) * up)
 
 
 class RoutedMoE(nn.Module):
