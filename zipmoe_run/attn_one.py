@@ -11,11 +11,12 @@ This path computes the same attention with two small numba loops and torch's flo
 - ``torch.softmax`` in float32 (as before), the probabilities kept in float32 (before: rounded to bf16);
 - out [B, H, Dv]: for every value lane, the sum over s of p[s] * v[s] in ascending s (one float32
   multiply and one add per term, each lane on its own: any vectorisation the compiler does keeps it);
-  rounded to bf16 by torch.
+  rounded to bf16, nearest even (a NaN becomes 0x7FC0).
 
 No fast-math (nothing reassociated or contracted), so the result does not depend on the vector width
 or the thread count (the loops run on the calling thread); a row of a batched step (``RaggedKV`` calls
-this per row) gets what it gets alone. Only bf16 q, k, v with T = 1, even head dims and a mask of
+this per row) gets what it gets alone. The loops get the tensors' addresses (a numpy view costs more
+than the arithmetic here). Only bf16 q, k, v with T = 1, even head dims and a mask of
 shape [1, S] (or none) take this path (``takes``); everything else is ``layers.attention``'s eager
 code, float32 runs included (their parity with transformers is unchanged).
 """
@@ -28,37 +29,56 @@ from .kernels import WORDS, _row_sum, njit
 
 __all__ = ["takes", "attend_one", "reference"]
 
-_EMPTY = np.zeros(0, np.float32)
-
 if njit is not None:
+    from llvmlite import ir
+    from numba import carray, types
+    from numba.extending import intrinsic
+
+    from .decode_ops import _f, _r
+    from .kernels_addr import _u16_at, _u32_at
+
+    @intrinsic
+    def _f32_at(typingctx, addr):
+        """An integer address as a float32 pointer."""
+        if not isinstance(addr, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], ir.FloatType().as_pointer())
+
+        return types.CPointer(types.float32)(addr), codegen
+
     @njit(nogil=True, cache=True)  # no fastmath: the order written here
-    def _scores(q, k, s_, scale, mask, out):
-        # q uint32 [B, H, D/2] (bf16 pairs), k uint32 [B, Hkv, L, D/2] (the first s_ of L rows are the keys),
-        # mask f32 [S] or [0], out f32 [B, H, S]
-        nb_, h_, _ = q.shape
-        hkv = k.shape[1]
+    def _scores(qa, ka, b_, h_, hkv, len_, s_, d_, scale64, ma, oa):
+        # at addresses: q bf16 [B, H, D], k bf16 [B, Hkv, L, D] (the first s_ of L rows are the keys), mask
+        # f32 [S] (0: none), out f32 [B, H, S]
+        q = carray(_u32_at(qa), (b_, h_, d_ // 2))  # bf16 pairs
+        k = carray(_u32_at(ka), (b_, hkv, len_, d_ // 2))
+        mask = carray(_f32_at(ma), (s_ if ma != 0 else 0,))
+        out = carray(_f32_at(oa), (b_, h_, s_))
+        scale = np.float32(scale64)
         rep = h_ // hkv
-        nb = k.shape[3] // WORDS
-        has_mask = mask.shape[0] != 0
-        for b in range(nb_):
+        nb = (d_ // 2) // WORDS
+        for b in range(b_):
             for h in range(h_):
                 kg = k[b, h // rep]
                 qh = q[b, h]
                 for s in range(s_):
                     v = _row_sum(kg, s, qh, nb) * scale
-                    if has_mask:
+                    if ma != 0:
                         v += mask[s]
                     out[b, h, s] = v
 
     @njit(nogil=True, cache=True)  # no fastmath: ascending s for every lane
-    def _mix(p, v, out):
-        # p f32 [B, H, S], v uint16 [B, Hkv, L, Dv] (bf16 bits; the first S of L rows are the values),
-        # out f32 [B, H, Dv]
-        nb_, h_, s_ = p.shape
-        hkv, dv = v.shape[1], v.shape[3]
+    def _mix(pa, va, b_, h_, hkv, len_, s_, dv, oa):
+        # at addresses: p f32 [B, H, S], v bf16 [B, Hkv, L, Dv] (the first S of L rows are the values),
+        # out bf16 [B, H, Dv]
+        p = carray(_f32_at(pa), (b_, h_, s_))
+        v = carray(_u16_at(va), (b_, hkv, len_, dv))
+        out = carray(_u16_at(oa), (b_, h_, dv))
         rep = h_ // hkv
         acc = np.zeros(dv, np.float32)
-        for b in range(nb_):
+        for b in range(b_):
             for h in range(h_):
                 g = h // rep
                 acc[:] = 0.0
@@ -66,14 +86,9 @@ if njit is not None:
                     ps = p[b, h, s]
                     row = v[b, g, s]
                     for d in range(dv):
-                        acc[d] += ps * _bf16(row[d])
-                out[b, h, :] = acc
-
-    from .kernels import _u32_as_f32
-
-    @njit(nogil=True, cache=True, inline="always")
-    def _bf16(u):
-        return _u32_as_f32(np.uint32(np.uint32(u) << np.uint32(16)))
+                        acc[d] += ps * _f(row[d])
+                for d in range(dv):
+                    out[b, h, d] = _r(acc[d])
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -88,11 +103,6 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
         if end * t.element_size() <= t.untyped_storage().nbytes():
             return t.as_strided(whole, st)
     return t.contiguous()
-
-
-def _u32(t: torch.Tensor) -> np.ndarray:
-    """A bf16 tensor whose last dim is contiguous and even, at an even start, as uint32 bf16 pairs."""
-    return t.view(torch.int32).numpy().view(np.uint32)
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -117,18 +127,20 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     b, h, _, d = q.shape
     s, dv = k.shape[2], v.shape[3]
     q3 = q.reshape(b, h, d)
-    if not q3.is_contiguous() or q3.storage_offset() % 2:
+    if not q3.is_contiguous() or q3.data_ptr() % 4:  # read as 4-byte words
         q3 = q3.clone(memory_format=torch.contiguous_format)
     scores = torch.empty(b, h, s, dtype=torch.float32)
-    m = _EMPTY if mask is None else mask.reshape(s).float().numpy()
+    m = None if mask is None else mask.reshape(s).float().contiguous()
     kw = _whole(k)  # [B, Hkv, L, D]
-    if kw.storage_offset() % 2:  # 4-byte words need an even start
+    if kw.data_ptr() % 4:  # read as 4-byte words
         kw = kw.clone()
-    _scores(_u32(q3), _u32(kw), s, np.float32(scale), m, scores.numpy())
+    _scores(q3.data_ptr(), kw.data_ptr(), b, h, kw.shape[1], kw.shape[2], s, d, scale,
+            0 if m is None else m.data_ptr(), scores.data_ptr())
     probs = torch.softmax(scores, dim=-1)  # [B, H, S] float32
-    out = torch.empty(b, h, dv, dtype=torch.float32)
-    _mix(probs.numpy(), _whole(v).view(torch.int16).numpy().view(np.uint16), out.numpy())
-    return out.to(torch.bfloat16).view(b, 1, h, dv)
+    vw = _whole(v)  # [B, Hkv, L, Dv]
+    out = torch.empty(b, 1, h, dv, dtype=torch.bfloat16)
+    _mix(probs.data_ptr(), vw.data_ptr(), b, h, vw.shape[1], vw.shape[2], s, dv, out.data_ptr())
+    return out
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
