@@ -11,8 +11,8 @@ runs one of three kernels (``kernels_rows.prefill_linear``):
 - ``torch``: ``torch.nn.functional.linear``.
 
 ``measure_rows`` times the available ones at every M of ``ROW_COUNTS`` (the multi-row kernel only until
-it first loses: its cost per row only grows with M), alternating pass by pass; each keeps its fastest
-pass. At each count the preferred kernel (``PREFER``: numba, then dp, then torch) keeps its place unless
+it first loses: its cost per row only grows with M), alternating pass by pass, the passes of each count
+spread over the whole measurement (round after round); each keeps its fastest pass. At each count the preferred kernel (``PREFER``: numba, then dp, then torch) keeps its place unless
 another beats it by ``kernel_select.MARGIN``. The result per shape:
 
 - ``kernels.ROWS_UPTO[(n, k, t)]``: the largest count up to which the multi-row kernel is chosen at every
@@ -90,8 +90,10 @@ def _rows_kernel(kern: str, x: torch.Tensor, w: torch.Tensor) -> None:
 
 def measure_rows(shapes, threads: int, kernels=None, timer=time.perf_counter) -> dict:
     """``{(out, in): {M: {kernel: bytes/s}}}`` of ``kernels`` (default: the available ones) on M rows, M in
-    ``ROW_COUNTS``; the multi-row kernel until it first loses. The kernels alternate pass by pass and each
-    keeps its fastest pass (the least disturbed on a shared host)."""
+    ``ROW_COUNTS``; the multi-row kernel up to the first count where it loses. Each kernel keeps its
+    fastest pass (the least disturbed on a shared host); the ``REPS`` passes of a count are spread over
+    the whole measurement of the shape (round after round over all counts, the kernels alternating), so
+    a busy spell of a few seconds spoils a few passes of every count rather than every pass of a few."""
     shapes = sorted(set(shapes))
     kernels = list(kernels or _candidates())
     if not shapes:
@@ -108,26 +110,31 @@ def measure_rows(shapes, threads: int, kernels=None, timer=time.perf_counter) ->
             m = max(2, min(ks.MAX_MATS, math.ceil(ks.SPAN_BYTES / nbytes) + 1))
             step = (elems - n * k) // (m - 1) // 64 * 64
             mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
-            out[(n, k)] = {}
-            live = list(kernels)
-            for rows in ROW_COUNTS:
-                x = xs[:rows * k].view(rows, k)  # [M, K]
-                times: dict = {kn: [] for kn in live}
-                for kern in times:
-                    _rows_kernel(kern, x, mats[0])  # warm-up
-                for _ in range(ks.REPS):  # alternate pass by pass: a busy spell slows all alike
-                    for kern, tl in times.items():
+            best: dict = {rows: {} for rows in ROW_COUNTS}  # fastest pass, seconds per product
+            for _ in range(ks.REPS):
+                numba_on = "numba" in kernels
+                for rows in ROW_COUNTS:
+                    x = xs[:rows * k].view(rows, k)  # [M, K]
+                    for kern in kernels:
+                        if kern == "numba" and not numba_on:
+                            continue
+                        if kern not in best[rows]:
+                            _rows_kernel(kern, x, mats[0])  # warm-up
                         t0 = timer()
                         for w in mats:
                             _rows_kernel(kern, x, w)
-                        tl.append((timer() - t0) / m)
-                per = {kern: (nbytes / min(tl) if min(tl) > 0 else float("inf")) for kern, tl in times.items()}
-                out[(n, k)][rows] = per
-                if "numba" in live and _pick(per) != "numba":
-                    live.remove("numba")  # it only gets slower per row from here
+                        dt = (timer() - t0) / m
+                        best[rows][kern] = min(dt, best[rows].get(kern, dt))
+                    if numba_on and _pick(_rates(best[rows], nbytes)) != "numba":
+                        numba_on = False  # it only gets slower per row from here
+            out[(n, k)] = {rows: _rates(per, nbytes) for rows, per in best.items() if per}
     finally:
         torch.set_num_threads(saved)
     return out
+
+
+def _rates(secs: dict, nbytes: int) -> dict:
+    return {kern: (nbytes / dt if dt > 0 else float("inf")) for kern, dt in secs.items()}
 
 
 def _decide(name: str, rates: dict, cands: list[str]) -> tuple[int, tuple] | None:
