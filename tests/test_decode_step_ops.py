@@ -100,3 +100,21 @@ def test_linear_many_gives_each_products_bits(bias, count):
     rows = torch.randn(3, 96, generator=g).to(BF)  # several rows: one linear each
     for a, (w, b) in zip(linear_many(rows, prods), prods):
         assert torch.equal(_bits(a), _bits(kernels.linear(rows, w, b)))
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 5, 16])
+def test_one_query_mask_is_the_general_mask(window):
+    """causal_mask's shortcut for one query (no mask while every position is visible) gives what the
+    general construction gives."""
+    from zipmoe_run.layers import causal_mask
+
+    for start in range(0, 24):
+        s = start + 1
+        visible = torch.arange(s)[None, :] <= start
+        if window:
+            visible &= torch.arange(s)[None, :] > start - window
+        got = causal_mask(1, start, BF, window)
+        if bool(visible.all()):
+            assert got is None
+        else:
+            assert torch.equal(got, torch.zeros(1, s, dtype=BF).masked_fill_(~visible, torch.finfo(BF).min))

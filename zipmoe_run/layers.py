@@ -243,6 +243,8 @@ def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torc
 
 def causal_mask(t: int, start_pos: int, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor | None:
     """Additive mask [T, start_pos+T] (0 where visible, dtype min where not); None when nothing is masked."""
+    if t == 1 and (not sliding_window or start_pos < sliding_window):  # one query sees every position
+        return None
     s = start_pos + t
     q = torch.arange(start_pos, s)[:, None]
     kv = torch.arange(s)[None, :]
