@@ -82,3 +82,27 @@ def test_gemv_kernel_loads_from_numba_disk_cache():
     loaded = [ln for ln in logs[1].splitlines() if "data loaded" in ln and "_gemv_kernel" in ln]
     assert loaded, logs[1][-2000:]
     assert not [ln for ln in logs[1].splitlines() if "data saved" in ln and "_gemv_kernel" in ln]
+
+
+def test_package_version_is_looked_up_once(monkeypatch):
+    """A run asks for the package version three times (the store's calibration key and the kernel
+    choice's); importlib.metadata scans the path each time (about 5 ms), so it is looked up once."""
+    import importlib.metadata
+
+    from zipmoe_run import calibrate
+
+    calls: list[str] = []
+
+    def version(name):
+        calls.append(name)
+        return "9.9.9"
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    calibrate.package_version.cache_clear()
+    try:
+        got = [calibrate.package_version() for _ in range(3)]
+        key = calibrate.host_key({"cpu": "x", "isa": [], "cores": 2, "machine": "m"})
+    finally:
+        calibrate.package_version.cache_clear()
+    assert got == ["9.9.9"] * 3 and key["version"] == "9.9.9"
+    assert calls == ["zipmoe"]

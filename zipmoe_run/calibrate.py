@@ -33,6 +33,7 @@ Environment: ``ZIPMOE_CALIBRATE=off`` skips self-calibration (the cost model is 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -70,6 +71,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zipmoe"
 
 
+@functools.lru_cache(maxsize=None)  # about 5 ms a lookup, and a run asks three times
 def package_version() -> str:
     try:
         from importlib.metadata import version
