@@ -12,6 +12,7 @@ from zipmoe_run import kernel_select as ks
 from zipmoe_run import kernel_select_rows as R
 from zipmoe_run import kernels
 from zipmoe_run import kernels_dp as D
+from zipmoe_run import kernels_dp_ref as REF
 
 here = pytest.mark.skipif(not (kernels.enabled() and D.available()),
                           reason="no AVX-512 BF16 here (or numba's target lacks it): the kernel is never used")
@@ -37,16 +38,16 @@ def _f32(v: float) -> np.ndarray:
 # ---- the reference's emulation of the instruction (numpy only: runs everywhere) -----------------------------
 
 def test_reference_rounds_once_and_flushes_after_rounding():
-    tiny = D._fma_ftz(_f32(2.0 ** -126), np.array([-(2.0 ** -151)]))  # exact sum half an ulp below 2^-126
+    tiny = REF._fma_ftz(_f32(2.0 ** -126), np.array([-(2.0 ** -151)]))  # exact sum half an ulp below 2^-126
     assert tiny[0] == np.float32(2.0 ** -126)  # rounds up to the smallest normal: not tiny after rounding
-    assert D._fma_ftz(_f32(2.0 ** -126), np.array([-(2.0 ** -127)]))[0] == 0  # a denormal result: flushed
-    assert D._fma_ftz(_f32(2.0 ** -140), np.array([0.0]))[0] == 0  # a denormal accumulator reads as zero
+    assert REF._fma_ftz(_f32(2.0 ** -126), np.array([-(2.0 ** -127)]))[0] == 0  # a denormal result: flushed
+    assert REF._fma_ftz(_f32(2.0 ** -140), np.array([0.0]))[0] == 0  # a denormal accumulator reads as zero
     # one rounding: 1 + 2^-24 + 2^-60 is above the halfway point; float64 then float32 would round to 1
-    got = D._fma_ftz(_f32(1.0), np.array([2.0 ** -24 + 2.0 ** -60]))[0]
+    got = REF._fma_ftz(_f32(1.0), np.array([2.0 ** -24 + 2.0 ** -60]))[0]
     assert got == np.nextafter(np.float32(1), np.float32(2))
-    assert D._fma_ftz(_f32(1.0), np.array([2.0 ** -24]))[0] == np.float32(1)  # a tie: to even
-    assert np.signbit(D._fma_ftz(_f32(-0.0), np.array([-0.0]))[0])  # -0 + -0 = -0
-    assert not np.signbit(D._fma_ftz(_f32(-0.0), np.array([0.0]))[0])  # -0 + +0 = +0 (nearest-even)
+    assert REF._fma_ftz(_f32(1.0), np.array([2.0 ** -24]))[0] == np.float32(1)  # a tie: to even
+    assert np.signbit(REF._fma_ftz(_f32(-0.0), np.array([-0.0]))[0])  # -0 + -0 = -0
+    assert not np.signbit(REF._fma_ftz(_f32(-0.0), np.array([0.0]))[0])  # -0 + +0 = +0 (nearest-even)
 
 
 #: one row of 2 blocks where the order inside a pair shows: lane 0 holds 1 after block 0; block 1's pair is
@@ -58,10 +59,10 @@ ORDER_W[0, 16], ORDER_X[0, 16] = 0xCB80 | (0x4B80 << 16), 0x3F80 | (0x3F80 << 16
 
 
 def test_reference_takes_the_odd_element_first_and_denormal_inputs_as_zero():
-    assert D.dp_reference(ORDER_W, ORDER_X)[0, 0] == 0
+    assert REF.dp_reference(ORDER_W, ORDER_X)[0, 0] == 0
     den = np.array([[0x0001 | (0x3F80 << 16)]], np.uint32)  # even: the smallest bf16 denormal, odd 1.0
     xs = np.array([[0x7F00 | (0x3F80 << 16)]], np.uint32)  # even: 2^127 (the denormal read as is: 1 + 2^-6)
-    assert D.dp_reference(den, xs)[0, 0] == np.float32(1.0)
+    assert REF.dp_reference(den, xs)[0, 0] == np.float32(1.0)
 
 
 # ---- the kernel against the reference (this host, where it has the instruction) ---------------------------
