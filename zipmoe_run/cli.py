@@ -82,9 +82,17 @@ def _open_archive(path: Path, threads: int | None, store_opts: dict):
         return None
     try:
         from zipmoe_run.archive_source import ArchiveSource
+        from zipmoe_run.store import store as _  # noqa: F401 (its C extensions: loaded before the warm-up)
     except ImportError:
         return None  # load() says why
-    return ArchiveSource(path, threads=threads, **store_opts)
+    from zipmoe_run.startup import wait_warm, warm_torch_libs
+
+    warm_torch_libs()  # torch's native core maps beside the opening and the decoding (zipmoe_run.startup)
+    try:
+        return ArchiveSource(path, threads=threads, **store_opts)
+    except BaseException:
+        wait_warm()  # not inside dlopen at the interpreter's finalisation
+        raise
 
 
 def _stats_line(st: dict) -> str:
@@ -160,6 +168,9 @@ def run_cmd(
             )
         except BaseException:
             if source is not None:
+                from zipmoe_run.startup import wait_warm
+
+                wait_warm()
                 source.close()
             raise
         if source is not None:  # load() owns it from here
