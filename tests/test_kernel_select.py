@@ -40,6 +40,7 @@ def _fresh(monkeypatch):
     monkeypatch.delenv(R.ROWS_ENV, raising=False)
     monkeypatch.delenv(R.PREFILL_ENV, raising=False)
     monkeypatch.delenv("ZIPMOE_RUN_KERNELS", raising=False)
+    monkeypatch.setattr(ks, "_dp_available", lambda: False)  # the dp tests below inject it
     # prefill choices (tests/test_kernel_prefill.py): injected, never the clock; torch at every M here
     monkeypatch.setattr(R, "measure_rows", lambda shapes, threads: {
         s: {m: {"numba": 1e9, "dp": 1e9, "torch": 2e9} for m in R.ROW_COUNTS} for s in shapes})
@@ -243,3 +244,57 @@ def test_routed_expert_shapes_are_chosen_at_load_alike_for_archive_and_directory
     cfg = lm.source.config
     assert (cfg["hidden_size"], cfg["moe_intermediate_size"]) in got[src]  # down_proj, in both layouts
     assert len(asked) == 2 and asked[0] == asked[1] and set(got[src]) <= set(asked[0])
+
+
+# ---- the dp kernel as a one-row candidate (availability and timings injected; tests/test_kernels_dp1.py runs it)
+
+DP_FAKE = {(64, 128): {"numba": 9e9, "torch": 3e9, "dp": 12e9},  # dp 1.33x numba: dp
+           (128, 64): {"numba": 8e9, "torch": 7e9, "dp": 8.5e9},  # dp within the margin: numba
+           (32, 32): {"numba": 1e9, "torch": 2e9, "dp": 1.5e9}}  # torch
+
+
+def test_dp_is_a_candidate_where_available_and_chosen_by_measurement(tmp_path, monkeypatch):
+    monkeypatch.setattr(ks, "_dp_available", lambda: True)
+    assert ks.available() == ["numba", "torch", "dp"]
+    fake = FakeMeasure(DP_FAKE)
+    rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert fake.calls[0][2] == ["numba", "torch", "dp"]
+    assert kernels.CHOICE == {(64, 128, 2): "dp", (128, 64, 2): "numba", (32, 32, 2): "torch"}
+    assert rep["shapes"]["64x128@2"]["gbps"] == {"numba": 9.0, "torch": 3.0, "dp": 12.0}
+    assert "64x128@2 dp (numba 9.0, torch 3.0, dp 12.0 GB/s)" in ks.line(rep)
+    (f,) = (tmp_path / "hosts").glob("kernels-*.json")
+    assert json.loads(f.read_text())["rates"]["64x128@2:dp"] == 12e9
+    ks.reset()  # cached: the same choice without measuring
+    again = FakeMeasure({s: {"numba": 1.0, "torch": 1.0, "dp": 1.0} for s in SHAPES})
+    ks.choose(SHAPES, 2, measure_fn=again, calibrator=_cal(tmp_path))
+    assert again.calls == [] and kernels.CHOICE[(64, 128, 2)] == "dp"
+
+
+def test_dp_is_never_a_candidate_where_unavailable(tmp_path):
+    assert ks.available() == ["numba", "torch"]
+    fake = FakeMeasure(DP_FAKE)
+    ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert fake.calls[0][2] == ["numba", "torch"] and "dp" not in set(kernels.CHOICE.values())
+
+
+def test_a_cache_without_dp_rates_is_measured_again_where_dp_is_available(tmp_path, monkeypatch):
+    ks.choose(SHAPES, 2, measure_fn=FakeMeasure(DP_FAKE), calibrator=_cal(tmp_path))  # no dp: numba, torch
+    ks.reset()
+    monkeypatch.setattr(ks, "_dp_available", lambda: True)
+    fake = FakeMeasure(DP_FAKE)
+    rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert len(fake.calls) == 1 and sorted(fake.calls[0][0]) == sorted(SHAPES) and "dp" in fake.calls[0][2]
+    assert rep["measured_shapes"] == 3 and kernels.CHOICE[(64, 128, 2)] == "dp"
+    (f,) = (tmp_path / "hosts").glob("kernels-*.json")
+    assert all(f"{n}x{k}@2:dp" in json.loads(f.read_text())["rates"] for n, k in SHAPES)
+
+
+@pytest.mark.parametrize("dp_here", [True, False])
+def test_forced_dp_kernel(tmp_path, monkeypatch, dp_here):
+    """ZIPMOE_KERNEL=dp: dp for every shape where it is available, else the numba GEMV."""
+    monkeypatch.setattr(ks, "_dp_available", lambda: dp_here)
+    monkeypatch.setenv(ks.ENV, "dp")
+    fake = FakeMeasure(DP_FAKE)
+    rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
+    assert fake.calls == [] and rep["mode"] == "dp"
+    assert {v["kernel"] for v in rep["shapes"].values()} == {"dp" if dp_here else "numba"}

@@ -163,6 +163,7 @@ def test_without_the_instruction_dp_is_never_measured_chosen_or_called(monkeypat
     from zipmoe_run.calibrate import Calibrator
 
     monkeypatch.setattr(R, "dp_available", lambda: False)
+    monkeypatch.setattr(ks, "_dp_available", lambda: False)  # nor as the one-row kernel
     monkeypatch.setattr(D, "gemm_dp", lambda *a, **k: pytest.fail("dp kernel called where unavailable"))
     for var in (ks.ENV, R.ROWS_ENV, R.PREFILL_ENV):
         monkeypatch.delenv(var, raising=False)

@@ -3,7 +3,8 @@
 A decode step is a chain of one-row products over bf16 weights; which kernel streams them fastest
 depends on the CPU (the numba GEMV of ``kernels`` is ~1.6-2x torch's on an AVX-512 Zen 4, no faster
 on an AVX2-only EPYC). So the first time a host is seen, each available kernel (``KERNELS``: the numba
-GEMV and ``torch.nn.functional.linear``) is timed on the model's own shapes (out, in) at the run's
+GEMV, ``torch.nn.functional.linear`` and, where the CPU has AVX-512 BF16, the dot-product kernel of
+``kernels_dp`` by way of ``kernels_dp1``) is timed on the model's own shapes (out, in) at the run's
 thread count, under the same thread arrangement as a decode step (``kernels.single_row_scope``): a few
 distinct synthetic matrices per shape spread over at least ``SPAN_BYTES`` so caches do not flatter,
 the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached, with
@@ -14,7 +15,8 @@ otherwise flip between two fresh measurements of the same host.
 Cache: one JSON file per host key (``calibrate.host_key``: CPU model, ISA flags, cores, machine,
 package version; plus ``CODEGEN_ENV`` settings such as ``ATEN_CPU_CAPABILITY`` when set) under the calibration cache directory (``hosts/kernels-*.json``, atomic writes, read
 with ``formats.jsonstrict``; a corrupt or foreign file is logged and measured again), whose ``rates``
-hold bytes/s per ``"OUTxIN@T:kernel"``. ``ZIPMOE_CALIBRATE=force`` measures again.
+hold bytes/s per ``"OUTxIN@T:kernel"``; a shape lacking any available kernel's rate (a file written before
+dp existed, or on a host without it) is measured again. ``ZIPMOE_CALIBRATE=force`` measures again.
 
 The choice depends only on host, shape and thread count, never on the weights or where they come from,
 so a run of an archive and of its source directory use the same kernels and stay bit-identical. Each
@@ -25,8 +27,9 @@ Prefill rows: which kernel a product of M > 1 bf16 rows runs (the multi-row kern
 dot-product kernel or torch's) is measured per shape, thread count and M by ``kernel_select_rows`` right
 after the one-row choice, cached in the same file and reported under ``rows``.
 
-``ZIPMOE_KERNEL=numba|torch|auto`` (default auto) forces a kernel (numba: prefill rows through the
-multi-row kernel up to 8; torch: none); ``ZIPMOE_RUN_KERNELS=0`` is torch.
+``ZIPMOE_KERNEL=numba|torch|dp|auto`` (default auto) forces a one-row kernel (numba: prefill rows through the
+multi-row kernel up to 8; torch: none; dp, numba where dp is unavailable: prefill rows as measured);
+``ZIPMOE_RUN_KERNELS=0`` is torch.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ __all__ = ["ENV", "KERNELS", "mode", "available", "measure", "choose", "kernel_f
 log = logging.getLogger(__name__)
 
 ENV = "ZIPMOE_KERNEL"
-KERNELS = ("numba", "torch")  # in order of preference on a tie
+KERNELS = ("numba", "torch", "dp")  # in order of preference on a tie; dp only where kernels_dp.available()
 SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory
 MAX_MATS = 16
 REPS = 5
@@ -72,8 +75,16 @@ def mode() -> str:
     return m
 
 
-def available() -> list[str]:
-    return [k for k in KERNELS if k != "numba" or K.enabled()]
+def available(dp_fn=None) -> list[str]:
+    """The one-row kernels usable here (``dp_fn``: whether the dp kernel is, default ``kernels_dp.available``)."""
+    on = K.enabled()
+    return [k for k in KERNELS if (k != "numba" or on) and (k != "dp" or (on and (dp_fn or _dp_available)()))]
+
+
+def _dp_available() -> bool:
+    from .kernels_dp import available as dp
+
+    return dp()
 
 
 def _name(n: int, k: int, t: int) -> str:

@@ -13,12 +13,11 @@ thread count, so results are bitwise reproducible: the row's K/2 bf16 pairs are 
 products of pair l of every block in block order; the accumulators are added pairwise
 (((a0 + a1) + (a2 + a3)) + ...), then the pairs after the last whole block in sequence, and the row is
 even + odd. Each product is an ``fmul`` rounded to float32 (exact here) and each sum an ``fadd``:
-no fused multiply-add (``llvm.fma`` would be as reproducible, one correctly rounded operation, but
-measured no faster from memory on an AVX-512 Zen 4, 0.95-1.04x at 1 thread; it gains only where the
-loop is compute-bound: weights in L3, the batched kernel; ``scripts/bench_gemv_fma.py``).
+no fused multiply-add (measured no faster from memory: specs/runtime.md section 11).
 ``gemv_reference`` is that order in numpy (``_row_sum`` in numba). Results can differ from torch's bf16
-kernel in the last bit. Only bf16 weights with a bf16 single-row input take this path (a prefill's few-row
-products: ``kernels_rows.prefill_linear``); every other case (float32 runs) is ``torch.nn.functional.linear``.
+kernel in the last bit. Only bf16 weights with a bf16 single-row input take this path (a prefill's M-row
+products: ``kernels_rows.prefill_linear``, the multi-row kernel, dp or torch's as ``kernel_select_rows``
+chose); every other case (float32 runs) is ``torch.nn.functional.linear``.
 
 Input form: the bf16 input is read as uint32 pairs too (``bf16_words``, a view), split like the weights
 into exactly ``x.float()``'s values (at K = 5632 a float32 input overflowed L1: 14 vs 26-32 GB/s, Zen 4).
@@ -27,12 +26,12 @@ Batched decode (``decode_rows_scope``, the engine's steps of several sequences):
 product gets exactly what ``linear`` gives that row alone. Where that is this GEMV (the kernel
 chosen for the shape), the M rows go through ``_gemm_kernel``, which computes each output row in
 exactly the order above (the same ``_row_blocks`` and tail; 4 inputs per pass over a weight row),
-so row m of a batch equals the one-row result bit for bit, for any M and thread count, and each weight
-row is read once for all M inputs (``kernels_rows``). Where torch was chosen for the shape (host C: the
-tiny router shapes) or the kernel cannot take the product (float32, odd K, non-contiguous weights),
-the rows run one at a time through the same one-row call, reading the weights once per row.
+so row m of a batch equals the one-row result bit for bit, for any M and thread count (``kernels_rows``).
+Where dp was chosen, one dp call takes all M rows (its order is the same for any M). Where torch was
+chosen or the kernel cannot take the product (float32, odd K, non-contiguous weights), the rows run
+one at a time through the same one-row call, reading the weights once per row.
 
-Which kernel a shape uses (this one or torch's) is chosen per host by measurement: see
+Which kernel a shape uses (this one, dp or torch's) is chosen per host by measurement: see
 ``kernel_select`` (``CHOICE`` holds the choices; ``ZIPMOE_KERNEL`` forces one). Set
 ``ZIPMOE_RUN_KERNELS=0`` to disable this kernel (then everything is torch).
 """
@@ -54,7 +53,7 @@ log = logging.getLogger(__name__)
 
 _ENABLED = os.environ.get("ZIPMOE_RUN_KERNELS", "1") not in ("0", "false", "no")
 _gemv = None
-CHOICE: dict[tuple[int, int, int], str] = {}  # (out, in, threads) -> "numba" | "torch" (kernel_select fills it)
+CHOICE: dict[tuple[int, int, int], str] = {}  # (out, in, threads) -> "numba" | "dp" | "torch" (kernel_select)
 ROWS_UPTO: dict[tuple[int, int, int], int] = {}  # (out, in, threads) -> most rows a prefill product sends
 # through the multi-row kernel (kernel_select measures it; ``kernels_rows.prefill_linear``)
 _scope_threads = 0  # torch's thread count while a single_row_scope is active (torch itself runs on 1 then)
@@ -309,13 +308,15 @@ def _torch_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
 
 def run_kernel(kernel: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """One-row product x [1, K] bf16 by w [N, K] bf16 with the named kernel (``kernel_select`` times it)."""
+    if kernel == "dp":
+        return _dp(x, w, None)
     return _gemv_linear(x, w, None) if kernel == "numba" else _torch_linear(x, w)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` (x [..., K], w [N, K], b [N]); one bf16 input row goes through the kernel chosen for
-    this shape on this host (``kernel_select``): this module's GEMV or torch's; M bf16 rows (a prefill)
-    through the multi-row kernel up to the measured ``ROWS_UPTO``, else torch's."""
+    this shape on this host (``kernel_select``): this module's GEMV, the dp kernel (``kernels_dp1``) or
+    torch's; M bf16 rows (a prefill): ``kernels_rows.prefill_linear`` (multi-row kernel, dp or torch's)."""
     if _decode_rows:
         return _rows_linear(x, w, b)
     if x.dtype is torch.bfloat16 and x.numel() != x.shape[-1]:  # several rows of a prefill
@@ -326,7 +327,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 def _one_row_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
-    """What ``linear`` runs for one row x [..., K] of this product: "numba", "torch" or "plain"."""
+    """What ``linear`` runs for one row x [..., K] of this product: "numba", "dp", "torch" or "plain"."""
     k = x.shape[-1]
     if (x.dtype is not torch.bfloat16 or w.dtype is not torch.bfloat16 or k % 2
             or not w.is_contiguous() or w.storage_offset() % 2 or w.dim() != 2):
@@ -338,13 +339,22 @@ def _one_row_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
         from .kernel_select import kernel_for
 
         kern = kernel_for(n, k, t)
-    return "numba" if kern == "numba" and enabled() else "torch"
+    return kern if kern in ("numba", "dp") and enabled() and (kern == "numba" or _dp(None, w, None)) else "torch"
+
+
+def _dp(x: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None):
+    """``kernels_dp1.linear_dp`` (x None: whether the dp kernel is available here)."""
+    from . import kernels_dp, kernels_dp1
+
+    return kernels_dp.available() if x is None else kernels_dp1.linear_dp(x, w, b)
 
 
 def _linear1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     kern = "plain" if x.numel() != x.shape[-1] else _one_row_kernel(x, w)
     if kern == "plain":
         return F.linear(x, w, b)
+    if kern == "dp":
+        return _dp(x, w, b)
     return _gemv_linear(x, w, b) if kern == "numba" else _torch_linear(x, w, b)
 
 
@@ -381,13 +391,16 @@ def _rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
     """A product inside ``decode_rows_scope`` (x [..., K] -> [..., N]): every row gets exactly what
     ``linear`` gives that row alone (x of shape [1, ..., 1, K]). Where that is the numba GEMV (the
     kernel chosen for this shape, section 11 of specs/runtime.md) all rows go through the multi-row
-    kernel, one pass over the weights; otherwise (torch chosen for the shape, float32, odd K) one
-    product per row."""
+    kernel, one pass over the weights; where it is dp, one dp call over all rows (its order is the same
+    for any M); otherwise (torch chosen for the shape, float32, odd K) one product per row."""
     k, n = x.shape[-1], w.shape[0]
     m = x.numel() // k if k else 0
     if m <= 1:
         return _linear1(x, w, b)
-    if _one_row_kernel(x, w) == "numba":
+    kern = _one_row_kernel(x, w)
+    if kern == "dp":
+        return _dp(x, w, b)  # [..., N]: each row as alone
+    if kern == "numba":
         y = torch.from_numpy(gemm_rows(x, w))  # [M, N] float32, each row as _gemv_linear sums it
         if b is not None:
             y += b.float()
