@@ -104,3 +104,10 @@ def test_the_measurement_times_dp_here():
     clock = iter(range(10 ** 6))
     got = ks.measure([(16, 64)], 1, ks.available(), timer=lambda: next(clock) * 1e-3)
     assert set(got[(16, 64)]) == {"numba", "torch", "dp"}
+
+
+def test_compiled_without_fast_math():
+    from zipmoe_run import kernels_dp1
+
+    for fn in (kernels_dp1._dp16_rows, kernels_dp1._dp16_kernel, kernels_dp1._block16, kernels_dp1._emit):
+        assert not fn.targetoptions.get("fastmath"), fn
