@@ -128,23 +128,50 @@ def prefill_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     """``F.linear`` of M > 1 bf16 rows x [..., K] by w [N, K] (+ b [N]) -> [..., N]: this kernel up to
     ``rows_upto`` rows (each row then equals the one-row GEMV's), beyond it the dot-product kernel or
     torch's as chosen for this shape and M (torch at torch's thread count, also inside a
-    ``single_row_scope``)."""
+    ``single_row_scope``). Called for every product of a prefill (a few hundred per prompt: one per
+    routed expert's projection), so the per-call work is a few dictionary look-ups, no imports."""
     k, n = x.shape[-1], w.shape[0]
     if (w.dtype is not torch.bfloat16 or k % 2 or w.dim() != 2 or not w.is_contiguous() or w.storage_offset() % 2
             or w.shape[1] != k or not (x.is_cpu and w.is_cpu) or not K.enabled()):
         return K._torch_linear(x, w, b)
     m = x.numel() // k
-    t = K._scope_threads or torch.get_num_threads()
-    if m <= rows_upto(n, k, t):
+    scoped = K._scope_threads
+    t = scoped or torch.get_num_threads()
+    upto = K.ROWS_UPTO.get((n, k, t))
+    if m <= (upto if upto is not None else rows_upto(n, k, t)):
         rows = gemm_rows
+    elif _select().beyond_for(n, k, t, m) == "dp":
+        rows = _dp().gemm_dp
     else:
-        from .kernel_select_rows import beyond_for
-
-        if beyond_for(n, k, t, m) != "dp":
-            return K._torch_linear(x, w, b)
-        from .kernels_dp import gemm_dp as rows
-    with K.single_row_scope(not K._scope_threads):  # numba's team at torch's thread count, torch idle
+        return K._torch_linear(x, w, b)
+    if scoped:  # numba's team already has torch's thread count, torch idles
         y = torch.from_numpy(rows(x, w))  # [M, N] float32: each row in its kernel's fixed order
+    else:
+        with K.single_row_scope(True):  # numba's team at torch's thread count, torch idle
+            y = torch.from_numpy(rows(x, w))
     if b is not None:
         y += b.float()
     return y.to(torch.bfloat16).view(*x.shape[:-1], n)
+
+
+_lazy: dict = {}  # module name -> module, imported on first use
+
+
+def _select():
+    """``kernel_select_rows``, imported on first use (it imports this module's callers)."""
+    mod = _lazy.get("select")
+    if mod is None:
+        from . import kernel_select_rows as mod
+
+        _lazy["select"] = mod
+    return mod
+
+
+def _dp():
+    """``kernels_dp``, imported on first use (only a prefill beyond the crossover needs it)."""
+    mod = _lazy.get("dp")
+    if mod is None:
+        from . import kernels_dp as mod
+
+        _lazy["dp"] = mod
+    return mod
