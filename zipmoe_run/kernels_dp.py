@@ -305,29 +305,42 @@ def _lanes(a):
     return (b0 + b1) + (b2 + b3)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _fill(w, xw, acc, i0, kc, pf):
+    """acc [M, RW, LANES] = the lanes of weight rows i0 .. i0 + RW - 1 (all present) for every input."""
+    kh = w.shape[1]
+    nb = kh // LANES
+    acc[:] = 0.0
+    for c0 in range(0, nb, kc):
+        _chunk(w, xw, acc, i0, xw.shape[0], c0, min(c0 + kc, nb), False, pf)
+    if kh % LANES != 0:
+        _chunk(w, xw, acc, i0, xw.shape[0], nb, nb + 1, True, 0)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _fill1(w, xw, acc, i, kc, pf):
+    """acc[:, 0] = the lanes of weight row i alone for every input (the edge of the row blocks)."""
+    kh = w.shape[1]
+    nb = kh // LANES
+    acc[:] = 0.0
+    for c0 in range(0, nb, kc):
+        _chunk1(w, xw, acc, i, xw.shape[0], c0, min(c0 + kc, nb), False, pf)
+    if kh % LANES != 0:
+        _chunk1(w, xw, acc, i, xw.shape[0], nb, nb + 1, True, 0)
+
+
 @njit(nogil=True, cache=True)
 def _block(w, xw, out, acc, i0, kc, pf):
     """Output rows i0 .. i0 + RW - 1 (or to N) for every input: out f32 [M, N]; acc f32 [M, RW, LANES] scratch."""
-    n, kh = w.shape
-    m = xw.shape[0]
-    nb = kh // LANES
-    tail = kh % LANES != 0
-    acc[:] = 0.0
+    n, m = w.shape[0], xw.shape[0]
     if i0 + RW <= n:
-        for c0 in range(0, nb, kc):
-            _chunk(w, xw, acc, i0, m, c0, min(c0 + kc, nb), False, pf)
-        if tail:
-            _chunk(w, xw, acc, i0, m, nb, nb + 1, True, 0)
+        _fill(w, xw, acc, i0, kc, pf)
         for r in range(RW):
             for mm in range(m):
                 out[mm, i0 + r] = _lanes(acc[mm, r])
     else:
         for i in range(i0, min(i0 + RW, n)):
-            acc[:] = 0.0
-            for c0 in range(0, nb, kc):
-                _chunk1(w, xw, acc, i, m, c0, min(c0 + kc, nb), False, pf)
-            if tail:
-                _chunk1(w, xw, acc, i, m, nb, nb + 1, True, 0)
+            _fill1(w, xw, acc, i, kc, pf)
             for mm in range(m):
                 out[mm, i] = _lanes(acc[mm, 0])
 

@@ -7,7 +7,7 @@ output rows only), so row m of that call equals row m decoded alone, bit for bit
 
 Like ``kernels_addr`` for the numba GEMV, the call passes the tensors' addresses (no numpy views) and
 the kernel writes the bf16 result itself: each element's float32 sum in the dp order
-(``kernels_dp``: the same ``_chunk``/``_lanes`` code, the same tiles and prefetch), plus the bias in
+(``kernels_dp``: the same ``_fill``/``_lanes`` code, the same tiles and prefetch), plus the bias in
 float32 (as ``y += b.float()``), rounded to nearest even with torch's NaN pattern (``_round16``),
 exactly what ``gemm_dp`` + torch's conversion give (the fallback ``linear_dp`` takes where torch's
 rounding is not that here, or the bias is not a contiguous bf16 [N]). An input row whose K/2 pairs are
@@ -22,7 +22,7 @@ import torch
 from . import kernels as K
 from .kernels import _u32_as_f32
 from .kernels_addr import _round16, _u16_at, _u32_at, takes_bias
-from .kernels_dp import KC, LANES, PANEL, PF, RW, _chunk, _chunk1, _lanes, gemm_dp
+from .kernels_dp import KC, LANES, PANEL, PF, RW, _fill, _fill1, _lanes, gemm_dp
 
 from numba import carray, njit, prange  # noqa: E402  (kernels_dp already needs numba)
 
@@ -43,26 +43,15 @@ def _emit(acc, out, bias, i, q, mm, nan16):
 @njit(nogil=True, cache=True)
 def _block16(w, xw, out, bias, acc, i0, kc, pf, nan16):
     """``kernels_dp._block`` writing bf16 bits: out u16 [M, N], bias u16 [N] or [0]."""
-    n, kh = w.shape
-    m = xw.shape[0]
-    nb = kh // LANES
-    tail = kh % LANES != 0
-    acc[:] = 0.0
+    n, m = w.shape[0], xw.shape[0]
     if i0 + RW <= n:
-        for c0 in range(0, nb, kc):
-            _chunk(w, xw, acc, i0, m, c0, min(c0 + kc, nb), False, pf)
-        if tail:
-            _chunk(w, xw, acc, i0, m, nb, nb + 1, True, 0)
+        _fill(w, xw, acc, i0, kc, pf)
         for r in range(RW):
             for mm in range(m):
                 _emit(acc, out, bias, i0 + r, r, mm, nan16)
     else:
         for i in range(i0, min(i0 + RW, n)):
-            acc[:] = 0.0
-            for c0 in range(0, nb, kc):
-                _chunk1(w, xw, acc, i, m, c0, min(c0 + kc, nb), False, pf)
-            if tail:
-                _chunk1(w, xw, acc, i, m, nb, nb + 1, True, 0)
+            _fill1(w, xw, acc, i, kc, pf)
             for mm in range(m):
                 _emit(acc, out, bias, i, 0, mm, nan16)
 
