@@ -351,8 +351,9 @@ def moe_forward(
     tok_sorted = order // k  # token index per sorted slot
     w_sorted = topk_weights.reshape(-1)[order]
     outs: list[torch.Tensor | None] = [None] * len(wanted)
-    # bf16: each expert's few rows go through the multi-row kernel where measured faster (``kernels_rows``):
-    # numba's team at torch's thread count for the whole loop, torch's own products keep its count
+    # bf16: numba's team at torch's thread count for the whole loop and the sum, torch's own products keep
+    # its count; the sum's index_add_ calls on torch's one thread (each adds a row at most once: the same
+    # bits), not a fork of torch's team right after numba's, whose spinning threads hold the cores
     with _kernels.single_row_scope(x.dtype is torch.bfloat16):
         for e, weights in source.fetch(layer, wanted, stack):
             i = slot_of[e]
@@ -363,7 +364,7 @@ def moe_forward(
             if after_open is not None:
                 after_open()
                 after_open = None
-    return sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
+        return sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
 
 
 # -- binding dense weights -------------------------------------------------------------------------
