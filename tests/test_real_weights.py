@@ -6,7 +6,7 @@ tests themselves stay offline. Without the wheel (or without the ``gguf`` packag
 
 - float32 greedy tokens of the runtime equal transformers' eager Mixtral on the same directory;
 - the archive gives bit-identical logits to the directory, with and without a memory budget;
-- the chat answer is the trained model's (it names Paris).
+- the chat answer is the trained model's (it names Paris), in float32 under a 30 % budget.
 """
 from __future__ import annotations
 
@@ -103,8 +103,13 @@ def test_archive_equals_directory_bit_for_bit(smol, budget):
 
 
 def test_chat_answer_is_the_trained_models(smol):
+    """In float32, whose tokens equal transformers' (above): the model's own answer. In bf16 this small
+    model's answer turns on last bits: every kernel the host may measure fastest (numba's GEMV, the
+    dot-product kernel, torch's) gives a valid bf16 result, and some of them answer "L'Étoile" (seen
+    with the dot-product kernel as the one-row choice, and with the multi-row kernel up to 4 rows), so a
+    bf16 answer would test the host's measured choice, not the runtime."""
     _, arc = smol
-    with load(arc, dtype="bfloat16", threads=2, memory_budget="30%") as lm:
+    with load(arc, dtype="float32", threads=2, memory_budget="30%") as lm:
         ids = lm.encode(QUESTION, chat=True)
         toks, _ = _greedy(lm.model, ids, 8)
         text = lm.tokenizer.decode(toks)
