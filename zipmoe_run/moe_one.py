@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import MissingWeightError
+from .moe_table import swiglu_table, table_ready
 
 __all__ = ["moe_one", "sum_outputs"]
 
@@ -27,6 +28,19 @@ def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_op
     tw = topk_weights.reshape(-1, 1)  # [K, 1]
     xe = x if x.is_contiguous() and x.data_ptr() % 64 == 0 else x[_TOKEN0]  # [1, H]
     outs: list[torch.Tensor | None] = [None] * len(wanted)
+    if getattr(expert_fn, "swiglu", False) and getattr(source, "keeps_fetched", False) and table_ready(x):
+        held = {}
+        for e, weights in source.fetch(layer, wanted, stack):  # every expert's tensors stay valid
+            held[e] = weights
+            if after_open is not None:
+                after_open()
+                after_open = None
+        ys = swiglu_table(xe, [held.get(e) for e in wanted], expert_fn.__self__.act, expert_fn)
+        for i, y in enumerate(ys):
+            if y is not None:
+                j = order[i]
+                outs[i] = (y * tw[j:j + 1]).to(x.dtype)  # [1, H]
+        return sum_outputs(x, outs, wanted, layer, lambda i: _TOKEN0)
     for e, weights in source.fetch(layer, wanted, stack):
         i = slot_of[e]
         j = order[i]
