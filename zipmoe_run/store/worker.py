@@ -5,7 +5,10 @@ task the thread
 
 1. **admits** it: reserves its read and decode buffers in ``Memory`` (reuse a pooled buffer,
    allocate, shrink the pool, demote the policy's victim through the ``TierTable``, or wait for the
-   consumer to hand buffers back; a speculative job never waits);
+   consumer to hand buffers back; a speculative job never waits). A preload waits for a read buffer
+   to come back to the pool (a decoded expert's, placed FULL) once ``READ_AHEAD`` of its tasks are in
+   flight, instead of mapping a fresh one whose pages are all faulted again: reads far ahead of the
+   decoders gain nothing, and the faults cost the CPU that start-up (``import torch``) shares with it;
 2. **reads** what its tier lacks from the ``ExpertBytes`` source in aligned pieces that end where
    chunks end (``read_pieces``), queued all at once to ``read_depth`` read threads (they sleep in the
    kernel and take the next piece as soon as one ends, so the device's queue stays full while this
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 EWMA = 0.25
 READ_PIECE = 2 << 20  # reads are issued in aligned pieces of at most this size; chunks are decoded as they complete
 MIN_PIECE = 256 << 10  # a piece ends where a chunk's bytes end, unless that would make it shorter than this
+READ_AHEAD = 2  # preload tasks in flight (reading or decoding) before admission waits for a read buffer to return
 
 
 def read_pieces(ends: list[int], length: int, piece: int | None = None, min_piece: int | None = None,
@@ -87,6 +91,7 @@ class IOWorker:
         self.memory, self.table, self.cost, self.stats = memory, table, cost, stats
         self.cond, self.prefetch, self.on_decoded = cond, prefetch, on_decoded
         self.closing = False
+        self.recycling = 0  # preload tasks admitted and not yet complete (their read buffers come back then)
         self.on_exit: Callable[[], None] | None = None  # runs on the thread after its last job (close)
         self._jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="zmoe-io", daemon=True)
@@ -138,6 +143,8 @@ class IOWorker:
                 else:
                     self.admit(job, task)
                 task.state = "admitted"
+                if job.preload:
+                    self.recycling += 1
         except Cancelled:
             return False
         except BaseException as exc:  # noqa: BLE001 - surfaces in the consumer, which cancels the job
@@ -298,6 +305,10 @@ class IOWorker:
                 job.inflight -= 1
                 job.ready.append(task)
                 job.cond.notify_all()
+            if job.preload:  # its read buffer is back in the pool (placed FULL) unless it failed
+                with self.cond:
+                    self.recycling -= 1
+                    self.cond.notify_all()
 
     # -- admission (under the store lock) ----------------------------------------------------------------
     def _exact_size(self, task: Task, need_r: int, need_d: int) -> bool:
@@ -341,6 +352,9 @@ class IOWorker:
             missing = (need_r if need_r and task.rbuf is None else 0) + (need_d if task.dbuf is None else 0)
             if missing == 0 and grow == 0:
                 break
+            if need_r and task.rbuf is None and job.preload and self.recycling >= READ_AHEAD:
+                self.cond.wait(timeout=0.02)  # a read buffer comes back to the pool as a decode completes
+                continue
             if mem.fits(missing + grow):
                 if need_r and task.rbuf is None:
                     task.rbuf = mem.alloc(need_r)
