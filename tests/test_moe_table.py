@@ -124,3 +124,58 @@ def test_a_missing_expert_is_still_named(monkeypatch):
     with pytest.raises(MissingWeightError, match=r"layer 5: .* experts \[2\]"):
         layers.moe_forward(torch.randn(1, H, generator=g).bfloat16(), torch.tensor([[0, 2]]),
                            torch.ones(1, 2).bfloat16(), Source(_experts(g, 4), drop=2), 5, None, Block()._expert)
+
+
+def _mlp(g, bias: bool):
+    from zipmoe_run.models._decoder import MLP
+
+    m = MLP(H, 40, "silu", bias=bias)
+    for p in (m.gate_proj, m.up_proj, m.down_proj):
+        p.weight = torch.nn.Parameter((torch.randn(p.weight.shape, generator=g) * 0.3).bfloat16(), requires_grad=False)
+        if bias:
+            p.bias = torch.nn.Parameter((torch.randn(p.weight.shape[0], generator=g)).bfloat16(), requires_grad=False)
+    return m
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dense_down", ["numba", "torch"])
+def test_a_shared_expert_joins_the_two_calls_with_its_own_bits(monkeypatch, bias, dense_down):
+    _choose(monkeypatch, "numba", "numba")
+    t = torch.get_num_threads()
+    monkeypatch.setitem(kernels.CHOICE, (40, H, t), "numba")
+    monkeypatch.setitem(kernels.CHOICE, (H, 40, t), dense_down)
+    g = torch.Generator().manual_seed(11 + bias)
+    experts, mlp = _experts(g, 6), _mlp(g, bias)
+    x = torch.randn(1, H, generator=g).bfloat16()
+    ids, w = torch.tensor([[5, 0, 3]]), torch.softmax(torch.randn(1, 3, generator=g), -1).bfloat16()
+    calls = _count_tables(monkeypatch)
+    out, shared = layers.moe_forward(x, ids, w, Source(experts), 1, None, Block()._expert, None, mlp)
+    assert calls == ([8, 4] if dense_down == "numba" else [8, 3])  # 3 experts' and the MLP's gates and ups
+    ref, ref_shared = _general(monkeypatch, x, ids, w, Source(experts), 1, None, Block()._expert, None, mlp)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(_bits(shared), _bits(ref_shared)) and torch.equal(_bits(shared), _bits(mlp(x)))
+
+
+def test_a_shared_expert_another_kernel_takes_runs_as_itself(monkeypatch):
+    _choose(monkeypatch, "numba", "numba")
+    monkeypatch.setitem(kernels.CHOICE, (40, H, torch.get_num_threads()), "torch")
+    g = torch.Generator().manual_seed(12)
+    experts, mlp = _experts(g, 4), _mlp(g, False)
+    x = torch.randn(1, H, generator=g).bfloat16()
+    ids, w = torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.5]]).bfloat16()
+    calls = _count_tables(monkeypatch)
+    out, shared = layers.moe_forward(x, ids, w, Source(experts), 0, None, Block()._expert, None, mlp)
+    assert calls == [4, 2]
+    assert torch.equal(_bits(shared), _bits(mlp(x)))
+    ref, _ = _general(monkeypatch, x, ids, w, Source(experts), 0, None, Block()._expert, None, mlp)
+    assert torch.equal(_bits(out), _bits(ref))
+
+
+def test_many_tokens_get_the_shared_expert_beside_the_routed_sum():
+    g = torch.Generator().manual_seed(13)
+    experts, mlp = _experts(g, 4), _mlp(g, False)
+    x = torch.randn(3, H, generator=g).bfloat16()
+    out, shared = layers.moe_forward(x, torch.tensor([[0, 1], [1, 2], [3, 0]]), torch.ones(3, 2).bfloat16(),
+                                     Source(experts), 0, None, Block()._expert, None, mlp)
+    assert out.shape == shared.shape == (3, H)
+    assert torch.equal(_bits(shared), _bits(mlp(x)))

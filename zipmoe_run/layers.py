@@ -327,19 +327,23 @@ def moe_forward(
     stack: str | None = None,
     expert_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] = swiglu_expert,
     after_open: Callable[[], None] | None = None,
-) -> torch.Tensor:
+    dense: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Routed-expert output for tokens x [N, H] with top-k choices topk_ids/topk_weights [N, K].
 
     Experts are fetched through ``source.fetch`` in whatever order it yields them; outputs are
     summed per token in ascending expert id, so the result never depends on fetch order (and
     matches transformers' eager loop, which visits experts in that order). ``after_open`` runs once
     the fetch has started (after the first expert), e.g. to prefetch the next layer behind it.
+    ``dense`` (a gated MLP of x: a shared expert) is computed first, while the source reads, and
+    returned beside the routed sum: (routed, dense(x)); one token may run it with the experts.
     """
     n, _ = x.shape
     if n == 1:
-        out = moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open)
+        out = moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open, dense)
         if out is not None:
             return out
+    dense_out = dense(x) if dense is not None else None  # [N, H]
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slots grouped by ascending expert id
     ids_sorted = flat[order]
@@ -364,7 +368,8 @@ def moe_forward(
             if after_open is not None:
                 after_open()
                 after_open = None
-        return sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
+        out = sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
+    return out if dense is None else (out, dense_out)
 
 
 # -- binding dense weights -------------------------------------------------------------------------

@@ -40,31 +40,59 @@ def _numba(x: torch.Tensor, w: torch.Tensor) -> bool:
     return w.is_cpu and w.shape[-1] == x.shape[-1] and K._one_row_kernel(x, w) == "numba"
 
 
-def swiglu_table(x: torch.Tensor, experts: list[dict | None], act: Callable,
-                 expert_fn: Callable) -> list[torch.Tensor | None]:
+def _dense_parts(mlp, x: torch.Tensor):
+    """((gate, up, down) as (weight, bias) pairs, act) of a gated MLP (``models._decoder.MLP``) whose gate and up the
+    numba GEMV takes for x here (as ``linear_many`` would), else None: ``mlp(x)`` runs as before."""
+    from . import layers as _L
+    from .kernels_addr import takes_bias
+    from .models._decoder import MLP
+
+    projs = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if type(mlp).forward is not MLP.forward or not all(type(p).forward is _L.Linear.forward for p in projs):
+        return None
+    if not all(_numba(x, p.weight) and takes_bias(p.bias, p.weight.shape[0]) for p in projs[:2]):
+        return None
+    return [(p.weight, p.bias) for p in projs], mlp.act
+
+
+def swiglu_table(x: torch.Tensor, experts: list[dict | None], act: Callable, expert_fn: Callable,
+                 dense=None, x_dense: torch.Tensor | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
     """``[expert_fn(x, w) for w in experts]`` (None where an expert is None) for one bf16 row x [1, H], each
-    the bits ``swiglu_expert(x, w, act)`` gives; experts whose gate and up the numba GEMV does not take
-    here (another kernel chosen, another layout or dtype) go through ``expert_fn`` itself."""
+    the bits ``swiglu_expert(x, w, act)`` gives, and ``dense(x_dense)`` (None without ``dense``): a gated MLP
+    run in the same calls (x_dense holds x's values; the kernel reads values, not the layout). Experts
+    whose gate and up the numba GEMV does not take here (another kernel chosen, another layout or dtype)
+    go through ``expert_fn`` itself, a dense MLP it does not take through ``dense``."""
     from . import layers as _L  # (layers imports moe_one, which imports this module)
+    from .kernels_addr import takes_bias
     from .kernels_table import gemv_table
 
     ys: list[torch.Tensor | None] = [None] * len(experts)
-    parts = {}
+    parts = {}  # slot -> ((gate, None), (up, None), (down, None)), act; slot -1: the dense MLP
     for i, w in enumerate(experts):
         p = _gated(w, _L._GATE_UP_DOWN)
         if p is not None and _numba(x, p[0]) and _numba(x, p[1]):
-            parts[i] = p
+            parts[i] = [(m, None) for m in p], act
         elif w is not None:
             ys[i] = expert_fn(x, w)
+    dense_out = None
+    if dense is not None:
+        dp = _dense_parts(dense, x)
+        if dp is None:
+            dense_out = dense(x if x_dense is None else x_dense)
+        else:
+            parts[-1] = dp
     if not parts:
-        return ys
-    gu = gemv_table([(x, m, None) for p in parts.values() for m in p[:2]], K._NAN16)  # [1, I] each
-    hs = {i: _L.rowwise(act, gu[2 * n]) * gu[2 * n + 1] for n, i in enumerate(parts)}  # [1, I]
-    table = [i for i in parts if _numba(hs[i], parts[i][2])]
+        return ys, dense_out
+    gu = gemv_table([(x, w, b) for p, _ in parts.values() for w, b in p[:2]], K._NAN16)  # [1, I] each
+    hs = {i: _L.rowwise(a, gu[2 * n]) * gu[2 * n + 1] for n, (i, (_, a)) in enumerate(parts.items())}  # [1, I]
+    res = {}
+    table = [i for i, (p, _) in parts.items() if _numba(hs[i], p[2][0]) and takes_bias(p[2][1], p[2][0].shape[0])]
     if table:
-        for i, y in zip(table, gemv_table([(hs[i], parts[i][2], None) for i in table], K._NAN16)):
-            ys[i] = y  # [1, H]
-    for i in parts:
-        if ys[i] is None:
-            ys[i] = _L.linear(hs[i], parts[i][2])  # the kernel chosen for the down projection
-    return ys
+        res = dict(zip(table, gemv_table([(hs[i], *parts[i][0][2]) for i in table], K._NAN16)))  # [1, H]
+    for i, (p, _) in parts.items():
+        if i not in res:
+            res[i] = _L.linear(hs[i], *p[2])  # the kernel chosen for the down projection
+    for i, y in res.items():
+        if i >= 0:
+            ys[i] = y
+    return ys, res.get(-1, dense_out)
