@@ -113,11 +113,12 @@ def test_corrupt_cache_is_measured_again(tmp_path):
         assert json.loads(f.read_text())["rates"]["64x128@2:numba"] == 9e9  # rewritten whole
 
 
-@pytest.mark.parametrize("old_format", [1, 2])
+@pytest.mark.parametrize("old_format", [1, 2, 3])
 def test_rates_measured_for_an_older_gemv_are_measured_again(tmp_path, old_format):
     """Cache format 1 holds rates of the GEMV that read its input as two float32 vectors (slower at
     large K than the bf16-pair input of format 2), format 2 of the one called through numpy views
-    (about 10 us more per call than the by-address call of format 3): such entries are not reused."""
+    (about 10 us more per call than the by-address call of format 3), format 3 rates timed over a span
+    no larger than the cache (flattered; format 4 spans twice the largest cache): not reused."""
     ks.choose(SHAPES, 2, measure_fn=FakeMeasure(), calibrator=_cal(tmp_path))
     (f,) = (tmp_path / "hosts").glob("kernels-*.json")
     old = json.loads(f.read_text())
@@ -127,7 +128,7 @@ def test_rates_measured_for_an_older_gemv_are_measured_again(tmp_path, old_forma
     fake = FakeMeasure()
     rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
     assert len(fake.calls) == 1 and rep["measured_shapes"] == 3
-    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 3
+    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 4
 
 
 @pytest.mark.parametrize("forced", ["numba", "torch"])
@@ -175,7 +176,7 @@ def test_real_measurement_returns_a_rate_per_kernel_and_shape():
     for (n, k), per in got.items():
         assert set(per) == {"numba", "torch"}
         # every timed pass is 1 ms on the fake clock, divided over the shape's distinct matrices
-        m = max(2, min(ks.MAX_MATS, -(-ks.SPAN_BYTES // (n * k * 2)) + 1))
+        m = max(2, min(ks.MAX_MATS, -(-ks.span_bytes() // (n * k * 2)) + 1))
         assert per["numba"] == pytest.approx(n * k * 2 * m / 1e-3)
         assert per["torch"] == pytest.approx(n * k * 2 * m / 1e-3)
 
@@ -298,3 +299,20 @@ def test_forced_dp_kernel(tmp_path, monkeypatch, dp_here):
     rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
     assert fake.calls == [] and rep["mode"] == "dp"
     assert {v["kernel"] for v in rep["shapes"].values()} == {"dp" if dp_here else "numba"}
+
+
+def test_the_timing_span_is_at_least_twice_the_largest_cache(tmp_path, monkeypatch):
+    from zipmoe_run import hostinfo
+
+    for i, (kind, size) in enumerate([("Data", "48K"), ("Instruction", "32K"), ("Unified", "2048K"),
+                                      ("Unified", "96M")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "type").write_text(kind + "\n")
+        (d / "size").write_text(size + "\n")
+    assert hostinfo.largest_cache_bytes(str(tmp_path)) == 96 << 20
+    assert hostinfo.largest_cache_bytes(str(tmp_path / "absent")) == 0
+    monkeypatch.setattr(hostinfo, "largest_cache_bytes", lambda: 96 << 20)
+    assert ks.span_bytes() == 2 * (96 << 20)
+    monkeypatch.setattr(hostinfo, "largest_cache_bytes", lambda: 0)
+    assert ks.span_bytes() == ks.SPAN_BYTES

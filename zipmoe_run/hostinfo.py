@@ -10,7 +10,7 @@ import functools
 import os
 import platform
 
-__all__ = ["ISA_FLAGS", "host_info", "host_line", "usable_cores"]
+__all__ = ["ISA_FLAGS", "host_info", "host_line", "usable_cores", "largest_cache_bytes"]
 
 #: flags reported (x86 /proc/cpuinfo ``flags``, Arm ``Features``), in this order, when present
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
@@ -36,6 +36,39 @@ def _cpuinfo(text: str) -> tuple[str, list[str]]:
         elif k in ("flags", "features"):
             flags.update(v.split())
     return model, [f for f in ISA_FLAGS if f in flags]
+
+
+def _size(text: str) -> int:
+    """A sysfs cache size ("32768K", "1M", "512") in bytes; 0 where it cannot be read."""
+    t = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if mult != 1 else t) * mult
+    except ValueError:
+        return 0
+
+
+@functools.lru_cache(maxsize=4)
+def largest_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The size of the largest data or unified CPU cache (Linux sysfs); 0 where it cannot be read."""
+    best = 0
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return 0
+    for name in entries:
+        if not name.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(root, name, "type"), encoding="ascii") as f:
+                kind = f.read().strip()
+            with open(os.path.join(root, name, "size"), encoding="ascii") as f:
+                size = _size(f.read())
+        except OSError:
+            continue
+        if kind in ("Data", "Unified"):
+            best = max(best, size)
+    return best
 
 
 def _page_size() -> int | None:

@@ -6,8 +6,8 @@ on an AVX2-only EPYC). So the first time a host is seen, each available kernel (
 GEMV, ``torch.nn.functional.linear`` and, where the CPU has AVX-512 BF16, the dot-product kernel of
 ``kernels_dp`` by way of ``kernels_dp1``) is timed on the model's own shapes (out, in) at the run's
 thread count, under the same thread arrangement as a decode step (``kernels.single_row_scope``): a few
-distinct synthetic matrices per shape spread over at least ``SPAN_BYTES`` so caches do not flatter,
-the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached, with
+distinct synthetic matrices per shape spread over at least ``span_bytes()`` (twice the largest cache)
+so caches do not flatter, the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached, with
 one bias: another kernel must beat the numba GEMV by ``MARGIN`` to be chosen, because the GEMV's
 summation order is the same on every instruction set (torch's is not) and because near-ties would
 otherwise flip between two fresh measurements of the same host.
@@ -45,19 +45,22 @@ import torch
 
 from . import kernels as K
 
-__all__ = ["ENV", "KERNELS", "mode", "available", "measure", "choose", "kernel_for", "model_shapes", "report",
+__all__ = ["ENV", "KERNELS", "mode", "available", "span_bytes", "measure", "choose", "kernel_for", "model_shapes", "report",
            "line", "reset"]
 
 log = logging.getLogger(__name__)
 
 ENV = "ZIPMOE_KERNEL"
 KERNELS = ("numba", "torch", "dp")  # in order of preference on a tie; dp only where kernels_dp.available()
-SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory
-MAX_MATS = 16
+SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least this much memory,
+LLC_TIMES = 2  # and over at least this many times the largest cache (span_bytes): a decode step streams
+# its weights from memory, so must the timing (a 32 MiB span on a 32 MiB L3 measured 40-55 GB/s for what
+# ran at 25-35 in a step)
+MAX_MATS = 32
 REPS = 5
-CACHE_FORMAT = 3  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
+CACHE_FORMAT = 4  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
 # numba GEMV reads its input as bf16 pairs (faster at large K); 3: it is called by address and rounds to
-# bf16 itself (about 10 us less per call), so rates measured before are stale
+# bf16 itself (about 10 us less per call), so rates measured before are stale; 4: spans beyond the cache
 MARGIN = 1.10  # another kernel must be this much faster than the first of KERNELS to be chosen
 
 _lock = threading.RLock()
@@ -98,12 +101,21 @@ def _pool(elems: int) -> torch.Tensor:
     return torch.from_numpy(np.resize(block, elems).view(np.int16)).view(torch.bfloat16)
 
 
+def span_bytes() -> int:
+    """Memory the distinct matrices of one shape are spread over: ``SPAN_BYTES``, or ``LLC_TIMES`` the
+    host's largest cache where that is more (``hostinfo.largest_cache_bytes``)."""
+    from .hostinfo import largest_cache_bytes
+
+    return max(SPAN_BYTES, LLC_TIMES * largest_cache_bytes())
+
+
 def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
     """``{(out, in): {kernel: bytes/s}}`` of each kernel on each shape at ``threads`` threads."""
     shapes = sorted(set(shapes))
     if not shapes:
         return {}
-    elems = max(n * k for n, k in shapes) + SPAN_BYTES // 2
+    span = span_bytes()
+    elems = max(n * k for n, k in shapes) + span // 2
     pool = _pool(elems)
     x_all = _pool(max(k for _, k in shapes) + 64)
     saved = torch.get_num_threads()
@@ -113,7 +125,7 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
         with K.single_row_scope(True):
             for n, k in shapes:
                 nbytes = n * k * 2
-                m = max(2, min(MAX_MATS, math.ceil(SPAN_BYTES / nbytes) + 1))
+                m = max(2, min(MAX_MATS, math.ceil(span / nbytes) + 1))
                 step = (elems - n * k) // (m - 1) // 64 * 64  # elements; even offsets for the int32 view
                 mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
                 x = x_all[:k].view(1, k)  # [1, K]

@@ -98,7 +98,8 @@ def measure_rows(shapes, threads: int, kernels=None, timer=time.perf_counter) ->
     kernels = list(kernels or _candidates())
     if not shapes:
         return {}
-    elems = max(n * k for n, k in shapes) + ks.SPAN_BYTES // 2
+    span = ks.span_bytes()
+    elems = max(n * k for n, k in shapes) + span // 2
     pool = ks._pool(elems)
     xs = ks._pool(max(k for _, k in shapes) * ROW_COUNTS[-1] + 64)
     saved = torch.get_num_threads()
@@ -107,7 +108,7 @@ def measure_rows(shapes, threads: int, kernels=None, timer=time.perf_counter) ->
     try:
         for n, k in shapes:
             nbytes = n * k * 2
-            m = max(2, min(ks.MAX_MATS, math.ceil(ks.SPAN_BYTES / nbytes) + 1))
+            m = max(2, min(ks.MAX_MATS, math.ceil(span / nbytes) + 1))
             step = (elems - n * k) // (m - 1) // 64 * 64
             mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
             best: dict = {rows: {} for rows in ROW_COUNTS}  # fastest pass, seconds per product
