@@ -179,3 +179,24 @@ def test_many_tokens_get_the_shared_expert_beside_the_routed_sum():
                                      Source(experts), 0, None, Block()._expert, None, mlp)
     assert out.shape == shared.shape == (3, H)
     assert torch.equal(_bits(shared), _bits(mlp(x)))
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_a_prefills_one_token_experts_take_two_table_calls(monkeypatch, keeps):
+    """Many tokens: the experts that got exactly one token run as table calls (one row each, their own
+    input), the others as before; every output has the bits of the path without tables."""
+    _choose(monkeypatch, "numba", "numba")
+    g = torch.Generator().manual_seed(14)
+    experts = _experts(g, 8)
+    x = torch.randn(4, H, generator=g).bfloat16()
+    ids = torch.tensor([[0, 5], [5, 2], [7, 5], [2, 3]])  # one token: experts 0, 7 and 3; several: 5 and 2
+    w = torch.softmax(torch.randn(4, 2, generator=g), -1).bfloat16()
+    calls = _count_tables(monkeypatch)
+    src, opened = Source(experts, keeps=keeps), []
+    out = layers.moe_forward(x, ids, w, src, 4, None, Block()._expert, lambda: opened.append(1))
+    assert calls == ([6, 3] if keeps else [])
+    assert src.asked == [(4, [0, 2, 3, 5, 7], None)] and opened == [1]
+    with monkeypatch.context() as m:
+        m.setattr(layers, "one_token_outputs", lambda *a: None)
+        ref = layers.moe_forward(x, ids, w, Source(experts), 4, None, Block()._expert)
+    assert torch.equal(_bits(out), _bits(ref))

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; torch only with
     def linear_many(x, prods):
         return [linear(x, w, b) for w, b in prods]
 from .moe_one import moe_one, sum_outputs
+from .moe_table import one_token_outputs
 
 if TYPE_CHECKING:
     from .source import WeightSource
@@ -359,13 +360,14 @@ def moe_forward(
     # its count; the sum's index_add_ calls on torch's one thread (each adds a row at most once: the same
     # bits), not a fork of torch's team right after numba's, whose spinning threads hold the cores
     with _kernels.single_row_scope(x.dtype is torch.bfloat16):
-        for e, weights in source.fetch(layer, wanted, stack):
+        table = one_token_outputs(x, wanted, bounds, tok_sorted, source, layer, stack, expert_fn, after_open)
+        fetched = source.fetch(layer, wanted, stack) if table is None else table["held"].items()
+        for e, weights in fetched:  # the experts of one token from two table calls (held: all valid)
             i = slot_of[e]
             lo, hi = bounds[i], bounds[i + 1]
-            tok = tok_sorted[lo:hi]
-            y = expert_fn(x[tok], weights) * w_sorted[lo:hi, None]  # [M_e, H]
-            outs[i] = y.to(x.dtype)
-            if after_open is not None:
+            y = table["ones"][i] if table is not None and i in table["ones"] else expert_fn(x[tok_sorted[lo:hi]], weights)
+            outs[i] = (y * w_sorted[lo:hi, None]).to(x.dtype)  # [M_e, H]
+            if after_open is not None and table is None:
                 after_open()
                 after_open = None
         out = sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])

@@ -16,7 +16,7 @@ import torch
 
 from . import kernels as K
 
-__all__ = ["table_ready", "swiglu_table"]
+__all__ = ["table_ready", "swiglu_table", "one_token_outputs"]
 
 
 def table_ready(x: torch.Tensor) -> bool:
@@ -55,35 +55,38 @@ def _dense_parts(mlp, x: torch.Tensor):
     return [(p.weight, p.bias) for p in projs], mlp.act
 
 
-def swiglu_table(x: torch.Tensor, experts: list[dict | None], act: Callable, expert_fn: Callable,
-                 dense=None, x_dense: torch.Tensor | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-    """``[expert_fn(x, w) for w in experts]`` (None where an expert is None) for one bf16 row x [1, H], each
-    the bits ``swiglu_expert(x, w, act)`` gives, and ``dense(x_dense)`` (None without ``dense``): a gated MLP
-    run in the same calls (x_dense holds x's values; the kernel reads values, not the layout). Experts
-    whose gate and up the numba GEMV does not take here (another kernel chosen, another layout or dtype)
-    go through ``expert_fn`` itself, a dense MLP it does not take through ``dense``."""
+def swiglu_table(xs: torch.Tensor | list[torch.Tensor], experts: list[dict | None], act: Callable,
+                 expert_fn: Callable, dense=None, x_dense: torch.Tensor | None = None
+                 ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """``[expert_fn(x_i, w) for w in experts]`` (None where an expert is None), x_i = xs (one bf16 row [1, H]
+    for every expert) or xs[i] (one row per expert), each the bits ``swiglu_expert(x_i, w, act)`` gives,
+    and ``dense(x_dense)`` (None without ``dense``; xs must then be one row): a gated MLP run in the same
+    calls (x_dense holds xs's values; the kernel reads values, not the layout). Experts whose gate and up
+    the numba GEMV does not take here (another kernel chosen, another layout or dtype) go through
+    ``expert_fn`` itself, a dense MLP it does not take through ``dense``."""
     from . import layers as _L  # (layers imports moe_one, which imports this module)
     from .kernels_addr import takes_bias
     from .kernels_table import gemv_table
 
     ys: list[torch.Tensor | None] = [None] * len(experts)
+    row = (lambda i: xs[i]) if isinstance(xs, list) else (lambda i: xs)
     parts = {}  # slot -> ((gate, None), (up, None), (down, None)), act; slot -1: the dense MLP
     for i, w in enumerate(experts):
         p = _gated(w, _L._GATE_UP_DOWN)
-        if p is not None and _numba(x, p[0]) and _numba(x, p[1]):
+        if p is not None and _numba(row(i), p[0]) and _numba(row(i), p[1]):
             parts[i] = [(m, None) for m in p], act
         elif w is not None:
-            ys[i] = expert_fn(x, w)
+            ys[i] = expert_fn(row(i), w)
     dense_out = None
     if dense is not None:
-        dp = _dense_parts(dense, x)
+        dp = _dense_parts(dense, xs)
         if dp is None:
-            dense_out = dense(x if x_dense is None else x_dense)
+            dense_out = dense(xs if x_dense is None else x_dense)
         else:
             parts[-1] = dp
     if not parts:
         return ys, dense_out
-    gu = gemv_table([(x, w, b) for p, _ in parts.values() for w, b in p[:2]], K._NAN16)  # [1, I] each
+    gu = gemv_table([(row(i), w, b) for i, (p, _) in parts.items() for w, b in p[:2]], K._NAN16)  # [1, I] each
     hs = {i: _L.rowwise(a, gu[2 * n]) * gu[2 * n + 1] for n, (i, (_, a)) in enumerate(parts.items())}  # [1, I]
     res = {}
     table = [i for i, (p, _) in parts.items() if _numba(hs[i], p[2][0]) and takes_bias(p[2][1], p[2][0].shape[0])]
@@ -96,3 +99,24 @@ def swiglu_table(x: torch.Tensor, experts: list[dict | None], act: Callable, exp
         if i >= 0:
             ys[i] = y
     return ys, res.get(-1, dense_out)
+
+
+def one_token_outputs(x: torch.Tensor, wanted: list[int], bounds: list[int], tok_sorted: torch.Tensor,
+                      source, layer: int, stack, expert_fn: Callable, after_open) -> dict | None:
+    """A prefill's (or any grouped call's) experts that got one token, in two table calls: {slot: output
+    [1, H]} after fetching every wanted expert ({slot: None} for the others, their weights in ``held``);
+    None where the table does not apply (the caller fetches and computes as before). Each output is the
+    bits ``expert_fn(x[tok], w)`` gives."""
+    if not (getattr(expert_fn, "swiglu", False) and getattr(source, "keeps_fetched", False)
+            and table_ready(x[:1])):
+        return None
+    held = {}
+    for e, weights in source.fetch(layer, wanted, stack):  # every expert's tensors stay valid
+        held[e] = weights
+        if after_open is not None:
+            after_open()
+            after_open = None
+    ones = [i for i in range(len(wanted)) if bounds[i + 1] - bounds[i] == 1 and wanted[i] in held]
+    ys, _ = swiglu_table([x[tok_sorted[bounds[i]:bounds[i] + 1]] for i in ones], [held[wanted[i]] for i in ones],
+                         expert_fn.__self__.act, expert_fn)
+    return {"held": held, "ones": dict(zip(ones, ys))}
