@@ -16,6 +16,7 @@ depends on an interpreter's reference counts.
 """
 from __future__ import annotations
 
+import bisect
 import mmap
 import threading
 import weakref
@@ -148,6 +149,15 @@ class BufferPool:
         if best is not None:
             self._free.remove(best)
         return best
+
+    def size_for(self, n: int, sizes: list[int]) -> int:
+        """The size to map a new buffer for ``n`` bytes at: the largest of ``sizes`` (sorted, the sizes
+        requests come in) that ``take(n)`` would hand out, so that once pooled it serves the requests of
+        about its size, not only those no bigger than ``n``: a store's read buffers differ by a few pages,
+        and a fetch that found only smaller ones pooled mapped and faulted a fresh one."""
+        n = ceil_to(n, self.page)
+        i = bisect.bisect_right(sizes, n + max(self.page, int(n * self.slack))) - 1
+        return max(n, ceil_to(sizes[i], self.page)) if i >= 0 else n
 
     def pop_any(self) -> Buffer | None:
         """The largest free buffer (to give its memory back), or None."""

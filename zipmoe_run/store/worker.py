@@ -92,6 +92,7 @@ class IOWorker:
         self.cond, self.prefetch, self.on_decoded = cond, prefetch, on_decoded
         self.closing = False
         self.recycling = 0  # preload tasks admitted and not yet complete (their read buffers come back then)
+        self._read_sizes = sorted({i.comp_bytes for i in table.infos.values()})  # what cold tasks read
         self.on_exit: Callable[[], None] | None = None  # runs on the thread after its last job (close)
         self._jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="zmoe-io", daemon=True)
@@ -356,8 +357,9 @@ class IOWorker:
                 self.cond.wait(timeout=0.02)  # a read buffer comes back to the pool as a decode completes
                 continue
             if mem.fits(missing + grow):
-                if need_r and task.rbuf is None:
-                    task.rbuf = mem.alloc(need_r)
+                if need_r and task.rbuf is None:  # mapped at its size class where that fits too
+                    r = mem.pool.size_for(need_r, self._read_sizes)
+                    task.rbuf = mem.alloc(r if mem.fits(missing + grow + r - need_r) else need_r)
                 if task.dbuf is None:
                     task.dbuf = mem.alloc(need_d)
                 if grow:
