@@ -113,12 +113,13 @@ def test_corrupt_cache_is_measured_again(tmp_path):
         assert json.loads(f.read_text())["rates"]["64x128@2:numba"] == 9e9  # rewritten whole
 
 
-@pytest.mark.parametrize("old_format", [1, 2, 3])
+@pytest.mark.parametrize("old_format", [1, 2, 3, 4])
 def test_rates_measured_for_an_older_gemv_are_measured_again(tmp_path, old_format):
     """Cache format 1 holds rates of the GEMV that read its input as two float32 vectors (slower at
     large K than the bf16-pair input of format 2), format 2 of the one called through numpy views
     (about 10 us more per call than the by-address call of format 3), format 3 rates timed over a span
-    no larger than the cache (flattered; format 4 spans twice the largest cache): not reused."""
+    no larger than the cache (flattered; format 4 spans twice the largest cache), format 4 medians of one
+    kernel's passes in a row (a busy spell decided the choice; format 5 alternates): not reused."""
     ks.choose(SHAPES, 2, measure_fn=FakeMeasure(), calibrator=_cal(tmp_path))
     (f,) = (tmp_path / "hosts").glob("kernels-*.json")
     old = json.loads(f.read_text())
@@ -128,7 +129,7 @@ def test_rates_measured_for_an_older_gemv_are_measured_again(tmp_path, old_forma
     fake = FakeMeasure()
     rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
     assert len(fake.calls) == 1 and rep["measured_shapes"] == 3
-    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 4
+    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 5
 
 
 @pytest.mark.parametrize("forced", ["numba", "torch"])
@@ -316,3 +317,21 @@ def test_the_timing_span_is_at_least_twice_the_largest_cache(tmp_path, monkeypat
     assert ks.span_bytes() == 2 * (96 << 20)
     monkeypatch.setattr(hostinfo, "largest_cache_bytes", lambda: 0)
     assert ks.span_bytes() == ks.SPAN_BYTES
+
+
+def test_a_busy_spell_does_not_decide_the_choice():
+    """The kernels alternate pass by pass and keep their fastest pass: a busy spell over the first five
+    passes (all of one kernel's, were they timed one kernel after the other) leaves both at 1 ms."""
+    state = {"calls": 0, "now": 0.0}
+
+    def timer():
+        i = state["calls"]
+        state["calls"] += 1
+        if i % 2:  # the end of pass i // 2
+            state["now"] += 10e-3 if i // 2 < 5 else 1e-3
+        return state["now"]
+
+    got = ks.measure([(16, 64)], 1, ["numba", "torch"], timer=timer)[(16, 64)]
+    assert got["numba"] == pytest.approx(got["torch"])
+    m = max(2, min(ks.MAX_MATS, -(-ks.span_bytes() // (16 * 64 * 2)) + 1))
+    assert got["numba"] == pytest.approx(16 * 64 * 2 * m / 1e-3)

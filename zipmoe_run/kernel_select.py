@@ -7,7 +7,10 @@ GEMV, ``torch.nn.functional.linear`` and, where the CPU has AVX-512 BF16, the do
 ``kernels_dp`` by way of ``kernels_dp1``) is timed on the model's own shapes (out, in) at the run's
 thread count, under the same thread arrangement as a decode step (``kernels.single_row_scope``): a few
 distinct synthetic matrices per shape spread over at least ``span_bytes()`` (twice the largest cache)
-so caches do not flatter, the median of ``REPS`` passes after one warm-up call. The fastest per shape is used and cached, with
+so caches do not flatter, after one warm-up call each; the kernels alternate pass by pass and each keeps
+its fastest of ``REPS`` passes (a busy spell of the host spoils a pass of every kernel, not every pass of
+one: a first measurement on a loaded host once cached 3-13 GB/s for kernels that stream 30-50, and
+choices that followed the load). The fastest per shape is used and cached, with
 one bias: another kernel must beat the numba GEMV by ``MARGIN`` to be chosen, because the GEMV's
 summation order is the same on every instruction set (torch's is not) and because near-ties would
 otherwise flip between two fresh measurements of the same host.
@@ -36,7 +39,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import statistics
 import threading
 import time
 
@@ -58,9 +60,10 @@ LLC_TIMES = 2  # and over at least this many times the largest cache (span_bytes
 # ran at 25-35 in a step)
 MAX_MATS = 32
 REPS = 5
-CACHE_FORMAT = 4  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
+CACHE_FORMAT = 5  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
 # numba GEMV reads its input as bf16 pairs (faster at large K); 3: it is called by address and rounds to
-# bf16 itself (about 10 us less per call), so rates measured before are stale; 4: spans beyond the cache
+# bf16 itself (about 10 us less per call), so rates measured before are stale; 4: spans beyond the cache;
+# 5: kernels alternate pass by pass, each keeping its fastest (format 4 files were medians of one kernel's passes)
 MARGIN = 1.10  # another kernel must be this much faster than the first of KERNELS to be chosen
 
 _lock = threading.RLock()
@@ -129,17 +132,17 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
                 step = (elems - n * k) // (m - 1) // 64 * 64  # elements; even offsets for the int32 view
                 mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
                 x = x_all[:k].view(1, k)  # [1, K]
-                out[(n, k)] = {}
                 for kern in kernels:
                     K.run_kernel(kern, x, mats[0])  # warm-up
-                    times = []
-                    for _ in range(REPS):
+                best: dict[str, float] = {}
+                for _ in range(REPS):  # the kernels alternate pass by pass; each keeps its fastest pass
+                    for kern in kernels:
                         t0 = timer()
                         for w in mats:
                             K.run_kernel(kern, x, w)
-                        times.append((timer() - t0) / m)
-                    dt = statistics.median(times)
-                    out[(n, k)][kern] = nbytes / dt if dt > 0 else float("inf")
+                        dt = (timer() - t0) / m
+                        best[kern] = min(dt, best.get(kern, dt))
+                out[(n, k)] = {kern: nbytes / dt if dt > 0 else float("inf") for kern, dt in best.items()}
     finally:
         torch.set_num_threads(saved)
     return out
