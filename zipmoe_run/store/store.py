@@ -158,7 +158,13 @@ class ExpertStore:
         (FULL) experts come first; the rest in decode-completion order. With a budget a yielded dict
         is emptied when the caller asks for the next expert; without one it stays valid.
         """
-        job = self._open(self._keys(layer, experts, stack))
+        keys = self._keys(layer, experts, stack)
+        held = self._all_full(keys)
+        if held is not None:  # no budget, every one decoded, nothing in flight: the dicts themselves
+            for key, weights in zip(keys, held):
+                yield key[2], weights
+            return
+        job = self._open(keys)
         try:
             while job.pinned:  # 1. resident experts, at once
                 key, ent = job.pinned[0]
@@ -178,6 +184,25 @@ class ExpertStore:
         finally:
             self._unlend(job)
             self._finish(job)
+
+    def _all_full(self, keys: list[tuple]) -> list | None:
+        """The weights of every key when the store has no budget (nothing is ever evicted, so nothing
+        needs a pin), all of them are FULL and no fetch, prefetch or held set is open; counted as the
+        hits they are (the policy's scores only order evictions, which never happen here). Else None."""
+        if not self.persistent:
+            return None
+        with self.cond:
+            pf = self.prefetcher
+            if self._closed or self._active is not None or pf.jobs or pf.held or pf.predicted:
+                return None
+            ents = [self.table.entries.get(k) for k in keys]
+            if not all(e is not None and e.tier == Tier.FULL for e in ents):
+                return None
+            self.table.now += 1
+            self.counters.add("fetch_calls")
+            self.counters.add("requests", len(keys))
+            self.counters.add("hits_full", len(keys))
+            return [e.weights for e in ents]
 
     def _keys(self, layer: int, experts: Sequence[int], stack: str | None) -> list[tuple]:
         """Distinct keys in request order (a batch's union may name an expert more than once)."""
