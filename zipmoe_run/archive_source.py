@@ -249,12 +249,6 @@ class ArchiveSource:
         return _as_tensor(self._dense_map, t.dtype, t.shape, off, t.nbytes)
 
     # -- experts --------------------------------------------------------------------------------
-    @property
-    def keeps_fetched(self) -> bool:
-        """Whether a fetched expert's tensors stay valid after the fetch moves on (no budget: every expert
-        stays decoded), so a caller may hold all of a layer's experts at once (``moe_one``)."""
-        return self.store.persistent
-
     def fetch(self, layer: int, experts: Sequence[int], stack: str | None = None
               ) -> Iterator[tuple[int, dict[str, "torch.Tensor"]]]:
         """Resident experts first, then the missing ones as they are read and decoded (see the store).

@@ -25,7 +25,6 @@ except ImportError:  # pragma: no cover - numba is a dependency; torch only with
     def linear_many(x, prods):
         return [linear(x, w, b) for w, b in prods]
 from .moe_one import moe_one, sum_outputs
-from .moe_table import one_token_outputs
 
 if TYPE_CHECKING:
     from .source import WeightSource
@@ -328,23 +327,19 @@ def moe_forward(
     stack: str | None = None,
     expert_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] = swiglu_expert,
     after_open: Callable[[], None] | None = None,
-    dense: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Routed-expert output for tokens x [N, H] with top-k choices topk_ids/topk_weights [N, K].
 
     Experts are fetched through ``source.fetch`` in whatever order it yields them; outputs are
     summed per token in ascending expert id, so the result never depends on fetch order (and
     matches transformers' eager loop, which visits experts in that order). ``after_open`` runs once
     the fetch has started (after the first expert), e.g. to prefetch the next layer behind it.
-    ``dense`` (a gated MLP of x: a shared expert) is computed first, while the source reads, and
-    returned beside the routed sum: (routed, dense(x)); one token may run it with the experts.
     """
     n, _ = x.shape
     if n == 1:
-        out = moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open, dense)
+        out = moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open)
         if out is not None:
             return out
-    dense_out = dense(x) if dense is not None else None  # [N, H]
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slots grouped by ascending expert id
     ids_sorted = flat[order]
@@ -360,18 +355,16 @@ def moe_forward(
     # its count; the sum's index_add_ calls on torch's one thread (each adds a row at most once: the same
     # bits), not a fork of torch's team right after numba's, whose spinning threads hold the cores
     with _kernels.single_row_scope(x.dtype is torch.bfloat16):
-        table = one_token_outputs(x, wanted, bounds, tok_sorted, source, layer, stack, expert_fn, after_open)
-        fetched = source.fetch(layer, wanted, stack) if table is None else table["held"].items()
-        for e, weights in fetched:  # the experts of one token from two table calls (held: all valid)
+        for e, weights in source.fetch(layer, wanted, stack):
             i = slot_of[e]
             lo, hi = bounds[i], bounds[i + 1]
-            y = table["ones"][i] if table is not None and i in table["ones"] else expert_fn(x[tok_sorted[lo:hi]], weights)
-            outs[i] = (y * w_sorted[lo:hi, None]).to(x.dtype)  # [M_e, H]
-            if after_open is not None and table is None:
+            tok = tok_sorted[lo:hi]
+            y = expert_fn(x[tok], weights) * w_sorted[lo:hi, None]  # [M_e, H]
+            outs[i] = y.to(x.dtype)
+            if after_open is not None:
                 after_open()
                 after_open = None
-        out = sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
-    return out if dense is None else (out, dense_out)
+        return sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
 
 
 # -- binding dense weights -------------------------------------------------------------------------

@@ -5,56 +5,36 @@ from __future__ import annotations
 import torch
 
 from .errors import MissingWeightError
-from .moe_table import swiglu_table, table_ready
 
 __all__ = ["moe_one", "sum_outputs"]
 
 _TOKEN0 = torch.zeros(1, dtype=torch.long)  # index_add_'s index of the one token (never written)
 
 
-def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open, dense=None):
+def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open) -> torch.Tensor | None:
     """``moe_forward`` of one token x [1, H] (a decode step) with the same operations on the same values,
     in the same order, without the sorting and indexing that group many tokens: ids ascending
     (distinct, as top-k gives them; None for the general path otherwise), each expert's output
     weighted by its [1, 1] top-k weight, summed by ``index_add_`` in ascending expert id. The expert
     gets x itself where x is laid out as the copy ``x[tok]`` would be (contiguous, 64-byte aligned:
-    a BLAS kernel may sum differently at another alignment), else that copy. With ``dense`` (a gated
-    MLP on x, a shared expert) returns (routed sum, ``dense(x)``).
-
-    Where the source keeps fetched experts and ``expert_fn`` is ``swiglu_expert`` (``swiglu``), the
-    experts' (and the dense MLP's) products run as two table calls (``moe_table``): the same bits."""
+    a BLAS kernel may sum differently at another alignment), else that copy."""
     ids: list[int] = topk_ids.reshape(-1).tolist()
     if len(set(ids)) != len(ids):
         return None
     order = sorted(range(len(ids)), key=ids.__getitem__)  # slot of each expert, ascending id
     wanted = [ids[j] for j in order]
+    slot_of = {e: i for i, e in enumerate(wanted)}
     tw = topk_weights.reshape(-1, 1)  # [K, 1]
     xe = x if x.is_contiguous() and x.data_ptr() % 64 == 0 else x[_TOKEN0]  # [1, H]
     outs: list[torch.Tensor | None] = [None] * len(wanted)
-    if getattr(expert_fn, "swiglu", False) and getattr(source, "keeps_fetched", False) and table_ready(x):
-        held = {}
-        for e, weights in source.fetch(layer, wanted, stack):  # every expert's tensors stay valid
-            held[e] = weights
-            if after_open is not None:
-                after_open()
-                after_open = None
-        ys, dense_out = swiglu_table(xe, [held.get(e) for e in wanted], expert_fn.__self__.act, expert_fn,
-                                     dense, x)
-        for i, y in enumerate(ys):
-            if y is not None:
-                outs[i] = (y * tw[order[i]:order[i] + 1]).to(x.dtype)  # [1, H]
-    else:
-        dense_out = dense(x) if dense is not None else None  # first: the source reads meanwhile
-        slot_of = {e: i for i, e in enumerate(wanted)}
-        for e, weights in source.fetch(layer, wanted, stack):
-            i = slot_of[e]
-            j = order[i]
-            outs[i] = (expert_fn(xe, weights) * tw[j:j + 1]).to(x.dtype)  # [1, H]
-            if after_open is not None:
-                after_open()
-                after_open = None
-    out = sum_outputs(x, outs, wanted, layer, lambda i: _TOKEN0)
-    return out if dense is None else (out, dense_out)
+    for e, weights in source.fetch(layer, wanted, stack):
+        i = slot_of[e]
+        j = order[i]
+        outs[i] = (expert_fn(xe, weights) * tw[j:j + 1]).to(x.dtype)  # [1, H]
+        if after_open is not None:
+            after_open()
+            after_open = None
+    return sum_outputs(x, outs, wanted, layer, lambda i: _TOKEN0)
 
 
 def sum_outputs(x: torch.Tensor, outs: list, wanted: list[int], layer: int, rows) -> torch.Tensor:

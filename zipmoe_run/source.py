@@ -317,12 +317,6 @@ class DirectorySource:
         self._stats["dense_bytes"] += t.numel() * t.element_size()
         return t
 
-    @property
-    def keeps_fetched(self) -> bool:
-        """Whether a fetched expert's tensors stay valid after the fetch moves on (no budget: every expert
-        stays resident), so a caller may hold all of a layer's experts at once (``moe_one``)."""
-        return self.store is None or self.store.persistent
-
     def fetch(
         self, layer: int, experts: Sequence[int], stack: str | None = None
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:

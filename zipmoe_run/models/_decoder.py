@@ -139,8 +139,6 @@ class RoutedMoE(nn.Module):
     def _expert(self, x, w):
         return swiglu_expert(x, w, self.act)
 
-    _expert.swiglu = True  # exactly swiglu_expert with self.act: moe_one may run a token's experts together
-
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """flat [N, H] -> top-k weights [N, K], expert ids [N, K] (int64)."""
         logits = self.gate(flat)  # [N, E]

@@ -91,8 +91,8 @@ class SparseMoeBlock(RoutedMoE):
         flat = x.view(-1, h)  # [N, H]
         top_w, top_i = self.route(flat)  # [N, K]
         announce(self.source, self.layer, top_i)  # the missing experts are read during the shared expert
-        out, shared = moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert, after_open,
-                                  dense=self.shared_expert)  # [N, H] each; the shared expert first
+        shared = self.shared_expert(flat)  # [N, H]
+        out = moe_forward(flat, top_i, top_w, self.source, self.layer, None, self._expert, after_open)
         out = out + F.sigmoid(self.shared_expert_gate(flat)) * shared
         return out.view(b, t, h)
 
