@@ -47,8 +47,8 @@ import torch
 
 from . import kernels as K
 
-__all__ = ["ENV", "KERNELS", "mode", "available", "span_bytes", "measure", "choose", "kernel_for", "model_shapes", "report",
-           "line", "reset"]
+__all__ = ["ENV", "KERNELS", "mode", "available", "span_bytes", "measure", "choose", "kernel_for", "model_shapes",
+           "report", "line", "reset"]
 
 log = logging.getLogger(__name__)
 
