@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,8 @@ class ShardFile:
 
     def __init__(self, path: Path, size: int, mode: str):
         self.path = path
+        self._lock = threading.Lock()  # read threads (read depth > 1) may fall back at the same time
+        self._retired: list[int] = []  # O_DIRECT descriptors given up: closed with the file, not under a read
         try:
             self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
@@ -215,16 +218,23 @@ class ShardFile:
         return got
 
     def _fall_back(self, e: OSError) -> None:
-        log.warning("%s: O_DIRECT read refused (%s); reading its experts with pread + POSIX_FADV_DONTNEED",
-                    self.path, e.strerror)
-        fd, self.fd_direct = self.fd_direct, None
-        self.why_not_direct = f"O_DIRECT read failed ({e.strerror})"
-        os.close(fd)
+        """Stop using the O_DIRECT descriptor (once, whichever read thread gets here first). It stays open
+        until ``close``: another read thread may be inside a read on it, and a closed number can be reused
+        by the next ``open`` of anything."""
+        with self._lock:
+            if self.fd_direct is None:
+                return
+            log.warning("%s: O_DIRECT read refused (%s); reading its experts with pread + POSIX_FADV_DONTNEED",
+                        self.path, e.strerror)
+            self._retired.append(self.fd_direct)
+            self.fd_direct = None
+            self.why_not_direct = f"O_DIRECT read failed ({e.strerror})"
 
     def close(self) -> None:
-        for name in ("fd_direct", "fd"):
-            fd = getattr(self, name, None)
-            setattr(self, name, None)
+        fds = [getattr(self, "fd_direct", None), getattr(self, "fd", None), *getattr(self, "_retired", ())]
+        self.fd_direct = self.fd = None
+        self._retired = []
+        for fd in fds:
             if fd is not None:
                 try:
                     os.close(fd)
