@@ -98,7 +98,8 @@ def measure_rows(shapes, threads: int, kernels=None, timer=time.perf_counter) ->
     kernels = list(kernels or _candidates())
     if not shapes:
         return {}
-    span = ks.span_bytes()
+    span = ks.SPAN_BYTES  # not span_bytes(): M >= 2 rows lean on compute more than the one-row GEMV, and two
+    # pools of twice the cache (this one's ~90 MB peak beside the one-row choice's) broke the peak RSS bound
     elems = max(n * k for n, k in shapes) + span // 2
     pool = ks._pool(elems)
     xs = ks._pool(max(k for _, k in shapes) * ROW_COUNTS[-1] + 64)
