@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.kernelforce import forced_kernel
 from zipmoe_run import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba kernel unavailable")
@@ -13,13 +14,8 @@ pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba kernel unav
 
 @pytest.fixture(autouse=True)
 def _numba_forced(monkeypatch):
-    from zipmoe_run import kernel_select
-
-    monkeypatch.setenv(kernel_select.ENV, "numba")
-    kernel_select.reset()
-    yield
-    kernel_select.reset()
-    kernels.set_threads(torch.get_num_threads())
+    with forced_kernel(monkeypatch, "numba"):
+        yield
 
 
 def _words(w: torch.Tensor) -> np.ndarray:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.kernelforce import forced_kernel
 from zipmoe_run import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba kernel unavailable")
@@ -14,12 +15,8 @@ pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba kernel unav
 @pytest.fixture(autouse=True)
 def _numba_forced(monkeypatch):
     """These tests are about the numba GEMV: force it (auto would pick per host by measurement)."""
-    from zipmoe_run import kernel_select
-
-    monkeypatch.setenv(kernel_select.ENV, "numba")
-    kernel_select.reset()
-    yield
-    kernel_select.reset()
+    with forced_kernel(monkeypatch, "numba"):
+        yield
 
 
 def _words(w: torch.Tensor) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.kernelforce import forced_kernel
 from zipmoe_run import kernel_select as ks
 from zipmoe_run import kernels
 from zipmoe_run import kernels_dp as D
@@ -18,11 +19,8 @@ pytestmark = here
 
 @pytest.fixture(autouse=True)
 def _dp_forced(monkeypatch):
-    monkeypatch.setenv(ks.ENV, "dp")
-    ks.reset()
-    yield
-    ks.reset()
-    kernels.set_threads(torch.get_num_threads())
+    with forced_kernel(monkeypatch, "dp"):
+        yield
 
 
 def _i16(t: torch.Tensor) -> torch.Tensor:
