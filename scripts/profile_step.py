@@ -1,11 +1,12 @@
 """Profile one all-resident bf16 decode step of a checkpoint (default: the realdims Qwen one).
 
-    python scripts/profile_step.py [PATH] [--threads 2] [--steps 40] [--ops]
+    python scripts/profile_step.py [PATH] [--threads 2] [--steps 40] [--ops] [--split]
 
 Prints the median step time, a per-part breakdown (attention, router, shared expert, routed experts,
 norms, lm_head, the rest) from forward hooks, the GEMV calls per step, and with ``--ops`` torch.profiler's
-table of ops (self CPU time). The host is shared: numbers are medians of ``--steps`` steps; compare
-variants in the same process. Reads the checkpoint only.
+table of ops (self CPU time). ``--split`` separates the matrix kernels from the rest of the step
+(``split``). The host is shared: numbers are medians of ``--steps`` steps; compare variants in the same
+process. Reads the checkpoint only.
 """
 from __future__ import annotations
 
@@ -106,6 +107,79 @@ def ab(step, steps: int, rounds: int = 8, clock=time.perf_counter) -> None:
               f"{lo_off - lo_on:+.2f} ms; {len(res[True])} steps each)")
 
 
+def _kernel_entries() -> list[tuple[object, str, object]]:
+    """(module, name, bytes(args)) of the matrix kernels' entry points a decode step calls by address."""
+    from zipmoe_run import kernels_addr as KA
+
+    out = [(KA, "_gemv_bf16_kernel", lambda a: a[1] * a[2] * 4),  # (w, n, K/2, ...)
+           (KA, "_gemv3_bf16_kernel", lambda a: (a[3] + a[7] + a[11]) * a[0] * 4)]  # (K/2, x, w1, n1, ..)
+    try:
+        from zipmoe_run import kernels_dp1 as D1
+        out.append((D1, "_dp16_kernel", lambda a: a[1] * a[2] * 4))
+    except ImportError:  # numba without the dp kernel
+        pass
+    return out
+
+
+def split(step, steps: int, rounds: int = 3) -> None:
+    """Where a step's time goes, in three modes alternated round by round (medians):
+
+    * ``real``: the matrix kernels as they are; the time inside them and the rest of the step;
+    * ``stubbed``: the kernels replaced by no-ops (the results are garbage; the step's Python, torch and
+      small numba work still runs, with warm caches): what the rest costs by itself;
+    * ``streamed``: each stub reads as many bytes as the kernel would, from a 512 MiB pool (numpy,
+      one thread: no arithmetic), so the caches are flushed between the pieces of the step as the
+      weights flush them: the rest of ``streamed`` minus that of ``stubbed`` is the cost of running
+      the step's small work on cold caches.
+    """
+    import numpy as np
+
+    pool = np.ones(64 << 20, np.uint64)  # 512 MiB
+    at = [0]
+    inside = [0.0]
+    entries = _kernel_entries()
+    orig = {(m, n): getattr(m, n) for m, n, _ in entries}
+
+    def wrap(mode: str):
+        for mod, name, nbytes in entries:
+            f = orig[(mod, name)]
+
+            def w(*a, f=f, nbytes=nbytes):
+                t = time.perf_counter()
+                if mode == "real":
+                    f(*a)
+                elif mode == "streamed":
+                    n = max(1, nbytes(a) // 8)
+                    if at[0] + n > pool.size:
+                        at[0] = 0
+                    np.bitwise_or.reduce(pool[at[0]:at[0] + n])
+                    at[0] += n
+                inside[0] += time.perf_counter() - t
+
+            setattr(mod, name, w)
+
+    res: dict[str, list[tuple[float, float]]] = {m: [] for m in ("real", "stubbed", "streamed")}
+    try:
+        for r in range(rounds):
+            for mode in (("real", "stubbed", "streamed") if r % 2 == 0 else ("streamed", "stubbed", "real")):
+                wrap(mode)
+                step()
+                for _ in range(steps):
+                    inside[0] = 0.0
+                    t = time.perf_counter()
+                    step()
+                    res[mode].append((time.perf_counter() - t, inside[0]))
+    finally:
+        for (mod, name), f in orig.items():
+            setattr(mod, name, f)
+    for mode, v in res.items():
+        tot = statistics.median(a for a, _ in v) * 1e3
+        ins = statistics.median(b for _, b in v) * 1e3
+        rest = statistics.median(a - b for a, b in v) * 1e3
+        what = {"real": "in the kernels", "stubbed": "in the stubs", "streamed": "streaming"}[mode]
+        print(f"split {mode:8s}: step {tot:7.2f} ms, {what} {ins:7.2f} ms, rest {rest:6.2f} ms ({len(v)} steps)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("path", nargs="?", default=DEFAULT)
@@ -115,6 +189,8 @@ def main() -> None:
     ap.add_argument("--no-parts", action="store_true", help="skip the hook breakdown")
     ap.add_argument("--off", action="store_true", help="this session's trims off for the whole run (the old paths)")
     ap.add_argument("--cpu", action="store_true", help="--ab by this thread's CPU time (use with --threads 1)")
+    ap.add_argument("--split", action="store_true",
+                    help="kernels vs the rest; the rest alone (kernels stubbed) and on flushed caches")
     ap.add_argument("--ab", action="store_true",
                     help="alternate the step with and without this session's trims (same process), medians")
     args = ap.parse_args()
@@ -155,6 +231,9 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     print(f"threads {args.threads}: step median {statistics.median(times) * 1e3:.2f} ms "
           f"(min {min(times) * 1e3:.2f}, {args.steps} steps); numba GEMV calls per step: {calls[0]}")
+
+    if args.split:
+        split(step, args.steps)
 
     if args.ab:
         ab(step, args.steps, clock=time.thread_time if args.cpu else time.perf_counter)
