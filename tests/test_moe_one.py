@@ -85,3 +85,53 @@ def test_a_missing_expert_is_named():
     with pytest.raises(MissingWeightError, match=r"layer 5: .* experts \[2\]"):
         layers.moe_forward(torch.randn(1, 32).bfloat16(), torch.tensor([[0, 2]]), torch.ones(1, 2).bfloat16(),
                            Source(experts, drop=2), 5)
+
+
+def _torch_sum(x, ys, w, order):
+    """What moe_one computed before decode_ops.weighted_sum: (y * w).to(bf16) index_add_-ed into zeros."""
+    out = torch.zeros_like(x)
+    tw = w.reshape(-1, 1)
+    for i, y in enumerate(ys):
+        out.index_add_(0, torch.zeros(1, dtype=torch.long), (y * tw[order[i]:order[i] + 1]).to(x.dtype))
+    return out
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_weighted_sum_matches_the_torch_operations_bit_for_bit(wdtype, k):
+    from zipmoe_run import decode_ops
+
+    g = torch.Generator().manual_seed(10 + k)
+    h = 97  # odd: no vector-width assumption
+    x = torch.randn(1, h, generator=g).bfloat16()
+    # values that round differently, -0 and +0, bf16 subnormals, values near the bf16 maximum (overflow to
+    # inf after a rounding), infinities that stay infinite
+    specials = torch.tensor([0.0, -0.0, 1e-40, -3e-39, 3.3e38, -3.38e38, float("inf"), 1.0 + 2**-8, 3 * 2**-9],
+                            dtype=torch.float32)
+    ys = []
+    for i in range(k):
+        y = (torch.randn(1, h, generator=g) * 10 ** (i - 1)).bfloat16()
+        y[0, :len(specials)] = specials.roll(i).bfloat16()
+        ys.append(y)
+    w = torch.softmax(torch.randn(k, generator=g), -1).to(wdtype)
+    w[0] = 1.0  # an infinity times 1 stays infinite; no 0 * inf (a NaN's bits are torch's build's choice)
+    order = list(range(k))[::-1]
+    assert decode_ops.takes_sum(x, ys, w)
+    got = decode_ops.weighted_sum(x, ys, w, order)
+    ref = _torch_sum(x, ys, w, order)
+    assert not torch.isnan(ref).any()
+    assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+
+
+def test_weighted_sum_is_not_taken_for_other_layouts():
+    from zipmoe_run import decode_ops
+
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    y = torch.ones(1, 8, dtype=torch.bfloat16)
+    w = torch.ones(2, dtype=torch.bfloat16)
+    assert decode_ops.takes_sum(x, [y, y], w)
+    assert not decode_ops.takes_sum(x.float(), [y, y], w)  # float32 runs keep torch's operations
+    assert not decode_ops.takes_sum(x, [y, y.float()], w)
+    assert not decode_ops.takes_sum(x, [y, torch.ones(1, 16, dtype=torch.bfloat16)[:, ::2]], w)  # strided
+    assert not decode_ops.takes_sum(x, [y], w)  # one weight per output
+    assert not decode_ops.takes_sum(x, [y, y], w.half())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import decode_ops as _ops
 from .errors import MissingWeightError
 
 __all__ = ["moe_one", "sum_outputs"]
@@ -15,7 +16,8 @@ def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_op
     """``moe_forward`` of one token x [1, H] (a decode step) with the same operations on the same values,
     in the same order, without the sorting and indexing that group many tokens: ids ascending
     (distinct, as top-k gives them; None for the general path otherwise), each expert's output
-    weighted by its [1, 1] top-k weight, summed by ``index_add_`` in ascending expert id. The expert
+    weighted by its [1, 1] top-k weight, summed by ``index_add_`` in ascending expert id (for bf16 in one
+    call, ``decode_ops.weighted_sum``: the same roundings). The expert
     gets x itself where x is laid out as the copy ``x[tok]`` would be (contiguous, 64-byte aligned:
     a BLAS kernel may sum differently at another alignment), else that copy."""
     ids: list[int] = topk_ids.reshape(-1).tolist()
@@ -26,14 +28,15 @@ def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_op
     slot_of = {e: i for i, e in enumerate(wanted)}
     tw = topk_weights.reshape(-1, 1)  # [K, 1]
     xe = x if x.is_contiguous() and x.data_ptr() % 64 == 0 else x[_TOKEN0]  # [1, H]
-    outs: list[torch.Tensor | None] = [None] * len(wanted)
+    ys: list[torch.Tensor | None] = [None] * len(wanted)  # each expert's own output, ascending id
     for e, weights in source.fetch(layer, wanted, stack):
-        i = slot_of[e]
-        j = order[i]
-        outs[i] = (expert_fn(xe, weights) * tw[j:j + 1]).to(x.dtype)  # [1, H]
+        ys[slot_of[e]] = expert_fn(xe, weights)  # [1, H]
         if after_open is not None:
             after_open()
             after_open = None
+    if all(y is not None for y in ys) and _ops.takes_sum(x, ys, tw):
+        return _ops.weighted_sum(x, ys, tw, order)  # one numba call for the products and the sum: the same bits
+    outs = [None if y is None else (y * tw[order[i]:order[i] + 1]).to(x.dtype) for i, y in enumerate(ys)]
     return sum_outputs(x, outs, wanted, layer, lambda i: _TOKEN0)
 
 
