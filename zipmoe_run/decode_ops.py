@@ -16,6 +16,8 @@ what they get alone). bf16 results are rounded to nearest even; a NaN becomes 0x
   order than torch's ``mean`` (last-bit differences in bf16 results).
 - ``rotary``: ``bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))`` element by element: what
   ``layers.apply_rotary``'s three bf16 operations give, bit for bit for every finite input.
+- ``rope_cache``: a one-token step's rotary of q and k and the KV cache update of k and v (``rotary``'s
+  bits, written straight into the cache's row) in one call instead of about 16 torch operations.
 - ``weighted_sum``: one token's expert outputs y_i [H] (bf16, ascending expert id) with their router
   weights w_i (bf16 or float32): ``acc = bf16(acc + bf16(y_i * w_i))`` from +0, what ``moe_one`` did with
   ``(y * w).to(bf16)`` and ``index_add_`` into zeros, bit for bit for every finite result (the product of
@@ -28,7 +30,8 @@ import torch
 
 from .kernels import WORDS, _row_sum, _u32_as_f32, njit
 
-__all__ = ["rms_norm", "takes_norm", "rotary", "takes_rotary", "weighted_sum", "takes_sum"]
+__all__ = ["rms_norm", "takes_norm", "rotary", "takes_rotary", "rope_cache", "takes_rope_cache", "weighted_sum",
+           "takes_sum"]
 
 BF16 = torch.bfloat16
 
@@ -72,14 +75,34 @@ if njit is not None:
         c = carray(_u16_at(ca), (r_ // h, d_))
         s = carray(_u16_at(sa), (r_ // h, d_))
         out = carray(_u16_at(oa), (r_, d_))
-        half = d_ // 2
         for i in range(r_):
             k = (i // (h * t)) * t + i % t  # this row's cos/sin row
-            for j in range(d_):
-                rot = -_f(x[i, j + half]) if j < half else _f(x[i, j - half])
-                a = _f(_r(_f(x[i, j]) * _f(c[k, j])))
-                b = _f(_r(rot * _f(s[k, j])))
-                out[i, j] = _r(a + b)
+            _rot(x[i], c[k], s[k], out[i])
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _rot(x, c, s, out):
+        # one row: out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), all bf16 bits [D]
+        d_ = x.shape[0]
+        half = d_ // 2
+        for j in range(d_):
+            rot = -_f(x[j + half]) if j < half else _f(x[j - half])
+            a = _f(_r(_f(x[j]) * _f(c[j])))
+            b = _f(_r(rot * _f(s[j])))
+            out[j] = _r(a + b)
+
+    @njit(nogil=True, cache=True)  # no fastmath: _rot's roundings
+    def _rope_cache_rows(qa, ka, va, hq, hkv, d_, ca, sa, oa, kca, vca, ml, pos):
+        # at addresses: one token's heads q bf16 [hq, D], k and v bf16 [hkv, D]; cos and sin bf16 [D]; out: the
+        # rotated q bf16 [hq, D]; caches bf16 [hkv, ml, D]: the rotated k and the v written at row pos
+        q, oq = carray(_u16_at(qa), (hq, d_)), carray(_u16_at(oa), (hq, d_))
+        k, v = carray(_u16_at(ka), (hkv, d_)), carray(_u16_at(va), (hkv, d_))
+        c, s = carray(_u16_at(ca), (d_,)), carray(_u16_at(sa), (d_,))
+        kc, vc = carray(_u16_at(kca), (hkv, ml, d_)), carray(_u16_at(vca), (hkv, ml, d_))
+        for h in range(hq):
+            _rot(q[h], c, s, oq[h])
+        for h in range(hkv):
+            _rot(k[h], c, s, kc[h, pos])
+            vc[h, pos, :] = v[h]
 
 
     @njit(nogil=True, cache=True)  # no fastmath; the rounding of each eager bf16 operation
@@ -112,6 +135,38 @@ def weighted_sum(x: torch.Tensor, ys: list, w: torch.Tensor, order: list[int]) -
     w32 = np.ascontiguousarray(w.reshape(-1).float().numpy()[order])  # exact for bf16 weights
     _wsum_rows(addrs, w32, x.shape[-1], out.data_ptr())
     return out
+
+
+def _one_token_heads(z: torch.Tensor, d: int) -> bool:
+    return z.dtype is BF16 and z.dim() == 4 and z.shape[:2] == (1, 1) and z.shape[3] == d and z.is_contiguous() \
+        and z.is_cpu
+
+
+def takes_rope_cache(q, k, v, cos, sin, cache, layer: int, pos: int) -> bool:
+    """Whether ``rope_cache`` does this step's rotary and KV update: one token's q [1, 1, nH, D] and k, v
+    [1, 1, nKV, D] (bf16, contiguous, D even), one position's cos/sin (bf16, D values, contiguous) and a
+    batch-1 bf16 ``layers.KVCache`` with room at ``pos``."""
+    if njit is None or q.dim() != 4:
+        return False
+    d = q.shape[3]
+    kc, vc = cache.k[layer], cache.v[layer]
+    return (d % 2 == 0 and _one_token_heads(q, d) and _one_token_heads(k, d) and _one_token_heads(v, d)
+            and k.shape[2] == v.shape[2] and cos.dtype is BF16 and sin.dtype is BF16 and cos.numel() == d
+            and sin.numel() == d and cos.is_contiguous() and sin.is_contiguous()
+            and all(c.dtype is BF16 and c.dim() == 4 and c.shape[0] == 1 and c.shape[1] == k.shape[2]
+                    and c.shape[3] == d and c.is_contiguous() for c in (kc, vc))
+            and 0 <= pos < kc.shape[2] == vc.shape[2])
+
+
+def rope_cache(q, k, v, cos, sin, kc, vc, pos: int):
+    """``apply_rotary`` of q and k, then ``KVCache.update`` of the rotated k and of v at ``pos``, in one call
+    (``takes_rope_cache`` must hold): -> q [1, nH, 1, D] (rotated), the cached keys and values [1, nKV,
+    pos + 1, D] (views), what the eager path returns, bit for bit for every finite input."""
+    hq, hkv, d = q.shape[2], k.shape[2], q.shape[3]
+    oq = torch.empty(1, hq, 1, d, dtype=BF16)
+    _rope_cache_rows(q.data_ptr(), k.data_ptr(), v.data_ptr(), hq, hkv, d, cos.data_ptr(), sin.data_ptr(),
+                     oq.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[2], pos)
+    return oq, kc[:, :, :pos + 1], vc[:, :, :pos + 1]
 
 
 def takes_norm(x: torch.Tensor, w: torch.Tensor) -> bool:

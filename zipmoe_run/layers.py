@@ -315,7 +315,7 @@ def announce(source: "WeightSource", layer: int, topk_ids: torch.Tensor, stack: 
     reads them while the caller computes something else (a shared expert, the current layer)."""
     pf = getattr(source, "prefetch", None)
     if pf is not None:
-        pf(layer, torch.unique(topk_ids).tolist(), stack, speculative=speculative)
+        pf(layer, sorted(set(topk_ids.reshape(-1).tolist())), stack, speculative=speculative)  # torch.unique's list
 
 
 def moe_forward(

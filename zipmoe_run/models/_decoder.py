@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import decode_ops as _ops
 from ..errors import UnsupportedModelError
 from ..kernels import decode_rows_scope, single_row_scope
 from ..lookahead import link_lookahead
@@ -93,6 +94,9 @@ class Attention(nn.Module):
         q, k, v = (z.view(b, t, -1, self.head_dim) for z in (q, k, v))  # [B, T, n, D]
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        if not isinstance(cache, RaggedKV) and _ops.takes_rope_cache(q, k, v, cos, sin, cache, layer, start_pos):
+            q, k, v = _ops.rope_cache(q, k, v, cos, sin, cache.k[layer], cache.v[layer], start_pos)  # one call
+            return self.o_proj(attention(q, k, v, self.scale, mask).reshape(b, t, -1))
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, nH or nKV, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if isinstance(cache, RaggedKV):  # a decode step of B sequences: each row on its own cache
