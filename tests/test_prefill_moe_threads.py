@@ -1,8 +1,9 @@
 """A bf16 prefill's routed-expert block (``layers.moe_forward`` of several tokens) keeps one thread
 arrangement from its first expert to its sum: the experts' kernels on numba's team, the sum of their
-outputs (``index_add_`` per expert) on torch's single thread inside the same ``single_row_scope`` rather
-than on a fork of torch's team right after numba's (whose spinning threads hold the cores: on a busy
-2-core host each such fork waited milliseconds). The bits are those of the sum on torch's team."""
+outputs (one numba call, ``decode_ops.weighted_sum``, or where it does not apply ``index_add_`` per expert
+on torch's single thread) inside the same ``single_row_scope`` rather than on a fork of torch's team right
+after numba's (whose spinning threads hold the cores: on a busy 2-core host each such fork waited
+milliseconds). The bits are those of the sum on torch's team."""
 from __future__ import annotations
 
 import pytest
@@ -53,11 +54,16 @@ def test_prefill_sum_runs_on_torchs_single_thread_in_the_scope(monkeypatch, two_
         seen.append((torch.get_num_threads(), kernels._scope_threads))
         return real(*a)
 
-    monkeypatch.setattr(layers, "sum_outputs", spy)
-    out = layers.moe_forward(x, top_i, top_w, src, 0)
+    from zipmoe_run import decode_ops
+
+    with monkeypatch.context() as m:  # the torch sum (where decode_ops.weighted_sum does not take it)
+        m.setattr(layers, "sum_outputs", spy)
+        m.setattr(decode_ops, "takes_sum", lambda *a: False)
+        fallback = layers.moe_forward(x, top_i, top_w, src, 0)
     assert seen == [(1, 2)]  # torch on one thread, numba's team at torch's count of 2
     assert torch.get_num_threads() == 2 and kernels._scope_threads == 0  # restored after the block
-    monkeypatch.setattr(layers, "sum_outputs", real)
+    out = layers.moe_forward(x, top_i, top_w, src, 0)  # one numba call for the sum: the same bits
+    assert torch.equal(out.view(torch.int16), fallback.view(torch.int16))
     # the same bits as summing on torch's team, outside any scope
     with kernels.single_row_scope(True):
         outs, wanted, rows = [], [], []

@@ -18,10 +18,11 @@ what they get alone). bf16 results are rounded to nearest even; a NaN becomes 0x
   ``layers.apply_rotary``'s three bf16 operations give, bit for bit for every finite input.
 - ``rope_cache``: a one-token step's rotary of q and k and the KV cache update of k and v (``rotary``'s
   bits, written straight into the cache's row) in one call instead of about 16 torch operations.
-- ``weighted_sum``: one token's expert outputs y_i [H] (bf16, ascending expert id) with their router
-  weights w_i (bf16 or float32): ``acc = bf16(acc + bf16(y_i * w_i))`` from +0, what ``moe_one`` did with
-  ``(y * w).to(bf16)`` and ``index_add_`` into zeros, bit for bit for every finite result (the product of
-  a bf16 and a float32 value in float32, rounded to bf16 once, as torch's promotion and ``.to`` do).
+- ``weighted_sum``: the routed-expert sum of one or many tokens: each expert's output rows (bf16,
+  ascending expert id) times their router weights (bf16 or float32), ``acc = bf16(acc + bf16(y * w))``
+  per token from +0, what ``layers.moe_forward`` did with ``(y * w).to(bf16)`` and ``index_add_`` into
+  zeros, bit for bit for every finite result (the product of a bf16 and a float32 value in float32,
+  rounded to bf16 once, as torch's promotion and ``.to`` do).
 """
 from __future__ import annotations
 
@@ -106,34 +107,42 @@ if njit is not None:
 
 
     @njit(nogil=True, cache=True)  # no fastmath; the rounding of each eager bf16 operation
-    def _wsum_rows(ya, w32, h_, oa):
-        # ya int64 [K]: addresses of bf16 [H] rows (ascending expert id); w32 float32 [K]; out bf16 [H] at oa
-        out = carray(_u16_at(oa), (h_,))
-        for j in range(h_):
-            out[j] = 0  # +0, as zeros_like
-        for i in range(ya.shape[0]):
-            y = carray(_u16_at(ya[i]), (h_,))
-            w = w32[i]
+    def _wsum_rows(ya, bounds, tok, w32, n_, h_, oa):
+        # ya int64 [E]: addresses of expert outputs bf16 [M_e, H] (ascending expert id), rows bounds[e]:bounds[e+1]
+        # of tok int64 (their tokens, distinct within an expert) and w32 float32 (their router weights);
+        # out bf16 [N, H] at oa
+        out = carray(_u16_at(oa), (n_, h_))
+        for t in range(n_):
             for j in range(h_):
-                out[j] = _r(_f(out[j]) + _f(_r(_f(y[j]) * w)))
+                out[t, j] = 0  # +0, as zeros_like
+        for e in range(ya.shape[0]):
+            lo = bounds[e]
+            y = carray(_u16_at(ya[e]), (bounds[e + 1] - lo, h_))
+            for m in range(y.shape[0]):
+                t, w = tok[lo + m], w32[lo + m]
+                for j in range(h_):
+                    out[t, j] = _r(_f(out[t, j]) + _f(_r(_f(y[m, j]) * w)))
 
 
 def takes_sum(x: torch.Tensor, ys: list, w: torch.Tensor) -> bool:
-    """Whether ``weighted_sum`` computes this token's sum: x bf16 [1, H] on the CPU, every y a contiguous bf16
-    tensor of H values, w [K] (or [K, 1]) bf16 or float32 with one weight per y."""
+    """Whether ``weighted_sum`` computes this routed sum: x bf16 [N, H] on the CPU, every y a contiguous bf16
+    [M_e, H], w (the router weights, one per row of the ys together) bf16 or float32."""
     h = x.shape[-1]
-    return (njit is not None and x.dtype is BF16 and x.numel() == h and x.is_cpu and w.numel() == len(ys)
-            and w.dtype in (BF16, torch.float32)
-            and all(y is not None and y.dtype is BF16 and y.numel() == h and y.is_contiguous() and y.is_cpu
-                    for y in ys))
+    return (njit is not None and x.dtype is BF16 and x.dim() == 2 and x.is_cpu and w.dtype in (BF16, torch.float32)
+            and w.numel() == sum(y.shape[0] for y in ys if y is not None)
+            and all(y is not None and y.dtype is BF16 and y.dim() == 2 and y.shape[1] == h and y.is_contiguous()
+                    and y.is_cpu for y in ys))
 
 
-def weighted_sum(x: torch.Tensor, ys: list, w: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """sum_i bf16(y_i * w[order[i]]) in bf16, in list order from +0 (``takes_sum`` must hold) -> like x [1, H]."""
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+def weighted_sum(x: torch.Tensor, ys: list, w, tok, bounds) -> torch.Tensor:
+    """out = zeros like x [N, H]; for each expert e in list order and each of its rows m (token tok[b_e + m],
+    weight w[b_e + m], b_e = bounds[e]): out[token] = bf16(out[token] + bf16(y_e[m] * w)) (``takes_sum`` must
+    hold; tokens distinct within an expert). w: the weights (tensor or float32 array), tok: int64."""
+    out = torch.empty(x.shape, dtype=BF16)
     addrs = np.array([y.data_ptr() for y in ys], dtype=np.int64)
-    w32 = np.ascontiguousarray(w.reshape(-1).float().numpy()[order])  # exact for bf16 weights
-    _wsum_rows(addrs, w32, x.shape[-1], out.data_ptr())
+    w32 = w.reshape(-1).float().numpy() if isinstance(w, torch.Tensor) else w  # exact for bf16 weights
+    _wsum_rows(addrs, np.asarray(bounds, dtype=np.int64), np.asarray(tok, dtype=np.int64),
+               np.asarray(w32, dtype=np.float32), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

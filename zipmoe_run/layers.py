@@ -24,7 +24,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; torch only without it
     def linear_many(x, prods):
         return [linear(x, w, b) for w, b in prods]
-from .moe_one import moe_one, sum_outputs
+from .moe_one import distinct_rows, moe_one, sum_outputs
 
 if TYPE_CHECKING:
     from .source import WeightSource
@@ -350,20 +350,20 @@ def moe_forward(
     k = topk_ids.shape[-1]
     tok_sorted = order // k  # token index per sorted slot
     w_sorted = topk_weights.reshape(-1)[order]
-    outs: list[torch.Tensor | None] = [None] * len(wanted)
-    # bf16: numba's team at torch's thread count for the whole loop and the sum, torch's own products keep
-    # its count; the sum's index_add_ calls on torch's one thread (each adds a row at most once: the same
-    # bits), not a fork of torch's team right after numba's, whose spinning threads hold the cores
+    ys: list[torch.Tensor | None] = [None] * len(wanted)  # each expert's output [M_e, H]
+    # bf16: numba's team at torch's thread count for the loop and the sum, torch's own products keep its count;
+    # a fallback sum's index_add_ calls on torch's one thread, not a fork beside numba's spinning team
     with _kernels.single_row_scope(x.dtype is torch.bfloat16):
         for e, weights in source.fetch(layer, wanted, stack):
             i = slot_of[e]
-            lo, hi = bounds[i], bounds[i + 1]
-            tok = tok_sorted[lo:hi]
-            y = expert_fn(x[tok], weights) * w_sorted[lo:hi, None]  # [M_e, H]
-            outs[i] = y.to(x.dtype)
+            ys[i] = expert_fn(x[tok_sorted[bounds[i]:bounds[i + 1]]], weights)  # [M_e, H]
             if after_open is not None:
                 after_open()
                 after_open = None
+        if all(y is not None for y in ys) and _ops.takes_sum(x, ys, w_sorted) and distinct_rows(topk_ids):
+            return _ops.weighted_sum(x, ys, w_sorted, tok_sorted.numpy(), bounds)  # one call: the same bits
+        outs = [None if y is None else (y * w_sorted[bounds[i]:bounds[i + 1], None]).to(x.dtype)
+                for i, y in enumerate(ys)]
         return sum_outputs(x, outs, wanted, layer, lambda i: tok_sorted[bounds[i]:bounds[i + 1]])
 
 

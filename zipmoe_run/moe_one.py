@@ -2,14 +2,16 @@
 that many tokens need: the same operations on the same values in the same order, so the same bits."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import decode_ops as _ops
 from .errors import MissingWeightError
 
-__all__ = ["moe_one", "sum_outputs"]
+__all__ = ["moe_one", "sum_outputs", "distinct_rows"]
 
 _TOKEN0 = torch.zeros(1, dtype=torch.long)  # index_add_'s index of the one token (never written)
+_ONE: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # k -> weighted_sum's tokens and bounds of k experts' rows
 
 
 def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_open) -> torch.Tensor | None:
@@ -34,10 +36,19 @@ def moe_one(x, topk_ids, topk_weights, source, layer, stack, expert_fn, after_op
         if after_open is not None:
             after_open()
             after_open = None
-    if all(y is not None for y in ys) and _ops.takes_sum(x, ys, tw):
-        return _ops.weighted_sum(x, ys, tw, order)  # one numba call for the products and the sum: the same bits
+    if all(y is not None for y in ys) and _ops.takes_sum(x, ys, tw):  # one numba call: the same bits
+        k = len(ys)
+        if k not in _ONE:
+            _ONE[k] = (np.zeros(k, np.int64), np.arange(k + 1, dtype=np.int64))  # token 0 each; one row each
+        return _ops.weighted_sum(x, ys, tw.reshape(-1).float().numpy()[order], *_ONE[k])
     outs = [None if y is None else (y * tw[order[i]:order[i] + 1]).to(x.dtype) for i, y in enumerate(ys)]
     return sum_outputs(x, outs, wanted, layer, lambda i: _TOKEN0)
+
+
+def distinct_rows(topk_ids: torch.Tensor) -> bool:
+    """Whether no token [N, K] chose an expert twice (so an expert's rows are distinct tokens, as top-k gives)."""
+    a = np.sort(topk_ids.reshape(-1, topk_ids.shape[-1]).numpy(), axis=1)
+    return bool((a[:, 1:] != a[:, :-1]).all())
 
 
 def sum_outputs(x: torch.Tensor, outs: list, wanted: list[int], layer: int, rows) -> torch.Tensor:
