@@ -80,6 +80,25 @@ def test_decode_cache_hit_miss_per_host_key(tmp_path):
         assert not cal(tmp_path, fake, info=other).decode(2)["cached"] and len(fake.decode_calls) == n + 1
 
 
+def test_an_emulated_instruction_set_has_its_own_decode_entry(tmp_path, monkeypatch):
+    """The decoder is compiled code: NUMBA_CPU_NAME (with ATEN_CPU_CAPABILITY, an emulated AVX2) measures
+    and caches its own decode rates instead of reading and refining the native host's entry."""
+    for k in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_OPT"):
+        monkeypatch.delenv(k, raising=False)
+    fake = Fake()
+    native = cal(tmp_path, fake).decode(2)
+    monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    fake.decode_rates = {1: 3.0e9, 2: 3.3e9}
+    emulated = cal(tmp_path, fake).decode(2)
+    assert not emulated["cached"] and emulated["file"] != native["file"] and emulated["rates"]["1"] == 3.0e9
+    assert cal(tmp_path, fake).decode(2)["cached"]
+    monkeypatch.delenv("NUMBA_CPU_NAME")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    again = cal(tmp_path, fake).decode(2)  # the native entry as it was
+    assert again["cached"] and again["file"] == native["file"] and again["rates"] == native["rates"]
+
+
 def test_version_change_measures_again(tmp_path):
     fake = Fake()
     cal(tmp_path, fake, version="1.0").decode(2)

@@ -47,7 +47,7 @@ from pathlib import Path
 from formats.errors import ZmoeError
 from zipmoe_run.calibrate_measure import READ_MIN, READ_TARGET, contended_key, fs_key, measure_decode, measure_read
 from zipmoe_run.cores import plan_cores
-from zipmoe_run.hostinfo import host_info
+from zipmoe_run.hostinfo import codegen_env, host_info
 from zipmoe_run.tiers import CostModel, load_calibration
 
 __all__ = ["READ_MIN", "READ_TARGET", "CalibrationError", "ENV_MODE", "ENV_DIR", "ENV_FILE", "DRIFT_RATIO",
@@ -147,8 +147,11 @@ class Calibrator:
 
     def decode_key(self, codec: str) -> dict:
         """The cache key of decode rates: the host's, plus the codec unless it is ``zstd-lit`` (so the
-        entries written before codecs were told apart, all of zstd-lit, stay valid)."""
-        return self.key if codec == "zstd-lit" else {**self.key, "codec": codec}
+        entries written before codecs were told apart, all of zstd-lit, stay valid), plus the code-generation
+        settings of an emulated instruction set (``hostinfo.codegen_env``: the decoder is compiled code)."""
+        key = self.key if codec == "zstd-lit" else {**self.key, "codec": codec}
+        env = codegen_env()
+        return {**key, "codegen": env} if env else key
 
     def decode(self, threads: int, codec: str | None = None) -> dict:
         """``{"rates": {"1": bps, ..., str(threads): bps, "1+compute": bps, ...}, "file", "cached",
@@ -377,7 +380,7 @@ def store_cost(archive, threads: int, io_mode: str = "auto", throttle_bps: float
 def stats_fields(calibration: dict, live: CostModel) -> dict:
     """What a source adds to its ``stats()``: the calibration its store started from (``calibration``,
     a ``CostModel.to_json()``) with the drift the store's live cost model noticed, and the host."""
-    from zipmoe_run.hostinfo import host_info
+    from zipmoe_run.hostinfo import codegen_env, host_info
 
     drift = live.drift
     return {"calibration": {**calibration, "drift": list(getattr(drift, "notes", [])),

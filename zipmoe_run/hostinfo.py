@@ -10,7 +10,16 @@ import functools
 import os
 import platform
 
-__all__ = ["ISA_FLAGS", "host_info", "host_line", "usable_cores", "largest_cache_bytes"]
+__all__ = ["ISA_FLAGS", "host_info", "host_line", "usable_cores", "largest_cache_bytes", "CODEGEN_ENV", "codegen_env"]
+
+#: settings that change what numba and torch compile to (an emulated instruction set): part of the keys of
+#: every cached measurement of compiled code (the kernel choices, the decoder's speeds)
+CODEGEN_ENV = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_OPT")
+
+
+def codegen_env() -> dict:
+    """The ``CODEGEN_ENV`` settings present in the environment (empty for a native run)."""
+    return {k: os.environ[k] for k in CODEGEN_ENV if os.environ.get(k)}
 
 #: flags reported (x86 /proc/cpuinfo ``flags``, Arm ``Features``), in this order, when present
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",

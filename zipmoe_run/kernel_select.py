@@ -16,7 +16,7 @@ summation order is the same on every instruction set (torch's is not) and becaus
 otherwise flip between two fresh measurements of the same host.
 
 Cache: one JSON file per host key (``calibrate.host_key``: CPU model, ISA flags, cores, machine,
-package version; plus ``CODEGEN_ENV`` settings such as ``ATEN_CPU_CAPABILITY`` when set) under the calibration cache directory (``hosts/kernels-*.json``, atomic writes, read
+package version; plus ``hostinfo.CODEGEN_ENV`` settings such as ``ATEN_CPU_CAPABILITY`` when set) under the calibration cache directory (``hosts/kernels-*.json``, atomic writes, read
 with ``formats.jsonstrict``; a corrupt or foreign file is logged and measured again), whose ``rates``
 hold bytes/s per ``"OUTxIN@T:kernel"``; a shape lacking any available kernel's rate (a file written before
 dp existed, or on a host without it) is measured again. ``ZIPMOE_CALIBRATE=force`` measures again.
@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from . import kernels as K
+from .hostinfo import CODEGEN_ENV, codegen_env  # noqa: F401 (CODEGEN_ENV: this module's name for it before)
 
 __all__ = ["ENV", "KERNELS", "mode", "available", "span_bytes", "measure", "choose", "kernel_for", "model_shapes",
            "report", "line", "reset"]
@@ -148,13 +149,9 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
     return out
 
 
-#: settings that change what the kernels compile to (an emulated instruction set): part of the cache key
-CODEGEN_ENV = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_OPT")
-
-
 def cache_key(cal) -> dict:
     """The calibration host key plus the code-generation settings in the environment (when set)."""
-    env = {k: os.environ[k] for k in CODEGEN_ENV if os.environ.get(k)}
+    env = codegen_env()
     return {**cal.key, "codegen": env} if env else dict(cal.key)
 
 
