@@ -380,7 +380,7 @@ def store_cost(archive, threads: int, io_mode: str = "auto", throttle_bps: float
 def stats_fields(calibration: dict, live: CostModel) -> dict:
     """What a source adds to its ``stats()``: the calibration its store started from (``calibration``,
     a ``CostModel.to_json()``) with the drift the store's live cost model noticed, and the host."""
-    from zipmoe_run.hostinfo import codegen_env, host_info
+    from zipmoe_run.hostinfo import host_info
 
     drift = live.drift
     return {"calibration": {**calibration, "drift": list(getattr(drift, "notes", [])),

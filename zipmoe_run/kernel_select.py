@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from . import kernels as K
-from .hostinfo import CODEGEN_ENV, codegen_env  # noqa: F401 (CODEGEN_ENV: this module's name for it before)
+from .hostinfo import codegen_env
 
 __all__ = ["ENV", "KERNELS", "mode", "available", "span_bytes", "measure", "choose", "kernel_for", "model_shapes",
            "report", "line", "reset"]
