@@ -47,6 +47,15 @@ from ..layers import (
 from ..source import WeightSource
 
 
+def project(x: torch.Tensor, mods) -> list[torch.Tensor]:
+    """``[m(x) for m in mods]``: one kernel call (``linear_many``) where every module is a plain bf16
+    ``Linear``; a module holding its weight in another form (``resident.X12Linear``) runs its own
+    forward (reading ``.weight`` there would decode the whole matrix per product)."""
+    if all(type(m) is Linear for m in mods):
+        return linear_many(x, [(m.weight, m.bias) for m in mods])
+    return [m(x) for m in mods]
+
+
 def gqa_args(cls, cfg: dict, experts: str, alias: str, default_theta: float = 10000.0):
     """ModelArgs of a grouped-query family from config.json: the expert count under ``experts`` or its
     other spelling ``alias``, RoPE settings normalised, num_key_value_heads defaulting to the query
@@ -86,7 +95,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start_pos: int) -> torch.Tensor:
         b, t, _ = x.shape  # [B, T, H]
-        q, k, v = linear_many(x, [(p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)])  # [B, T, n*D]
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))  # [B, T, n*D]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -118,7 +127,7 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
-        gate, up = linear_many(x, [(p.weight, p.bias) for p in (self.gate_proj, self.up_proj)])  # one kernel call
+        gate, up = project(x, (self.gate_proj, self.up_proj))  # one kernel call
         return self.down_proj(rowwise(self.act, gate) * up)
 
 
