@@ -118,7 +118,7 @@ def test_a_drift_makes_the_store_plan_again(store_archive, tmp_path):
     for a plan at the next placement."""
     from formats.decoder import ParallelDecoder
     from formats.reader import Archive
-    from zipmoe_run.calibrate import Drift
+    from zipmoe_run.drift import Drift
     from zipmoe_run.store.store import ExpertStore
     from zipmoe_run.tiers import CostModel
 

@@ -22,10 +22,11 @@ The cache (JSON, atomic writes, read with ``formats.jsonstrict``) lives in ``$ZI
 (device number and type of the archive's file system) for reads. A new version re-measures; a corrupt
 or foreign file is ignored with a logged note and re-measured.
 
-Online: the store keeps refining the estimates (EWMA, ``CostModel.observe``); a :class:`Drift` watcher
+Online: the store keeps refining the estimates (EWMA, ``CostModel.observe``); a drift watcher (``drift``)
 keeps a slow average of the same measurements, logs when it moves more than ``DRIFT_RATIO`` from the
-calibration, notes it (``notes``, in the runtime's stats) and writes it to the cache, where the next
-store on this host starts from it (the first measurement stays under ``measured``).
+calibration the run started from, notes it (``notes``, in the runtime's stats) and writes it to the
+cache once per rate and run, where the next store on this host starts from it (the first measurement
+stays under ``measured``).
 
 Environment: ``ZIPMOE_CALIBRATE=off`` skips self-calibration (the cost model is then
 ``tiers.load_calibration()``: ``zipmoe bench io``'s file if present, else the documented assumptions);
@@ -37,7 +38,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -47,6 +47,7 @@ from pathlib import Path
 from formats.errors import ZmoeError
 from zipmoe_run.calibrate_measure import READ_MIN, READ_TARGET, contended_key, fs_key, measure_decode, measure_read
 from zipmoe_run.cores import plan_cores
+from zipmoe_run.drift import DRIFT_RATIO, Drift, positive as _positive
 from zipmoe_run.hostinfo import codegen_env, host_info
 from zipmoe_run.tiers import CostModel, load_calibration
 
@@ -57,10 +58,6 @@ __all__ = ["READ_MIN", "READ_TARGET", "CalibrationError", "ENV_MODE", "ENV_DIR",
 log = logging.getLogger(__name__)
 
 ENV_MODE, ENV_DIR, ENV_FILE = "ZIPMOE_CALIBRATE", "ZIPMOE_CACHE_DIR", "ZIPMOE_CALIBRATION"
-DRIFT_RATIO = 2.0  # an online estimate this far (either way) from the calibration is a drift
-DRIFT_MIN_OBS = 8  # observations of a rate before its drift is judged
-DRIFT_WEIGHT = 0.125  # of one observation in the drift watcher's (slow, geometric) average
-NOTES_KEPT = 8
 FORMAT = 2  # 2: contended decode rates and read rates per queue depth
 
 
@@ -90,8 +87,6 @@ def host_key(info: dict | None = None, version: str | None = None) -> dict:
 # -- the cache --------------------------------------------------------------------------------------------------
 
 
-def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 class Calibrator:
@@ -246,50 +241,6 @@ class Calibrator:
                                               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             d["drift"] = d["drift"][-8:]
             self._save(p, d)
-
-
-class Drift:
-    """Watches a store's measured rates against the calibration they started from.
-
-    It keeps its own slow average of each rate (geometric, weight :data:`DRIFT_WEIGHT`, starting at the
-    calibration: the store's fast EWMA swings with every contended fetch) and, once it is more than
-    ``ratio`` away from the calibration (or from the last drift), logs it, adds a note (``notes``, the
-    last :data:`NOTES_KEPT`; ``events`` counts them all) and writes the average into the cache entry."""
-
-    def __init__(self, cost: CostModel, files: dict, calibrator: Calibrator | None, clock=time.monotonic,
-                 ratio: float = DRIFT_RATIO):
-        self.files = files  # rate name -> (cache file or None, key in its rates)
-        self.base = {name: getattr(cost, name) for name in files}
-        self.avg = {name: math.log(v) for name, v in self.base.items()}
-        self.count = dict.fromkeys(files, 0)
-        self.calibrator, self.clock, self.ratio = calibrator, clock, ratio
-        self.t0 = clock()
-        self.notes: list[dict] = []
-        self.events = 0
-        self.lock = threading.Lock()
-        self.listeners: list = []  # called with the rate's name after each drift (the store re-plans)
-
-    def check(self, cost: CostModel, name: str, rate: float) -> None:
-        if name not in self.base or not _positive(rate):
-            return
-        with self.lock:
-            self.count[name] += 1
-            self.avg[name] += DRIFT_WEIGHT * (math.log(rate) - self.avg[name])
-            now, base = math.exp(self.avg[name]), self.base[name]
-            if self.count[name] < DRIFT_MIN_OBS or (1 / self.ratio) * base <= now <= self.ratio * base:
-                return
-            self.base[name] = now
-            self.events += 1
-            self.notes = self.notes[-(NOTES_KEPT - 1):] + [
-                {"rate": name, "calibrated_bps": base, "online_bps": now, "ratio": now / base,
-                 "after_s": self.clock() - self.t0}]
-            file, key = self.files[name]
-        log.info("%s: online estimate %.2f GB/s is %.1fx the calibration (%.2f GB/s); updating %s", name,
-                 now / 1e9, now / base, base / 1e9, file or "nothing (not a cached calibration)")
-        if file and self.calibrator is not None:
-            self.calibrator.update(file, key, now)
-        for fn in list(self.listeners):
-            fn(name)
 
 
 class CalibrationError(ZmoeError):

@@ -228,7 +228,7 @@ class CostModel:
     read_method: str = "assumed"
     source: str = "defaults (disk 1.4 GB/s, decode 1.7 GB/s/core x 2 cores, compute 4 GB/s assumed)"
     extra: dict = field(default_factory=dict)
-    #: an object with ``check(cost, rate_name, measured_rate)`` told of every update (``calibrate.Drift``)
+    #: an object with ``check(cost, rate_name, measured_rate)`` told of every update (``drift.Drift``)
     drift: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
