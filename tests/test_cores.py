@@ -200,3 +200,24 @@ def test_eviction_never_takes_an_expert_the_open_fetch_has_pinned(store_archive)
             assert all(w is not None for _, w in rest) and len(rest) == 1
         finally:
             store.close()
+
+
+def test_closing_the_store_ends_the_drift_watch(store_archive):
+    """The run's mean rates are judged (and, where they drifted, written to the calibration cache) when
+    the store closes: after that no sample counts."""
+    from formats.decoder import ParallelDecoder
+    from formats.reader import Archive
+    from zipmoe_run.drift import Drift
+    from zipmoe_run.store.store import ExpertStore
+    from zipmoe_run.tiers import CostModel
+
+    path, _ = store_archive(0)
+    cost = CostModel(read_bps=1e9, decode_bps=3e9)
+    cost.drift = Drift(cost, {"read_bps": (None, "read_bps")}, None)
+    with Archive(path) as ar, ParallelDecoder(1) as dec:
+        store = ExpertStore(ar, dec, budget="50%", policy="zipmoe", cost=cost)
+        for _ in range(10):
+            cost.observe("read_bps", 0.2e9, 0.25)
+        assert not cost.drift.finished
+        store.close()
+    assert cost.drift.finished and cost.drift.notes[-1]["run_mean"] and cost.drift.notes[-1]["samples"] == 10

@@ -24,9 +24,9 @@ or foreign file is ignored with a logged note and re-measured.
 
 Online: the store keeps refining the estimates (EWMA, ``CostModel.observe``); a drift watcher (``drift``)
 keeps a slow average of the same measurements, logs when it moves more than ``DRIFT_RATIO`` from the
-calibration the run started from, notes it (``notes``, in the runtime's stats) and writes it to the
-cache once per rate and run, where the next store on this host starts from it (the first measurement
-stays under ``measured``).
+calibration the run started from and notes it (``notes``, in the runtime's stats); at the end of the run
+the mean of a rate that drifted is written to the cache, where the next store on this host starts from
+it (the first measurement stays under ``measured``).
 
 Environment: ``ZIPMOE_CALIBRATE=off`` skips self-calibration (the cost model is then
 ``tiers.load_calibration()``: ``zipmoe bench io``'s file if present, else the documented assumptions);

@@ -418,6 +418,9 @@ class ExpertStore:
         if not self.worker.stop(CLOSE_JOIN_S):
             log.error("expert store: the I/O thread is still reading %s after %g s; its file descriptors and "
                       "buffers are released when it ends", self.reader.path, CLOSE_JOIN_S)
+        finish = getattr(getattr(self.cost, "drift", None), "finish", None)
+        if finish is not None:
+            finish()  # the run's mean rates, where they drifted, into the calibration cache (calibrate)
 
     def _free(self) -> None:
         """On the I/O thread, after its last job (close): release buffers and file descriptors."""
