@@ -197,7 +197,7 @@ def test_drift_logs_notes_and_updates_the_cache(tmp_path, caplog):
     fake = Fake(read=6.4e8)
     f = tmp_path / "a.bin"
     f.write_bytes(b"x")
-    c = calibrate.current(f, [(0, 1)], 2, calibrator=cal(tmp_path, fake))
+    c = calibrate.current(f, [(0, 1)], 2, calibrator=cal(tmp_path, fake), codec="huf4x")
     c.drift.clock = Clock(1.0)
     for _ in range(10):  # within 2x: no note
         c.observe("read_bps", 1.0e9, 0.25)
@@ -219,7 +219,7 @@ def test_drift_logs_notes_and_updates_the_cache(tmp_path, caplog):
 def test_noisy_rates_around_the_calibration_are_no_drift(tmp_path):
     """Contended fetches swing the store's fast estimate past 2x either way, again and again (a real run
     noted 16 drifts in 22 s): that is no drift, no note, no write."""
-    c = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 1e9, 2: 0.9e9})))
+    c = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 1e9, 2: 0.9e9})), codec="huf4x")
     before = open(c.drift.files["decode_bps"][0]).read()
     for i in range(200):  # 4 fetches at a third of it, 4 at three times it, ...
         c.observe("decode_bps", (0.3e9, 2.7e9)[i // 4 % 2], 0.25)
@@ -232,7 +232,7 @@ def test_a_run_that_swings_in_phases_writes_its_mean_once_at_the_end(tmp_path):
     made the next run start from one phase's rate and take the other's for a drift, run after run. In
     the run: notes and re-plans against a band that never moves, nothing written; at the end the mean of
     all the run's samples, written only where it lies outside the band."""
-    c = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 2.8e9, 2: 4.65e9})))
+    c = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 2.8e9, 2: 4.65e9})), codec="huf4x")
     path, key = c.drift.files["decode_bps"]
     start = c.drift.base["decode_bps"]
     before = open(path).read()
@@ -254,13 +254,40 @@ def test_a_run_that_swings_in_phases_writes_its_mean_once_at_the_end(tmp_path):
 def test_phases_around_the_calibration_write_nothing_at_the_end(tmp_path):
     """Phases on both sides of the calibration (contended prefill, quieter decode steps) whose mean is
     within 2x of it: the next run starts from the same calibration."""
-    c = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 1.0e9, 2: 0.9e9})))
+    c = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 1.0e9, 2: 0.9e9})), codec="huf4x")
     path = c.drift.files["decode_bps"][0]
     before = open(path).read()
     for phase in (0.35e9, 3.0e9, 0.4e9, 2.5e9):  # each beyond 2x, their mean within it
         for _ in range(40):
             c.observe("decode_bps", phase, 0.25)
     assert c.drift.events >= 2 and c.drift.finish() == {} and open(path).read() == before
+
+
+def test_a_store_without_a_codec_never_writes_a_codecs_decode_entry(tmp_path):
+    """A ``--raw`` archive (or a folder) has no codec: its store starts from the default codec's decode
+    rates but its "decode" is a copy (4.5 GB/s here against 2 for huf4x), which it wrote into huf4x's
+    entry; the next huf4x run then started from it. Only the codec's own store updates its entry."""
+    raw = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 1e9, 2: 0.9e9})))
+    coded = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 1e9, 2: 0.9e9})), codec="huf4x")
+    assert raw.drift.files["decode_bps"][0] is None and coded.drift.files["decode_bps"][0] is not None
+    path = coded.drift.files["decode_bps"][0]
+    before = open(path).read()
+    for _ in range(40):
+        raw.observe("decode_bps", 4.5e9, 0.25)
+    assert raw.drift.events == 1 and raw.drift.finish() == {} and open(path).read() == before
+
+
+def test_an_average_at_the_band_edge_is_one_drift_not_a_toggle(tmp_path):
+    """A 30 % run's read rate sat at half its calibration (0.55-0.62 GB/s against 1.2): eight notes of
+    leaving and coming back, each a re-plan. Coming back takes a clearly smaller distance."""
+    c = calibrate.current(threads=2, calibrator=cal(tmp_path, Fake(decode={1: 1e9, 2: 0.9e9})), codec="huf4x")
+    base = c.drift.base["decode_bps"]
+    for i in range(400):  # the samples alternate just outside and just inside the 2x band
+        c.observe("decode_bps", base * (0.42, 0.58)[i // 6 % 2], 0.25)
+    assert c.drift.events == 1 and not c.drift.notes[0].get("back")
+    for _ in range(60):  # clearly back
+        c.observe("decode_bps", base, 0.25)
+    assert c.drift.events == 2 and c.drift.notes[-1]["back"]
 
 
 def test_frozen_cost_model_ignores_observations():

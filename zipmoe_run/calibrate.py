@@ -268,7 +268,9 @@ def current(path=None, spans=None, threads: int | None = None, io_mode: str = "a
     decoder threads (default: usable cores) and, with ``path``, the read speed of its file system; the
     core budget (``zipmoe_run.cores``) chosen from them is ``extra["cores"]`` and its decode and read
     rates are the model's. ``compute_bps`` comes from a ``zipmoe bench io`` file of this host if there
-    is one (not measured here)."""
+    is one (not measured here). ``codec``: the experts' codec, whose decode entry the run's drift may
+    update; None (a ``--raw`` archive, a checkpoint folder: no decoding) starts from the default codec's
+    rates and never writes them (a raw archive's copies ran at 4.5 GB/s and rewrote huf4x's entry)."""
     from zipmoe_run.hostinfo import usable_cores
 
     threads = int(threads or usable_cores())
@@ -305,7 +307,7 @@ def current(path=None, spans=None, threads: int | None = None, io_mode: str = "a
     plan = plan_cores(threads, dec["rates"], rd["rates"] if rd is not None else None)
     decode_key = next((k for k, v in dec["rates"].items() if v == plan.decode_bps
                        and k in (str(plan.decode_threads), contended_key(plan.decode_threads))), str(threads))
-    files["decode_bps"] = (dec["file"], decode_key)
+    files["decode_bps"] = (dec["file"] if codec is not None else None, decode_key)  # only a codec's own store writes it
     if rd is not None and plan.read_bps is not None:
         read_bps = plan.read_bps
         files["read_bps"] = (rd["file"], "read_bps" if plan.read_depth == 1 else f"read_bps@{plan.read_depth}")

@@ -15,6 +15,7 @@ DRIFT_RATIO = 2.0  # an online estimate this far (either way) from the calibrati
 DRIFT_MIN_OBS = 8  # observations of a rate before its drift is judged
 DRIFT_WEIGHT = 0.125  # of one observation in the drift watcher's (slow, geometric) average
 NOTES_KEPT = 8
+BACK = 0.75  # a drifted average is back once within ratio ** BACK (1.68x for 2x): no toggling at the edge
 
 
 def positive(v) -> bool:
@@ -29,7 +30,8 @@ class Drift:
     fast EWMA swings with every contended fetch) against a band of ``ratio`` either way of the run's
     *starting* calibration, never re-centred. Leaving the band is a drift (logged, noted in ``notes``,
     the last :data:`NOTES_KEPT`; ``events`` counts them; listeners re-plan); coming back is noted and
-    re-planned too. Nothing is written then: a run's phases (prefill, decode, contended or not) move the
+    re-planned too (once within ``ratio ** BACK``, so an average at the edge does not toggle: a run's
+read rate at half its calibration noted eight drifts). Nothing is written then: a run's phases (prefill, decode, contended or not) move the
     average more than 2x either way, and writing the excursion made the next run start from one phase's
     rate and see the other's as a drift. At the end of the run (:meth:`finish`, the store's close) the
     geometric mean of all the run's samples of a rate, where it lies outside the band, is written into
@@ -51,9 +53,9 @@ class Drift:
         self.lock = threading.Lock()
         self.listeners: list = []  # called with the rate's name after each drift (the store re-plans)
 
-    def _outside(self, name: str, v: float) -> bool:
-        base = self.base[name]
-        return not (1 / self.ratio) * base <= v <= self.ratio * base
+    def _outside(self, name: str, v: float, ratio: float | None = None) -> bool:
+        base, r = self.base[name], ratio or self.ratio
+        return not (1 / r) * base <= v <= r * base
 
     def _note(self, name: str, v: float, **extra) -> None:
         base = self.base[name]
@@ -69,7 +71,7 @@ class Drift:
             self.log_sum[name] += math.log(rate)
             self.avg[name] += DRIFT_WEIGHT * (math.log(rate) - self.avg[name])
             now, base = math.exp(self.avg[name]), self.base[name]
-            out = self._outside(name, now)
+            out = self._outside(name, now, self.ratio ** BACK if self.out[name] else None)
             if self.count[name] < DRIFT_MIN_OBS or out == self.out[name] or self.finished:
                 return
             self.out[name] = out
