@@ -87,8 +87,6 @@ def host_key(info: dict | None = None, version: str | None = None) -> dict:
 # -- the cache --------------------------------------------------------------------------------------------------
 
 
-
-
 class Calibrator:
     """Cached measurements of this host. ``decode_fn(threads, codec=) -> {"t": bps}`` and
     ``read_fn(path, spans, io_mode) -> {"read_bps", "read_method", ...} | None`` default to

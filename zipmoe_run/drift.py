@@ -29,13 +29,14 @@ class Drift:
     In the run: its own slow average of each rate (geometric, weight :data:`DRIFT_WEIGHT`; the store's
     fast EWMA swings with every contended fetch) against a band of ``ratio`` either way of the run's
     *starting* calibration, never re-centred. Leaving the band is a drift (logged, noted in ``notes``,
-    the last :data:`NOTES_KEPT`; ``events`` counts them; listeners re-plan); coming back is noted and
-    re-planned too (once within ``ratio ** BACK``, so an average at the edge does not toggle: a run's
-read rate at half its calibration noted eight drifts). Nothing is written then: a run's phases (prefill, decode, contended or not) move the
-    average more than 2x either way, and writing the excursion made the next run start from one phase's
-    rate and see the other's as a drift. At the end of the run (:meth:`finish`, the store's close) the
-    geometric mean of all the run's samples of a rate, where it lies outside the band, is written into
-    the cache entry: the next store on this host starts from it (specs/runtime.md section 12)."""
+    the last :data:`NOTES_KEPT`; ``events`` counts them; listeners re-plan); coming back within
+    ``ratio ** BACK`` is noted and re-planned too (a band edge of its own, so an average sitting at the
+    edge does not toggle: a read rate at half its calibration noted eight drifts in one run). Nothing is
+    written then: a run's phases (prefill, decode, contended or not) move the average more than 2x
+    either way, and writing an excursion made the next run start from one phase's rate and take the
+    other's for a drift. At the end of the run (:meth:`finish`, the store's close) the geometric mean of
+    the run's samples of a rate, where it lies outside the band, is written into the cache entry: the
+    next store on this host starts from it (specs/runtime.md section 12)."""
 
     def __init__(self, cost, files: dict, calibrator, clock=time.monotonic, ratio: float = DRIFT_RATIO):
         self.files = files  # rate name -> (cache file or None, key in its rates)
