@@ -142,6 +142,15 @@ def test_emulated_storage_is_labelled(quick, tmp_path_factory):
         assert len(runs) == 2 and rows[s]["tok_s"] == sorted(runs)[0] and rows[s]["runs_failed"] == 0
         assert rows[s]["io_throttle_bps"] == 200_000_000 and "(emulated)" in rows[s]["io_mode"]
     assert rows["resident"]["io_throttle_bps"] is None
+    # the spread: run j of zipmoe over run j of raw (alternated, adjacent in time), and each row's range
+    from zipmoe.bench.e2e_report import _tok_s
+
+    t = next(x for x in result["targets"] if x["target"] == "30% budget: zipmoe tokens/s >= 1.3x raw")
+    want = [a / b for a, b in zip(rows["zipmoe"]["tok_s_runs"], rows["raw"]["tok_s_runs"])]
+    assert t["paired"] == pytest.approx(want, rel=1e-12) and f"{min(want):.2f}-{max(want):.2f}x" in t["note"]
+    lo, hi = min(rows["zipmoe"]["tok_s_runs"]), max(rows["zipmoe"]["tok_s_runs"])
+    assert _tok_s(rows["zipmoe"]) == f"{rows['zipmoe']['tok_s']:.2f} ({lo:.1f}-{hi:.1f})"
+    assert _tok_s({"tok_s": 3.0}) == "3.00"
     for r in rows.values():
         _check_row(r, result)
     ref = {r["system"]: r["tokens"] for r in result0["rows"] if r["budget_pct"] in (30.0, None)}

@@ -19,6 +19,12 @@ def _gb(n):
     return f"{n / 1e9:.2f}" if n >= 1e7 or n == 0 else f"{n / 1e9:.4f}"
 
 
+def _tok_s(r: dict) -> str:
+    """The median run's tokens/s, with the range of every run when there were several."""
+    runs = [x for x in r.get("tok_s_runs") or [] if x]
+    return f"{r['tok_s']:.2f}" + (f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else "")
+
+
 def _kv_mb(result: dict) -> str:
     kv = next((r.get("kv_bytes") for r in result["rows"] if r.get("kv_bytes")), None)
     return "-" if kv is None else f"{kv / 1e6:.1f}"
@@ -38,7 +44,8 @@ def render_table(result: dict):
              f"{m['expert_bytes'] / 1e9:.2f} GB routed experts ({m['extent_bytes'] / 1e9:.2f} GB compressed), "
              f"dense {m['dense_bytes'] / 1e9:.2f} GB, KV {_kv_mb(result)} MB; greedy, {result['config']['prompt_tokens']} prompt + "
              f"{result['config']['new_tokens']} new tokens; cold start"
-             + (f"; median of {result['config']['repeat']} runs" if result["config"].get("repeat", 1) > 1 else "")
+             + (f"; median of {result['config']['repeat']} runs (their range in brackets)"
+                if result["config"].get("repeat", 1) > 1 else "")
              + f". {result['machine']['note']}")
     sto = result.get("storage") or {}
     if sto.get("emulated"):
@@ -64,7 +71,7 @@ def render_table(result: dict):
         rw = r.get("bytes_read_warm") if r.get("bytes_read_warm") is not None else r.get("proc_read_bytes_warm")
         warm = f"{r['tok_s_warm']:.2f}" if r.get("tok_s_warm") is not None else "-"
         load_s = f"{r['load_s']:.2f}" if r.get("load_s") is not None else "-"
-        t.add_row(b, r["system"], cap, load_s, f"{r['tok_s']:.2f}", f"{r['ttft_s']:.2f}" if r.get("ttft_s") is not None else "-",
+        t.add_row(b, r["system"], cap, load_s, _tok_s(r), f"{r['ttft_s']:.2f}" if r.get("ttft_s") is not None else "-",
                   f"{r['tpot_s'] * 1e3:.0f}", _gb(read),
                   f"{r['disk_util']:.0%}" if r.get("disk_util") is not None else "-", hits, warm, _gb(rw), _gb(r.get("peak_rss_bytes")),
                   _gb(r.get("cap_peak_bytes")), str(r.get("io_mode") or "-"), r.get("cap_note") or "")
