@@ -28,8 +28,20 @@ def test_read_depth_is_the_fewest_within_the_margin():
     rd = {"read_bps": 1.0 * GB, "read_bps@2": 1.6 * GB, "read_bps@4": 1.7 * GB}
     p = plan_cores(2, {"1": GB}, rd)
     assert (p.read_depth, p.read_bps) == (2, 1.6 * GB)  # 4 is within 10 % of... 1.7 * 0.9 = 1.53 <= 1.6
-    p = plan_cores(2, {"1": GB}, {"read_bps": 1.0 * GB, "read_bps@2": 1.05 * GB})
-    assert p.read_depth == 1
+    rd = {"read_bps": 1.0 * GB, "read_bps@2": 1.6 * GB, "read_bps@4": 2.0 * GB}
+    assert plan_cores(2, {"1": GB}, rd).read_depth == 4
+
+
+def test_two_reads_in_flight_unless_two_measured_slower():
+    # alone one read at a time loses nothing (host C: 1.00 / 1.05 / 0.92 GB/s), but inside a run the I/O
+    # thread's work between reads idles a one-deep queue: two are chosen where two are not slower
+    p = plan_cores(2, {"1": GB}, {"read_bps": 1.00 * GB, "read_bps@2": 1.05 * GB, "read_bps@4": 0.92 * GB})
+    assert (p.read_depth, p.read_bps) == (2, 1.05 * GB) and "at least 2" in p.why
+    p = plan_cores(2, {"1": GB}, {"read_bps": 1.0 * GB, "read_bps@2": 0.95 * GB})  # within the margin: 2
+    assert p.read_depth == 2
+    p = plan_cores(2, {"1": GB}, {"read_bps": 1.0 * GB, "read_bps@2": 0.8 * GB})  # measured slower: 1
+    assert (p.read_depth, p.read_bps) == (1, 1.0 * GB)
+    assert plan_cores(2, {"1": GB}, {"read_bps": 1.0 * GB}).read_depth == 1  # only depth 1 measured
 
 
 def test_no_calibration_means_every_core_decodes():

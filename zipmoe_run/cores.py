@@ -10,9 +10,14 @@ can use, not one thread per core each:
   compute thread runs* (``"t+compute"``) decide when the calibration has them: that is the decoder's
   situation inside a decode step. On a 2-core host where a second decoder thread adds 20 % alone and
   nothing under contention, one thread is chosen and the other core stays with compute and I/O.
-* **read depth**: the fewest reads in flight whose calibrated rate is within :data:`MARGIN` of the
-  best depth measured (1, 2, 4). Reads sleep in the kernel, so depth costs no core; it keeps the
-  device's queue full while the I/O thread admits the next expert and the decoders run.
+* **read depth**: the fewest reads in flight, but at least :data:`MIN_DEPTH`, whose calibrated rate is
+  within :data:`MARGIN` of the best depth measured (1, 2, 4). Reads sleep in the kernel, so depth
+  costs no core; it keeps the device's queue full while the I/O thread admits the next expert and
+  submits decodes. The calibration reads alone, where one read at a time loses nothing (host C:
+  1.00 / 1.05 / 0.92 GB/s at 1 / 2 / 4); inside a budgeted run the I/O thread's own work between
+  reads (and the interpreter lock it shares with the compute and the decoders) left the device idle:
+  the store read at 0.65-0.75 GB/s with one read in flight and 0.85-1.2 with two (``zipmoe bench
+  e2e``, 30 %, the same calibration), so depth 1 is chosen only where depth 2 measured slower.
 
 * **priority**: decoder threads run :func:`decode_nice` below the compute and I/O threads (Linux, per
   thread; ``formats.workpool``). When every core is busy the I/O thread, which needs a core only for
@@ -32,12 +37,13 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-__all__ = ["MARGIN", "DECODE_NICE", "CorePlan", "plan_cores", "decode_rates", "read_depth_rates",
+__all__ = ["MARGIN", "MIN_DEPTH", "DECODE_NICE", "CorePlan", "plan_cores", "decode_rates", "read_depth_rates",
            "compression_verdict", "decode_nice"]
 
 log = logging.getLogger(__name__)
 
 MARGIN = 0.10  # a larger pool must beat a smaller one by more than this to be chosen
+MIN_DEPTH = 2  # reads in flight unless fewer measured faster (see the module docstring)
 DECODE_NICE = 5  # decoder threads' nice value above the process's (ZIPMOE_DECODE_NICE overrides; 0: off)
 
 
@@ -89,12 +95,15 @@ def read_depth_rates(rates: dict) -> dict[int, float]:
     return out
 
 
-def _fewest_within(rates: dict[int, float], cap: int, margin: float) -> tuple[int, float] | None:
+def _fewest_within(rates: dict[int, float], cap: int, margin: float, floor: int = 1) -> tuple[int, float] | None:
+    """The fewest (at least ``floor`` where such a count is within the margin) of ``rates``' counts
+    whose rate is within ``margin`` of the best, with its rate; None when none is usable."""
     usable = {n: r for n, r in rates.items() if 1 <= n <= cap and r > 0}
     if not usable:
         return None
     best = max(usable.values())
-    n = min(k for k, r in usable.items() if r >= (1.0 - margin) * best)
+    good = [k for k, r in usable.items() if r >= (1.0 - margin) * best]
+    n = min([k for k in good if k >= floor] or good)
     return n, usable[n]
 
 
@@ -119,9 +128,10 @@ def plan_cores(cores: int, decode: dict | None, read: dict | None, *, margin: fl
         pick = (cores, None)
         why.append(f"decode {cores} threads: no calibration")
     depths = read_depth_rates(read or {})
-    rpick = _fewest_within(depths, max_depth, margin)
+    rpick = _fewest_within(depths, max_depth, margin, MIN_DEPTH)
     if rpick is not None:
-        why.append(f"{rpick[0]} read(s) in flight: the fewest within {margin:.0%} of the best ({_fmt(depths)})")
+        why.append(f"{rpick[0]} read(s) in flight: the fewest, at least {MIN_DEPTH} where that is not slower, "
+                   f"within {margin:.0%} of the best ({_fmt(depths)})")
     else:
         rpick = (1, None)
         why.append("1 read in flight: read speed not calibrated")
