@@ -205,12 +205,16 @@ class MoEDecoderLayer(nn.Module):
         """This layer's mask out of what ``DecoderLM.masks`` built."""
         return masks
 
-    def forward(self, x, cos, sin, masks, cache, start_pos):
+    def forward(self, x, cos, sin, masks, cache, start_pos, last_only: bool = False):
+        """x [B, T, H] -> [B, T, H]; [B, 1, H] with ``last_only`` (the last layer when only the last logits
+        are wanted): every position's K/V is cached, the block runs on the last position (specs/runtime.md 11)."""
         if isinstance(cache, RaggedKV):  # one mask per row (``DecoderLM.decode_step``)
             mask = [self.attention_mask(m) for m in masks]
         else:
             mask = self.attention_mask(masks)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)  # [B, T, H]
+        if last_only and h.shape[1] > 1:
+            h = h[:, -1:].contiguous()  # [B, 1, H]
         moe = self.moe
         if moe is None:
             return h + getattr(self, self.block_name)(self.post_attention_layernorm(h))
@@ -271,9 +275,10 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.LongTensor, cache: KVCache, start_pos: int, last_only: bool = False):
         with self._chunk_scope(input_ids):
             h, cos, sin, mask = self._chunk_inputs(input_ids, start_pos)
-            for layer in self.model.layers:
-                h = layer(h, cos, sin, mask, cache, start_pos)
-            return self._chunk_logits(h, last_only)  # [B, T, V]
+            last = len(self.model.layers) - 1
+            for i, layer in enumerate(self.model.layers):
+                h = layer(h, cos, sin, mask, cache, start_pos, last_only and i == last)  # [B, T or 1, H]
+            return self._chunk_logits(h, last_only)  # [B, T or 1, V]
 
     def _chunk_scope(self, input_ids: torch.LongTensor):
         return single_row_scope(input_ids.numel() == 1 and self.dtype is torch.bfloat16)
@@ -349,10 +354,11 @@ class DecoderLM(nn.Module):
         if rows:
             with self._rows_scope():
                 hr, cos_r, sin_r, masks_r, kv = self._rows_inputs(token_ids, caches, positions)
-        for layer in self.model.layers:
-            for i, ((ids, cache, start, _), (h, cos, sin, mask)) in enumerate(zip(chunks, hs)):
+        last = len(self.model.layers) - 1
+        for j, layer in enumerate(self.model.layers):
+            for i, ((ids, cache, start, lo), (h, cos, sin, mask)) in enumerate(zip(chunks, hs)):
                 with self._chunk_scope(ids):
-                    hs[i] = (layer(h, cos, sin, mask, cache, start), cos, sin, mask)  # [B, T, H]
+                    hs[i] = (layer(h, cos, sin, mask, cache, start, lo and j == last), cos, sin, mask)  # [B, T or 1, H]
             if rows:
                 with self._rows_scope():
                     hr = layer(hr, cos_r, sin_r, masks_r, kv, None)  # [N, 1, H]
