@@ -207,7 +207,12 @@ def _record(model, log):
 
 
 def _expected_fetches(plan, prompt_len, new_tokens, layers):
-    out = [(layer, sorted({int(e) for p in range(prompt_len) for e in plan[p, layer]})) for layer in range(layers)]
+    # the prefill: every prompt position's experts, except in the last layer (only the last position's
+    # block runs there: generation wants only the last logits)
+    out = []
+    for layer in range(layers):
+        first = 0 if layer < layers - 1 else prompt_len - 1
+        out.append((layer, sorted({int(e) for p in range(first, prompt_len) for e in plan[p, layer]})))
     for pos in range(prompt_len, prompt_len + new_tokens - 1):
         out += [(layer, sorted(int(e) for e in plan[pos, layer])) for layer in range(layers)]
     return out

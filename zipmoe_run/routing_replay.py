@@ -58,6 +58,7 @@ class ReplayPlan:
         self.choices = torch.from_numpy(arr.astype(np.int64))  # [P, L, K]
         self.weights, self.label = weights, label
         self.rows: torch.Tensor | None = None  # [N] positions of the rows the next routes see
+        self.per_seq = 1  # rows per sequence in ``rows`` (T of a forward [B, T])
         self.weights_used: dict[int, str] = {}
 
     @property
@@ -72,12 +73,18 @@ class ReplayPlan:
     def k(self) -> int:
         return int(self.choices.shape[2])
 
-    def set_rows(self, positions: torch.Tensor) -> None:
+    def set_rows(self, positions: torch.Tensor, per_seq: int = 1) -> None:
+        """The positions of the rows routed next ([B * T], sequence by sequence, ``per_seq`` = T each)."""
         self.rows = positions.to(torch.int64).reshape(-1)
+        self.per_seq = max(1, int(per_seq))
 
     def experts(self, layer: int, n: int) -> torch.Tensor:
-        """The replayed experts of the ``n`` rows being routed in ``layer``: [n, K] int64."""
+        """The replayed experts of the ``n`` rows being routed in ``layer``: [n, K] int64. ``n`` may also be
+        one row per sequence: the last layer of a forward that wants only the last logits routes each
+        sequence's last position alone (``MoEDecoderLayer.forward``'s ``last_only``)."""
         rows = self.rows
+        if rows is not None and rows.numel() != n and self.per_seq > 1 and n * self.per_seq == rows.numel():
+            rows = rows.view(n, self.per_seq)[:, -1]  # [B]: each sequence's last position
         if rows is None or rows.numel() != n:
             raise GenerationError(f"routing replay: layer {layer} routed {n} rows outside a replayed forward "
                                   f"({0 if rows is None else rows.numel()} positions set)")
@@ -140,7 +147,7 @@ def install_replay(model, plan: ReplayPlan) -> int:
 
     def forward(input_ids, cache, start_pos, *args, **kwargs):
         b, t = input_ids.shape
-        plan.set_rows(torch.arange(start_pos, start_pos + t).repeat(b))  # [B * T], row order of flat [N, H]
+        plan.set_rows(torch.arange(start_pos, start_pos + t).repeat(b), t)  # [B * T], row order of flat [N, H]
         return fwd(input_ids, cache, start_pos, *args, **kwargs)
 
     model.forward = forward
