@@ -16,7 +16,7 @@ can use, not one thread per core each:
   submits decodes. The calibration reads alone, where one read at a time loses nothing (host C:
   1.00 / 1.05 / 0.92 GB/s at 1 / 2 / 4); inside a budgeted run the I/O thread's own work between
   reads (and the interpreter lock it shares with the compute and the decoders) left the device idle:
-  the store read at 0.65-0.75 GB/s with one read in flight and 0.85-1.2 with two (``zipmoe bench
+  the store read at 0.65-0.90 GB/s with one read in flight and 0.85-0.94 with two (``zipmoe bench
   e2e``, 30 %, the same calibration), so depth 1 is chosen only where depth 2 measured slower.
 
 * **priority**: decoder threads run :func:`decode_nice` below the compute and I/O threads (Linux, per
