@@ -481,3 +481,15 @@ def test_full_depth_family_refusals(tmp_path):
     with pytest.raises(BenchInputError, match="--depth full builds qwen2_moe or olmoe"):
         prepare_full(E2EConfig(workdir=tmp_path / "y", depth="full", family="switch_transformers"))
     assert not (tmp_path / "y").exists()
+
+
+def test_replay_plan_serves_each_sequences_last_position():
+    """A forward of B sequences of T tokens that wants only the last logits routes T rows per sequence in
+    every layer but the last, and one row per sequence (its last position) there."""
+    choices = np.arange(10 * 2 * 2, dtype=np.int16).reshape(10, 2, 2)  # [P, L, K]
+    plan = ReplayPlan(choices)
+    plan.set_rows(torch.arange(3, 8).repeat(2), 5)  # B = 2 sequences at positions 3 .. 7
+    assert torch.equal(plan.experts(0, 10), torch.from_numpy(choices[[3, 4, 5, 6, 7] * 2, 0].astype(np.int64)))
+    assert torch.equal(plan.experts(1, 2), torch.from_numpy(choices[[7, 7], 1].astype(np.int64)))
+    with pytest.raises(GenerationError, match="routed 3 rows outside a replayed forward"):
+        plan.experts(1, 3)  # neither every row nor one per sequence
