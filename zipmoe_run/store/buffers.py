@@ -9,6 +9,17 @@ Two granules, kept apart:
   and the ``O_DIRECT`` granule of common block devices): what read offsets and lengths are
   multiples of (``io.ExpertReader``). A page is always a multiple of it.
 
+A buffer of at least one huge page (``HUGE``: the kernel's transparent huge page, 2 MiB on x86-64;
+0 where there is none or ``ZIPMOE_HUGEPAGES=0``) is mapped at a length that is a multiple of it, which
+Linux places on a huge-page boundary, and asks for huge pages (``MADV_HUGEPAGE``) on the whole huge
+pages inside its bytes; the rest of the mapping (the part-used last one and the slack after it) is
+marked ``MADV_NOHUGEPAGE``, so nothing outside the charged bytes is ever faulted in. A matrix-vector
+product streams a decoded expert about a third faster from 2 MiB pages than from 4 KiB ones here
+(fewer TLB misses; the page walks of a 4 KiB stream cost what the arithmetic does). Only buffers
+charged whole get them, and a buffer that drops pages (``set_bounds``) gives them up first
+(``MADV_NOHUGEPAGE`` on all of it): a huge-page region is never partly uncharged, and the kernel's
+background collapse (``khugepaged``) cannot fill dropped pages back in.
+
 A buffer lends its bytes explicitly (``lend``): each lent view is counted until the last object
 derived from it (a numpy slice, a tensor made with ``torch.frombuffer``) is gone, then
 ``weakref.finalize`` gives it back. ``busy()`` is that count, so whether a buffer may be reused never
@@ -17,16 +28,42 @@ depends on an interpreter's reference counts.
 from __future__ import annotations
 
 import bisect
+import logging
 import mmap
+import os
 import threading
 import weakref
 
 import numpy as np
 
-__all__ = ["ALIGN", "PAGE", "ceil_to", "floor_to", "ceil_align", "Buffer", "BufferPool"]
+__all__ = ["ALIGN", "PAGE", "HUGE", "huge_page_size", "ceil_to", "floor_to", "ceil_align", "Buffer", "BufferPool"]
+
+log = logging.getLogger(__name__)
 
 ALIGN = 4096  # the archive's alignment and the O_DIRECT granule
 PAGE = mmap.PAGESIZE  # the host's page size
+_MAX_HUGE = 32 << 20  # a larger PMD page (64 KiB base pages: 512 MiB) would round buffers up too far
+
+
+def huge_page_size(sysfs: str = "/sys/kernel/mm/transparent_hugepage") -> int:
+    """The transparent huge page size buffers may ask for: 0 unless the kernel offers them on request
+    (mode ``always`` or ``madvise``), Python has ``MADV_HUGEPAGE``, the size is a page multiple of at
+    most 32 MiB, and ``ZIPMOE_HUGEPAGES`` is not ``0``."""
+    if os.environ.get("ZIPMOE_HUGEPAGES", "").strip() == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    try:
+        with open(os.path.join(sysfs, "enabled")) as f:
+            mode = f.read()
+        with open(os.path.join(sysfs, "hpage_pmd_size")) as f:
+            size = int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+    if "[never]" in mode or size <= PAGE or size % PAGE or size > _MAX_HUGE:
+        return 0
+    return size
+
+
+HUGE = huge_page_size()
 
 
 def ceil_to(n: int, m: int) -> int:
@@ -51,20 +88,37 @@ class Buffer:
     ``busy()`` and the store never reuses it.
     """
 
-    __slots__ = ("mm", "arr", "nbytes", "head", "tail", "page", "_users", "_ulock", "__weakref__")
+    __slots__ = ("mm", "arr", "nbytes", "head", "tail", "page", "huge", "_users", "_ulock", "__weakref__")
 
-    def __init__(self, nbytes: int, page: int = PAGE):
+    def __init__(self, nbytes: int, page: int = PAGE, huge: int | None = None):
+        """``huge``: the huge page size to ask for (None: ``HUGE``; 0: none, e.g. a buffer that will
+        be charged only in part)."""
         if page <= 0 or page % ALIGN:
             raise ValueError(f"page size {page} is not a positive multiple of {ALIGN}")
         n = max(page, ceil_to(nbytes, page))
+        huge = HUGE if huge is None else huge
+        self.huge = huge if huge and n >= huge else 0
+        span = ceil_to(n, self.huge) if self.huge else n  # a huge-page multiple: mapped on a boundary
         self.page = page
-        self.mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.arr = np.frombuffer(self.mm, dtype=np.uint8)
+        self.mm = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if self.huge:
+            self._ask_huge(n, span)
+        self.arr = np.frombuffer(self.mm, dtype=np.uint8, count=n)
         self.nbytes = n
         self.head = 0
         self.tail = n
         self._users = 0
         self._ulock = threading.Lock()  # finalizers run in whichever thread drops the last reference
+
+    def _ask_huge(self, n: int, span: int) -> None:
+        body = floor_to(n, self.huge)
+        try:
+            self.mm.madvise(mmap.MADV_HUGEPAGE, 0, body)
+            if span > body:
+                self.mm.madvise(mmap.MADV_NOHUGEPAGE, body, span - body)
+        except OSError as exc:  # a kernel without the advice: small pages, as before
+            log.debug("huge pages not available for a %d-byte buffer: %s", n, exc)
+            self.huge = 0
 
     @property
     def charged(self) -> int:
@@ -106,6 +160,9 @@ class Buffer:
 
     def _drop(self, lo: int, hi: int) -> None:
         if hi > lo:
+            if self.huge:  # no huge page may straddle dropped bytes, now or by a later collapse
+                self.huge = 0
+                self.mm.madvise(mmap.MADV_NOHUGEPAGE, 0, len(self.mm))
             self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:

@@ -84,7 +84,8 @@ class Memory:
                 return b
         if not self.ledger.fits(want):
             return None
-        b = Buffer(n, self.page)
+        whole = self.floor(head) == 0 and self.ceil(tail) >= self.ceil(n)
+        b = Buffer(n, self.page, huge=None if whole else 0)  # huge pages only where all is charged
         self.ledger.charge(cat, b.set_bounds(head, tail, drop=False) + b.nbytes)
         return b
 

@@ -1,0 +1,108 @@
+"""The store's buffers on transparent huge pages: asked for only on bytes that are charged, given up
+before any page is dropped, never outside the buffer's bytes (read back from /proc/self/smaps)."""
+from __future__ import annotations
+
+import mmap
+import sys
+import threading
+
+import pytest
+
+from zipmoe_run.store import buffers as B
+from zipmoe_run.store.memory import Memory
+
+H = 2 << 20  # the huge page the tests ask for, whatever the host's
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"),
+                           reason="madvise(MADV_HUGEPAGE) and /proc/self/smaps are Linux's")
+
+
+def _vmas(buf: B.Buffer) -> list[tuple[int, int, set[str]]]:
+    """(start, end, VmFlags) of each mapping of /proc/self/smaps that overlaps ``buf``'s mapping."""
+    lo = buf.arr.ctypes.data
+    hi = lo + len(buf.mm)
+    out, cur = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                a, b = (int(x, 16) for x in head.split("-"))
+                cur = (a, b) if a < hi and b > lo else None
+            elif cur is not None and line.startswith("VmFlags:"):
+                out.append((max(cur[0], lo) - lo, min(cur[1], hi) - lo, set(line.split()[1:])))
+    return sorted(out)
+
+
+def _flags_at(vmas, off: int) -> set[str]:
+    return next(f for a, b, f in vmas if a <= off < b)
+
+
+@linux
+def test_whole_huge_pages_of_the_bytes_ask_for_them_and_nothing_beyond():
+    n = 2 * H + 5 * 4096  # two whole huge pages and a part-used third
+    buf = B.Buffer(n, huge=H)
+    assert buf.huge == H
+    assert buf.nbytes == n and buf.charged == n  # the bytes charged do not change
+    assert len(buf.arr) == n and len(buf.mm) == 3 * H  # mapped at a multiple: on a huge-page boundary
+    vmas = _vmas(buf)
+    assert "hg" in _flags_at(vmas, 0) and "hg" in _flags_at(vmas, 2 * H - 1)
+    assert "nh" in _flags_at(vmas, 2 * H) and "nh" in _flags_at(vmas, 3 * H - 1)  # the last, part-used one
+    buf.arr[:] = 7
+    assert int(buf.arr[n - 1]) == 7
+    buf.close()
+
+
+@linux
+def test_dropping_pages_gives_huge_pages_up_first():
+    buf = B.Buffer(2 * H, huge=H)
+    buf.arr[:] = 1
+    assert buf.set_bounds(4096, 2 * H) == -4096
+    assert buf.huge == 0
+    assert all("nh" in f and "hg" not in f for _, _, f in _vmas(buf))  # khugepaged cannot refill the hole
+    buf.close()
+
+
+@linux
+def test_a_buffer_charged_in_part_never_asks_for_huge_pages():
+    mem = Memory(None, threading.Condition())
+    whole = mem.bounded(4 * H, 0, 4 * H, "full")
+    part = mem.bounded(4 * H, H + 4096, 4 * H, "sm")
+    assert whole is not None and part is not None
+    assert part.huge == 0
+    assert all("hg" not in f for _, _, f in _vmas(part))
+    if B.HUGE:  # the host offers them: the whole buffer asked
+        assert whole.huge == B.HUGE and "hg" in _flags_at(_vmas(whole), 0)
+    assert part.charged == 4 * H - (H + 4096)
+    mem.close()
+    whole.close()
+    part.close()
+
+
+def test_a_buffer_smaller_than_a_huge_page_or_without_them_is_mapped_as_before():
+    small = B.Buffer(H - 4096, huge=H)
+    none = B.Buffer(3 * H, huge=0)
+    assert small.huge == 0 and len(small.mm) == H - 4096
+    assert none.huge == 0 and len(none.mm) == 3 * H
+    small.close()
+    none.close()
+
+
+@pytest.mark.parametrize("mode, size, env, want", [
+    ("always [madvise] never", H, "", H),
+    ("[always] madvise never", H, "", H),
+    ("always madvise [never]", H, "", 0),
+    ("always [madvise] never", H, "0", 0),  # the opt-out
+    ("always [madvise] never", 512 << 20, "", 0),  # 64 KiB base pages: a 512 MiB PMD page
+    ("always [madvise] never", 1000, "", 0),  # not a page multiple
+])
+def test_huge_page_size_from_the_kernel(tmp_path, monkeypatch, mode, size, env, want):
+    (tmp_path / "enabled").write_text(mode + "\n")
+    (tmp_path / "hpage_pmd_size").write_text(f"{size}\n")
+    monkeypatch.setenv("ZIPMOE_HUGEPAGES", env)
+    got = B.huge_page_size(str(tmp_path))
+    assert got == (want if hasattr(mmap, "MADV_HUGEPAGE") else 0)
+
+
+def test_huge_page_size_without_the_kernel_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("ZIPMOE_HUGEPAGES", raising=False)
+    assert B.huge_page_size(str(tmp_path / "absent")) == 0
