@@ -149,3 +149,20 @@ def test_bad_requests(checkpoint_factory):
         run(ckpt, dtype="int8")
     with pytest.raises(BenchInputError, match="unknown size"):
         run(None, size="huge")
+
+
+def test_every_system_loads_its_checkpoint_cold(checkpoint_factory, monkeypatch):
+    """The runtime and transformers drop the checkpoint's pages before loading it, as the llama.cpp
+    peer does for its GGUF (the same page-cache state for every system: readahead's folios, not what
+    the checkpoint's writer left)."""
+    from zipmoe.bench import e2e_proc
+    from zipmoe.bench.run import run
+
+    ckpt = checkpoint_factory("qwen2_moe", seed=0)
+    dropped: list[list[str]] = []
+    real = e2e_proc._drop
+    monkeypatch.setattr(e2e_proc, "_drop", lambda paths: (dropped.append([str(p) for p in paths]), real(paths)))
+    r = run(ckpt, runs=1, new_tokens=2, prompt_tokens=3, threads=1, dtype="float32",
+            systems=("zipmoe", "transformers"), breakdown=False)
+    assert set(r["systems"]) == {"zipmoe", "transformers"}
+    assert dropped == [[str(ckpt)], [str(ckpt)]]  # once per system, before its load
