@@ -106,3 +106,10 @@ def test_huge_page_size_from_the_kernel(tmp_path, monkeypatch, mode, size, env, 
 def test_huge_page_size_without_the_kernel_files(tmp_path, monkeypatch):
     monkeypatch.delenv("ZIPMOE_HUGEPAGES", raising=False)
     assert B.huge_page_size(str(tmp_path / "absent")) == 0
+
+
+def test_anon_huge_bytes_reads_the_kernels_count(tmp_path):
+    f = tmp_path / "smaps_rollup"
+    f.write_text("Rss:   100 kB\nAnonHugePages:   4096 kB\nShmemPmdMapped: 0 kB\n")
+    assert B.anon_huge_bytes(str(f)) == 4096 * 1024
+    assert B.anon_huge_bytes(str(tmp_path / "absent")) is None

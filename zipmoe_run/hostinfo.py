@@ -100,11 +100,14 @@ def _host_info(cpuinfo_path: str) -> tuple:
 
 
 def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
-    """``{"cpu", "isa", "machine", "system", "cores", "page_bytes"}`` of this host (``isa`` lists the
-    flags of :data:`ISA_FLAGS` the CPU reports; empty where they cannot be read)."""
+    """``{"cpu", "isa", "machine", "system", "cores", "page_bytes", "huge_page_bytes"}`` of this host
+    (``isa`` lists the flags of :data:`ISA_FLAGS` the CPU reports, empty where they cannot be read;
+    ``huge_page_bytes`` the transparent huge page the store's buffers ask for, 0 for none)."""
+    from .store.buffers import HUGE
+
     cpu, isa, machine, system = _host_info(cpuinfo_path)
     return {"cpu": cpu, "isa": list(isa), "machine": machine, "system": system, "cores": usable_cores(),
-            "page_bytes": _page_size()}
+            "page_bytes": _page_size(), "huge_page_bytes": HUGE}
 
 
 def _gb(v) -> str:
@@ -119,6 +122,9 @@ def host_line(info: dict | None = None, calibration: dict | None = None) -> str:
     h = info if info is not None else host_info()
     parts = [f"host: {h.get('cpu', '?')}", " ".join(h.get("isa") or ["no ISA flags read"]),
              f"{h.get('cores', '?')} cores", f"page {h.get('page_bytes') or '?'}"]
+    if "huge_page_bytes" in h:  # the store's buffers on transparent huge pages (zipmoe_run.store.buffers)
+        hp = h["huge_page_bytes"]
+        parts[-1] += f", huge {hp >> 20} MiB" if hp and hp % (1 << 20) == 0 else f", huge {hp}" if hp else ", huge off"
     if calibration:
         c = calibration
         parts.append(f"disk {_gb(c.get('disk_bps'))} GB/s ({c.get('read_method', '?')})")

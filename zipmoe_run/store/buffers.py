@@ -36,7 +36,7 @@ import weakref
 
 import numpy as np
 
-__all__ = ["ALIGN", "PAGE", "HUGE", "huge_page_size", "ceil_to", "floor_to", "ceil_align", "Buffer", "BufferPool"]
+__all__ = ["ALIGN", "PAGE", "HUGE", "huge_page_size", "anon_huge_bytes", "ceil_to", "floor_to", "ceil_align", "Buffer", "BufferPool"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,19 @@ def huge_page_size(sysfs: str = "/sys/kernel/mm/transparent_hugepage") -> int:
 
 
 HUGE = huge_page_size()
+
+
+def anon_huge_bytes(path: str = "/proc/self/smaps_rollup") -> int | None:
+    """This process's anonymous memory on transparent huge pages (``AnonHugePages``), None where the
+    kernel does not say."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def ceil_to(n: int, m: int) -> int:
