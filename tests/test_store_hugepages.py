@@ -70,7 +70,7 @@ def test_a_buffer_charged_in_part_never_asks_for_huge_pages():
     assert whole is not None and part is not None
     assert part.huge == 0
     assert all("hg" not in f for _, _, f in _vmas(part))
-    if B.HUGE:  # the host offers them: the whole buffer asked
+    if B.use_huge():  # this host uses them: the whole buffer asked
         assert whole.huge == B.HUGE and "hg" in _flags_at(_vmas(whole), 0)
     assert part.charged == 4 * H - (H + 4096)
     mem.close()
@@ -91,14 +91,12 @@ def test_a_buffer_smaller_than_a_huge_page_or_without_them_is_mapped_as_before()
     ("always [madvise] never", H, "", H),
     ("[always] madvise never", H, "", H),
     ("always madvise [never]", H, "", 0),
-    ("always [madvise] never", H, "0", 0),  # the opt-out
     ("always [madvise] never", 512 << 20, "", 0),  # 64 KiB base pages: a 512 MiB PMD page
     ("always [madvise] never", 1000, "", 0),  # not a page multiple
 ])
-def test_huge_page_size_from_the_kernel(tmp_path, monkeypatch, mode, size, env, want):
+def test_huge_page_size_from_the_kernel(tmp_path, mode, size, env, want):
     (tmp_path / "enabled").write_text(mode + "\n")
     (tmp_path / "hpage_pmd_size").write_text(f"{size}\n")
-    monkeypatch.setenv("ZIPMOE_HUGEPAGES", env)
     got = B.huge_page_size(str(tmp_path))
     assert got == (want if hasattr(mmap, "MADV_HUGEPAGE") else 0)
 
@@ -113,3 +111,70 @@ def test_anon_huge_bytes_reads_the_kernels_count(tmp_path):
     f.write_text("Rss:   100 kB\nAnonHugePages:   4096 kB\nShmemPmdMapped: 0 kB\n")
     assert B.anon_huge_bytes(str(f)) == 4096 * 1024
     assert B.anon_huge_bytes(str(tmp_path / "absent")) is None
+
+
+# -- the decision: measured once per host, cached, forced by ZIPMOE_HUGEPAGES -----------------------
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    from zipmoe_run.calibrate import Calibrator
+    from zipmoe_run.store import hugepages
+
+    monkeypatch.delenv("ZIPMOE_HUGEPAGES", raising=False)
+    hugepages.reset()
+    cal = Calibrator(tmp_path / "cache", info={"cpu": "Test CPU", "isa": [], "cores": 2, "machine": "x"},
+                     version="1.0")
+    yield hugepages, cal
+    hugepages.reset()
+
+
+def _fake(small, huge, share=1.0):
+    calls = []
+
+    def m(size):
+        calls.append(size)
+        return {"small_ms_per_mib": small, "huge_ms_per_mib": huge, "huge_share": share}
+
+    return m, calls
+
+
+def test_huge_pages_that_fault_in_at_a_price_are_not_used_and_the_verdict_is_cached(fresh):
+    hp, cal = fresh
+    m, calls = _fake(0.52, 3.3)  # host C: the host backs each fresh 2 MiB block anew
+    assert hp.decide(H, measure_fn=m, calibrator=cal) == 0
+    assert hp.report()["how"] == "measured" and calls == [H]
+    hp.reset()
+    assert hp.decide(H, measure_fn=m, calibrator=cal) == 0
+    assert hp.report()["how"] == "cached" and calls == [H]  # not measured again
+
+
+@pytest.mark.parametrize("small, huge, share, want", [
+    (0.52, 0.12, 1.0, H),  # cheaper than small pages (bare metal, or memory the guest still holds)
+    (0.50, 1.00, 1.0, H),  # at the ratio
+    (0.50, 1.01, 1.0, 0),
+    (0.52, 0.12, 0.2, 0),  # the kernel gave few of them: not worth asking
+    (0.0, 0.12, 1.0, 0),  # a measurement that cannot be right
+])
+def test_the_verdict_is_the_fault_cost_ratio(fresh, small, huge, share, want):
+    hp, cal = fresh
+    m, _ = _fake(small, huge, share)
+    assert hp.decide(H, measure_fn=m, calibrator=cal) == want
+
+
+@pytest.mark.parametrize("env, want", [("1", H), ("0", 0)])
+def test_the_environment_forces_the_choice_without_measuring(fresh, monkeypatch, env, want):
+    hp, cal = fresh
+    monkeypatch.setenv("ZIPMOE_HUGEPAGES", env)
+    m, calls = _fake(0.5, 0.1)
+    assert hp.decide(H, measure_fn=m, calibrator=cal) == want and calls == []
+    assert hp.decide(0, measure_fn=m, calibrator=cal) == 0  # none offered: none used
+
+
+@linux
+def test_measure_times_both_kinds_of_page():
+    from zipmoe_run.store import hugepages
+
+    m = hugepages.measure(H, span=4 * H)
+    assert m["small_ms_per_mib"] > 0 and m["huge_ms_per_mib"] > 0
+    assert m["huge_share"] is None or 0.0 <= m["huge_share"] <= 1.0

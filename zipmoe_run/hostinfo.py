@@ -102,12 +102,18 @@ def _host_info(cpuinfo_path: str) -> tuple:
 def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """``{"cpu", "isa", "machine", "system", "cores", "page_bytes", "huge_page_bytes"}`` of this host
     (``isa`` lists the flags of :data:`ISA_FLAGS` the CPU reports, empty where they cannot be read;
-    ``huge_page_bytes`` the transparent huge page the store's buffers ask for, 0 for none)."""
+    ``huge_page_bytes`` the transparent huge page the kernel offers, 0 for none; ``huge_pages`` the
+    store's verdict on them, ``store.hugepages.report()``, once made)."""
+    from .store import hugepages
     from .store.buffers import HUGE
 
     cpu, isa, machine, system = _host_info(cpuinfo_path)
-    return {"cpu": cpu, "isa": list(isa), "machine": machine, "system": system, "cores": usable_cores(),
-            "page_bytes": _page_size(), "huge_page_bytes": HUGE}
+    out = {"cpu": cpu, "isa": list(isa), "machine": machine, "system": system, "cores": usable_cores(),
+           "page_bytes": _page_size(), "huge_page_bytes": HUGE}
+    hv = hugepages.report()  # the store's decision, once made in this process (never made here)
+    if hv is not None:
+        out["huge_pages"] = hv
+    return out
 
 
 def _gb(v) -> str:
@@ -122,9 +128,15 @@ def host_line(info: dict | None = None, calibration: dict | None = None) -> str:
     h = info if info is not None else host_info()
     parts = [f"host: {h.get('cpu', '?')}", " ".join(h.get("isa") or ["no ISA flags read"]),
              f"{h.get('cores', '?')} cores", f"page {h.get('page_bytes') or '?'}"]
-    if "huge_page_bytes" in h:  # the store's buffers on transparent huge pages (zipmoe_run.store.buffers)
+    if "huge_page_bytes" in h:  # transparent huge pages the kernel offers, and the store's verdict
         hp = h["huge_page_bytes"]
-        parts[-1] += f", huge {hp >> 20} MiB" if hp and hp % (1 << 20) == 0 else f", huge {hp}" if hp else ", huge off"
+        parts[-1] += f", huge {hp >> 20} MiB" if hp and hp % (1 << 20) == 0 else f", huge {hp}" if hp else ", huge none"
+        hv = h.get("huge_pages")
+        if hp and hv:
+            m = hv.get("measured") or {}
+            why = (f"{hv.get('how')}: fault {m['huge_ms_per_mib']:.2f} vs {m['small_ms_per_mib']:.2f} ms/MiB"
+                   if "huge_ms_per_mib" in m else hv.get("how"))
+            parts[-1] += f" {'used' if hv.get('use') else 'not used'} ({why})"
     if calibration:
         c = calibration
         parts.append(f"disk {_gb(c.get('disk_bps'))} GB/s ({c.get('read_method', '?')})")

@@ -9,8 +9,9 @@ Two granules, kept apart:
   and the ``O_DIRECT`` granule of common block devices): what read offsets and lengths are
   multiples of (``io.ExpertReader``). A page is always a multiple of it.
 
-A buffer of at least one huge page (``HUGE``: the kernel's transparent huge page, 2 MiB on x86-64;
-0 where there is none or ``ZIPMOE_HUGEPAGES=0``) is mapped at a length that is a multiple of it, which
+Where this host pays for them (``hugepages.decide``: measured once, cached; ``ZIPMOE_HUGEPAGES`` forces
+it), a buffer of at least one huge page (``HUGE``: the kernel's transparent huge page, 2 MiB on x86-64;
+0 where there is none) is mapped at a length that is a multiple of it, which
 Linux places on a huge-page boundary, and asks for huge pages (``MADV_HUGEPAGE``) on the whole huge
 pages inside its bytes; the rest of the mapping (the part-used last one and the slack after it) is
 marked ``MADV_NOHUGEPAGE``, so nothing outside the charged bytes is ever faulted in. A matrix-vector
@@ -36,7 +37,7 @@ import weakref
 
 import numpy as np
 
-__all__ = ["ALIGN", "PAGE", "HUGE", "huge_page_size", "anon_huge_bytes", "ceil_to", "floor_to", "ceil_align", "Buffer", "BufferPool"]
+__all__ = ["ALIGN", "PAGE", "HUGE", "huge_page_size", "use_huge", "anon_huge_bytes", "ceil_to", "floor_to", "ceil_align", "Buffer", "BufferPool"]
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,9 @@ _MAX_HUGE = 32 << 20  # a larger PMD page (64 KiB base pages: 512 MiB) would rou
 
 def huge_page_size(sysfs: str = "/sys/kernel/mm/transparent_hugepage") -> int:
     """The transparent huge page size buffers may ask for: 0 unless the kernel offers them on request
-    (mode ``always`` or ``madvise``), Python has ``MADV_HUGEPAGE``, the size is a page multiple of at
-    most 32 MiB, and ``ZIPMOE_HUGEPAGES`` is not ``0``."""
-    if os.environ.get("ZIPMOE_HUGEPAGES", "").strip() == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+    (mode ``always`` or ``madvise``), Python has ``MADV_HUGEPAGE`` and the size is a page multiple of
+    at most 32 MiB. Whether they are used is ``use_huge``'s decision."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
     try:
         with open(os.path.join(sysfs, "enabled")) as f:
@@ -64,6 +65,15 @@ def huge_page_size(sysfs: str = "/sys/kernel/mm/transparent_hugepage") -> int:
 
 
 HUGE = huge_page_size()
+
+
+def use_huge() -> int:
+    """The huge page size new buffers ask for (0: none): ``hugepages.decide`` for this host."""
+    if not HUGE:
+        return 0
+    from .hugepages import decide
+
+    return decide(HUGE)
 
 
 def anon_huge_bytes(path: str = "/proc/self/smaps_rollup") -> int | None:
@@ -104,12 +114,13 @@ class Buffer:
     __slots__ = ("mm", "arr", "nbytes", "head", "tail", "page", "huge", "_users", "_ulock", "__weakref__")
 
     def __init__(self, nbytes: int, page: int = PAGE, huge: int | None = None):
-        """``huge``: the huge page size to ask for (None: ``HUGE``; 0: none, e.g. a buffer that will
-        be charged only in part)."""
+        """``huge``: the huge page size to ask for (None: ``use_huge()``; 0: none, e.g. a buffer that
+        will be charged only in part)."""
         if page <= 0 or page % ALIGN:
             raise ValueError(f"page size {page} is not a positive multiple of {ALIGN}")
         n = max(page, ceil_to(nbytes, page))
-        huge = HUGE if huge is None else huge
+        if huge is None:
+            huge = use_huge() if n >= HUGE > 0 else 0
         self.huge = huge if huge and n >= huge else 0
         span = ceil_to(n, self.huge) if self.huge else n  # a huge-page multiple: mapped on a boundary
         self.page = page
