@@ -4,6 +4,7 @@
 
 * ``budget``     -- the one knob (``--memory-budget``) and the ``Ledger`` every byte is charged to;
 * ``buffers``    -- page-aligned ``Buffer``s (host page size, lent views counted) and the ``BufferPool``;
+* ``hugepages``  -- whether buffers ask for transparent huge pages here (measured once per host, cached);
 * ``memory``     -- ``Memory``: the ledger, the pool and the buffers still lent to the caller;
 * ``table``      -- ``TierTable``: which tier each expert is in, placement and demotion via the policy;
 * ``bytesource`` -- ``ExpertBytes``: where expert bytes come from (``ArchiveBytes``: a ``.zmoe`` archive);

@@ -11,10 +11,10 @@ Two granules, kept apart:
 
 Where this host pays for them (``hugepages.decide``: measured once, cached; ``ZIPMOE_HUGEPAGES`` forces
 it), a buffer of at least one huge page (``HUGE``: the kernel's transparent huge page, 2 MiB on x86-64;
-0 where there is none) is mapped at a length that is a multiple of it, which
-Linux places on a huge-page boundary, and asks for huge pages (``MADV_HUGEPAGE``) on the whole huge
-pages inside its bytes; the rest of the mapping (the part-used last one and the slack after it) is
-marked ``MADV_NOHUGEPAGE``, so nothing outside the charged bytes is ever faulted in. A matrix-vector
+0 where there is none) is mapped at a length that is a multiple of it, which Linux places on a
+huge-page boundary, and asks for huge pages (``MADV_HUGEPAGE``) on the whole huge pages inside its bytes;
+the rest of the mapping (the part-used last one and the slack after it) is marked ``MADV_NOHUGEPAGE``,
+so nothing outside the charged bytes is ever faulted in. A matrix-vector
 product streams a decoded expert about a third faster from 2 MiB pages than from 4 KiB ones here
 (fewer TLB misses; the page walks of a 4 KiB stream cost what the arithmetic does). Only buffers
 charged whole get them, and a buffer that drops pages (``set_bounds``) gives them up first
@@ -37,7 +37,8 @@ import weakref
 
 import numpy as np
 
-__all__ = ["ALIGN", "PAGE", "HUGE", "huge_page_size", "use_huge", "anon_huge_bytes", "ceil_to", "floor_to", "ceil_align", "Buffer", "BufferPool"]
+__all__ = ["ALIGN", "PAGE", "HUGE", "huge_page_size", "use_huge", "anon_huge_bytes", "ceil_to", "floor_to",
+           "ceil_align", "Buffer", "BufferPool"]
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ small pages on host C, which made the demo's start-up 0.3 s and the realdims pre
 
 So the first time a host is seen (and when the package version changes) ``decide`` maps fresh 32 MiB
 regions, on small pages and asking for huge ones, twice alternately, and times the first touch of
-every page (about 0.35 s where huge pages are costly, 0.1 s where they are not). Huge pages are used when a MiB of them costs at
-most ``RATIO`` times a MiB of small pages: the one-off cost of faulting them in is then repaid by the
-first passes over the memory. The result is cached per host (``calibrate.Calibrator``: ``hosts/pages-*.json``)
-and reported (``report``: the store's stats and the benchmarks' host line).
+every page (about 0.35 s where huge pages are costly, 0.1 s where they are not). Huge pages are used
+when a MiB of them costs at most ``RATIO`` times a MiB of small pages: the one-off cost of faulting them
+in is then repaid by the first passes over the memory. The result is cached per host
+(``calibrate.Calibrator``: ``hosts/pages-*.json``) and reported (``report``: the store's stats and the
+benchmarks' host line).
 ``ZIPMOE_HUGEPAGES=1`` forces them on, ``0`` off (no measurement either way).
 """
 from __future__ import annotations
@@ -124,12 +125,12 @@ def decide(offered: int, *, measure_fn=None, calibrator=None) -> int:
                  "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             calibrator._save(path, d)
             how = "measured"
-        m = d["measured"]
+        share = d["measured"].get("huge_share")
+        m = {**d["rates"], "huge_share": share if isinstance(share, (int, float)) else None}  # checked numbers
         use = offered if _verdict(m) else 0
         _set(offered, use, how, m)
         log.info("huge pages for the store's buffers: %s (%s: faulting a MiB in took %.2f ms on huge pages, "
-                 "%.2f ms on small ones)", "on" if use else "off", how, m.get("huge_ms_per_mib", float("nan")),
-                 m.get("small_ms_per_mib", float("nan")))
+                 "%.2f ms on small ones)", "on" if use else "off", how, m["huge_ms_per_mib"], m["small_ms_per_mib"])
         return use
 
 
