@@ -2,11 +2,12 @@
 
 A decoded expert streams faster from 2 MiB pages than from 4 KiB ones (the matrix-vector products of a
 realdims decode step took 10.9-17.2 ms against 14.9-20.1, host C), but obtaining a huge page costs
-what the host makes it cost. On bare metal a 2 MiB fault zeroes the page once and is cheaper per MiB
-than 512 small faults. In a virtual machine whose host takes back free guest memory (free page
-reporting reports free blocks of 2 MiB and more, which the host then unmaps), every huge page comes
-from such a block and its first touch faults on the host too: 3.3-4.2 ms per MiB against 0.5-0.6 for
-small pages on host C, which made the demo's start-up 0.3 s and the realdims preload 2-3 s slower.
+what the host makes it cost. Memory the guest holds faults in at about 0.1 ms per MiB on huge pages
+against 0.5 on small ones (one fault per 2 MiB instead of 512). In a virtual machine whose host takes
+back free guest memory (free page reporting reports free blocks of 2 MiB and more, which the host then
+unmaps), every fresh huge page comes from such a block and its first touch faults on the host too:
+2.3-10 ms per MiB against 0.5-0.6 for small pages on host C, which made the demo's start-up 0.3 s and
+the realdims preload 2-3 s slower.
 
 So the first time a host is seen (and when the package version changes) ``decide`` maps fresh 32 MiB
 regions, on small pages and asking for huge ones, twice alternately, and times the first touch of
