@@ -102,6 +102,7 @@ def test_stream_text_and_stats(lm):
     assert "".join(e.text for e in events) == lm.tokenizer.decode(ids)
     assert stats["prompt_tokens"] == len(lm.encode("hello world")) and stats["generated_tokens"] == len(ids)
     assert stats["ttft_s"] > 0 and stats["peak_rss_bytes"] > 0
+    assert stats["anon_huge_bytes"] is None or 0 <= stats["anon_huge_bytes"] <= stats["peak_rss_bytes"]
     res = lm.generate(["hello world"], max_new_tokens=3)
     assert res.stats["experts_fetched"] > 0 and res.stats["bytes_read"] > 0
 

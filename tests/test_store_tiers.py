@@ -164,7 +164,7 @@ def test_injected_page_size_charges_and_drops_whole_pages(store_archive, monkeyp
     st = _drive(arc, reference, 0.6, cost, DensityPolicy(cost, half_life=8, tie=0.1), seed=3, steps=40,
                 check=whole_pages, page_size=page)
     assert st["page_bytes"] == page
-    assert st["huge_page_bytes"] == B.HUGE and (st["anon_huge_bytes"] is None or st["anon_huge_bytes"] >= 0)
+    assert st["huge_page_bytes"] in (None, 0, B.HUGE)  # None: no buffer of a huge page yet, nothing decided
     assert st["placed_comp"] > 0 and st["demote_comp_sm"] > 0 and st["hits_sm"] > 0 and st["hits_cold"] > 0, st
     assert drops and all(lo % page == 0 and hi % page == 0 for lo, hi, _ in drops), drops
     assert all(n % page == 0 for _, _, n in drops)

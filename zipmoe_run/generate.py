@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import GenerationError, PromptTooLongError
+from .store.buffers import anon_huge_bytes
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = ["Sampling", "TokenEvent", "GenerationResult", "stream_generate", "generate", "sample_next", "peak_rss_bytes"]
@@ -146,6 +147,7 @@ def finish_stats(st: dict, t0: float, stats: dict | None) -> None:
     st["prompt_tok_s"] = st["prompt_tokens"] / st["prefill_s"] if st["prefill_s"] else 0.0
     st["gen_tok_s"] = st["decode_tokens"] / st["decode_s"] if st["decode_s"] else 0.0
     st["peak_rss_bytes"] = peak_rss_bytes()
+    st["anon_huge_bytes"] = anon_huge_bytes()  # the process's anonymous memory on huge pages (None: unknown)
     if stats is not None:
         stats.update(st)
 

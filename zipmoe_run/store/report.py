@@ -4,7 +4,7 @@ estimates, the core budget it runs with, disk utilisation and the compression ve
 from __future__ import annotations
 
 from zipmoe_run.cores import compression_verdict
-from zipmoe_run.store.buffers import anon_huge_bytes, use_huge
+from zipmoe_run.store import hugepages
 
 __all__ = ["store_stats", "verdict"]
 
@@ -36,7 +36,7 @@ def store_stats(store) -> dict:
         budget_bytes=store.budget.nbytes, budget=store.budget.how, min_budget_bytes=store.min_budget,
         io_mode=store.reader.mode, io_throttle_bps=store.reader.throttle_bps, throttle_s=store.reader.throttle_s,
         policy=store.policy.name, page_bytes=store.page,
-        huge_page_bytes=use_huge(), anon_huge_bytes=anon_huge_bytes(),  # what buffers ask for (0: none); the process's
+        huge_page_bytes=(hugepages.report() or {}).get("use"),  # what buffers ask for (0: none; None: undecided)
         store_bytes=led["used"], store_peak_bytes=led["peak"],
         resident_full_bytes=led["full"], resident_comp_bytes=led["comp"], resident_sm_bytes=led["sm"],
         staging_bytes=led["staging"], pool_bytes=led["pool"], draining_bytes=led["draining"],
