@@ -178,3 +178,48 @@ def test_measure_times_both_kinds_of_page():
     m = hugepages.measure(H, span=4 * H)
     assert m["small_ms_per_mib"] > 0 and m["huge_ms_per_mib"] > 0
     assert m["huge_share"] is None or 0.0 <= m["huge_share"] <= 1.0
+
+
+def test_a_process_that_finds_huge_pages_dear_stops_asking_and_rewrites_the_cache(fresh):
+    """A probe that met memory the guest still held said "cheap"; the store's own huge pages say
+    otherwise: after WATCH_PIECES of them the process stops asking and the next run starts without."""
+    hp, cal = fresh
+    m, calls = _fake(0.5, 0.1)
+    assert hp.decide(H, measure_fn=m, calibrator=cal) == H and hp.watching()
+    hp.observe([0.1] * 4)  # the few warm ones
+    assert hp.watching() and hp.decide(H) == H
+    hp.observe([4.0] * (hp.WATCH_PIECES - 4))
+    assert not hp.watching()
+    assert hp.decide(H) == 0 and hp.report()["how"] == "observed"
+    assert hp.report()["measured"]["huge_ms_per_mib"] == 4.0
+    hp.reset()
+    assert hp.decide(H, measure_fn=m, calibrator=cal) == 0 and hp.report()["how"] == "cached" and calls == [H]
+
+
+def test_huge_pages_that_fault_in_as_measured_stay_on(fresh):
+    hp, cal = fresh
+    m, _ = _fake(0.5, 0.1)
+    assert hp.decide(H, measure_fn=m, calibrator=cal) == H
+    hp.observe([0.12] * hp.WATCH_PIECES)
+    assert not hp.watching() and hp.decide(H) == H and hp.report()["how"] == "measured"
+    hp.reset()
+    assert hp.decide(H, measure_fn=m, calibrator=cal) == H  # the cache is as measured
+
+
+def test_a_forced_choice_is_not_watched(fresh, monkeypatch):
+    hp, cal = fresh
+    monkeypatch.setenv("ZIPMOE_HUGEPAGES", "1")
+    assert hp.decide(H, calibrator=cal) == H and not hp.watching()
+
+
+@linux
+def test_a_watched_buffer_times_each_of_its_huge_pages(fresh, monkeypatch):
+    hp, cal = fresh
+    m, _ = _fake(0.5, 0.1)
+    hp.decide(H, measure_fn=m, calibrator=cal)
+    seen: list[list[float]] = []
+    monkeypatch.setattr(hp, "observe", lambda per: seen.append(list(per)))
+    buf = B.Buffer(3 * H + 4096, huge=H)  # three whole huge pages and a part-used fourth
+    assert len(seen) == 1 and len(seen[0]) == 3 and all(x >= 0 for x in seen[0])
+    assert int(buf.arr[0]) == 0 and buf.charged == 3 * H + 4096
+    buf.close()

@@ -33,6 +33,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -126,9 +127,9 @@ class Buffer:
         span = ceil_to(n, self.huge) if self.huge else n  # a huge-page multiple: mapped on a boundary
         self.page = page
         self.mm = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.arr = np.frombuffer(self.mm, dtype=np.uint8, count=n)
         if self.huge:
             self._ask_huge(n, span)
-        self.arr = np.frombuffer(self.mm, dtype=np.uint8, count=n)
         self.nbytes = n
         self.head = 0
         self.tail = n
@@ -144,6 +145,16 @@ class Buffer:
         except OSError as exc:  # a kernel without the advice: small pages, as before
             log.debug("huge pages not available for a %d-byte buffer: %s", n, exc)
             self.huge = 0
+            return
+        from . import hugepages
+
+        if hugepages.watching():  # fault the huge pages in now, timed (the caller writes them all anyway)
+            per, mib = [], self.huge / 2**20
+            for lo in range(0, body, self.huge):
+                t = time.perf_counter()
+                self.arr[lo] = 0
+                per.append((time.perf_counter() - t) * 1e3 / mib)
+            hugepages.observe(per)
 
     @property
     def charged(self) -> int:

@@ -17,6 +17,13 @@ in is then repaid by the first passes over the memory. The result is cached per 
 (``calibrate.Calibrator``: ``hosts/pages-*.json``) and reported (``report``: the store's stats and the
 benchmarks' host line).
 ``ZIPMOE_HUGEPAGES=1`` forces them on, ``0`` off (no measurement either way).
+
+A probe can meet memory the guest still holds (a process that freed gigabytes a moment ago) and find
+huge pages cheap when the store's gigabytes will not be. So a process that uses them on a measured or
+cached verdict keeps watching: the buffers fault their huge pages in as they are mapped
+(``Buffer``, one write per huge page, timed) until ``WATCH_PIECES`` pieces are seen; if their median
+costs more than ``RATIO`` times the small pages' figure, the process stops asking (buffers mapped
+later use small pages) and the cache is rewritten with what was seen, so the next run starts without.
 """
 from __future__ import annotations
 
@@ -30,14 +37,16 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RATIO", "decide", "measure", "report", "reset"]
+__all__ = ["RATIO", "decide", "measure", "observe", "report", "reset", "watching"]
 
 RATIO = 2.0  # huge pages when a MiB of them faults in at most this many times a MiB of small pages
+WATCH_PIECES = 16  # huge pages a process times before it trusts the verdict (32 MiB at 2 MiB)
 SPAN = 32 << 20  # bytes of each probe region (a multiple of the huge page: mapped on a boundary)
 FORMAT = 1
 
 _lock = threading.RLock()  # re-entrant: a Calibrator built under it reads report() (via host_info)
 _state: dict = {}
+_watch: dict = {}  # while a measured or cached "on" is being checked: pieces seen, where to write
 
 
 def measure(huge: int, span: int = SPAN, rounds: int = 2, clock=time.perf_counter) -> dict:
@@ -130,6 +139,8 @@ def decide(offered: int, *, measure_fn=None, calibrator=None) -> int:
         m = {**d["rates"], "huge_share": share if isinstance(share, (int, float)) else None}  # checked numbers
         use = offered if _verdict(m) else 0
         _set(offered, use, how, m)
+        if use:
+            _watch.update(pieces=[], calibrator=calibrator, path=path, entry=d)
         log.info("huge pages for the store's buffers: %s (%s: faulting a MiB in took %.2f ms on huge pages, "
                  "%.2f ms on small ones)", "on" if use else "off", how, m["huge_ms_per_mib"], m["small_ms_per_mib"])
         return use
@@ -138,6 +149,38 @@ def decide(offered: int, *, measure_fn=None, calibrator=None) -> int:
 def _set(offered: int, use: int, how: str, m: dict | None) -> None:
     _state.clear()
     _state.update(offered=offered, use=use, how=how, measured=m)
+    _watch.clear()
+
+
+def watching() -> bool:
+    """Whether new huge-page buffers should time their faults for :func:`observe`."""
+    return bool(_watch)
+
+
+def observe(ms_per_mib: list[float]) -> None:
+    """Fault costs (ms per MiB) of huge pages a buffer just faulted in. Once ``WATCH_PIECES`` are seen,
+    their median against the small pages' figure confirms the verdict, or turns huge pages off for
+    the rest of the process and rewrites the cache with the cost seen."""
+    with _lock:
+        if not _watch:
+            return
+        pieces = _watch["pieces"]
+        pieces.extend(float(x) for x in ms_per_mib)
+        if len(pieces) < WATCH_PIECES:
+            return
+        seen = float(np.median(pieces))
+        m = dict(_state["measured"] or {})
+        cal, path, entry = _watch["calibrator"], _watch["path"], _watch["entry"]
+        _watch.clear()
+        if _verdict({**m, "huge_ms_per_mib": seen}):
+            return
+        m["huge_ms_per_mib"] = seen
+        _state.update(use=0, how="observed", measured=m)
+        rates = {"small_ms_per_mib": m["small_ms_per_mib"], "huge_ms_per_mib": seen}
+        measured = {**entry["measured"], **rates, "observed_pieces": len(pieces)}
+        cal._save(path, {**entry, "rates": rates, "measured": measured, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        log.info("huge pages for the store's buffers: off from now on (its first %d huge pages took %.2f ms/MiB to "
+                 "fault in, against %.2f on small pages)", len(pieces), seen, m["small_ms_per_mib"])
 
 
 def report() -> dict | None:
