@@ -33,7 +33,6 @@ import logging
 import mmap
 import os
 import threading
-import time
 import weakref
 
 import numpy as np
@@ -149,12 +148,7 @@ class Buffer:
         from . import hugepages
 
         if hugepages.watching():  # fault the huge pages in now, timed (the caller writes them all anyway)
-            per, mib = [], self.huge / 2**20
-            for lo in range(0, body, self.huge):
-                t = time.perf_counter()
-                self.arr[lo] = 0
-                per.append((time.perf_counter() - t) * 1e3 / mib)
-            hugepages.observe(per)
+            hugepages.observe(hugepages.fault_in(self.arr, body, self.huge))
 
     @property
     def charged(self) -> int:

@@ -37,7 +37,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RATIO", "decide", "measure", "observe", "report", "reset", "watching"]
+__all__ = ["RATIO", "decide", "fault_in", "measure", "observe", "report", "reset", "watching"]
 
 RATIO = 2.0  # huge pages when a MiB of them faults in at most this many times a MiB of small pages
 WATCH_PIECES = 16  # huge pages a process times before it trusts the verdict (32 MiB at 2 MiB)
@@ -67,12 +67,7 @@ def measure(huge: int, span: int = SPAN, rounds: int = 2, clock=time.perf_counte
             try:
                 mm.madvise(advice)
                 a = np.frombuffer(mm, dtype=np.uint8)
-                per = []  # ms per MiB of each huge-page-sized piece, in order
-                for lo in range(0, span, huge):
-                    t = clock()
-                    a[lo:lo + huge:mmap.PAGESIZE] = 1
-                    per.append((clock() - t) * 1e3 / (huge / 2**20))
-                got[kind].append(float(np.median(per)))
+                got[kind].append(float(np.median(fault_in(a, span, huge, clock))))
                 if kind == "huge":
                     s = _huge_share(a.ctypes.data, span)
                     share = s if share is None or s is None else min(share, s)
@@ -81,6 +76,17 @@ def measure(huge: int, span: int = SPAN, rounds: int = 2, clock=time.perf_counte
                 mm.close()
     return {"small_ms_per_mib": min(got["small"]), "huge_ms_per_mib": max(got["huge"]), "huge_share": share,
             "rounds": got}
+
+
+def fault_in(a: np.ndarray, span: int, piece: int, clock=time.perf_counter) -> list[float]:
+    """Write a zero into every base page of ``a[:span]``, one ``piece`` at a time: the milliseconds per
+    MiB each piece took to fault in, in order."""
+    per, mib = [], piece / 2**20
+    for lo in range(0, span, piece):
+        t = clock()
+        a[lo:lo + piece:mmap.PAGESIZE] = 0
+        per.append((clock() - t) * 1e3 / mib)
+    return per
 
 
 def _huge_share(addr: int, span: int) -> float | None:
@@ -190,6 +196,7 @@ def report() -> dict | None:
 
 
 def reset() -> None:
-    """Forget this process's decision (tests)."""
+    """Forget this process's decision and any watch of it (tests)."""
     with _lock:
         _state.clear()
+        _watch.clear()
