@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import os
+
 import pytest
 import torch
 
@@ -317,6 +319,36 @@ def test_the_timing_span_is_at_least_twice_the_largest_cache(tmp_path, monkeypat
     assert ks.span_bytes() == 2 * (96 << 20)
     monkeypatch.setattr(hostinfo, "largest_cache_bytes", lambda: 0)
     assert ks.span_bytes() == ks.SPAN_BYTES
+    monkeypatch.setattr(hostinfo, "largest_cache_bytes", lambda: 480 << 20)  # a VM's sysfs: its host's L3
+    assert ks.span_bytes() == ks.SPAN_MAX == 256 << 20
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc/self/statm")
+def test_a_small_shape_is_timed_without_touching_the_whole_span(monkeypatch):
+    """The matrices of a small shape are spread over the span, but only they are written: the timing
+    of 32 matrices of 64 KiB over a 256 MiB span faults in about 2 MiB, not the span."""
+    from zipmoe_run import hostinfo
+
+    monkeypatch.setattr(hostinfo, "largest_cache_bytes", lambda: 1 << 30)
+    seen = []
+    real = ks._mats
+
+    def spy(elems, n, k, m):
+        before = _rss_now()
+        mats = real(elems, n, k, m)
+        seen.append((_rss_now() - before, m, elems))
+        return mats
+
+    monkeypatch.setattr(ks, "_mats", spy)
+    ks.measure([(32, 1024)], 1, ["torch"], timer=iter(range(10**6)).__next__)
+    grown, m, elems = seen[0]
+    assert m == ks.MAX_MATS and elems * 2 >= ks.SPAN_MAX
+    assert grown < 16 << 20  # 32 x 64 KiB touched (plus page granularity), against a 256 MiB span
 
 
 def test_a_busy_spell_does_not_decide_the_choice():

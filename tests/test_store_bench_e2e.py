@@ -116,6 +116,7 @@ def test_rows_and_exactness(quick):
     assert f"accuracy {la['prefetch_correct'] / la['prefetch_predicted']:.0%} of {la['prefetch_predicted']} " \
            f"guesses" in la_t["note"]
     assert "tok/s" in text and "30% budget" in text and result["machine"]["note"]
+    assert result["primed"]["ok"] is True and "Host primed by one uncapped run" in " ".join(text.split())
     assert result["machine"]["cpus"] >= 1 and result["config"]["quick"] is True
 
 
@@ -209,3 +210,23 @@ def test_helpers():
         assert version == 0 and why
     else:
         assert version in (1, 2) and why == "" and parent.is_dir()
+
+
+def test_the_host_is_primed_by_one_short_uncapped_run_before_the_timed_ones(monkeypatch, tmp_path):
+    """The runtime's first-sight measurements (kernels, huge pages) hold memory for a moment: one short
+    uncapped run makes them before any capped run, at the smallest budget; its failure is reported."""
+    from zipmoe.bench import e2e
+
+    calls = []
+
+    def fake_run_one(system, pct, prep, cfg, capped, idx):
+        calls.append((system, pct, capped, cfg.new_tokens, cfg.prompt_tokens, cfg.warm_pass))
+        return {"ok": len(calls) == 1, "wall_s": 1.5, "error": None if len(calls) == 1 else "exit 1: boom"}
+
+    monkeypatch.setattr(e2e, "run_one", fake_run_one)
+    cfg = e2e.E2EConfig(workdir=tmp_path, budgets=(60.0, 30.0), systems=("raw", "resident"), prompt_tokens=16)
+    assert e2e.prime({}, cfg) == {"wall_s": 1.5, "ok": True}
+    assert calls == [("zipmoe", 30.0, False, 2, 4, False)]
+    assert e2e.prime({}, cfg) == {"wall_s": 1.5, "ok": False, "error": "exit 1: boom"}
+    assert e2e.prime({}, e2e.E2EConfig(workdir=tmp_path, systems=("llamacpp",)))["skipped"]
+    assert len(calls) == 2

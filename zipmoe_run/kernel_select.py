@@ -6,8 +6,8 @@ on an AVX2-only EPYC). So the first time a host is seen, each available kernel (
 GEMV, ``torch.nn.functional.linear`` and, where the CPU has AVX-512 BF16, the dot-product kernel of
 ``kernels_dp`` by way of ``kernels_dp1``) is timed on the model's own shapes (out, in) at the run's
 thread count, under the same thread arrangement as a decode step (``kernels.single_row_scope``): a few
-distinct synthetic matrices per shape spread over at least ``span_bytes()`` (twice the largest cache)
-so caches do not flatter, after one warm-up call each; the kernels alternate pass by pass and each keeps
+distinct synthetic matrices per shape spread over at least ``span_bytes()`` (twice the largest cache,
+at most ``SPAN_MAX``) so caches do not flatter, after one warm-up call each; the kernels alternate pass by pass and each keeps
 its fastest of ``REPS`` passes (a busy spell of the host spoils a pass of every kernel, not every pass of
 one: a first measurement on a loaded host once cached 3-13 GB/s for kernels that stream 30-50, and
 choices that followed the load). The fastest per shape is used and cached, with
@@ -48,7 +48,7 @@ import torch
 from . import kernels as K
 from .hostinfo import codegen_env
 
-__all__ = ["ENV", "KERNELS", "mode", "available", "span_bytes", "measure", "choose", "kernel_for", "model_shapes",
+__all__ = ["ENV", "KERNELS", "SPAN_MAX", "mode", "available", "span_bytes", "measure", "choose", "kernel_for", "model_shapes",
            "report", "line", "reset"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ SPAN_BYTES = 32 << 20  # a shape's distinct matrices are spread over at least th
 LLC_TIMES = 2  # and over at least this many times the largest cache (span_bytes): a decode step streams
 # its weights from memory, so must the timing (a 32 MiB span on a 32 MiB L3 measured 40-55 GB/s for what
 # ran at 25-35 in a step)
+SPAN_MAX = 256 << 20  # but never more than this: the timing's memory is transient but real, and a virtual
+# machine's sysfs can report its host's whole cache (host A: a 480 MiB L3, so a 960 MiB pool that took the
+# first run's peak RSS from 1.1 to 2.1 GiB and broke `bench e2e`'s memory caps; there the one-row rate over
+# 8..1024 MiB of distinct matrices fell until 128 MiB and was flat from there)
 MAX_MATS = 32
 REPS = 5
 CACHE_FORMAT = 5  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
@@ -107,10 +111,25 @@ def _pool(elems: int) -> torch.Tensor:
 
 def span_bytes() -> int:
     """Memory the distinct matrices of one shape are spread over: ``SPAN_BYTES``, or ``LLC_TIMES`` the
-    host's largest cache where that is more (``hostinfo.largest_cache_bytes``)."""
+    host's largest cache where that is more (``hostinfo.largest_cache_bytes``), at most ``SPAN_MAX``."""
     from .hostinfo import largest_cache_bytes
 
-    return max(SPAN_BYTES, LLC_TIMES * largest_cache_bytes())
+    return max(SPAN_BYTES, min(LLC_TIMES * largest_cache_bytes(), SPAN_MAX))
+
+
+def _mats(elems: int, n: int, k: int, m: int) -> list[torch.Tensor]:
+    """``m`` matrices [n, k] spread evenly over a pool of ``elems`` bf16 elements, filled by ``_pool``'s
+    pattern; the pool is left unwritten between them (memory only they touch is faulted in, so a small
+    shape costs m of its own size, not the span)."""
+    pool = torch.empty(elems, dtype=torch.bfloat16)
+    step = (elems - n * k) // (m - 1) // 64 * 64  # elements; even offsets for the int32 view
+    fill = _pool(n * k)
+    mats = []
+    for i in range(m):
+        w = pool[i * step:i * step + n * k]
+        w.copy_(fill)
+        mats.append(w.view(n, k))  # [N, K]
+    return mats
 
 
 def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
@@ -120,7 +139,6 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
         return {}
     span = span_bytes()
     elems = max(n * k for n, k in shapes) + span // 2
-    pool = _pool(elems)
     x_all = _pool(max(k for _, k in shapes) + 64)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -130,8 +148,7 @@ def measure(shapes, threads: int, kernels, timer=time.perf_counter) -> dict:
             for n, k in shapes:
                 nbytes = n * k * 2
                 m = max(2, min(MAX_MATS, math.ceil(span / nbytes) + 1))
-                step = (elems - n * k) // (m - 1) // 64 * 64  # elements; even offsets for the int32 view
-                mats = [pool[i * step:i * step + n * k].view(n, k) for i in range(m)]  # [N, K] each
+                mats = _mats(elems, n, k, m)  # [N, K] each
                 x = x_all[:k].view(1, k)  # [1, K]
                 for kern in kernels:
                     K.run_kernel(kern, x, mats[0])  # warm-up

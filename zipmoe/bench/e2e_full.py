@@ -213,7 +213,7 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
     ``full`` (the steps) and per-row I/O limits."""
     from zipmoe_run.calibrate import report as host_report
 
-    from .e2e import run_median, storage_info
+    from .e2e import prime, run_median, storage_info
     from .e2e_proc import MemCap, machine_info
 
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -239,6 +239,7 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
         llama = prepare_llamacpp(cfg, prep, Path(prep["gguf_path"]), free_bytes, Path(prep["probe"]))
     host = host_report(prep["archive"])
     log.info("%s", host["host_line"])
+    primed = prime(prep, cfg)
     _, _, why_nocap = MemCap.parent()
     routing = save_plan(cfg, made, prep)
     skip = skipped_systems(cfg, routing)
@@ -270,6 +271,7 @@ def run_full(cfg, *, free_bytes=free_space) -> dict:
         "storage": storage_info(cfg),
         "routing": routing, "routing_skipped": skip,
         "rows": rows,
+        "primed": primed,
     }
     result.update(host)
     result["targets"] = full_targets(rows) + e2e_targets(rows, llama)

@@ -47,6 +47,10 @@ def render_table(result: dict):
              + (f"; median of {result['config']['repeat']} runs (their range in brackets)"
                 if result["config"].get("repeat", 1) > 1 else "")
              + f". {result['machine']['note']}")
+    pr = result.get("primed") or {}
+    if "wall_s" in pr:  # e2e.prime: the runtime's first-sight measurements, made before the timed runs
+        title += (f". Host primed by one uncapped run ({pr['wall_s']:.1f} s)" if pr.get("ok")
+                  else f". Priming run failed ({pr.get('error')})")
     sto = result.get("storage") or {}
     if sto.get("emulated"):
         title += f". STORAGE EMULATED: {sto['note']}"
