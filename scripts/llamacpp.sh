@@ -31,7 +31,9 @@ if [ -z "$wheel" ]; then
   trap 'rm -rf "$tmp"' EXIT
   # The default build is native (tuned to this CPU), as a user's own build is; CMAKE_ARGS from the
   # environment is honoured (CMAKE_ARGS=-DGGML_NATIVE=OFF gives a portable wheel).
-  python -m pip wheel --no-deps --no-binary :all: "llama-cpp-python==$version" -w "$tmp"
+  # --no-cache-dir: pip's own cache of built wheels is keyed by the source distribution, not by CMAKE_ARGS,
+  # so a second build with other options would otherwise get the first build's wheel back
+  python -m pip wheel --no-cache-dir --no-deps --no-binary :all: "llama-cpp-python==$version" -w "$tmp"
   mv "$tmp"/llama_cpp_python-$version-*.whl "$cache"/
   wheel=$(ls "$cache"/llama_cpp_python-$version-*.whl | head -n 1)
 fi
