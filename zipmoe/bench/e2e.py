@@ -55,6 +55,8 @@ Charges made before joining stay outside (v1 cannot move them), so a run trims i
 runtime joins before opening the archive; transformers cannot load inside such a cap, so it loads
 first, drops the offload files' pages, then joins with what is left (the weights it keeps in memory
 count against the same total). Where no cgroup can be made, runs are uncapped and labelled so.
+Before the timed runs, ``prime`` runs the runtime once, short and uncapped, so that its first-sight
+measurements of the host (kernel choice, huge pages) are cached rather than made inside a cap.
 Compute threads default to 1 for every system (on the shared 2-core machine two OpenMP threads were
 up to 15x slower); the runtime's decoder pool uses all cores.
 
