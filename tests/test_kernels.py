@@ -110,3 +110,35 @@ def test_compiled_without_fast_math():
     assert "fadd" in ir and "fmul" in ir  # the body is in the inspected module
     for flag in (" fast ", " reassoc ", " nnan ", " ninf ", " contract ", " afn "):
         assert flag not in ir, f"fast-math flag{flag}in the kernel's IR"
+
+
+@pytest.mark.skipif(__import__("sys").platform != "linux", reason="needs mprotect from the C library")
+@pytest.mark.parametrize("k", [64, 576, 2048])
+def test_the_weights_prefetch_ahead_is_a_hint_at_the_end_of_a_mapping(k):
+    """The GEMVs ask for the weights ``kernels.PREFETCH`` bytes ahead of the block they sum: past the last
+    row that is past the end of the matrix. A weight matrix that ends where a PROT_NONE page begins (any
+    load there would fault) gives the fixed order's sums, bit for bit, on 1 and 2 threads."""
+    import ctypes
+    import mmap
+
+    n, page = 24, mmap.PAGESIZE
+    nbytes = n * k * 2
+    span = -(-nbytes // page) * page
+    mm = mmap.mmap(-1, span + page)
+    buf = np.frombuffer(mm, dtype=np.uint8)
+    libc = ctypes.CDLL(None)
+    guard = ctypes.c_void_p(buf.ctypes.data + span)
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    buf[span - nbytes:span] = w.view(torch.uint8).numpy().reshape(-1)
+    wm = torch.from_numpy(buf[span - nbytes:span]).view(torch.bfloat16).view(n, k)  # [N, K], ends at the guard
+    x = torch.randn(1, k, generator=g).bfloat16()
+    ref = torch.from_numpy(kernels.gemv_reference(_words(w), x.reshape(k).float().numpy())).bfloat16()
+    assert libc.mprotect(guard, page, 0) == 0  # PROT_NONE
+    try:
+        for threads in (1, 2):
+            kernels.set_threads(threads)
+            y = kernels.linear(x, wm)  # [1, N]
+            assert torch.equal(y.view(-1).view(torch.int16), ref.view(torch.int16))
+    finally:
+        libc.mprotect(guard, page, 3)  # PROT_READ | PROT_WRITE again before the mapping is freed

@@ -41,6 +41,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -64,6 +65,9 @@ _NAN16: int | None = None  # the bf16 bits of NaN in torch's conversion here (No
 
 WORDS = 16  # uint32 words (32 bf16 weights) per block of the fixed summation order
 LANES = 8  # float32 lanes per accumulator vector: WORDS // LANES vectors for even and for odd weights
+PREFETCH = 16 << 10  # the GEMVs ask for the weights this far ahead of the block they sum (prefetcht1 on x86),
+# as the dp kernel does: host A (Intel, 2 threads, from memory) 14-19 -> 22-32 GB/s, 9-10 -> 13-15 on one
+# thread, emulating AVX2 16-22 -> 28-33; 8 KiB alike, 32 KiB a little less, into L1 (prefetcht0) less
 
 try:  # module level, so numba's on-disk cache can find the kernel again (closures recompile every run)
     from llvmlite import ir
@@ -126,6 +130,35 @@ if njit is not None:
         shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
         return builder.bitcast(builder.shl(u, shift), vf), builder.bitcast(builder.and_(u, mask), vf)
 
+    def row_blocks_ir(context, builder, signature, args, prefetch: int = 0):
+        """The code of ``_row_blocks`` (``prefetch`` > 0: ``kernels_pf._row_blocks_pf``, which also asks for
+        the line ``prefetch`` 32-byte vectors ahead of each block; a hint, never a change of any value)."""
+        wa = context.make_array(signature.args[0])(context, builder, value=args[0])
+        xa = context.make_array(signature.args[2])(context, builder, value=args[2])
+        i64, i32, i8p = ir.IntType(64), ir.IntType(32), ir.IntType(8).as_pointer()
+        vi = ir.VectorType(ir.IntType(32), LANES)
+        row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
+        wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, i8p), [row]), vi.as_pointer())
+        xv = builder.bitcast(xa.data, vi.as_pointer())
+        nvec = WORDS // LANES
+        entry, loop, done, b, acc = open_blocks(builder, args[3], 2 * nvec, "blocks")  # even, then odd
+        nxt = list(acc)
+        k0 = builder.mul(b, ir.Constant(i64, nvec))
+        if prefetch > 0:  # llvm.prefetch(address, read, locality 2 = prefetcht1 on x86, data cache)
+            mod = builder.module
+            pfn = mod.globals.get("llvm.prefetch.p0") or ir.Function(
+                mod, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
+            ahead = builder.bitcast(builder.gep(wv, [builder.add(k0, ir.Constant(i64, prefetch))]), i8p)
+            builder.call(pfn, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        for v in range(nvec):
+            k = builder.add(k0, ir.Constant(i64, v))
+            lo, hi = split_words(builder, builder.load(builder.gep(wv, [k]), align=4))  # weights
+            xe, xo = split_words(builder, builder.load(builder.gep(xv, [k]), align=4))  # inputs
+            nxt[v] = builder.fadd(acc[v], builder.fmul(lo, xe))
+            nxt[nvec + v] = builder.fadd(acc[nvec + v], builder.fmul(hi, xo))
+        sums = close_blocks(builder, entry, loop, done, b, acc, nxt, args[3], nvec)
+        return context.make_tuple(builder, signature.return_type, sums)
+
     @intrinsic
     def _row_blocks(typingctx, w, i, xw, nb):
         """(even, odd) partial sums of row i over its first nb blocks, in the order of the module doc;
@@ -136,47 +169,43 @@ if njit is not None:
         on every instruction set (an 8-lane vector is one AVX register, two SSE or NEON registers,
         half an AVX-512 one; every lane is the same IEEE float32 arithmetic).
         """
-        sig = types.UniTuple(types.float32, 2)(w, i, xw, nb)
+        return types.UniTuple(types.float32, 2)(w, i, xw, nb), row_blocks_ir
 
-        def codegen(context, builder, signature, args):
-            wa = context.make_array(signature.args[0])(context, builder, value=args[0])
-            xa = context.make_array(signature.args[2])(context, builder, value=args[2])
-            i64, vi = ir.IntType(64), ir.VectorType(ir.IntType(32), LANES)
-            row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
-            wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, ir.IntType(8).as_pointer()), [row]),
-                                 vi.as_pointer())
-            xv = builder.bitcast(xa.data, vi.as_pointer())
-            nvec = WORDS // LANES
-            entry, loop, done, b, acc = open_blocks(builder, args[3], 2 * nvec, "blocks")  # even, then odd
-            nxt = list(acc)
-            for v in range(nvec):
-                k = builder.add(builder.mul(b, ir.Constant(i64, nvec)), ir.Constant(i64, v))
-                lo, hi = split_words(builder, builder.load(builder.gep(wv, [k]), align=4))  # weights
-                xe, xo = split_words(builder, builder.load(builder.gep(xv, [k]), align=4))  # inputs
-                nxt[v] = builder.fadd(acc[v], builder.fmul(lo, xe))
-                nxt[nvec + v] = builder.fadd(acc[nvec + v], builder.fmul(hi, xo))
-            sums = close_blocks(builder, entry, loop, done, b, acc, nxt, args[3], nvec)
-            return context.make_tuple(builder, signature.return_type, sums)
-
-        return sig, codegen
+    @intrinsic
+    def _row_blocks_pf(typingctx, w, i, xw, nb):
+        """``_row_blocks`` (the same operations on the same values, so the same sums) that also asks for
+        the weights ``PREFETCH`` bytes ahead of each block (see ``PREFETCH``)."""
+        return types.UniTuple(types.float32, 2)(w, i, xw, nb), partial(row_blocks_ir, prefetch=PREFETCH // 32)
 
     @njit(nogil=True, cache=True, inline="always")
-    def _row_sum(w, i, xw, nb):
-        """Row i's float32 sum in the fixed order: ``_row_blocks``, the tail in sequence, even + odd."""
+    def _row_tail(w, i, xw, nb, se, so):
+        """The row's sums ``se``, ``so`` after its blocks, with the tail added in sequence: even + odd."""
         hi = np.uint32(0xFFFF0000)
         sh = np.uint32(16)
-        se, so = _row_blocks(w, i, xw, nb)
         for j in range(nb * WORDS, w.shape[1]):  # the tail, in sequence
             u, v = w[i, j], xw[j]
             se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
             so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
         return se + so
 
+    @njit(nogil=True, cache=True, inline="always")
+    def _row_sum(w, i, xw, nb):
+        """Row i's float32 sum in the fixed order: ``_row_blocks``, the tail in sequence, even + odd."""
+        se, so = _row_blocks(w, i, xw, nb)
+        return _row_tail(w, i, xw, nb, se, so)
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _row_sum_pf(w, i, xw, nb):
+        """``_row_sum`` with the weights prefetched ahead (``_row_blocks_pf``): the same bits. For the GEMVs
+        that stream a matrix row after row."""
+        se, so = _row_blocks_pf(w, i, xw, nb)
+        return _row_tail(w, i, xw, nb, se, so)
+
     @njit(parallel=True, nogil=True, cache=True)  # no fastmath: IEEE float32, the order written here
     def _gemv_kernel(w, xw, out):  # w uint32 [N, K/2]: bf16 pairs (little endian); xw uint32 [K/2] too; out f32 [N]
         nb = w.shape[1] // WORDS
         for i in prange(w.shape[0]):
-            out[i] = _row_sum(w, i, xw, nb)
+            out[i] = _row_sum_pf(w, i, xw, nb)
 
 def gemv_reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The kernel's summation order in plain numpy (for tests): w uint32 [N, K/2], x float32 [K] -> [N]."""

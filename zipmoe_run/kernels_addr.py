@@ -6,8 +6,8 @@ wrapped as a tensor and converted to bf16 by torch. Here the kernel gets the ten
 (ints: numba types them in a fraction of the time it takes to type an array) and writes the bf16
 result into a torch tensor allocated by the caller.
 
-Exactly the old results, bit for bit: each row's float32 sum is the same code (``kernels._row_sum``:
-the blocks and the sequential tail, in the same order), a bias is added as the float32 ``y += b.float()``
+Exactly the old results, bit for bit: each row's float32 sum is the same code (``kernels._row_sum_pf``:
+``_row_sum``'s blocks and sequential tail, in the same order, with the weights prefetched ahead), a bias is added as the float32 ``y += b.float()``
 did, and the rounding to bf16 is torch's: round to nearest even on the float32 bits, which is what
 torch's float32 -> bf16 conversion does for every value that is not NaN. For NaN torch gives one
 fixed pattern that depends on its build and CPU capability (0xFFFF from its AVX2/AVX-512 loops,
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import kernels as _kernels
-from .kernels import WORDS, _row_sum, _u32_as_f32, njit
+from .kernels import WORDS, _row_sum_pf, _u32_as_f32, njit
 
 __all__ = ["gemv_bf16", "gemv_many", "linear_many", "nan_pattern", "round_reference", "takes_bias"]
 
@@ -76,7 +76,7 @@ def _gemv_bf16_rows(w, xw, out, bias, nan16):
     nb = w.shape[1] // WORDS
     has_bias = bias.shape[0] != 0
     for i in prange(w.shape[0]):
-        s = _row_sum(w, i, xw, nb)
+        s = _row_sum_pf(w, i, xw, nb)
         if has_bias:
             s += _u32_as_f32(np.uint32(np.uint32(bias[i]) << sh))
         if s != s:
@@ -164,19 +164,19 @@ def _gemv3_bf16_rows(w1, w2, w3, xw, o1, o2, o3, b1, b2, b3, nan16):
     n1, n2 = w1.shape[0], w2.shape[0]
     for r in prange(n1 + n2 + w3.shape[0]):
         if r < n1:
-            s = _row_sum(w1, r, xw, nb)
+            s = _row_sum_pf(w1, r, xw, nb)
             if b1.shape[0] != 0:
                 s += _u32_as_f32(np.uint32(np.uint32(b1[r]) << sh))
             o1[r] = _round16(s, nan16)
         elif r < n1 + n2:
             i = r - n1
-            s = _row_sum(w2, i, xw, nb)
+            s = _row_sum_pf(w2, i, xw, nb)
             if b2.shape[0] != 0:
                 s += _u32_as_f32(np.uint32(np.uint32(b2[i]) << sh))
             o2[i] = _round16(s, nan16)
         else:
             i = r - n1 - n2
-            s = _row_sum(w3, i, xw, nb)
+            s = _row_sum_pf(w3, i, xw, nb)
             if b3.shape[0] != 0:
                 s += _u32_as_f32(np.uint32(np.uint32(b3[i]) << sh))
             o3[i] = _round16(s, nan16)
