@@ -131,7 +131,7 @@ def test_rates_measured_for_an_older_gemv_are_measured_again(tmp_path, old_forma
     fake = FakeMeasure()
     rep = ks.choose(SHAPES, 2, measure_fn=fake, calibrator=_cal(tmp_path))
     assert len(fake.calls) == 1 and rep["measured_shapes"] == 3
-    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 6
+    assert json.loads(f.read_text())["format"] == ks.CACHE_FORMAT == 7
 
 
 @pytest.mark.parametrize("forced", ["numba", "torch"])

@@ -65,11 +65,12 @@ SPAN_MAX = 256 << 20  # but never more than this: the timing's memory is transie
 # 8..1024 MiB of distinct matrices fell until 128 MiB and was flat from there)
 MAX_MATS = 32
 REPS = 5
-CACHE_FORMAT = 6  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
+CACHE_FORMAT = 7  # of the kernel choice cache entries (calibrate.Calibrator files of kind "kernels"); 2: the
 # numba GEMV reads its input as bf16 pairs (faster at large K); 3: it is called by address and rounds to
 # bf16 itself (about 10 us less per call), so rates measured before are stale; 4: spans beyond the cache;
 # 5: kernels alternate pass by pass, each keeping its fastest (format 4 files were medians of one kernel's passes);
-# 6: the numba GEMV prefetches its weights (kernels.PREFETCH), 1.5x faster on host A
+# 6: the numba GEMV prefetches its weights (kernels.PREFETCH), 1.5x faster on host A; 7: so does the multi-row
+# kernel (2-2.7x at M = 4..8 there)
 MARGIN = 1.10  # another kernel must be this much faster than the first of KERNELS to be chosen
 
 _lock = threading.RLock()

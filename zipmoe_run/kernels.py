@@ -130,12 +130,22 @@ if njit is not None:
         shift, mask = ir.Constant(vi, [16] * LANES), ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)
         return builder.bitcast(builder.shl(u, shift), vf), builder.bitcast(builder.and_(u, mask), vf)
 
+    def prefetch_ahead(builder, vp, k, ahead: int) -> None:
+        """Ask for the cache line of ``vp[k + ahead]`` (a vector pointer): ``llvm.prefetch`` (read, locality
+        2 = prefetcht1 on x86, data cache). A hint: it never faults, whatever the address."""
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        mod = builder.module
+        pfn = mod.globals.get("llvm.prefetch.p0") or ir.Function(
+            mod, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
+        at = builder.bitcast(builder.gep(vp, [builder.add(k, ir.Constant(k.type, ahead))]), i8p)
+        builder.call(pfn, [at, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+
     def row_blocks_ir(context, builder, signature, args, prefetch: int = 0):
-        """The code of ``_row_blocks`` (``prefetch`` > 0: ``kernels_pf._row_blocks_pf``, which also asks for
-        the line ``prefetch`` 32-byte vectors ahead of each block; a hint, never a change of any value)."""
+        """The code of ``_row_blocks`` (``prefetch`` > 0: ``_row_blocks_pf``, which also asks for the line
+        ``prefetch`` 32-byte vectors ahead of each block; a hint, never a change of any value)."""
         wa = context.make_array(signature.args[0])(context, builder, value=args[0])
         xa = context.make_array(signature.args[2])(context, builder, value=args[2])
-        i64, i32, i8p = ir.IntType(64), ir.IntType(32), ir.IntType(8).as_pointer()
+        i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
         vi = ir.VectorType(ir.IntType(32), LANES)
         row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
         wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, i8p), [row]), vi.as_pointer())
@@ -144,12 +154,8 @@ if njit is not None:
         entry, loop, done, b, acc = open_blocks(builder, args[3], 2 * nvec, "blocks")  # even, then odd
         nxt = list(acc)
         k0 = builder.mul(b, ir.Constant(i64, nvec))
-        if prefetch > 0:  # llvm.prefetch(address, read, locality 2 = prefetcht1 on x86, data cache)
-            mod = builder.module
-            pfn = mod.globals.get("llvm.prefetch.p0") or ir.Function(
-                mod, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
-            ahead = builder.bitcast(builder.gep(wv, [builder.add(k0, ir.Constant(i64, prefetch))]), i8p)
-            builder.call(pfn, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        if prefetch > 0:
+            prefetch_ahead(builder, wv, k0, prefetch)
         for v in range(nvec):
             k = builder.add(k0, ir.Constant(i64, v))
             lo, hi = split_words(builder, builder.load(builder.gep(wv, [k]), align=4))  # weights

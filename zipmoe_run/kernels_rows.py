@@ -34,7 +34,8 @@ from numba import prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .kernels import _row_blocks, _u32_as_f32, bf16_words, close_blocks, open_blocks, split_words  # noqa: E402
+from .kernels import (PREFETCH, _row_sum_pf, _u32_as_f32, bf16_words, close_blocks, open_blocks,  # noqa: E402
+                      prefetch_ahead, split_words)
 
 ROWS = 4  # inputs that share one pass over a weight row in the multi-row kernel
 
@@ -62,6 +63,7 @@ def _rows_blocks(typingctx, w, i, xw, m0, nb):
         nvec = WORDS // LANES
         entry, loop, done, b, acc = open_blocks(builder, args[4], ROWS * 2 * nvec, "rblocks")  # per input: even, odd
         nxt = list(acc)
+        prefetch_ahead(builder, wv, builder.mul(b, ir.Constant(i64, nvec)), PREFETCH // 32)  # as the one-row GEMV
         for v in range(nvec):
             k = builder.add(builder.mul(b, ir.Constant(i64, nvec)), ir.Constant(i64, v))
             lo, hi = split_words(builder, builder.load(builder.gep(wv, [k]), align=4))  # loaded once
@@ -95,13 +97,7 @@ def _gemm_kernel(w, xw, out):  # w uint32 [N, K/2]; xw uint32 [M, K/2] bf16 pair
                     so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
                 out[m0 + r, i] = se + so
         for m in range(full, m_rows):
-            xm = xw[m]
-            se, so = _row_blocks(w, i, xm, nb)
-            for j in range(nb * WORDS, kh):
-                u, v = w[i, j], xm[j]
-                se += _u32_as_f32(np.uint32(u << sh)) * _u32_as_f32(np.uint32(v << sh))
-                so += _u32_as_f32(np.uint32(u & hi)) * _u32_as_f32(np.uint32(v & hi))
-            out[m, i] = se + so
+            out[m, i] = _row_sum_pf(w, i, xw[m], nb)  # the one-row GEMV's sum (weights prefetched ahead)
 
 
 def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
