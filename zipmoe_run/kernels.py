@@ -140,15 +140,21 @@ if njit is not None:
         at = builder.bitcast(builder.gep(vp, [builder.add(k, ir.Constant(k.type, ahead))]), i8p)
         builder.call(pfn, [at, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
 
+    def weight_row(context, builder, signature, args):
+        """(row ``args[1]`` of the weights ``args[0]`` as a pointer to [LANES] uint32 vectors, the input
+        ``args[2]``'s array struct) for an intrinsic whose arguments begin (w, i, xw)."""
+        wa = context.make_array(signature.args[0])(context, builder, value=args[0])
+        xa = context.make_array(signature.args[2])(context, builder, value=args[2])
+        vi = ir.VectorType(ir.IntType(32), LANES)
+        row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
+        i8p = ir.IntType(8).as_pointer()
+        return builder.bitcast(builder.gep(builder.bitcast(wa.data, i8p), [row]), vi.as_pointer()), xa
+
     def row_blocks_ir(context, builder, signature, args, prefetch: int = 0):
         """The code of ``_row_blocks`` (``prefetch`` > 0: ``_row_blocks_pf``, which also asks for the line
         ``prefetch`` 32-byte vectors ahead of each block; a hint, never a change of any value)."""
-        wa = context.make_array(signature.args[0])(context, builder, value=args[0])
-        xa = context.make_array(signature.args[2])(context, builder, value=args[2])
-        i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
-        vi = ir.VectorType(ir.IntType(32), LANES)
-        row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
-        wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, i8p), [row]), vi.as_pointer())
+        i64, vi = ir.IntType(64), ir.VectorType(ir.IntType(32), LANES)
+        wv, xa = weight_row(context, builder, signature, args)
         xv = builder.bitcast(xa.data, vi.as_pointer())
         nvec = WORDS // LANES
         entry, loop, done, b, acc = open_blocks(builder, args[3], 2 * nvec, "blocks")  # even, then odd

@@ -35,7 +35,7 @@ from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 from .kernels import (PREFETCH, _row_sum_pf, _u32_as_f32, bf16_words, close_blocks, open_blocks,  # noqa: E402
-                      prefetch_ahead, split_words)
+                      prefetch_ahead, split_words, weight_row)
 
 ROWS = 4  # inputs that share one pass over a weight row in the multi-row kernel
 
@@ -50,12 +50,9 @@ def _rows_blocks(typingctx, w, i, xw, m0, nb):
     sig = types.UniTuple(types.float32, 2 * ROWS)(w, i, xw, m0, nb)
 
     def codegen(context, builder, signature, args):
-        wa = context.make_array(signature.args[0])(context, builder, value=args[0])
-        xa = context.make_array(signature.args[2])(context, builder, value=args[2])
         i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
         vi = ir.VectorType(ir.IntType(32), LANES)
-        row = builder.mul(args[1], cgutils.unpack_tuple(builder, wa.strides, 2)[0])  # bytes
-        wv = builder.bitcast(builder.gep(builder.bitcast(wa.data, i8p), [row]), vi.as_pointer())
+        wv, xa = weight_row(context, builder, signature, args)
         stride = cgutils.unpack_tuple(builder, xa.strides, 2)[0]  # bytes per input row
         base = builder.bitcast(xa.data, i8p)
         xs = [builder.bitcast(builder.gep(base, [builder.mul(builder.add(args[3], ir.Constant(i64, r)), stride)]),
