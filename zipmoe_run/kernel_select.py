@@ -1,19 +1,18 @@
 """Which one-row bf16 kernel each weight shape uses on this host, chosen by measurement.
 
-A decode step is a chain of one-row products over bf16 weights; which kernel streams them fastest
-depends on the CPU (the numba GEMV of ``kernels`` is ~1.6-2x torch's on an AVX-512 Zen 4, no faster
-on an AVX2-only EPYC). So the first time a host is seen, each available kernel (``KERNELS``: the numba
-GEMV, ``torch.nn.functional.linear`` and, where the CPU has AVX-512 BF16, the dot-product kernel of
-``kernels_dp`` by way of ``kernels_dp1``) is timed on the model's own shapes (out, in) at the run's
-thread count, under the same thread arrangement as a decode step (``kernels.single_row_scope``): a few
-distinct synthetic matrices per shape spread over at least ``span_bytes()`` (twice the largest cache,
-at most ``SPAN_MAX``) so caches do not flatter, after one warm-up call each; the kernels alternate pass by pass and each keeps
-its fastest of ``REPS`` passes (a busy spell of the host spoils a pass of every kernel, not every pass of
-one: a first measurement on a loaded host once cached 3-13 GB/s for kernels that stream 30-50, and
-choices that followed the load). The fastest per shape is used and cached, with
-one bias: another kernel must beat the numba GEMV by ``MARGIN`` to be chosen, because the GEMV's
-summation order is the same on every instruction set (torch's is not) and because near-ties would
-otherwise flip between two fresh measurements of the same host.
+A decode step is a chain of one-row products over bf16 weights; which kernel streams them fastest depends on
+the CPU (the numba GEMV of ``kernels`` is ~1.6-2x torch's on an AVX-512 Zen 4, no faster on an AVX2-only
+EPYC). So the first time a host is seen, each available kernel (``KERNELS``: the numba GEMV,
+``torch.nn.functional.linear`` and, where the CPU has AVX-512 BF16, the dot-product kernel of ``kernels_dp``
+by way of ``kernels_dp1``) is timed on the model's own shapes (out, in) at the run's thread count, under the
+same thread arrangement as a decode step (``kernels.single_row_scope``): a few distinct synthetic matrices per
+shape spread over at least ``span_bytes()`` (twice the largest cache, at most ``SPAN_MAX``) so caches do not
+flatter, after one warm-up call each; the kernels alternate pass by pass and each keeps its fastest of
+``REPS`` passes (a busy spell of the host spoils a pass of every kernel, not every pass of one: a first
+measurement on a loaded host once cached 3-13 GB/s for kernels that stream 30-50, and choices that followed
+the load). The fastest per shape is used and cached, with one bias: another kernel must beat the numba GEMV by
+``MARGIN`` to be chosen, because the GEMV's summation order is the same on every instruction set (torch's is
+not) and because near-ties would otherwise flip between two fresh measurements of the same host.
 
 Cache: one JSON file per host key (``calibrate.host_key``: CPU model, ISA flags, cores, machine,
 package version; plus ``hostinfo.CODEGEN_ENV`` settings such as ``ATEN_CPU_CAPABILITY`` when set) under the calibration cache directory (``hosts/kernels-*.json``, atomic writes, read
@@ -48,8 +47,8 @@ import torch
 from . import kernels as K
 from .hostinfo import codegen_env
 
-__all__ = ["ENV", "KERNELS", "SPAN_MAX", "mode", "available", "span_bytes", "measure", "choose", "kernel_for", "model_shapes",
-           "report", "line", "reset"]
+__all__ = ["ENV", "KERNELS", "SPAN_MAX", "mode", "available", "span_bytes", "measure", "choose", "kernel_for",
+           "model_shapes", "report", "line", "reset"]
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ wrapped as a tensor and converted to bf16 by torch. Here the kernel gets the ten
 result into a torch tensor allocated by the caller.
 
 Exactly the old results, bit for bit: each row's float32 sum is the same code (``kernels._row_sum_pf``:
-``_row_sum``'s blocks and sequential tail, in the same order, with the weights prefetched ahead), a bias is added as the float32 ``y += b.float()``
-did, and the rounding to bf16 is torch's: round to nearest even on the float32 bits, which is what
-torch's float32 -> bf16 conversion does for every value that is not NaN. For NaN torch gives one
-fixed pattern that depends on its build and CPU capability (0xFFFF from its AVX2/AVX-512 loops,
-0x7FC0 from its scalar code): ``nan_pattern`` asks torch which it is on this host, for NaNs of every
-sign and payload at several lengths and positions, and checks the rounding of finite, infinite,
-subnormal and halfway values too; where torch's answers are not that (one NaN pattern, round to
-nearest even elsewhere) this path is not used and ``kernels`` converts as before.
+``_row_sum``'s blocks and sequential tail, in the same order, with the weights prefetched ahead), a bias is
+added as the float32 ``y += b.float()`` did, and the rounding to bf16 is torch's: round to nearest even on the
+float32 bits, which is what torch's float32 -> bf16 conversion does for every value that is not NaN. For NaN
+torch gives one fixed pattern that depends on its build and CPU capability (0xFFFF from its AVX2/AVX-512
+loops, 0x7FC0 from its scalar code): ``nan_pattern`` asks torch which it is on this host, for NaNs of every
+sign and payload at several lengths and positions, and checks the rounding of finite, infinite, subnormal and
+halfway values too; where torch's answers are not that (one NaN pattern, round to nearest even elsewhere) this
+path is not used and ``kernels`` converts as before.
 """
 from __future__ import annotations
 
