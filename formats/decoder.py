@@ -36,7 +36,7 @@ import numpy as np
 from formats.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_CODEC, ChunkDecoder, ChunkEncoder, checksum, get_codec
 from formats.errors import CodecError, CorruptDataError, ZmoeError
 from formats.planes import merge_bf16, merge_bf16_le_bytes, split_bf16
-from formats.workpool import WorkPool
+from formats.workpool import WorkPool, spread_cpus, spread_default
 
 __all__ = [
     "KIND_BF16_SPLIT",
@@ -259,24 +259,31 @@ class ParallelDecoder:
     """Decodes lists of :class:`ChunkRef` into preallocated buffers on ``threads`` worker threads.
 
     Thread-safe. Each worker thread owns one :class:`ChunkDecoder` (and its scratch buffer). With
+    ``spread`` (default: on unless ``ZIPMOE_DECODE_SPREAD=0``) a pool of several threads binds each
+    worker to its own CPU (:func:`~formats.workpool.spread_cpus`): left to the scheduler, workers woken
+    together were often queued on one CPU, and two threads decoded no faster than one. With
     ``threads=1``, :meth:`decode` runs inline on the caller's thread; :meth:`submit` then uses one
     background thread so decoding can overlap the caller's I/O. :meth:`help` runs one queued chunk on
     the calling thread (which then owns a :class:`ChunkDecoder` and scratch buffer too).
     """
 
-    def __init__(self, threads: int = 1, nice: int = 0) -> None:
+    def __init__(self, threads: int = 1, nice: int = 0, spread: bool | None = None) -> None:
         threads = int(threads)
         self.nice = int(nice)  # the worker threads' priority below the caller's (``WorkPool``)
         if not 1 <= threads <= MAX_THREADS:
             raise ThreadCountError(f"decode threads must be between 1 and {MAX_THREADS}, got {threads}")
         self.threads = threads
+        if spread is None:
+            spread = spread_default()
+        self.cpus = spread_cpus(threads) if spread else None  # one worker per core (``WorkPool``)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._pool: WorkPool | None = None
         self._closed = False
         if threads > 1:
-            self._pool = WorkPool(threads, "zmoe-decode", self.nice)
-        log.debug("ParallelDecoder started with %d thread(s)", threads)
+            self._pool = WorkPool(threads, "zmoe-decode", self.nice, self.cpus)
+        log.debug("ParallelDecoder started with %d thread(s)%s", threads,
+                  f" bound to CPUs {self.cpus}" if self.cpus else "")
 
     def _decoder(self) -> ChunkDecoder:
         dec = getattr(self._local, "dec", None)

@@ -105,3 +105,54 @@ def test_decode_nice_default_and_override(monkeypatch):
     for v, want in (("0", 0), ("7", 7), ("99", 19), ("-3", 0), ("x", cores.DECODE_NICE)):
         monkeypatch.setenv("ZIPMOE_DECODE_NICE", v)
         assert cores.decode_nice() == want
+
+
+def test_spread_cpus_one_per_physical_core_first(monkeypatch):
+    """``spread_cpus`` picks distinct allowed CPUs, one per physical core before any SMT sibling, and
+    leaves placement to the OS for one thread or more threads than CPUs (sysfs topology injected)."""
+    from formats import workpool
+
+    siblings = {0: "0,4", 1: "1,5", 2: "2,6", 3: "3,7", 4: "0,4", 5: "1,5", 6: "2,6", 7: "3,7"}
+    monkeypatch.setattr(workpool.os, "sched_getaffinity", lambda _pid: {0, 1, 4, 5}, raising=False)
+    monkeypatch.setattr(workpool, "_core_key", lambda cpu: siblings[cpu])
+    assert workpool.spread_cpus(2) == [0, 1]  # not 0 and its sibling 4
+    assert workpool.spread_cpus(3) == [0, 1, 4]
+    assert workpool.spread_cpus(4) == [0, 1, 4, 5]
+    assert workpool.spread_cpus(1) is None and workpool.spread_cpus(5) is None
+    monkeypatch.setattr(workpool, "_core_key", lambda cpu: "")  # sysfs silent: every CPU its own core
+    assert workpool.spread_cpus(4) == [0, 1, 4, 5]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="per-thread affinity is a Linux feature")
+def test_bound_workers_run_on_their_cpu_and_the_caller_keeps_its_affinity():
+    mine = os.sched_getaffinity(0)
+    cpu = min(mine)
+    pool = WorkPool(2, "t", cpus=[cpu])
+    try:
+        seen = {frozenset(pool.submit(lambda: os.sched_getaffinity(0)).result(30)) for _ in range(8)}
+    finally:
+        pool.shutdown()
+    assert seen == {frozenset({cpu})}
+    assert os.sched_getaffinity(0) == mine
+
+
+def test_decoder_spread_follows_the_environment(monkeypatch):
+    """A decoder pool of several threads binds its workers unless ZIPMOE_DECODE_SPREAD=0 or
+    ``spread=False``; the calibration's decode rates are cached apart for the two placements."""
+    from formats import workpool
+    from formats.decoder import ParallelDecoder
+    from zipmoe_run.calibrate import Calibrator
+
+    monkeypatch.setattr(workpool, "spread_cpus", lambda n: list(range(n)) if n > 1 else None)
+    import formats.decoder as decoder
+    monkeypatch.setattr(decoder, "spread_cpus", workpool.spread_cpus)
+    monkeypatch.delenv("ZIPMOE_DECODE_SPREAD", raising=False)
+    cal = Calibrator.__new__(Calibrator)
+    cal.key = {"cpu": "x"}
+    with ParallelDecoder(2) as a, ParallelDecoder(2, spread=False) as b, ParallelDecoder(1) as c:
+        assert a.cpus == [0, 1] and b.cpus is None and c.cpus is None
+    assert cal.decode_key("huf4x")["decode_placement"] == "spread"
+    monkeypatch.setenv("ZIPMOE_DECODE_SPREAD", "0")
+    with ParallelDecoder(2) as d:
+        assert d.cpus is None
+    assert "decode_placement" not in cal.decode_key("huf4x")

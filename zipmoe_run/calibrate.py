@@ -45,6 +45,7 @@ from collections import Counter
 from pathlib import Path
 
 from formats.errors import ZmoeError
+from formats.workpool import spread_default
 from zipmoe_run.calibrate_measure import READ_MIN, READ_TARGET, contended_key, fs_key, measure_decode, measure_read
 from zipmoe_run.cores import plan_cores
 from zipmoe_run.drift import DRIFT_RATIO, Drift, positive as _positive
@@ -140,9 +141,12 @@ class Calibrator:
 
     def decode_key(self, codec: str) -> dict:
         """The cache key of decode rates: the host's, plus the codec unless it is ``zstd-lit`` (so the
-        entries written before codecs were told apart, all of zstd-lit, stay valid), plus the code-generation
+        entries written before codecs were told apart, all of zstd-lit, stay valid), plus the decoder's
+        thread placement (``formats.workpool.spread_default``), plus the code-generation
         settings of an emulated instruction set (``hostinfo.codegen_env``: the decoder is compiled code)."""
         key = self.key if codec == "zstd-lit" else {**self.key, "codec": codec}
+        if spread_default():  # workers bound one per CPU: rates measured before that do not apply
+            key = {**key, "decode_placement": "spread"}
         env = codegen_env()
         return {**key, "codegen": env} if env else key
 
