@@ -63,6 +63,10 @@ def test_cpuinfo_parsing():
                                      read_method="O_DIRECT", source="test").to_json())
     assert line == ("host: Test CPU | avx2 | 2 cores | page 4096 | disk 0.64 GB/s (O_DIRECT) | "
                     "decode 1.05 GB/s 1T, 1.25 GB/s 2T | calibration: test")
+    plan = {"decode_threads": 2, "read_depth": 2, "why": "decode 2 of 2 threads: ... measured beside compute (...)"}
+    line = host_line(INFO, CostModel(read_bps=6.4e8, decode_bps=1.25e9, decode_bps_per_core=1.05e9, cores=2,
+                                     read_method="O_DIRECT", source="test", extra={"cores": plan}).to_json())
+    assert "| decode 1.05 GB/s 1T, 1.25 GB/s 2T beside compute | core budget: 2 decoder thread(s)" in line
     assert host_line({**INFO, "huge_page_bytes": 2 << 20}).startswith("host: Test CPU | avx2 | 2 cores | page 4096, huge 2 MiB")
     assert host_line({**INFO, "huge_page_bytes": 0}).endswith("| page 4096, huge none")
     verdict = {"use": 0, "how": "measured", "measured": {"huge_ms_per_mib": 3.3, "small_ms_per_mib": 0.52}}

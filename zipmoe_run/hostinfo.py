@@ -140,9 +140,10 @@ def host_line(info: dict | None = None, calibration: dict | None = None) -> str:
     if calibration:
         c = calibration
         parts.append(f"disk {_gb(c.get('disk_bps'))} GB/s ({c.get('read_method', '?')})")
-        parts.append(f"decode {_gb(c.get('decode_bps_per_core'))} GB/s 1T, {_gb(c.get('decode_bps'))} GB/s "
-                     f"{c.get('cores', '?')}T")
         plan = (c.get("extra") or {}).get("cores")
+        beside = " beside compute" if isinstance(plan, dict) and "beside compute" in str(plan.get("why", "")) else ""
+        parts.append(f"decode {_gb(c.get('decode_bps_per_core'))} GB/s 1T, {_gb(c.get('decode_bps'))} GB/s "
+                     f"{c.get('cores', '?')}T{beside}")  # the planned rate: contended where so measured
         if isinstance(plan, dict):  # the core budget chosen from these rates (zipmoe_run.cores)
             parts.append(f"core budget: {plan.get('decode_threads', '?')} decoder thread(s), "
                          f"{plan.get('read_depth', '?')} read(s) in flight")
