@@ -259,9 +259,9 @@ class ParallelDecoder:
     """Decodes lists of :class:`ChunkRef` into preallocated buffers on ``threads`` worker threads.
 
     Thread-safe. Each worker thread owns one :class:`ChunkDecoder` (and its scratch buffer). With
-    ``spread`` (default: on unless ``ZIPMOE_DECODE_SPREAD=0``) a pool of several threads binds each
-    worker to its own CPU (:func:`~formats.workpool.spread_cpus`): left to the scheduler, workers woken
-    together were often queued on one CPU, and two threads decoded no faster than one. With
+    ``spread`` (default: on unless ``ZIPMOE_DECODE_SPREAD=0``) a pool with a thread for every usable CPU
+    binds each worker to its own CPU (:func:`~formats.workpool.spread_cpus`): left to the scheduler,
+    workers woken together were often queued on one CPU, and two threads decoded no faster than one. With
     ``threads=1``, :meth:`decode` runs inline on the caller's thread; :meth:`submit` then uses one
     background thread so decoding can overlap the caller's I/O. :meth:`help` runs one queued chunk on
     the calling thread (which then owns a :class:`ChunkDecoder` and scratch buffer too).

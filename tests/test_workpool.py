@@ -107,20 +107,16 @@ def test_decode_nice_default_and_override(monkeypatch):
         assert cores.decode_nice() == want
 
 
-def test_spread_cpus_one_per_physical_core_first(monkeypatch):
-    """``spread_cpus`` picks distinct allowed CPUs, one per physical core before any SMT sibling, and
-    leaves placement to the OS for one thread or more threads than CPUs (sysfs topology injected)."""
+def test_spread_cpus_binds_only_a_pool_with_a_thread_for_every_cpu(monkeypatch):
+    """``spread_cpus`` gives each worker its own CPU when the pool has one thread per usable CPU, and
+    leaves placement to the OS for one thread or for fewer or more threads than CPUs."""
     from formats import workpool
 
-    siblings = {0: "0,4", 1: "1,5", 2: "2,6", 3: "3,7", 4: "0,4", 5: "1,5", 6: "2,6", 7: "3,7"}
-    monkeypatch.setattr(workpool.os, "sched_getaffinity", lambda _pid: {0, 1, 4, 5}, raising=False)
-    monkeypatch.setattr(workpool, "_core_key", lambda cpu: siblings[cpu])
-    assert workpool.spread_cpus(2) == [0, 1]  # not 0 and its sibling 4
-    assert workpool.spread_cpus(3) == [0, 1, 4]
+    monkeypatch.setattr(workpool.os, "sched_getaffinity", lambda _pid: {5, 1, 4, 0}, raising=False)
     assert workpool.spread_cpus(4) == [0, 1, 4, 5]
-    assert workpool.spread_cpus(1) is None and workpool.spread_cpus(5) is None
-    monkeypatch.setattr(workpool, "_core_key", lambda cpu: "")  # sysfs silent: every CPU its own core
-    assert workpool.spread_cpus(4) == [0, 1, 4, 5]
+    assert workpool.spread_cpus(2) is None and workpool.spread_cpus(5) is None
+    monkeypatch.setattr(workpool.os, "sched_getaffinity", lambda _pid: {3}, raising=False)
+    assert workpool.spread_cpus(1) is None
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="per-thread affinity is a Linux feature")
