@@ -275,7 +275,7 @@ class ParallelDecoder:
         self.threads = threads
         if spread is None:
             spread = spread_default()
-        self.cpus = spread_cpus(threads) if spread else None  # one worker per core (``WorkPool``)
+        self.cpus = spread_cpus(threads) if spread else None  # one worker per CPU (``WorkPool``)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._pool: WorkPool | None = None

@@ -133,15 +133,13 @@ def test_bound_workers_run_on_their_cpu_and_the_caller_keeps_its_affinity():
 
 
 def test_decoder_spread_follows_the_environment(monkeypatch):
-    """A decoder pool of several threads binds its workers unless ZIPMOE_DECODE_SPREAD=0 or
+    """A decoder pool that ``spread_cpus`` places binds its workers unless ZIPMOE_DECODE_SPREAD=0 or
     ``spread=False``; the calibration's decode rates are cached apart for the two placements."""
-    from formats import workpool
+    from formats import decoder
     from formats.decoder import ParallelDecoder
     from zipmoe_run.calibrate import Calibrator
 
-    monkeypatch.setattr(workpool, "spread_cpus", lambda n: list(range(n)) if n > 1 else None)
-    import formats.decoder as decoder
-    monkeypatch.setattr(decoder, "spread_cpus", workpool.spread_cpus)
+    monkeypatch.setattr(decoder, "spread_cpus", lambda n: list(range(n)) if n > 1 else None)
     monkeypatch.delenv("ZIPMOE_DECODE_SPREAD", raising=False)
     cal = Calibrator.__new__(Calibrator)
     cal.key = {"cpu": "x"}
