@@ -28,12 +28,14 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import wait as _wait_futures
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from formats.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_CODEC, ChunkDecoder, ChunkEncoder, checksum, get_codec
+from formats import fused
+from formats.chunkref import KIND_BF16_SPLIT, KIND_RAW, ChunkRef, as_u8, check_layout, check_out, check_ref, \
+    ref_out_size
+from formats.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_CODEC, ChunkDecoder, ChunkEncoder, checksum
 from formats.errors import CodecError, CorruptDataError, ZmoeError
 from formats.planes import merge_bf16, merge_bf16_le_bytes, split_bf16
 from formats.workpool import WorkPool, spread_cpus, spread_default
@@ -47,6 +49,7 @@ __all__ = [
     "ParallelDecoder",
     "check_layout",
     "decode_chunk",
+    "decode_chunks",
     "encode_bf16_refs",
     "ref_out_size",
 ]
@@ -55,87 +58,11 @@ log = logging.getLogger(__name__)
 
 _LITTLE = sys.byteorder == "little"
 
-KIND_BF16_SPLIT = "bf16-split"
-KIND_RAW = "raw"
 MAX_THREADS = 1024  # far above any useful count; refuses typos like 100000 before spawning threads
 
 
 class ThreadCountError(CodecError, ValueError):
     """A thread count outside 1..MAX_THREADS (a ValueError too, for callers that catch that)."""
-
-
-@dataclass(frozen=True)
-class ChunkRef:
-    """One independently decodable piece of one tensor (see the module docstring)."""
-
-    kind: str
-    codec: str | None
-    data: object
-    sm: object | None
-    n: int
-    data_xxh3: int
-    sm_xxh3: int | None
-    out_offset: int
-    where: str
-
-
-def ref_out_size(ref: ChunkRef) -> int:
-    """Bytes ``ref`` writes into the output: ``2 * n`` for bf16-split, ``n`` for raw."""
-    if ref.kind == KIND_BF16_SPLIT:
-        return 2 * int(ref.n)
-    if ref.kind == KIND_RAW:
-        return int(ref.n)
-    raise CodecError(f"{ref.where}: unknown chunk kind {ref.kind!r}")
-
-
-def _check_ref(ref: ChunkRef) -> None:
-    if not isinstance(ref, ChunkRef):
-        raise CodecError(f"expected a ChunkRef, got {type(ref).__name__}")
-    ref_out_size(ref)
-    if int(ref.n) < 0 or int(ref.out_offset) < 0:
-        raise CodecError(f"{ref.where}: negative size {ref.n} or output offset {ref.out_offset}")
-    if ref.kind == KIND_BF16_SPLIT:
-        get_codec(ref.codec)
-        if ref.sm is None:
-            raise CodecError(f"{ref.where}: bf16-split chunk without an sm plane")
-    elif ref.codec is not None or ref.sm is not None:
-        raise CodecError(f"{ref.where}: raw chunk must have codec=None and sm=None")
-
-
-def _check_out(out: np.ndarray) -> None:
-    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1 \
-            or not out.flags.c_contiguous or not out.flags.writeable:
-        raise CodecError("output buffer must be a writeable contiguous 1-D uint8 array")
-
-
-def check_layout(refs: Sequence[ChunkRef], out: np.ndarray) -> None:
-    """:class:`CodecError` unless every ref is well-formed, fits in ``out`` and no two overlap."""
-    _check_out(out)
-    size = out.shape[0]
-    spans = []
-    for ref in refs:
-        _check_ref(ref)
-        start = int(ref.out_offset)
-        end = start + ref_out_size(ref)
-        if end > size:
-            raise CodecError(f"{ref.where}: output bytes [{start}, {end}) exceed the {size}-byte buffer")
-        spans.append((start, end, ref.where))
-    spans.sort(key=lambda s: (s[0], s[1]))
-    prev = None
-    for span in spans:
-        if span[1] == span[0]:
-            continue  # an empty chunk writes nothing
-        if prev is not None and span[0] < prev[1]:
-            raise CodecError(f"{span[2]}: output bytes [{span[0]}, {span[1]}) overlap "
-                             f"{prev[2]} [{prev[0]}, {prev[1]})")
-        prev = span
-
-
-def _u8(buf) -> np.ndarray:
-    arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
-    if arr.dtype != np.uint8:
-        arr = arr.view(np.uint8)
-    return arr.reshape(-1)
 
 
 def _verify(ref: ChunkRef, what: str, arr: np.ndarray, stored: int | None) -> None:
@@ -153,15 +80,15 @@ def decode_chunk(dec: ChunkDecoder, ref: ChunkRef, out: np.ndarray, verify: bool
     Raises :class:`CorruptDataError` on a checksum mismatch and :class:`CodecError` on a malformed
     ref or stream; both name ``ref.where``. ``dec`` must not be used by another thread meanwhile.
     """
-    _check_ref(ref)
-    _check_out(out)
+    check_ref(ref)
+    check_out(out)
     n = int(ref.n)
     off = int(ref.out_offset)
     size = ref_out_size(ref)
     if off + size > out.shape[0]:
         raise CodecError(f"{ref.where}: output bytes [{off}, {off + size}) exceed the "
                          f"{out.shape[0]}-byte buffer")
-    data = _u8(ref.data)
+    data = as_u8(ref.data)
     if verify:
         _verify(ref, "coded data" if ref.kind == KIND_BF16_SPLIT else "raw data", data, ref.data_xxh3)
     dst = out[off:off + size]
@@ -170,7 +97,7 @@ def decode_chunk(dec: ChunkDecoder, ref: ChunkRef, out: np.ndarray, verify: bool
             raise CodecError(f"{ref.where}: raw chunk holds {data.shape[0]} bytes, expected {n}")
         np.copyto(dst, data)
         return
-    sm = _u8(ref.sm)
+    sm = as_u8(ref.sm)
     if sm.shape[0] != n:
         raise CodecError(f"{ref.where}: sm plane holds {sm.shape[0]} bytes, expected {n}")
     if verify:
@@ -181,6 +108,25 @@ def decode_chunk(dec: ChunkDecoder, ref: ChunkRef, out: np.ndarray, verify: bool
     except CodecError as exc:
         raise CodecError(f"{ref.where}: {exc}") from exc
     _merge(exp, sm, dst)
+
+
+def decode_chunks(dec: ChunkDecoder, refs: Sequence[ChunkRef], out: np.ndarray, verify: bool = True) -> None:
+    """:func:`decode_chunk` for each of ``refs`` in order, on this thread; where every one is a raw or a
+    huf4x chunk (and, to verify, a native xxh3 exists), in one GIL-free call of ``formats.fused``. A chunk
+    the fused kernel rejects is run through :func:`decode_chunk`, which raises its precise error."""
+    refs = list(refs)
+    plan = fused.describe(refs, out, verify)
+    if plan is None:
+        for ref in refs:
+            decode_chunk(dec, ref, out, verify)
+        return
+    desc, sums, keep, nmax = plan
+    bad = fused.decode_chunks(desc, sums, out, dec.scratch(nmax), verify)
+    del keep  # the buffers the descriptors point into lived until here
+    if bad < 0:
+        return
+    decode_chunk(dec, refs[bad], out, verify)
+    raise CodecError(f"{refs[bad].where}: rejected by the fused decoder, accepted by the per-chunk one")
 
 
 def _merge(exp: np.ndarray, sm: np.ndarray, dst: np.ndarray) -> None:
@@ -292,7 +238,7 @@ class ParallelDecoder:
         return dec
 
     def _run(self, ref: ChunkRef, out: np.ndarray, verify: bool) -> None:
-        decode_chunk(self._decoder(), ref, out, verify)
+        decode_chunks(self._decoder(), (ref,), out, verify)
 
     def _get_pool(self) -> WorkPool:
         with self._lock:
@@ -308,6 +254,18 @@ class ParallelDecoder:
         pool = self._pool
         return pool.help() if pool is not None else False
 
+    def call(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` on a worker thread, queued with the chunks (``help`` may run it too): for a
+        caller's whole unit of work, such as reading an expert and decoding it with :meth:`decode_here`."""
+        return self._get_pool().submit(fn, *args)
+
+    def decode_here(self, refs: Sequence[ChunkRef], out: np.ndarray, verify: bool = True) -> None:
+        """Decode ``refs`` into ``out`` on the calling thread (with its own ``ChunkDecoder``), in one
+        GIL-free call where :func:`decode_chunks` can; layout errors first, as :meth:`decode`."""
+        refs = list(refs)
+        check_layout(refs, out)
+        decode_chunks(self._decoder(), refs, out, verify)
+
     def decode(self, refs: Sequence[ChunkRef], out: np.ndarray, verify: bool = True) -> None:
         """Decode all ``refs`` into ``out``; returns when every chunk is written.
 
@@ -320,8 +278,7 @@ class ParallelDecoder:
         if self.threads == 1 or len(refs) <= 1:
             if self._closed:
                 raise CodecError("ParallelDecoder is closed")
-            for ref in refs:
-                self._run(ref, out, verify)
+            decode_chunks(self._decoder(), refs, out, verify)
             return
         self.submit(refs, out, verify, _checked=True).result()
 
