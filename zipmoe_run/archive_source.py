@@ -43,8 +43,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from formats.decoder import ParallelDecoder
 from formats.errors import CorruptDataError, FormatError
+from formats.fused import hash_many
 from formats.jsonstrict import JSONRejected, loads
 from formats.preamble import xxh3
 from formats.reader import Archive
@@ -151,6 +154,7 @@ class ArchiveSource:
                                          read_depth=self.cores["read_depth"] if self.cores else 1)
                 self._preload_thread: threading.Thread | None = None
                 self._preload_error: BaseException | None = None
+                self._checked: set[str] = set()  # dense tensors whose checksums have been verified
                 if preload is True or (preload == "auto" and self._holds_all()):
                     self._preload_thread = threading.Thread(target=self._preload, name="zipmoe-preload",
                                                             daemon=True)
@@ -164,7 +168,6 @@ class ArchiveSource:
             self.archive.close()
             raise
         self._closed = False
-        self._checked: set[str] = set()
         self._stats = {"experts_fetched": 0}
 
     def _holds_all(self) -> bool:
@@ -191,12 +194,34 @@ class ArchiveSource:
         cost = self.store.cost
         frozen, cost.frozen = cost.frozen, True
         try:
+            self._verify_dense()
             n = self.store.preload()
             log.info("preloaded %d of %d experts", n, len(self.store.extents))
         except BaseException as exc:  # raised by the first fetch or prefetch
             self._preload_error = exc
         finally:
             cost.frozen = frozen
+
+    def _verify_dense(self) -> None:
+        """On the preload thread: check every dense tensor's checksums in one GIL-free call
+        (``formats.fused.hash_many``), so ``dense`` need not hash them (and fault their pages in) on the
+        thread that builds the model. A tensor that fails is left to ``dense``, which reports it."""
+        if self._dense_map is None:
+            return
+        pieces, R = [], self.archive.index.raw_chunk_bytes
+        for name, t in self.archive.index.tensors.items():
+            if t.role == "dense" and t.nbytes:
+                off = t.data.offset - self._dense_base
+                pieces += [(name, i, off + i * R, min(R, t.data.length - i * R), h) for i, h in enumerate(t.xxh3)]
+        buf = np.frombuffer(self._dense_map, np.uint8)
+        try:
+            got = hash_many(buf, [(p[2], p[3]) for p in pieces])
+        finally:
+            del buf
+        if got is None:
+            return
+        bad = {p[0] for p, g in zip(pieces, got) if int(g) != p[4]}
+        self._checked.update({p[0] for p in pieces} - bad)
 
     def wait_preload(self) -> None:
         """Block until the background preload has ended (decoding queued chunks on this thread meanwhile);

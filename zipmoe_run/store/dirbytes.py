@@ -291,6 +291,9 @@ class CopyDecoder(ParallelDecoder):
     def submit(self, refs, out, verify: bool = True, *, _checked: bool = False):
         return super().submit(refs, out, False, _checked=_checked)
 
+    def decode_here(self, refs, out, verify: bool = True) -> None:
+        super().decode_here(refs, out, False)
+
 
 class DirectoryBytes:
     """The routed experts of a checkpoint folder (``ExpertBytes``). ``shards``: (path, size) of each

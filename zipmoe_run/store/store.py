@@ -32,6 +32,7 @@ turns decoded buffers into tensors through ``wrap(extent, uint8 array)``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +49,7 @@ from .bytesource import ArchiveBytes, ExpertBytes
 from .io import ExpertReader
 from .memory import Memory
 from .prefetch import Prefetcher
+from .preloader import bulk_preload
 from .report import store_stats, verdict
 from .scheduler import FlowTask, johnson_order
 from .state import Job, Stats, StoreError, Task
@@ -97,6 +99,7 @@ class ExpertStore:
         self.prefetcher.worker = self.worker
         self.worker.on_exit = self._free
         self.persistent = self.capacity is None  # no budget: yielded dicts are the resident ones
+        self.bulk_preload = os.environ.get("ZIPMOE_BULK_PRELOAD", "1") != "0"  # preloader; 0: the task pipeline
         self._active: Job | None = None
         self._closed = False
         self._freed = False
@@ -385,8 +388,16 @@ class ExpertStore:
         layers: dict = {}
         for k in self.extents:
             layers.setdefault((k[0] or "", k[1], k[0]), []).append(k[2])
-        for (_, layer, stack), experts in sorted(layers.items(), key=lambda kv: kv[0][:2]):
-            self.prefetch(layer, sorted(experts), stack, speculative=False, _preload=True)
+        order = sorted(layers.items(), key=lambda kv: kv[0][:2])
+        if self.bulk_preload and not self._closed:  # GIL-free batches (preloader); what they leave, below
+            bulk_preload(self, [(stack, layer, e) for (_, layer, stack), experts in order for e in sorted(experts)],
+                         self.decoder.threads)
+        for (_, layer, stack), experts in order:
+            if self.prefetcher.preload_error is not None:
+                break
+            cold = [e for e in sorted(experts) if self.table.tier_of((stack, layer, e)) == Tier.COLD]
+            if cold:  # a prefetch would hold (pin) the resident ones
+                self.prefetch(layer, cold, stack, speculative=False, _preload=True)
         self.drain_prefetch()
         self.counters.add("preload_s", time.perf_counter() - t0)
         with self.cond:

@@ -158,13 +158,16 @@ class IOWorker:
 
     def _read_and_decode(self, job: Job, task: Task) -> bool:
         """Chunks are submitted as soon as the bytes they need are in memory, so the decoding of an
-        expert overlaps the rest of its own read (specs/runtime.md section 5.3)."""
+        expert overlaps the rest of its own read (specs/runtime.md section 5.3). A preload's task is
+        instead one unit of work on a decoder thread (``_whole``)."""
         ext = task.ext
         with job.cond:
             job.inflight += 1
         task.pending, task.batch_errors = 1, {}
         task.t_submit = time.perf_counter()
         task.state = "submitted"
+        if job.preload:
+            return self._whole(job, task)
         ok = True
         inflight: deque = deque()  # (bytes, future) of reads in flight, in file order
         refs = out = None
@@ -223,6 +226,46 @@ class IOWorker:
             del refs, out
             self._release_hold(job, task)
         return ok
+
+    def _whole(self, job: Job, task: Task) -> bool:
+        """Hand the task to a decoder thread, which reads its bytes in one read and decodes them in one
+        call (``_whole_run``). A preload runs while the process starts (``import torch``): per expert this
+        takes the interpreter lock about three times, where reading in pieces and decoding chunk by chunk
+        took it some twenty times, each a chance to stall the importing thread on two shared cores."""
+        try:
+            fut = self.decoder.call(self._whole_run, job, task)
+        except BaseException as exc:  # noqa: BLE001 - e.g. the pool was shut down
+            task.read_error = detach(exc)
+            self._release_hold(job, task)
+            return False
+        fut.add_done_callback(partial(self._whole_done, job, task))
+        return True
+
+    def _whole_run(self, job: Job, task: Task) -> None:
+        if job.cancelled or self.closing or task.cancel:
+            raise Cancelled
+        ext = task.ext
+        refs, _ = self.source.chunks(ext, task.view, task.start)
+        length = self.source.read_length(ext, task.start)
+        if length:
+            self._read(task, 0, length)
+        task.read_done = True
+        self.decoder.decode_here(refs, task.dbuf.arr[:ext.decoded_nbytes])
+
+    def _whole_done(self, job: Job, task: Task, fut) -> None:
+        try:
+            exc = fut.exception()
+        except BaseException as e:  # noqa: BLE001 - a cancelled future
+            exc = e
+        if isinstance(exc, Cancelled):
+            exc = StoreError("fetch cancelled")
+        if exc is not None:
+            with job.cond:
+                if task.read_done:
+                    task.batch_errors[0] = detach(exc)
+                else:
+                    task.read_error = detach(exc)
+        self._release_hold(job, task)
 
     def _read(self, task: Task, lo: int, n: int) -> None:
         """One piece (on this thread, or a read thread with ``read_depth`` > 1). ``read_s`` sums the

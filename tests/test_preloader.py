@@ -1,0 +1,131 @@
+"""The bulk preload (zipmoe_run/store/preloader.py): the same experts, bytes and accounting as the task
+pipeline, a corrupt expert left to its first fetch, and the dense checksums verified off the model's thread."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from formats import fused
+from formats.decoder import ParallelDecoder
+from formats.errors import CorruptDataError
+from formats.reader import Archive
+from zipmoe_run.store.store import ExpertStore
+from zipmoe_run.tiers import Tier
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no native xxh3 on this platform")
+
+
+class _Open:
+    def __init__(self, arc, budget=None, **kw):
+        self.ar = Archive(arc)
+        self.dec = ParallelDecoder(2)
+        self.store = ExpertStore(self.ar, self.dec, budget=budget, **kw)
+
+    def __enter__(self) -> ExpertStore:
+        return self.store
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+        self.dec.close()
+        self.ar.close()
+
+
+def _resident(store) -> dict:
+    """{key: decoded bytes} of every FULL expert."""
+    return {k: np.asarray(e.weights)[:store.extents[k].decoded_nbytes].tobytes()
+            for k, e in store.table.entries.items() if e.tier == Tier.FULL}
+
+
+def _settled(st: dict) -> None:
+    assert st["staging_bytes"] == 0 and st["draining_bytes"] == 0, st
+    assert st["store_peak_bytes"] <= (st["budget_bytes"] or float("inf")), st
+
+
+@pytest.mark.parametrize("budget", [None, 0.6])
+def test_bulk_and_task_preloads_agree(store_archive, monkeypatch, budget):
+    arc, reference = store_archive(3)
+    got = {}
+    for bulk in ("1", "0"):
+        monkeypatch.setenv("ZIPMOE_BULK_PRELOAD", bulk)
+        with Archive(arc) as ar:
+            total = sum(e.decoded_nbytes for e in ar.index.experts)
+        with _Open(arc, budget=None if budget is None else int(total * budget)) as store:
+            assert store.bulk_preload == (bulk == "1")
+            n = store.preload()
+            st = store.stats()
+            _settled(st)
+            assert st["preloaded"] == n and st["resident_experts"] == {"full": n}
+            assert (n == len(store.extents)) == (budget is None) and n > 0
+            if bulk == "1":
+                assert st["reads"] == n  # one read per expert
+            res = _resident(store)
+            assert all(res[k] == reference[k].tobytes() for k in res)
+            got[bulk] = set(res)
+    if budget is None:
+        assert got["1"] == got["0"]
+
+
+def test_an_archive_the_fused_kernel_cannot_decode_is_preloaded_by_the_tasks(store_archive):
+    arc, reference = store_archive(3, codec="zstd-lit")
+    with _Open(arc) as store:
+        assert store.preload() == len(store.extents)
+        res = _resident(store)
+        assert len(res) == len(store.extents) and all(res[k] == reference[k].tobytes() for k in res)
+        _settled(store.stats())
+
+
+def test_a_corrupt_expert_is_left_to_its_first_fetch(store_archive, tmp_path, caplog):
+    arc, reference = store_archive(3)
+    bad = tmp_path / "bad.zmoe"
+    shutil.copyfile(arc, bad)
+    with Archive(bad) as ar:
+        ext = ar.index.extent(1, 2)
+    with open(bad, "r+b") as f:  # a byte in the middle of layer 1 expert 2's extent
+        f.seek(ext.offset + ext.length // 2)
+        b = f.read(1)
+        f.seek(ext.offset + ext.length // 2)
+        f.write(bytes([b[0] ^ 0x40]))
+    with _Open(bad) as store:
+        with caplog.at_level("WARNING", logger="zipmoe_run.store.preloader"):
+            n = store.preload()
+        key = (None, 1, 2)
+        assert store.tier_of(key) != Tier.FULL and n == len(store.extents) - 1
+        assert any("preload stopped at" in r.getMessage() for r in caplog.records)
+        with pytest.raises(CorruptDataError, match="checksum mismatch"):
+            for _ in store.fetch(1, [2]):
+                pass
+        res = _resident(store)
+        assert key not in res and all(res[k] == reference[k].tobytes() for k in res)
+        _settled(store.stats())
+
+
+def test_dense_checksums_are_verified_on_the_preload_thread(store_archive, tmp_path):
+    from zipmoe_run.archive_source import ArchiveSource
+
+    arc, _ = store_archive(3)
+    with Archive(arc) as ar:
+        dense = {n: t for n, t in ar.index.tensors.items() if t.role == "dense" and t.nbytes}
+    src = ArchiveSource(arc, threads=2, preload=True)
+    try:
+        src.wait_preload()
+        assert src._checked == set(dense)
+    finally:
+        src.close()
+    name = max(dense, key=lambda n: dense[n].nbytes)
+    bad = tmp_path / "bad.zmoe"
+    shutil.copyfile(arc, bad)
+    with open(bad, "r+b") as f:
+        f.seek(dense[name].data.offset + 5)
+        b = f.read(1)
+        f.seek(dense[name].data.offset + 5)
+        f.write(bytes([b[0] ^ 1]))
+    src = ArchiveSource(bad, threads=2, preload=True)
+    try:
+        src.wait_preload()
+        assert name not in src._checked and src._checked == set(dense) - {name}
+        with pytest.raises(CorruptDataError, match=f"tensor {name} piece 0 .* fails its checksum"):
+            src.dense(name)
+    finally:
+        src.close()
