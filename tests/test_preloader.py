@@ -8,28 +8,12 @@ import numpy as np
 import pytest
 
 from formats import fused
-from formats.decoder import ParallelDecoder
 from formats.errors import CorruptDataError
 from formats.reader import Archive
-from zipmoe_run.store.store import ExpertStore
+from tests.test_store_prefetch import _Open
 from zipmoe_run.tiers import Tier
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no native xxh3 on this platform")
-
-
-class _Open:
-    def __init__(self, arc, budget=None, **kw):
-        self.ar = Archive(arc)
-        self.dec = ParallelDecoder(2)
-        self.store = ExpertStore(self.ar, self.dec, budget=budget, **kw)
-
-    def __enter__(self) -> ExpertStore:
-        return self.store
-
-    def __exit__(self, *exc) -> None:
-        self.store.close()
-        self.dec.close()
-        self.ar.close()
 
 
 def _resident(store) -> dict:
