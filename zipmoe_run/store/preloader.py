@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 
 import numpy as np
 
@@ -45,10 +44,11 @@ log = logging.getLogger(__name__)
 BATCH = 8  # experts per GIL-free call
 
 
-def _applies(store) -> bool:
+def _applies(store, keys: list) -> bool:
     src = store.source
     return (isinstance(src, ArchiveBytes) and src.reader.throttle is None and fused.available(True)
-            and preload_kernel.libc() is not None)
+            and preload_kernel.libc() is not None
+            and all(p.encoding == "raw" or p.codec == fused.CODEC for k in keys for p in store.extents[k].parts))
 
 
 def _claim(store, keys: list, rbuf_bytes: int, lanes: int) -> tuple[list, list]:
@@ -143,17 +143,14 @@ def _lane_loop(store, batches, rbuf, results, fd, direct, stop) -> None:
         offs, lens, want, outs, out_lens, first, desc, sums, _keep, nmax = arrays
         if scratch is None or scratch.shape[0] < nmax:
             scratch = np.empty(nmax, np.uint8)
-        t0 = time.perf_counter()
         done, fail, detail, nread = preload_kernel.run_batch(fd, xxh3, offs, lens, want, rbuf.arr, outs, out_lens,
                                                             first, desc, sums, scratch)
-        dt = time.perf_counter() - t0
         if not direct and nread:
             drop_pages(fd, int(offs[0]), int(offs[-1] + lens[-1] - offs[0]))
-        reads = done + (fail != preload_kernel.FAIL_NONE)
-        store.reader.count(seconds=dt, nbytes=nread, reads=reads)
+        reads = done + (fail != preload_kernel.FAIL_NONE)  # no read time: the kernel interleaves reads and decodes
+        store.reader.count(nbytes=nread, reads=reads)
         store.counters.add("bytes_read", nread)
         store.counters.add("reads", reads)
-        store.counters.add("read_s", dt)  # the batch's reads and decodes, which the kernel interleaves
         with store.cond:
             if store._closed:  # close() has taken the table and the buffers down
                 return
@@ -180,8 +177,8 @@ def _lane_loop(store, batches, rbuf, results, fd, direct, stop) -> None:
 
 def bulk_preload(store, keys: list, lanes: int) -> int | None:
     """Preload ``keys`` (in order) as the module docstring says; the number placed FULL, or None where
-    the bulk path does not apply."""
-    if not keys or not _applies(store):
+    the bulk path does not apply (the task pipeline then preloads them all)."""
+    if not keys or not _applies(store, keys):
         return None
     reader = store.reader
     fd = reader._fd_direct if reader._fd_direct is not None else reader._fd
