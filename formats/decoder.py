@@ -8,11 +8,13 @@ bytes: dense, FP8 or stored-raw tensors).
 
 :func:`decode_chunk` verifies the stored xxh3 checksums first, then decodes the exponents into the
 decoder's per-thread scratch buffer and merges them with the sm plane straight into the output
-slice: no full-size intermediate copies.
+slice: no full-size intermediate copies. :func:`decode_chunks` does the same for a list of chunks,
+raw and huf4x ones in one GIL-free call (``formats.fused``: the native xxh3, the header checks, the
+Huffman loop and the merge), the rest through :func:`decode_chunk`.
 
-:class:`ParallelDecoder` fans the chunks out over a thread pool (zstd, the huf4x kernel, xxh3 and
-the numba merge all release the GIL); a caller waiting for its chunks may decode queued ones on its
-own thread (:meth:`ParallelDecoder.help`). Each output byte is written by exactly one chunk, so the
+:class:`ParallelDecoder` fans the chunks out over a thread pool (each chunk through
+:func:`decode_chunks`; zstd and the numba kernels release the GIL, python-xxhash does not); a caller
+waiting for its chunks may decode queued ones on its own thread (:meth:`ParallelDecoder.help`). Each output byte is written by exactly one chunk, so the
 result does not depend on the thread count, on who helped or on timing.
 
 Thread safety: :func:`decode_chunk` is safe to call from several threads as long as each uses its
