@@ -2,6 +2,7 @@
 pipeline, a corrupt expert left to its first fetch, and the dense checksums verified off the model's thread."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -113,3 +114,25 @@ def test_dense_checksums_are_verified_on_the_preload_thread(store_archive, tmp_p
             src.dense(name)
     finally:
         src.close()
+
+
+def test_a_file_that_shrinks_under_the_preload_leaves_the_rest_to_first_use(store_archive, tmp_path, caplog):
+    """The bulk kernel's short read: the experts past the new end stay COLD, and their fetch names the
+    truncation in one line."""
+    from formats.errors import FormatError
+
+    arc, reference = store_archive(3)
+    cut = tmp_path / "cut.zmoe"
+    shutil.copyfile(arc, cut)
+    with _Open(cut) as store:
+        last = max(store.extents.values(), key=lambda e: e.offset)
+        os.truncate(cut, last.offset + last.length // 2)  # after open: only the expert reads see it
+        with caplog.at_level("WARNING", logger="zipmoe_run.store.preloader"):
+            n = store.preload()
+        assert store.tier_of(last.key) == Tier.COLD and n == len(store.extents) - 1
+        assert any("the file ends after" in r.getMessage() for r in caplog.records)
+        with pytest.raises(FormatError, match="archive truncated"):
+            for _ in store.fetch(last.key[1], [last.key[2]]):
+                pass
+        res = _resident(store)
+        assert all(res[k] == reference[k].tobytes() for k in res)
