@@ -252,6 +252,12 @@ class ExpertReader(ReadCounters):
         return got
 
     @property
+    def read_fd(self) -> tuple[int, bool]:
+        """(the descriptor ``read`` uses, whether it is ``O_DIRECT``), for a caller that reads the same
+        aligned extents itself (the bulk preload's compiled loop)."""
+        return (self._fd_direct, True) if self._fd_direct is not None else (self._fd, False)
+
+    @property
     def throttle_bps(self) -> float | None:
         return self.throttle.bps if self.throttle is not None else None
 

@@ -16,8 +16,9 @@ about 2 N / ``BATCH`` times.
 ``bulk_preload`` returns None where it does not apply (no native xxh3 or libc ``pread``, a chunk codec
 the fused kernel lacks, a read throttle, another kind of expert source), and the store uses its task
 pipeline. A failing read, a truncated file or a chunk the kernel rejects stops that lane: the expert and
-the rest of its batch are left COLD, where the first fetch reports the failure with its usual one-line
-error (a corrupt chunk surfaces on first use, as the store's preload promises).
+the rest of its batch are left to the task pipeline, which preloads what it can and leaves a failing
+expert COLD, where its first fetch reports the failure with the usual one-line error (a corrupt chunk
+surfaces on first use, as the store's preload promises).
 """
 from __future__ import annotations
 
@@ -180,8 +181,7 @@ def bulk_preload(store, keys: list, lanes: int) -> int | None:
     the bulk path does not apply (the task pipeline then preloads them all)."""
     if not keys or not _applies(store, keys):
         return None
-    reader = store.reader
-    fd = reader._fd_direct if reader._fd_direct is not None else reader._fd
+    fd, direct = store.reader.read_fd
     lanes = max(1, int(lanes))
     rbufs, tasks = _claim(store, keys, max(ceil_align(store.extents[k].length) for k in keys), lanes)
     if not tasks:
@@ -194,7 +194,6 @@ def bulk_preload(store, keys: list, lanes: int) -> int | None:
         batches.put(tasks[i:i + BATCH])
     results: list = []
     stop = threading.Event()
-    direct = reader._fd_direct is not None
     futs = [store.decoder.call(_lane, store, batches, rb, results, fd, direct, stop) for rb in rbufs[1:]]
     _lane(store, batches, rbufs[0], results, fd, direct, stop)
     for f in futs:
