@@ -28,6 +28,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from formats.chunkref import KIND_BF16_SPLIT, KIND_RAW, as_u8, check_out, check_ref, ref_out_size
+from formats.huf4x import _LEN_AT, _N_AT, _SIZES_AT, CONSTANT_BYTES, HEADER_BYTES, MODE_CONSTANT, MODE_HUFFMAN
 from formats.huf4x_kernels import STREAMS, decode_streams, tables_from_lengths
 from formats.planes import _merge_bytes_kernel, _merge_kernel
 from formats.xxh3_native import address as xxh3_address
@@ -36,8 +37,6 @@ __all__ = ["CODEC", "KIND_RAW_ID", "KIND_HUF4X_ID", "available", "decode_chunks"
 
 CODEC = "huf4x"
 KIND_RAW_ID, KIND_HUF4X_ID = 0, 1
-# the huf4x chunk header (formats/huf4x.py; specs/zmoe.md 3.3.1)
-_N_AT, _LEN_AT, _SIZES_AT, _HEADER, _CONSTANT = 1, 5, 133, 149, 6
 # descriptor columns
 D_DATA, D_DLEN, D_SM, D_N, D_OUT, D_KIND = range(6)
 DESC_COLS = 6
@@ -77,16 +76,16 @@ def _huf4x(data, n, exp, packed, tabs_ok, multi, single, starts, ends, segs):  #
     """Decode one huf4x chunk into ``exp[:n]``; the tables of the previous chunk are reused when its code
     lengths (``packed``) are the same. Returns (ok, multi, single, tables valid)."""
     size = data.shape[0]
-    if size < _LEN_AT or data[0] > 1 or _u32(data, _N_AT) != n:
+    if size < _LEN_AT or data[0] > MODE_HUFFMAN or _u32(data, _N_AT) != n:
         return False, multi, single, tabs_ok
-    if data[0] == 0:
-        if size != _CONSTANT:
+    if data[0] == MODE_CONSTANT:
+        if size != CONSTANT_BYTES:
             return False, multi, single, tabs_ok
         exp[:n] = data[_LEN_AT]
         return True, multi, single, tabs_ok
-    if size < _HEADER:
+    if size < HEADER_BYTES:
         return False, multi, single, tabs_ok
-    pos = _HEADER
+    pos = HEADER_BYTES
     total = 0
     for s in range(STREAMS):
         sz = _u32(data, _SIZES_AT + 4 * s)
