@@ -12,6 +12,8 @@ from formats import fused
 from formats.errors import CorruptDataError
 from formats.reader import Archive
 from tests.test_store_prefetch import _Open
+from zipmoe_run.store import io as store_io
+from zipmoe_run.store import preloader
 from zipmoe_run.tiers import Tier
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no native xxh3 on this platform")
@@ -136,3 +138,96 @@ def test_a_file_that_shrinks_under_the_preload_leaves_the_rest_to_first_use(stor
                 pass
         res = _resident(store)
         assert all(res[k] == reference[k].tobytes() for k in res)
+
+
+# -- reading what the page cache holds already -------------------------------------------------------
+
+P = store_io.PAGE
+
+
+def test_uncached_runs_are_the_byte_ranges_of_the_missing_pages():
+    res = np.array([1, 0, 0, 1, 0, 1, 1, 0], np.uint8)
+    assert store_io.uncached_runs(res, 3 * P) == [(4 * P, 2 * P), (7 * P, P), (10 * P, P)]
+    assert store_io.uncached_runs(np.ones(4, np.uint8), 0) == []
+    assert store_io.uncached_runs(np.zeros(3, np.uint8), 0) == [(0, 3 * P)]
+    assert store_io.uncached_runs(np.array([0, 1], np.uint8), P + 100) == [(P, P)]  # pages from the range's page
+
+
+def test_the_pages_of_a_file_just_written_are_cached(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(5 * P + 123))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        res = store_io.cached_pages(fd, 0, 5 * P + 123)
+        if res is None:
+            pytest.skip("mincore is not reachable through the C library here")
+        assert res.dtype == np.uint8 and res.shape == (6,) and res.all()
+        assert store_io.cached_pages(fd, P + 7, 10).shape == (1,)  # a range inside one page
+        assert store_io.cached_pages(fd, 0, 0) is None and store_io.cached_pages(fd, -P, P) is None
+    finally:
+        os.close(fd)
+
+
+def test_fd_for_reads_through_the_page_cache_where_it_holds_most_of_the_range(tmp_path, monkeypatch):
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(8 * P))
+    r = store_io.ExpertReader(p)
+    plain = (r._fd_direct, []) if r._fd_direct is not None else (r._fd, [(0, 8 * P)])
+    try:
+        monkeypatch.setattr(store_io, "cached_pages", lambda fd, off, n: np.array([1, 1, 0, 1, 1, 1, 0, 0], np.uint8))
+        assert r.fd_for(0, 8 * P) == (r._fd, [(2 * P, P), (6 * P, 2 * P)], True)  # 5 of 8 cached
+        monkeypatch.setattr(store_io, "cached_pages", lambda fd, off, n: np.array([1, 0, 0, 0, 0, 1, 0, 0], np.uint8))
+        assert r.fd_for(0, 8 * P) == (*plain, False)  # 2 of 8: the reader's own way
+        monkeypatch.setattr(store_io, "cached_pages", lambda fd, off, n: None)  # cannot tell
+        assert r.fd_for(0, 8 * P) == (*plain, False)
+    finally:
+        r.close()
+    throttled = store_io.ExpertReader(p, throttle_bps=1e9)  # emulated storage never reads from memory
+    try:
+        monkeypatch.setattr(store_io, "cached_pages", lambda fd, off, n: np.ones(8, np.uint8))
+        assert throttled.fd_for(0, 8 * P)[2] is False
+    finally:
+        throttled.close()
+
+
+def test_a_preload_through_the_page_cache_drops_exactly_the_pages_that_were_not_cached(store_archive, monkeypatch):
+    """Half of every batch's pages reported missing: the same bytes as ever, every read counted as from
+    the page cache, and the missing pages (only they) dropped after the read."""
+    arc, reference = store_archive(3)
+    real, asked, dropped = store_io.cached_pages, [], []
+
+    def holes(fd, off, n):
+        res = real(fd, off, n)
+        if res is None:
+            pytest.skip("mincore is not reachable through the C library here")
+        res = np.ones_like(res)
+        res[1::2] = 0  # 50 %: still read through the cache
+        asked.append(store_io.uncached_runs(res, off))
+        return res
+
+    monkeypatch.setattr(store_io, "cached_pages", holes)
+    monkeypatch.setattr(preloader, "drop_pages", lambda fd, off, n: dropped.append((off, n)))
+    with _Open(arc) as store:
+        assert store.bulk_preload
+        n = store.preload()
+        st = store.stats()
+        assert n == len(store.extents) and st["bytes_from_page_cache"] == st["bytes_read"] > 0
+        res = _resident(store)
+        assert len(res) == n and all(res[k] == reference[k].tobytes() for k in res)
+    assert asked and sorted(dropped) == sorted(r for runs in asked for r in runs)
+
+
+def test_a_preload_of_an_archive_just_written_reads_it_from_the_page_cache(store_archive):
+    arc, reference = store_archive(3)
+    fd = os.open(arc, os.O_RDONLY)
+    try:
+        res = store_io.cached_pages(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    if res is None or not res.all():
+        pytest.skip("mincore unavailable, or the archive's pages were evicted since it was written")
+    with _Open(arc) as store:
+        n = store.preload()
+        st = store.stats()
+        assert n == len(store.extents) and st["bytes_from_page_cache"] == st["bytes_read"] > 0
+        assert all(v == reference[k].tobytes() for k, v in _resident(store).items())

@@ -5,7 +5,9 @@ supports it (probed when the reader opens: one aligned 4 KiB read). Offsets are 
 file (specs/zmoe.md section 1) and lengths are rounded up to 4096, so every read is aligned.
 Otherwise the reader uses plain ``pread`` and drops the pages it read with
 ``posix_fadvise(POSIX_FADV_DONTNEED)``. ``ExpertReader.mode`` says which: ``"O_DIRECT"`` or
-``"buffered+DONTNEED"``.
+``"buffered+DONTNEED"``. A caller may read bytes that are mostly in the page cache already through it
+(``ExpertReader.fd_for``; the bulk preload does): the cached pages are copied from memory, the others
+read and dropped again, so the cache ends as it began.
 
 Buffers (``buffers.Buffer``, re-exported here) are anonymous private mappings, page-aligned (as
 ``O_DIRECT`` wants), freed to the kernel on close; their pages can be dropped (``MADV_DONTNEED``),
@@ -18,6 +20,7 @@ holds no lock, so decoding of earlier pieces goes on meanwhile.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
@@ -26,17 +29,20 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from formats.errors import FormatError, ZmoeError
 
 from .buffers import ALIGN, PAGE, Buffer, BufferPool, ceil_align
 
 __all__ = ["ALIGN", "PAGE", "Buffer", "BufferPool", "ExpertReader", "ReadCounters", "StoreIOError",
-           "probe_direct", "drop_page_cache", "STORAGE_PRESETS", "parse_storage"]
+           "probe_direct", "drop_page_cache", "cached_pages", "uncached_runs", "STORAGE_PRESETS", "parse_storage"]
 
 log = logging.getLogger(__name__)
 
 # emulated storage for benchmarks: sustained sequential read rates, bytes/s
 STORAGE_PRESETS = {"emmc": 300_000_000, "ufs": 2_000_000_000}
+CACHED_SHARE = 0.5  # ExpertReader.fd_for reads a range through the page cache from this share of it cached
 
 
 def parse_storage(spec: str | int | float | None) -> int | None:
@@ -118,6 +124,56 @@ def drop_pages(fd: int, offset: int, n: int) -> None:
         os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
     except (OSError, AttributeError):  # AttributeError: a platform without posix_fadvise
         pass
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+        lib.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        lib.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        _LIBC = lib
+    return _LIBC
+
+
+def cached_pages(fd: int, offset: int, length: int) -> np.ndarray | None:
+    """Which pages of the file's bytes [offset, offset + length) are in the page cache now: one byte per
+    page from ``offset`` rounded down to the page size, 1 where cached (``mincore`` on a shared
+    read-only mapping of the range, which reads and faults in nothing). None where it cannot be told
+    (no ``mincore`` or ``mmap`` through the C library, a mapping refused)."""
+    if length <= 0 or offset < 0:
+        return None
+    start = offset - offset % PAGE  # a mapping starts at a multiple of the page size
+    n = offset + length - start
+    try:
+        lib = _libc()
+        addr = lib.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    except (OSError, AttributeError, ValueError, ctypes.ArgumentError):  # not a POSIX C library, or off_t too narrow
+        return None
+    if not addr or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
+        return None
+    try:
+        vec = np.zeros((n + PAGE - 1) // PAGE, np.uint8)
+        return vec & 1 if lib.mincore(addr, n, vec.ctypes.data) == 0 else None
+    finally:
+        lib.munmap(addr, n)
+
+
+def uncached_runs(resident: np.ndarray, offset: int) -> list[tuple[int, int]]:
+    """(offset, length) in bytes of each run of pages ``resident`` (``cached_pages`` of a range that
+    starts at ``offset``) marks as not cached."""
+    miss = np.flatnonzero(resident == 0)
+    if not miss.size:
+        return []
+    cut = np.flatnonzero(np.diff(miss) != 1)
+    starts, ends = np.r_[miss[0], miss[cut + 1]], np.r_[miss[cut], miss[-1]] + 1
+    base = offset - offset % PAGE
+    return [(base + int(a) * PAGE, int(b - a) * PAGE) for a, b in zip(starts, ends)]
 
 
 def drop_page_cache(path: str | os.PathLike) -> None:
@@ -251,11 +307,21 @@ class ExpertReader(ReadCounters):
         self.count(nbytes=got, reads=1)
         return got
 
-    @property
-    def read_fd(self) -> tuple[int, bool]:
-        """(the descriptor ``read`` uses, whether it is ``O_DIRECT``), for a caller that reads the same
-        aligned extents itself (the bulk preload's compiled loop)."""
-        return (self._fd_direct, True) if self._fd_direct is not None else (self._fd, False)
+    def fd_for(self, offset: int, length: int) -> tuple[int, list[tuple[int, int]], bool]:
+        """(descriptor, byte ranges to drop from the page cache after the read, read through the page
+        cache) for a caller that reads the file's bytes [offset, offset + length) itself. Where at least
+        ``CACHED_SHARE`` of their pages are in the page cache already (``cached_pages``: an archive just
+        packed or read before), the buffered descriptor, and afterwards the pages that were not cached
+        are dropped again: the cached ones are copied from memory and the cache ends as it began (but
+        for readahead past the range). Else what ``read`` uses: ``O_DIRECT``, or buffered with the whole
+        range dropped after. A throttled reader (emulated storage) never reads from the cache."""
+        if self.throttle is None:
+            resident = cached_pages(self._fd, offset, length)
+            if resident is not None and resident.mean() >= CACHED_SHARE:
+                return self._fd, uncached_runs(resident, offset), True
+        if self._fd_direct is not None:
+            return self._fd_direct, [], False
+        return self._fd, [(offset, length)], False
 
     @property
     def throttle_bps(self) -> float | None:

@@ -11,7 +11,10 @@ order until the budget has no room (nothing is evicted), and one read buffer per
 lanes (the calling thread and ``lanes - 1`` decoder-pool workers) take batches of ``BATCH`` experts in
 turn; a batch is one call of ``preload_kernel.run_batch`` (read each extent, verify and decode its
 chunks), after which its experts are placed FULL under the lock. So a preload of N experts takes the lock
-about 2 N / ``BATCH`` times.
+about 2 N / ``BATCH`` times. A batch whose bytes are mostly in the page cache already (an archive just
+packed or run before) is read through it (``ExpertReader.fd_for``): the cached pages are copied from
+memory instead of read from the disk again with ``O_DIRECT``, and the pages that were not cached are
+dropped after, so the cache ends as it began (stats: ``bytes_from_page_cache``).
 
 ``bulk_preload`` returns None where it does not apply (no native xxh3 or libc ``pread``, a chunk codec
 the fused kernel lacks, a read throttle, another kind of expert source), and the store uses its task
@@ -121,15 +124,15 @@ def _fail(store, stop: threading.Event, exc: BaseException, locked: bool = False
         store.prefetcher.preload_error = exc
 
 
-def _lane(store, batches: queue.Queue, rbuf, results: list, fd: int, direct: bool, stop: threading.Event) -> None:
+def _lane(store, batches: queue.Queue, rbuf, results: list, stop: threading.Event) -> None:
     """Take batches until none is left, one fails or ``stop``; place each batch's decoded experts FULL."""
     try:
-        _lane_loop(store, batches, rbuf, results, fd, direct, stop)
+        _lane_loop(store, batches, rbuf, results, stop)
     except BaseException as exc:  # noqa: BLE001 - fails the preload with it
         _fail(store, stop, detach(exc))
 
 
-def _lane_loop(store, batches, rbuf, results, fd, direct, stop) -> None:
+def _lane_loop(store, batches, rbuf, results, stop) -> None:
     xxh3 = xxh3_address()
     scratch = None
     while not store._closed and not stop.is_set():
@@ -144,10 +147,14 @@ def _lane_loop(store, batches, rbuf, results, fd, direct, stop) -> None:
         offs, lens, want, outs, out_lens, first, desc, sums, _keep, nmax = arrays
         if scratch is None or scratch.shape[0] < nmax:
             scratch = np.empty(nmax, np.uint8)
+        lo, hi = int(offs.min()), int((offs + lens).max())
+        fd, drop, cached = store.reader.fd_for(lo, hi - lo)  # mostly in the page cache already: read there
         done, fail, detail, nread = preload_kernel.run_batch(fd, xxh3, offs, lens, want, rbuf.arr, outs, out_lens,
                                                             first, desc, sums, scratch)
-        if not direct and nread:
-            drop_pages(fd, int(offs[0]), int(offs[-1] + lens[-1] - offs[0]))
+        for off, n in drop if nread else ():
+            drop_pages(fd, off, n)
+        if cached:
+            store.counters.add("bytes_from_page_cache", nread)
         reads = done + (fail != preload_kernel.FAIL_NONE)  # no read time: the kernel interleaves reads and decodes
         store.reader.count(nbytes=nread, reads=reads)
         store.counters.add("bytes_read", nread)
@@ -181,7 +188,6 @@ def bulk_preload(store, keys: list, lanes: int) -> int | None:
     the bulk path does not apply (the task pipeline then preloads them all)."""
     if not keys or not _applies(store, keys):
         return None
-    fd, direct = store.reader.read_fd
     lanes = max(1, int(lanes))
     rbufs, tasks = _claim(store, keys, max(ceil_align(store.extents[k].length) for k in keys), lanes)
     if not tasks:
@@ -194,8 +200,8 @@ def bulk_preload(store, keys: list, lanes: int) -> int | None:
         batches.put(tasks[i:i + BATCH])
     results: list = []
     stop = threading.Event()
-    futs = [store.decoder.call(_lane, store, batches, rb, results, fd, direct, stop) for rb in rbufs[1:]]
-    _lane(store, batches, rbufs[0], results, fd, direct, stop)
+    futs = [store.decoder.call(_lane, store, batches, rb, results, stop) for rb in rbufs[1:]]
+    _lane(store, batches, rbufs[0], results, stop)
     for f in futs:
         f.exception()  # waits; a lane records its own failure (_fail)
     placed = 0

@@ -11,7 +11,7 @@ __all__ = ["store_stats", "verdict"]
 #: counters reported as 0 before their first event
 COUNTERS = ("hits_full", "hits_comp", "hits_sm", "hits_cold", "bytes_read", "reads", "read_s", "read_busy_s",
             "experts_decoded", "bytes_decoded", "expert_decode_s", "stall_s", "fetch_calls", "requests",
-            "hits_prefetch", "prefetch_predicted", "prefetch_correct")
+            "hits_prefetch", "prefetch_predicted", "prefetch_correct", "bytes_from_page_cache")
 
 
 def verdict(store) -> dict | None:
