@@ -28,6 +28,12 @@ def warm_spy():
     print("WARM " + ("started" if t is not None else "none"), file=sys.stderr, flush=True)
     return t
 W.warm_torch_libs = warm_spy
+import zipmoe_run.cli as C
+note = C._note
+def note_spy(line):
+    note(line)
+    print("RICH " + str(any(m.split(".")[0] == "rich" for m in sys.modules)), file=sys.stderr, flush=True)
+C._note = note_spy
 from zipmoe_run.cli import main
 sys.argv = ["zipmoe-run"] + sys.argv[1:]
 main()
@@ -53,6 +59,13 @@ def test_archive_opens_before_torch_and_success_skips_teardown(archive):
     assert len(obj["token_ids"]) == 4
     assert obj["stats"]["preloaded"] == obj["stats"]["experts_decoded"] > 0  # no budget: all decoded at load
     assert "TEARDOWN" not in r.stderr
+
+
+def test_a_successful_run_prints_without_importing_rich(archive):
+    """rich costs some 50 ms of start-up; a run's text and stats line are written directly."""
+    r = _run(archive, "--prompt-ids", "5,6,7", "-n", "2", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "gen 2 tok" in r.stderr and "RICH False" in r.stderr
 
 
 def test_failure_exits_the_ordinary_way(archive):

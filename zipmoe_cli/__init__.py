@@ -24,9 +24,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.text import Text
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperCommand, TyperGroup
 
 from formats.errors import ZmoeError
@@ -42,8 +39,28 @@ _UsageError = _base(typer.BadParameter, "UsageError")
 _ClickException = _base(typer.BadParameter, "ClickException")
 _NoArgsIsHelpError = getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", ())
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+class _LazyConsole:
+    """A rich ``Console`` made at its first use: a run that prints nothing through rich (``zipmoe-run``'s
+    usual path writes its text and stats line itself) does not import rich (some 50 ms of start-up)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self._settings, self._console = settings, None
+
+    @property
+    def console(self):
+        """The ``rich.console.Console`` itself (for rich APIs that take one)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._settings)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+err = _LazyConsole(stderr=True, highlight=False)
+out = _LazyConsole(highlight=False)
 
 REPORT = "this is a bug in zipmoe: please report it with the traceback above"
 # OSErrors that say something about the machine, not about the program: one line even without a file name
@@ -62,6 +79,8 @@ def human(n: float) -> str:
 
 def error_line(msg: object) -> None:
     """Print ``error: MSG`` as one literal line on stderr (no markup is interpreted)."""
+    from rich.text import Text
+
     line = " ".join(str(msg).splitlines()) or "unknown error"
     err.print(Text.assemble(("error: ", "bold red"), line), soft_wrap=True)
 
@@ -211,8 +230,10 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
     if not enabled or not err.is_terminal:
         yield lambda done, total: None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True) as p:
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err.console, transient=True) as p:
         task = p.add_task(label, total=None)
 
         def cb(done: int, total: int) -> None:

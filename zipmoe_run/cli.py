@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from formats.errors import ZmoeError
-from zipmoe_cli import err, fail, guarded, human, single_command_app, threads_option
+from zipmoe_cli import fail, guarded, human, single_command_app, threads_option
 
 __all__ = ["run_cmd", "run", "app", "main"]
 
@@ -93,6 +93,11 @@ def _open_archive(path: Path, threads: int | None, store_opts: dict):
     except BaseException:
         wait_warm()  # not inside dlopen at the interpreter's finalisation
         raise
+
+
+def _note(line: str) -> None:
+    """One literal line on stderr, written directly: a successful run never imports rich."""
+    sys.stderr.write(line + "\n")
 
 
 def _stats_line(st: dict) -> str:
@@ -179,7 +184,7 @@ def run_cmd(
             lm = load(path, dtype=dtype, threads=threads, prefetch=prefetch, **store_opts)
         budget = getattr(lm.source, "budget", None)
         if memory_budget is not None and budget is not None and not as_json:
-            err.print(f"memory budget: {budget.how}", soft_wrap=True, markup=False)
+            _note(f"memory budget: {budget.how}")
         try:
             if prompt:
                 if lm.tokenizer is None:
@@ -216,7 +221,7 @@ def run_cmd(
                     line = texts[i] if texts is not None else ",".join(map(str, o))
                     sys.stdout.write((f"[{i}] " if len(outs) > 1 else "") + line + "\n")
             sys.stdout.flush()
-            err.print(_stats_line(stats), soft_wrap=True, markup=False)
+            _note(_stats_line(stats))
         finally:
             lm.close()
 
