@@ -28,6 +28,12 @@ def warm_spy():
     print("WARM " + ("started" if t is not None else "none"), file=sys.stderr, flush=True)
     return t
 W.warm_torch_libs = warm_spy
+import zipmoe_run.tokenizer as T
+tok_init = T.TokenizerLoad.__init__
+def tok_spy(self, source):
+    print("TOKENIZER started", file=sys.stderr, flush=True)
+    tok_init(self, source)
+T.TokenizerLoad.__init__ = tok_spy
 import zipmoe_run.cli as C
 note = C._note
 def note_spy(line):
@@ -53,7 +59,7 @@ def archive(store_archive):
 def test_archive_opens_before_torch_and_success_skips_teardown(archive):
     r = _run(archive, "--prompt-ids", "5,6,7", "-n", "4", "--json", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
-    assert "OPEN torch=False" in r.stderr
+    assert "OPEN torch=False" in r.stderr and "TOKENIZER started" in r.stderr  # parsed beside torch's import
     assert ("WARM started" if sys.platform.startswith("linux") else "WARM none") in r.stderr
     obj = json.loads(r.stdout)  # the whole output arrived before the process ended
     assert len(obj["token_ids"]) == 4

@@ -22,7 +22,7 @@ from .errors import GenerationError, TokenizerError
 from .generate import GenerationResult, Sampling, TokenEvent, generate, stream_generate
 from .models import build_model
 from .source import DirectorySource, WeightSource
-from .tokenizer import Tokenizer, eos_ids_from, load_tokenizer, read_json
+from .tokenizer import Tokenizer, TokenizerLoad, eos_ids_from, load_tokenizer, read_json
 
 __all__ = ["Loaded", "load", "open_source", "parse_dtype", "PREFETCH_MODES"]
 
@@ -129,7 +129,8 @@ class Loaded:
 
 
 def load(path: str | os.PathLike | WeightSource, *, dtype: str | torch.dtype = "bfloat16", threads: int | None = None,
-         memory_budget: str | int | None = None, prefetch: str = "off", **store_opts) -> Loaded:
+         memory_budget: str | int | None = None, prefetch: str = "off", tokenizer: TokenizerLoad | None = None,
+         **store_opts) -> Loaded:
     """Open a checkpoint directory or ``.zmoe`` archive and build its model.
 
     ``path`` may also be a source opened already (``open_source``, ``ArchiveSource``: an archive's
@@ -145,9 +146,17 @@ def load(path: str | os.PathLike | WeightSource, *, dtype: str | torch.dtype = "
     bytes/s emulating slower storage, ...). ``prefetch="lookahead"`` turns on router lookahead (the
     next layer's experts guessed from the current hidden state and prefetched; zipmoe_run.lookahead)
     for families that support it; ``"off"`` (the default) prefetches only what the model is certain
-    to ask for next.
+    to ask for next. ``tokenizer``: a ``TokenizerLoad`` already started on ``path`` (an open source;
+    ``zipmoe-run`` starts one as the archive opens, so the tokenizer is parsed beside ``import torch``);
+    without one the tokenizer is loaded here.
     """
     opened = None if isinstance(path, (str, os.PathLike)) else path
+
+    def close(src) -> None:  # on failure: the pending tokenizer load reads the source, so it ends first
+        if tokenizer is not None:
+            tokenizer.wait()
+        src.close()
+
     try:
         if prefetch not in PREFETCH_MODES:
             raise GenerationError(f"unknown prefetch mode {prefetch!r} (use {' or '.join(PREFETCH_MODES)})")
@@ -162,17 +171,17 @@ def load(path: str | os.PathLike | WeightSource, *, dtype: str | torch.dtype = "
             torch.set_num_threads(threads)
     except BaseException:
         if opened is not None:
-            opened.close()
+            close(opened)
         raise
     source = opened if opened is not None else open_source(path, threads=threads, **store_opts)
     try:
         model = build_model(source, dt)
-        tokenizer = load_tokenizer(source)
+        tok = tokenizer.result() if tokenizer is not None else load_tokenizer(source)
     except BaseException:
-        source.close()
+        close(source)
         raise
-    if tokenizer is not None:
-        eos = tokenizer.eos_token_ids
+    if tok is not None:
+        eos = tok.eos_token_ids
     else:
         eos = eos_ids_from(source.config, read_json(source, "generation_config.json"))
     model.eval()
@@ -202,4 +211,4 @@ def load(path: str | os.PathLike | WeightSource, *, dtype: str | torch.dtype = "
         except BaseException:
             source.close()
             raise
-    return Loaded(model, tokenizer, source, dt, eos)
+    return Loaded(model, tok, source, dt, eos)

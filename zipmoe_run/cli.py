@@ -159,6 +159,11 @@ def run_cmd(
         if preload != "auto" and (path.suffix == ".zmoe" or memory_budget is not None):
             store_opts["preload"] = preload == "on"
         source = _open_archive(path, threads, store_opts)  # before torch: its experts decode meanwhile
+        pending = None
+        if source is not None:
+            from zipmoe_run.tokenizer import TokenizerLoad
+
+            pending = TokenizerLoad(source)  # parsed beside torch's import (no interpreter lock)
         try:
             from zipmoe_run.api import load
             from zipmoe_run.generate import Sampling
@@ -176,10 +181,11 @@ def run_cmd(
                 from zipmoe_run.startup import wait_warm
 
                 wait_warm()
+                pending.wait()  # it reads the source
                 source.close()
             raise
-        if source is not None:  # load() owns it from here
-            lm = load(source, dtype=dtype, threads=threads, prefetch=prefetch)
+        if source is not None:  # load() owns it (and the tokenizer's load) from here
+            lm = load(source, dtype=dtype, threads=threads, prefetch=prefetch, tokenizer=pending)
         else:
             lm = load(path, dtype=dtype, threads=threads, prefetch=prefetch, **store_opts)
         budget = getattr(lm.source, "budget", None)
