@@ -255,6 +255,7 @@ def _known(threads: int):
 
 def _set(n: int, k: int, t: int, kern: str, per: dict, how: str) -> None:
     K.CHOICE[(n, k, t)] = kern
+    K.CHOICE_EPOCH += 1
     _report[_name(n, k, t)] = {"kernel": kern, "gbps": {kn: round(v / 1e9, 3) for kn, v in per.items()}, "how": how}
 
 
@@ -307,6 +308,7 @@ def reset() -> None:
     """Forget this process's choices (tests; a changed ``ZIPMOE_KERNEL``)."""
     with _lock:
         K.CHOICE.clear()
+        K.CHOICE_EPOCH += 1
         K.ROWS_UPTO.clear()
         _report.clear()
         from .kernel_select_rows import reset as rows_reset

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 _ENABLED = os.environ.get("ZIPMOE_RUN_KERNELS", "1") not in ("0", "false", "no")
 _gemv = None
 CHOICE: dict[tuple[int, int, int], str] = {}  # (out, in, threads) -> "numba" | "dp" | "torch" (kernel_select)
+CHOICE_EPOCH = 0  # bumped whenever CHOICE changes (kernel_select), so what was derived from it is redone
 ROWS_UPTO: dict[tuple[int, int, int], int] = {}  # (out, in, threads) -> most rows a prefill product sends
 # through the multi-row kernel (kernel_select measures it; ``kernels_rows.prefill_linear``)
 _scope_threads = 0  # torch's thread count while a single_row_scope is active (torch itself runs on 1 then)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import decode_ops as _ops
+from ._step import step as one_token_step
 from ..errors import UnsupportedModelError
 from ..kernels import decode_rows_scope, single_row_scope
 from ..lookahead import link_lookahead
@@ -190,6 +191,7 @@ class MoEDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lookahead = None  # zipmoe_run.lookahead: prefetch the next layer's guessed experts
+        self._step = None  # _step.LayerStep: this layer's one-token step, worked out at the first one
 
     def dense_block(self, a) -> nn.Module:
         """The MLP of a layer that does not route (``intermediate_size`` wide)."""
@@ -201,17 +203,17 @@ class MoEDecoderLayer(nn.Module):
         block = getattr(self, self.block_name)
         return block if hasattr(block, "route") else None
 
-    def attention_mask(self, masks):
-        """This layer's mask out of what ``DecoderLM.masks`` built."""
+    def attention_mask(self, masks):  # this layer's mask out of what ``DecoderLM.masks`` built
         return masks
 
     def forward(self, x, cos, sin, masks, cache, start_pos, last_only: bool = False):
         """x [B, T, H] -> [B, T, H]; [B, 1, H] with ``last_only`` (the last layer when only the last logits
-        are wanted): every position's K/V is cached, the block runs on the last position (specs/runtime.md 11)."""
-        if isinstance(cache, RaggedKV):  # one mask per row (``DecoderLM.decode_step``)
-            mask = [self.attention_mask(m) for m in masks]
-        else:
-            mask = self.attention_mask(masks)
+        are wanted): every position's K/V is cached, the block runs on the last position (specs/runtime.md 11).
+        A one-token bf16 step goes through ``_step.step`` (the same calls without the glue) where it applies."""
+        if x.shape[1] == 1 and (y := one_token_step(self, x, cos, sin, masks, cache, start_pos)) is not None:
+            return y
+        ragged = isinstance(cache, RaggedKV)  # one mask per row (``DecoderLM.decode_step``)
+        mask = [self.attention_mask(m) for m in masks] if ragged else self.attention_mask(masks)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, start_pos)  # [B, T, H]
         if last_only and h.shape[1] > 1:
             h = h[:, -1:].contiguous()  # [B, 1, H]
