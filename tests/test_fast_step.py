@@ -132,3 +132,26 @@ def test_float32_and_prefill_never_take_it(checkpoint_factory):
         m(torch.tensor([PROMPT]), m.new_cache(1, len(PROMPT)), 0)  # a prefill chunk
         assert all(p is None for p in _plans(lm))
         assert kernels._scope_threads == 0
+
+
+def test_forward_hooks_fire_as_on_the_module_path(checkpoint_factory, monkeypatch):
+    """A hook on a module the step would skip (a profiler's) sends the step through the modules."""
+    src = checkpoint_factory("mixtral", seed=5, dims=DIMS, peaky_router=False)
+    with forced_kernel(monkeypatch, "numba"), load(src, dtype="bfloat16", threads=2) as lm:
+        layer = lm.model.model.layers[1]
+        counts = {"off": [], "on": []}
+        for on in (False, True):
+            seen = counts["on" if on else "off"]
+            mods = (layer.self_attn, layer.self_attn.o_proj, layer.input_layernorm, layer.block_sparse_moe)
+            handles = [m.register_forward_hook(lambda m, a, o, i=i, seen=seen: seen.append(i)) for i, m in enumerate(mods)]
+            _logits(lm, on)
+            for h in handles:
+                h.remove()
+        assert counts["on"] == counts["off"] and len(counts["on"]) == 4 * (1 + STEPS)
+        _logits(lm, True)
+        assert layer._step is not None and not layer._step.hooked()  # without hooks: the step again
+        g = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+        try:
+            assert layer._step.hooked()
+        finally:
+            g.remove()

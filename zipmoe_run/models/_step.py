@@ -19,13 +19,15 @@ way, piece by piece:
   block's ``_expert``. Other blocks (a shared expert, a dense MLP) are called as modules.
 
 A plan is rebuilt when the kernel choices (``kernels.CHOICE_EPOCH``), the thread arrangement or the
-GEMV's rounding change. ``ZIPMOE_FAST_STEP=0`` turns the whole thing off (the general path everywhere).
+GEMV's rounding change. A forward hook on a module it would not call (a profiler's, a user's) sends the
+step through the modules, so hooks fire as they would. ``ZIPMOE_FAST_STEP=0`` turns the whole thing off (the general path everywhere).
 """
 from __future__ import annotations
 
 import os
 
 import torch
+from torch.nn.modules import module as _nn_module
 
 from .. import attn_one as _attn
 from .. import decode_ops as _ops
@@ -83,6 +85,16 @@ class LayerStep:
         self.expert = None
         if self.moe is not None:
             self.expert = self._swiglu if type(moe)._expert is RoutedMoE._expert else moe._expert
+        inlined = ([self.in_norm] if self.norm_in else []) + ([self.post_norm] if self.norm_post else [])
+        inlined += [a, *self.attn[1]] if self.attn is not None else []
+        self.inlined = inlined + ([self.moe] if self.moe is not None else [])  # modules whose calls it skips
+
+    def hooked(self) -> bool:
+        """Whether a forward hook would have fired on a module this path does not call (then the modules run)."""
+        g = _nn_module
+        if g._global_forward_hooks or g._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.inlined)
 
     def _attention(self, a, hidden: int, threads: int):
         projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
@@ -200,6 +212,8 @@ def step(layer, x: torch.Tensor, cos, sin, masks, cache, pos: int) -> torch.Tens
     plan = layer._step
     if plan is None or not plan.valid():
         plan = layer._step = LayerStep(layer, x.shape[-1], K._scope_threads)
+    if plan.hooked():
+        return None
     mask = layer.attention_mask(masks)
     h = x + plan.attention(layer, plan.norm(plan.norm_in, plan.in_norm, x), cos, sin, mask, cache, pos)  # [1, 1, H]
     hook = layer.lookahead(h) if plan.sparse and layer.lookahead is not None else None
