@@ -155,3 +155,23 @@ def test_forward_hooks_fire_as_on_the_module_path(checkpoint_factory, monkeypatc
             assert layer._step.hooked()
         finally:
             g.remove()
+
+
+def test_the_expert_function_takes_one_row_and_leaves_the_rest(checkpoint_factory, monkeypatch):
+    """Its GEMVs by address take one row; two rows (a token routed twice), fused gate_up or float32 weights
+    go to the block's own expert function, with its bits."""
+    from zipmoe_run.layers import swiglu_expert
+
+    src = checkpoint_factory("mixtral", seed=5, dims=DIMS, peaky_router=False)
+    with forced_kernel(monkeypatch, "numba"), load(src, dtype="bfloat16", threads=2) as lm:
+        _logits(lm, True)
+        layer = lm.model.model.layers[0]
+        plan, moe = layer._step, layer.block_sparse_moe
+        w = next(iter(lm.source.fetch(0, [3])))[1]
+        g = torch.Generator().manual_seed(3)
+        wide = {k: v.float() for k, v in w.items()}
+        with kernels.single_row_scope(True):
+            for x in (torch.randn(1, 64, generator=g).bfloat16(), torch.randn(2, 64, generator=g).bfloat16()):
+                for weights in (w, wide):
+                    got, ref = plan.expert(x, weights), swiglu_expert(x, weights, moe.act)
+                    assert got.shape == ref.shape and torch.equal(got.view(torch.int16), ref.view(torch.int16))

@@ -56,10 +56,11 @@ def _numba(n: int, k: int, t: int) -> bool:
     return k % 2 == 0 and K.CHOICE.get((n, k, t)) == "numba"
 
 
-def _norm_weight(norm) -> tuple[torch.Tensor, float] | None:
+def _norm_weight(norm, hidden: int) -> tuple[torch.Tensor, float] | None:
     """(weight, eps) of a norm whose decode-step form is ``decode_ops.rms_norm``, else None (call the module)."""
     w = norm.weight
-    if type(norm) is RMSNorm and w.dtype is BF16 and w.dim() == 1 and w.is_contiguous() and w.is_cpu:
+    if (type(norm) is RMSNorm and hidden % 2 == 0 and w.dtype is BF16 and w.dim() == 1 and w.shape[0] == hidden
+            and w.is_contiguous() and w.is_cpu):
         return w, norm.eps
     return None
 
@@ -73,8 +74,7 @@ class LayerStep:
         self.key = (threads, K._NAN16, K.CHOICE_EPOCH)
         self.hidden, self.threads, self.nan16 = hidden, threads, K._NAN16
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.norm_in = _norm_weight(self.in_norm) if hidden % 2 == 0 else None
-        self.norm_post = _norm_weight(self.post_norm) if hidden % 2 == 0 else None
+        self.norm_in, self.norm_post = _norm_weight(self.in_norm, hidden), _norm_weight(self.post_norm, hidden)
         self.block_mod, self.sparse = getattr(layer, layer.block_name), layer.moe is not None
         a = self.self_attn = layer.self_attn
         self.attn = None  # (q, k, v, o weights and biases) where the attention is inlined
@@ -158,8 +158,8 @@ class LayerStep:
         h, t = self.hidden, self.threads
         i = wg.shape[0] if wg.dim() == 2 else -1
         if (not (_plain(wg) and _plain(wu) and _plain(wd)) or wg.shape != (i, h) or wu.shape != (i, h)
-                or wd.shape != (h, i) or not (_numba(i, h, t) and _numba(h, i, t)) or not x.is_contiguous()
-                or x.storage_offset() % 2):
+                or wd.shape != (h, i) or not (_numba(i, h, t) and _numba(h, i, t)) or x.numel() != h
+                or not x.is_contiguous() or x.storage_offset() % 2):
             return self.moe._expert(x, w)
         ad = K._addr
         gate = torch.empty(1, i, dtype=BF16)  # [1, I]
