@@ -175,3 +175,14 @@ def test_the_expert_function_takes_one_row_and_leaves_the_rest(checkpoint_factor
                 for weights in (w, wide):
                     got, ref = plan.expert(x, weights), swiglu_expert(x, weights, moe.act)
                     assert got.shape == ref.shape and torch.equal(got.view(torch.int16), ref.view(torch.int16))
+
+
+def test_the_environment_turns_it_off():
+    import os
+    import subprocess
+    import sys
+
+    code = "from zipmoe_run.models import _step; print(_step._ENABLED)"
+    env = {**os.environ, "ZIPMOE_FAST_STEP": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -34,15 +34,11 @@ from .. import decode_ops as _ops
 from .. import kernels as K
 from ..layers import KVCache, Linear, RMSNorm, moe_forward
 
-__all__ = ["step", "LayerStep", "enabled"]
+__all__ = ["step", "LayerStep"]
 
 BF16 = torch.bfloat16
-_ENABLED = os.environ.get("ZIPMOE_FAST_STEP", "1") not in ("0", "false", "no")
+_ENABLED = os.environ.get("ZIPMOE_FAST_STEP", "1") not in ("0", "false", "no") and _ops.njit is not None
 _SPELLINGS = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))  # layers._GATE_UP_DOWN's order
-
-
-def enabled() -> bool:
-    return _ENABLED and _ops.njit is not None
 
 
 def _plain(w: torch.Tensor) -> bool:
