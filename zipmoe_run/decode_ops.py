@@ -31,8 +31,8 @@ import torch
 
 from .kernels import WORDS, _row_sum, _u32_as_f32, njit
 
-__all__ = ["rms_norm", "takes_norm", "rotary", "takes_rotary", "rope_cache", "takes_rope_cache", "weighted_sum",
-           "takes_sum"]
+__all__ = ["rms_norm", "takes_norm", "rotary", "takes_rotary", "rope_cache", "takes_rope_cache", "rope_fits",
+           "cache_fits", "weighted_sum", "takes_sum"]
 
 BF16 = torch.bfloat16
 
@@ -152,17 +152,27 @@ def _one_token_heads(z: torch.Tensor, d: int) -> bool:
 
 def takes_rope_cache(q, k, v, cos, sin, cache, layer: int, pos: int) -> bool:
     """Whether ``rope_cache`` does this step's rotary and KV update: one token's q [1, 1, nH, D] and k, v
-    [1, 1, nKV, D] (bf16, contiguous, D even), one position's cos/sin (bf16, D values, contiguous) and a
-    batch-1 bf16 ``layers.KVCache`` with room at ``pos``."""
+    [1, 1, nKV, D] (bf16, contiguous, D even), one position's cos/sin (``rope_fits``) and a batch-1 bf16
+    ``layers.KVCache`` with room at ``pos`` (``cache_fits``)."""
     if njit is None or q.dim() != 4:
         return False
     d = q.shape[3]
-    kc, vc = cache.k[layer], cache.v[layer]
     return (d % 2 == 0 and _one_token_heads(q, d) and _one_token_heads(k, d) and _one_token_heads(v, d)
-            and k.shape[2] == v.shape[2] and cos.dtype is BF16 and sin.dtype is BF16 and cos.numel() == d
-            and sin.numel() == d and cos.is_contiguous() and sin.is_contiguous()
-            and all(c.dtype is BF16 and c.dim() == 4 and c.shape[0] == 1 and c.shape[1] == k.shape[2]
-                    and c.shape[3] == d and c.is_contiguous() for c in (kc, vc))
+            and k.shape[2] == v.shape[2] and rope_fits(cos, sin, d) and cache_fits(cache, layer, k.shape[2], d, pos))
+
+
+def rope_fits(cos: torch.Tensor, sin: torch.Tensor, d: int) -> bool:
+    """Whether cos/sin are what ``rope_cache`` takes for heads of width d: one position's, bf16, contiguous."""
+    return (cos.dtype is BF16 and sin.dtype is BF16 and cos.numel() == d and sin.numel() == d and cos.is_contiguous()
+            and sin.is_contiguous())
+
+
+def cache_fits(cache, layer: int, n_kv: int, d: int, pos: int) -> bool:
+    """Whether ``rope_cache`` can write ``layer``'s keys and values at ``pos``: bf16 [1, n_kv, L, d] buffers,
+    contiguous, with pos < L."""
+    kc, vc = cache.k[layer], cache.v[layer]
+    return (all(c.dtype is BF16 and c.dim() == 4 and c.shape[0] == 1 and c.shape[1] == n_kv and c.shape[3] == d
+                and c.is_contiguous() for c in (kc, vc))
             and 0 <= pos < kc.shape[2] == vc.shape[2])
 
 

@@ -122,10 +122,11 @@ class LayerStep:
 
     def attention(self, layer, xn, cos, sin, mask, cache, pos: int) -> torch.Tensor:
         """``layer.self_attn(xn, ...)``: [1, 1, H]."""
-        if (self.attn is None or mask is not None or not _cache_fits(cache, layer.layer, self.attn[0], pos)
-                or not _rope_fits(cos, sin, self.attn[0].head_dim) or not xn.is_contiguous() or xn.storage_offset() % 2):
+        a = self.attn[0] if self.attn is not None else None
+        if (a is None or mask is not None or not _ops.cache_fits(cache, layer.layer, a.n_kv, a.head_dim, pos)
+                or not _ops.rope_fits(cos, sin, a.head_dim) or not xn.is_contiguous() or xn.storage_offset() % 2):
             return self.self_attn(xn, cos, sin, mask, cache, layer.layer, pos)
-        a, (pq, pk, pv, po) = self.attn
+        pq, pk, pv, po = self.attn[1]
         nh, nkv, d, h = a.n_heads, a.n_kv, a.head_dim, self.hidden
         q = torch.empty(1, 1, nh, d, dtype=BF16)  # [B, T, nH, D]
         k = torch.empty(1, 1, nkv, d, dtype=BF16)
@@ -181,22 +182,6 @@ class LayerStep:
 
 def _ptr(b: torch.Tensor | None) -> int:
     return 0 if b is None else b.data_ptr()
-
-
-def _cache_fits(cache, layer: int, a, pos: int) -> bool:
-    """``decode_ops.takes_rope_cache``'s conditions on the cache (batch 1, bf16, contiguous, room at pos)."""
-    if type(cache) is not KVCache:
-        return False
-    kc, vc = cache.k[layer], cache.v[layer]
-    return (kc.dtype is BF16 and vc.dtype is BF16 and kc.dim() == 4 and vc.dim() == 4 and kc.shape[0] == 1
-            and vc.shape[0] == 1 and kc.shape[1] == a.n_kv and vc.shape[1] == a.n_kv and kc.shape[3] == a.head_dim
-            and vc.shape[3] == a.head_dim and kc.is_contiguous() and vc.is_contiguous()
-            and 0 <= pos < kc.shape[2] == vc.shape[2] and kc.is_cpu and vc.is_cpu)
-
-
-def _rope_fits(cos: torch.Tensor, sin: torch.Tensor, d: int) -> bool:
-    return (cos.dtype is BF16 and sin.dtype is BF16 and cos.numel() == d and sin.numel() == d and cos.is_contiguous()
-            and sin.is_contiguous() and cos.is_cpu and sin.is_cpu)
 
 
 def step(layer, x: torch.Tensor, cos, sin, masks, cache, pos: int) -> torch.Tensor | None:
