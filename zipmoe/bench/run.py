@@ -156,7 +156,9 @@ def _weight_bytes_per_token(cfg: dict, itemsize: int) -> dict:
 
 
 def _breakdown(ours: _Ours, prompt: list[int], n: int) -> dict:
-    """Seconds per decode step in each part of the runtime's model, from forward hooks on extra runs."""
+    """Seconds per decode step in each part of the runtime's model, from forward hooks on extra runs. The hooks
+    send each step through the modules (``models/_step.py`` steps without them), so these steps are the module
+    path's: a little slower than the timed runs."""
     import torch
 
     model = ours.lm.model
@@ -397,7 +399,7 @@ def render_table(result: dict):
         ms = {k[:-2]: v * 1e3 for k, v in step.items() if k.endswith("_s") and k != "effective_gb_s"}
         parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step")
         wb = step["weight_bytes"]
-        captions.insert(0, f"zipmoe decode step {ms['step']:.1f} ms: {parts} ms | weights/token "
+        captions.insert(0, f"zipmoe decode step (module path, hooked) {ms['step']:.1f} ms: {parts} ms | weights/token "
                          f"{step['weight_bytes_total'] / 1e6:.0f} MB (routed {wb['routed_experts'] / 1e6:.0f}, "
                          f"shared {wb['shared_expert'] / 1e6:.0f}, attention {wb['attention'] / 1e6:.0f}, "
                          f"lm_head {wb['lm_head'] / 1e6:.0f}) at {step['effective_gb_s']:.1f} GB/s")
