@@ -67,13 +67,12 @@ class LayerStep:
     def __init__(self, layer, hidden: int, threads: int):
         from ._decoder import Attention, RoutedMoE
 
-        self.key = (threads, K._NAN16, K.CHOICE_EPOCH)
-        self.hidden, self.threads, self.nan16 = hidden, threads, K._NAN16
+        self.hidden, self.threads, self.nan16, self.epoch = hidden, threads, K._NAN16, K.CHOICE_EPOCH
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.norm_in, self.norm_post = _norm_weight(self.in_norm, hidden), _norm_weight(self.post_norm, hidden)
         self.block_mod, self.sparse = getattr(layer, layer.block_name), layer.moe is not None
         a = self.self_attn = layer.self_attn
-        self.attn = None  # (q, k, v, o weights and biases) where the attention is inlined
+        self.attn = None  # (the attention module, its q, k, v, o projections) where the attention is inlined
         if type(a).forward is Attention.forward and a.qk_norm is None and a.clip is None:
             self.attn = self._attention(a, hidden, threads)
         moe = self.block_mod if self.sparse else None
@@ -108,7 +107,7 @@ class LayerStep:
         return a, projs
 
     def valid(self) -> bool:
-        return self.key == (K._scope_threads, K._NAN16, K.CHOICE_EPOCH)
+        return (self.threads, self.nan16, self.epoch) == (K._scope_threads, K._NAN16, K.CHOICE_EPOCH)
 
     # -- pieces ------------------------------------------------------------------------------------------
 
